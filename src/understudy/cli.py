@@ -1,0 +1,160 @@
+"""The `understudy` command: one entry point, one subcommand per part."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from .logs import setup_logging
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512MiB', '1.5G' or a plain byte count."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8GiB, 512MiB or a byte count)")
+    unit = (m.group(2) or "b").lower()[0]
+    return int(float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if mode & ~0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} has bits beyond 0777")
+    return mode
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["json", "text"], default="json",
+                   help="json: one JSON object per line on stderr (default); text: for people")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the least severe level that is logged (default: info)")
+
+
+def _add_socket_location(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["host", "cuda"], default="host",
+                   help="where the bytes live: 'cuda' for GPU memory (CUDA VMM), 'host' for shared CPU memory "
+                        "(default: host)")
+    p.add_argument("--device", type=int, default=0,
+                   help="device ordinal as this process sees it (default: 0); the socket is named after the "
+                        "device's stable identity (the GPU UUID on CUDA)")
+    p.add_argument("--socket-dir", default=None,
+                   help="directory of the per-device sockets (default: $UNDERSTUDY_SOCKET_DIR or "
+                        "/tmp/understudy-$UID)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="understudy",
+                                     description="LLM serving that survives engine crashes in milliseconds.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ms = sub.add_parser("memory-server", help="run the memory service of one device",
+                        description="Run the memory service of one device: it owns the shared weights and KV "
+                                    "cache and hands them to engines over a Unix socket.")
+    _add_socket_location(ms)
+    ms.add_argument("--socket-mode", type=_octal, default=0o600,
+                    help="permission bits of the socket (default: 600, only this user; root is always allowed)")
+    ms.add_argument("--socket-group", default=None,
+                    help="also let members of this group (name or gid) connect: the socket gets the group and "
+                         "mode 660 unless --socket-mode says otherwise; peers are checked with SO_PEERCRED")
+    ms.add_argument("--max-bytes", type=parse_size, default=None,
+                    help="budget for all allocations of this server, e.g. 60GiB (default: whatever the device "
+                         "has); requests beyond it wait like out-of-memory ones")
+    _add_logging(ms)
+
+    st = sub.add_parser("memory-status", help="print the state of a device's memory service",
+                        description="Print pools, sessions, allocations and recent events of a memory service.")
+    _add_socket_location(st)
+    st.add_argument("--socket", default=None, help="the socket path itself (instead of backend/device/socket-dir)")
+    st.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    st.add_argument("--events", type=int, default=10, help="how many recent events to show (default: 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "memory-server":
+        return _memory_server(args)
+    if args.command == "memory-status":
+        return _memory_status(args)
+    raise AssertionError(args.command)
+
+
+def _memory_server(args: argparse.Namespace) -> int:
+    from .memory.backend import get_backend
+    from .memory.paths import socket_path
+    from .memory.server import ServerError, run_server
+
+    setup_logging(args.log_format, args.log_level)
+    backend = get_backend(args.backend, args.device)
+    mode = args.socket_mode
+    if args.socket_group and mode == 0o600:
+        mode = 0o660
+    path = socket_path(args.socket_dir, backend.identity())
+    try:
+        run_server(backend, path, socket_mode=mode, socket_group=args.socket_group, limit_bytes=args.max_bytes)
+    except ServerError as e:
+        print(f"understudy memory-server: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _memory_status(args: argparse.Namespace) -> int:
+    from .memory.client import read_status
+    from .memory.paths import device_socket_path
+
+    path = args.socket or device_socket_path(args.socket_dir, args.backend, args.device)
+    try:
+        status = read_status(path)
+    except OSError as e:
+        print(f"understudy memory-status: no memory service at {path}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status, args.events))
+    return 0
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "unlimited"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(s: dict, n_events: int = 10) -> str:
+    lines = [f"memory service pid {s['pid']} on {s['identity']} ({s['backend']}), socket {s['socket']}",
+             f"  up {s['uptime_s']:.0f}s, {_bytes(s['bytes_in_use'])} in use of {_bytes(s['bytes_limit'])}"]
+    for name, pool in s["pools"].items():
+        writer = f"writer session {pool['writer']['id']} (pid {pool['writer']['pid']})" if pool["writer"] else "no writer"
+        lines.append(f"  pool {name:8s} {pool['state']:9s} {pool['allocations']} allocations, "
+                     f"{_bytes(pool['bytes'])}, {pool['tensors']} tensors, hash {pool['layout_hash'] or '-'}; "
+                     f"{writer}, {len(pool['readers'])} readers, waiting {pool['waiting_writers']}w/"
+                     f"{pool['waiting_readers']}r")
+    lines.append(f"  sessions ({len(s['sessions'])}):")
+    for sess in s["sessions"]:
+        lines.append(f"    #{sess['id']} pid {sess['pid']} {sess['name'] or '-'} "
+                     f"{sess['pool'] or '(no lock)'} {sess['mode'] or ''}".rstrip())
+    if n_events:
+        lines.append("  recent events:")
+        for e in s["events"][-n_events:]:
+            detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("t", "event", "pool") and v is not None)
+            stamp = time.strftime("%H:%M:%S", time.localtime(e["t"]))
+            lines.append(f"    {stamp} {e['pool'] or '-':8s} {e['event']:12s} {detail}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

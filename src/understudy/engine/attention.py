@@ -1,0 +1,146 @@
+"""Paged attention over a flat batch of tokens.
+
+The model hands every layer's attention to one function with the `AttentionFn`
+signature below. `reference_attention` is the plain-torch version: slow, runs on
+any device, and defines the semantics a CUDA kernel (flash-attn with a block
+table, a Triton kernel, ...) must reproduce when swapped in.
+
+Layout of one step (continuous batching):
+  * the T new tokens of all B sequences are concatenated; sequence i owns
+    rows query_start_loc[i]:query_start_loc[i+1];
+  * sequence i has context_lens[i] tokens in the cache once this step's are
+    written, and its new tokens are the last ones of that context (so a
+    prefill chunk that starts mid-sequence just has context_len > query_len);
+  * the KV cache of a layer is two tensors [num_blocks, block_size, kv_heads, head_dim];
+    block_tables[i, j] is the physical block holding the sequence's tokens
+    j*block_size ... (j+1)*block_size-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: Tensor  # [B+1] int32, cumulative query lengths (cu_seqlens_q)
+    context_lens: Tensor  # [B] int32, cached tokens per sequence including this step's
+    block_tables: Tensor  # [B, max_blocks] int32, rows padded with 0
+    slot_mapping: Tensor  # [T] int64, block*block_size+offset for each new token; -1 = don't store
+    max_query_len: int
+    max_context_len: int
+    # Host copies so the reference path can loop over sequences without device syncs.
+    query_start_loc_host: tuple[int, ...]
+    context_lens_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_host)
+
+    def last_token_indices(self) -> Tensor:
+        """Row of each sequence's last new token: where next-token logits come from."""
+        return self.query_start_loc[1:].long() - 1
+
+    def positions(self) -> Tensor:
+        """Absolute position of every new token (the new tokens end the context)."""
+        out = []
+        for i, ctx in enumerate(self.context_lens_host):
+            q_len = self.query_start_loc_host[i + 1] - self.query_start_loc_host[i]
+            out.extend(range(ctx - q_len, ctx))
+        return torch.tensor(out, dtype=torch.long, device=self.slot_mapping.device)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: Sequence[int],
+        context_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str | None = None,
+    ) -> "AttentionMetadata":
+        """Build the metadata from per-sequence Python lists (what a scheduler has)."""
+        if not (len(query_lens) == len(context_lens) == len(block_tables)):
+            raise ValueError("query_lens, context_lens and block_tables must have one entry per sequence")
+        starts = [0]
+        slots: list[int] = []
+        for q_len, ctx, table in zip(query_lens, context_lens, block_tables):
+            if not 0 < q_len <= ctx:
+                raise ValueError(f"need 0 < query_len <= context_len, got {q_len} and {ctx}")
+            if len(table) * block_size < ctx:
+                raise ValueError(f"block table of {len(table)} blocks is too short for {ctx} tokens")
+            starts.append(starts[-1] + q_len)
+            for pos in range(ctx - q_len, ctx):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max(len(t) for t in block_tables)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+            query_start_loc_host=tuple(starts),
+            context_lens_host=tuple(context_lens),
+        )
+
+
+# (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, metadata, scale) -> out [T, Hq, D].
+# Must store k/v into the caches at metadata.slot_mapping, then attend causally over
+# each sequence's whole cached context. It must not allocate or replace the caches.
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, AttentionMetadata, float], Tensor]
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Scatter this step's keys/values into their cache slots, in place."""
+    # .view (not .reshape) so a non-contiguous cache fails loudly instead of writing into a copy.
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    if (slot_mapping < 0).any():  # padding tokens (e.g. from a fixed-size CUDA graph batch)
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_flat.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> Tensor:
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc_host
+    for i, ctx in enumerate(meta.context_lens_host):
+        start, end = starts[i], starts[i + 1]
+        q_len = end - start
+        n_blocks = -(-ctx // block_size)
+        blocks = meta.block_tables[i, :n_blocks].long()
+        # Gather the sequence's blocks into one contiguous [ctx, Hkv, D] run.
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].to(q.dtype)
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].to(q.dtype)
+        mask = None
+        if q_len > 1:
+            # Query j sits at absolute position ctx - q_len + j and may see keys 0..that position.
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),  # [Hq, q_len, D]
+            keys.transpose(0, 1),  # [Hkv, ctx, D]
+            values.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,  # each kv head serves Hq/Hkv query heads
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out

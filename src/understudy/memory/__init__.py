@@ -1,0 +1,20 @@
+"""The memory service: per-device server owning weights and KV, and its client.
+
+Parts: backend (host/cuda: where bytes live), protocol (frames on the wire),
+pool (the weights/kv state machines), server (asyncio socket server),
+client (sessions and address-stable mappings), tensors (torch helpers).
+"""
+
+from .backend import Backend, BackendError, OutOfMemory, get_backend
+from .client import LayoutChanged, MemoryClient, MemoryServiceError, read_status
+from .paths import default_socket_dir, device_socket_path, socket_path
+from .protocol import Layout, TensorMeta
+from .tensors import materialize_module, plan_layout, publish_module, publish_state_dict
+
+__all__ = [
+    "Backend", "BackendError", "OutOfMemory", "get_backend",
+    "LayoutChanged", "MemoryClient", "MemoryServiceError", "read_status",
+    "default_socket_dir", "device_socket_path", "socket_path",
+    "Layout", "TensorMeta",
+    "materialize_module", "plan_layout", "publish_module", "publish_state_dict",
+]

@@ -1,0 +1,352 @@
+"""The memory service: one asyncio process per device that owns shared memory.
+
+It never touches the bytes. It creates physical allocations, hands their fds
+to clients over a Unix socket (SCM_RIGHTS), keeps the metadata that says what
+the bytes are, and runs the pool state machines (pool.py). Each connection is
+a session; a bad frame or request gets an error reply (or closes that one
+connection) and every other client goes on being served.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import fcntl
+import grp
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from ..logs import log
+from . import protocol as p
+from .backend import Backend
+from .pool import Allocator, Events, Pool, PoolError, Session
+
+logger = logging.getLogger("understudy.memory.server")
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+READ_QUEUE = 16  # frames read ahead of the one being handled
+
+
+class _LastWord:
+    """Queued after the frames already read: send this error, then close."""
+
+    def __init__(self, reply: p.Error):
+        self.reply = reply
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class MemoryServer:
+    def __init__(self, backend: Backend, socket_path: str | os.PathLike, *, socket_mode: int = 0o600,
+                 socket_group: str | None = None, limit_bytes: int | None = None):
+        self.backend = backend
+        self.path = Path(socket_path)
+        self.socket_mode = socket_mode
+        self.group_id = _group_id(socket_group) if socket_group else None
+        self.events = Events()
+        self.events.log = lambda e: log(logger, e["event"], **{k: v for k, v in e.items() if k not in ("event", "t")})
+        self.allocator = Allocator(backend, self.events, limit_bytes)
+        self.pools = {name: Pool(name, self.allocator, self.events) for name in ("weights", "kv")}
+        self.sessions: dict[int, Session] = {}
+        self.started_at = time.time()
+        self._next_session = 1
+        self._lock_fd: int | None = None
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- socket life-cycle --------------------------------------------------
+    def bind(self) -> None:
+        """Take the path: refuse if a live server holds it, remove a stale socket."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_path = self.path.with_suffix(".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # The lock is held for the server's life; the kernel drops it when we die,
+            # so a socket file without a lock holder is stale whatever it looks like.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ServerError(f"a live memory server (pid {owner}) already serves {self.path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        if self.path.exists() or self.path.is_symlink():
+            log(logger, "stale_socket_removed", path=str(self.path))
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # never visible with a looser mode, not even for a moment
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        if self.group_id is not None:
+            os.chown(self.path, -1, self.group_id)
+        os.chmod(self.path, self.socket_mode)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listener = sock
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log(logger, "listening", socket=str(self.path), backend=self.backend.name,
+            identity=self.backend.identity(), pid=os.getpid(), mode=oct(self.socket_mode))
+        accept = asyncio.create_task(self._accept_loop())
+        await stop.wait()
+        log(logger, "stopping", sessions=len(self.sessions))
+        accept.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(accept, *self._tasks, return_exceptions=True)
+        # Clients keep their mappings; the memory goes back when the last one unmaps.
+        for pool in self.pools.values():
+            for content in (pool.committed, pool.staged):
+                if content is not None:
+                    self.allocator.free(content.allocations)
+        self.close()
+        log(logger, "stopped")
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve_connection(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- one connection -------------------------------------------------------
+    def _peer_allowed(self, pid: int, uid: int, gid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        if self.group_id is None:
+            return False
+        return gid == self.group_id or self.group_id in _supplementary_groups(pid)
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
+        pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if not self._peer_allowed(pid, uid, gid):
+            self.events.add(None, "refused", None, peer_pid=pid, peer_uid=uid, reason="peer credentials")
+            try:
+                await self._send(conn, p.Error("permission", f"uid {uid} may not use this memory service"))
+            finally:
+                conn.close()
+            return
+        session = Session(self._next_session, pid, uid, gid)
+        self._next_session += 1
+        self.sessions[session.id] = session
+        self.events.add(None, "connected", session, uid=uid)
+        frames: asyncio.Queue[bytes] = asyncio.Queue(READ_QUEUE)
+        worker = asyncio.create_task(self._handle_frames(conn, session, frames))
+        try:
+            await self._read_frames(conn, frames, worker)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            # However the peer went away, whatever it waited for is abandoned
+            # and whatever it held is released (or aborted, for an uncommitted writer).
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+            if session.pool is not None:
+                self.pools[session.pool].release(session)
+            del self.sessions[session.id]
+            self.events.add(None, "disconnected", session)
+            conn.close()
+
+    async def _read_frames(self, conn: socket.socket, frames: asyncio.Queue, worker: asyncio.Task) -> None:
+        while not worker.done():
+            header = await self._recv_exact(conn, p.HEADER.size)
+            if header is None:
+                return
+            (length,) = p.HEADER.unpack(header)
+            if length > p.MAX_FRAME:
+                # The stream cannot be trusted past a length like this: say why and hang up.
+                self.events.add(None, "bad_frame", None, reason=f"length {length}")
+                await frames.put(_LastWord(p.Error("frame_too_large", f"frame of {length} bytes exceeds "
+                                                                      f"{p.MAX_FRAME}; closing")))
+                await asyncio.gather(worker, return_exceptions=True)
+                return
+            body = await self._recv_exact(conn, length)
+            if body is None:
+                return
+            await frames.put(body)
+
+    async def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await loop.sock_recv(conn, n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    async def _handle_frames(self, conn: socket.socket, session: Session, frames: asyncio.Queue) -> None:
+        while True:
+            body = await frames.get()
+            if isinstance(body, _LastWord):
+                await self._send(conn, body.reply)
+                return
+            fds: list[int] = []
+            try:
+                request = p.decode_request(body)
+                reply, fds = await self._dispatch(session, request)
+            except p.ProtocolError as e:
+                self.events.add(None, "bad_frame", session, reason=str(e)[:200])
+                reply = p.Error("bad_frame", f"cannot decode request: {e}")
+            except PoolError as e:
+                reply = p.Error(e.code, str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug of ours must not take the service down
+                logger.exception("request_failed", extra={"fields": {"session": session.id}})
+                reply = p.Error("internal", f"{type(e).__name__}: {e}")
+            try:
+                await self._send(conn, reply, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    # -- requests -------------------------------------------------------------
+    async def _dispatch(self, session: Session, req: p.Request) -> tuple[p.Reply, list[int]]:
+        if isinstance(req, p.Status):
+            return p.StatusReply(self.status()), []
+        if isinstance(req, p.Hello):
+            if session.pool is not None:
+                raise PoolError("bad_state", f"this connection already holds the {session.pool} pool; "
+                                             "open another connection for another lock")
+            if req.timeout < 0 or req.timeout != req.timeout:
+                raise PoolError("bad_request", f"timeout must be >= 0, got {req.timeout}")
+            session.name = req.name[:200]
+            pool = self.pools[req.pool]
+            await pool.acquire(session, req.mode, req.timeout)
+            return p.Granted(session.id, pool.name, session.mode, self.backend.name, self.backend.identity(),
+                             self.backend.granularity(), pool.content_for(session).layout()), []
+        if session.pool is None:
+            raise PoolError("bad_state", f"{type(req).__name__} needs a lock first: send Hello")
+        pool = self.pools[session.pool]
+        if isinstance(req, p.Allocate):
+            if req.timeout < 0 or req.timeout != req.timeout:
+                raise PoolError("bad_request", f"timeout must be >= 0, got {req.timeout}")
+            index, alloc = await pool.allocate(session, req.size, req.timeout)
+            return p.Allocated(index, alloc.size), [self.backend.export_fd(alloc.handle, alloc.fd, readonly=False)]
+        if isinstance(req, p.Export):
+            content = pool.content_for(session)
+            count = len(content.allocations)
+            indices = list(range(count)) if req.indices is None else req.indices
+            if len(indices) > p.MAX_FDS_PER_FRAME:
+                raise PoolError("bad_request", f"export at most {p.MAX_FDS_PER_FRAME} allocations per request")
+            if any(not 0 <= i < count for i in indices):
+                raise PoolError("bad_request", f"allocation index out of range (layout has {count})")
+            readonly = session.mode == "ro"
+            fds: list[int] = []
+            try:
+                for i in indices:
+                    a = content.allocations[i]
+                    fds.append(self.backend.export_fd(a.handle, a.fd, readonly))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return p.Exported(indices, [content.allocations[i].size for i in indices]), fds
+        if isinstance(req, p.GetLayout):
+            return p.LayoutReply(pool.content_for(session).layout()), []
+        if isinstance(req, p.SetMetadata):
+            return p.Ok(pool.set_metadata(session, req.tensors, req.extra, req.replace)), []
+        if isinstance(req, p.Commit):
+            return p.Ok(pool.commit(session)), []
+        if isinstance(req, p.Reset):
+            pool.reset(session)
+            return p.Ok(pool.content_for(session).layout().hash), []
+        raise PoolError("bad_request", f"unknown request {type(req).__name__}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "identity": self.backend.identity(),
+            "pid": os.getpid(),
+            "socket": str(self.path),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "granularity": self.backend.granularity(),
+            "bytes_in_use": self.allocator.used,
+            "bytes_limit": self.allocator.limit,
+            "pools": {name: pool.describe() for name, pool in self.pools.items()},
+            "sessions": [s.describe() for s in self.sessions.values()],
+            "events": self.events.recent(),
+        }
+
+    # -- sending --------------------------------------------------------------
+    async def _send(self, conn: socket.socket, msg: p.Reply, fds: list[int] = ()) -> None:
+        data = p.encode(msg)
+        if fds:
+            loop = asyncio.get_running_loop()
+            while True:
+                try:
+                    sent = conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    break
+                except BlockingIOError:
+                    ready = loop.create_future()
+                    loop.add_writer(conn.fileno(), ready.set_result, None)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_writer(conn.fileno())
+            data = data[sent:]
+        await self._send_raw(conn, data)
+
+    async def _send_raw(self, conn: socket.socket, data: bytes) -> None:
+        if data:
+            await asyncio.get_running_loop().sock_sendall(conn, data)
+
+
+def _group_id(group: str) -> int:
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ServerError(f"unknown group {group!r}") from None
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    return set()
+
+
+def run_server(backend: Backend, socket_path: str | os.PathLike, **options: Any) -> None:
+    """Bind, serve until SIGTERM/SIGINT, clean up."""
+    server = MemoryServer(backend, socket_path, **options)
+    server.bind()
+    try:
+        asyncio.run(server.serve_forever())
+    finally:
+        server.close()
