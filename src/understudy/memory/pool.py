@@ -229,6 +229,8 @@ class Pool:
         if mode == "ro" and self.name == "kv":
             raise PoolError("bad_request", "the kv pool has one exclusive owner: connect in rw mode")
         if mode == "rw":
+            if self.writer is not None or self.readers:
+                self.events.add(self.name, "waiting", session, mode=mode, state=self.state)
             self.waiting_writers += 1
             try:
                 ok = await self._changed.wait_for(lambda: self.writer is None and not self.readers, timeout)
@@ -244,6 +246,8 @@ class Pool:
             elif self.committed is None:
                 self.committed = Content()
         else:
+            if self.writer is not None or self.waiting_writers or self.committed is None:
+                self.events.add(self.name, "waiting", session, mode=mode, state=self.state)
             self.waiting_readers += 1
             try:
                 ok = await self._changed.wait_for(

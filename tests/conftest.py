@@ -1,0 +1,44 @@
+"""Shared fixtures: a real memory-server process per test, on the backend under test.
+
+UNDERSTUDY_TEST_BACKEND=cuda runs the same suite on a GPU (device machine);
+the default `host` backend runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from procs import ServerProcess  # noqa: E402
+
+BACKEND = os.environ.get("UNDERSTUDY_TEST_BACKEND", "host")
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return BACKEND
+
+
+@pytest.fixture
+def socket_dir(tmp_path_factory) -> Path:
+    # Unix socket paths are limited to 107 bytes: keep the directory short.
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="us-", dir="/tmp"))
+    yield d
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+
+
+@pytest.fixture
+def server(socket_dir):
+    """A running memory server; stopped (SIGTERM) at the end of the test."""
+    srv = ServerProcess.start(BACKEND, socket_dir)
+    yield srv
+    srv.stop()

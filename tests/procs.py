@@ -1,0 +1,118 @@
+"""Real processes for the tests: a memory server, and client actors (actors.py).
+
+Each process reports progress as lines on stdout/stderr; the tests wait for
+those lines (events), never for fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).parent
+READY_TIMEOUT = 60.0
+
+
+class LineProcess:
+    """A child process whose output lines are collected by a thread and can be awaited."""
+
+    def __init__(self, argv: list[str], env: dict | None = None, stream: str = "stdout"):
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True,
+                                     env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self.other: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._pump, args=(getattr(self.proc, stream), True), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr if stream == "stdout" else self.proc.stdout,
+                                                      False), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, pipe, main: bool) -> None:
+        for line in pipe:
+            (self.lines if main else self.other).append(line.rstrip("\n"))
+            if main:
+                self._q.put(line.rstrip("\n"))
+        if main:
+            self._q.put(None)
+
+    def wait_line(self, predicate, timeout: float = READY_TIMEOUT) -> str:
+        """The first new line satisfying predicate (a substring or a callable)."""
+        test = predicate if callable(predicate) else (lambda line: predicate in line)
+        while True:
+            try:
+                line = self._q.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no line matching {predicate!r} from {self.argv} within {timeout}s; "
+                                   f"output so far:\n" + "\n".join(self.lines[-30:] + self.other[-30:])) from None
+            if line is None:
+                raise EOFError(f"{self.argv} exited ({self.proc.wait()}) before printing {predicate!r}:\n"
+                               + "\n".join(self.lines[-30:] + self.other[-30:]))
+            if test(line):
+                return line
+
+    def send(self, line: str = "") -> None:
+        """Write a line to the process's stdin (actors take it as 'go on')."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=5)
+        return rc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class ServerProcess(LineProcess):
+    """`understudy memory-server` with JSON logs on stderr."""
+
+    @classmethod
+    def start(cls, backend: str, socket_dir: Path, *extra: str) -> "ServerProcess":
+        srv = cls([sys.executable, "-m", "understudy", "memory-server", "--backend", backend,
+                   "--socket-dir", str(socket_dir), "--log-format", "json", *extra], stream="stderr")
+        line = srv.wait_line(lambda l: '"event": "listening"' in l)
+        srv.path = Path(json.loads(line)["socket"])
+        return srv
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in list(self.lines):
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("event") == name:
+                out.append(e)
+        return out
+
+    def wait_event(self, name: str, timeout: float = READY_TIMEOUT, **fields) -> dict:
+        line = self.wait_line(lambda l: f'"event": "{name}"' in l and all(
+            json.loads(l).get(k) == v for k, v in fields.items()), timeout)
+        return json.loads(line)
+
+    def stop(self) -> int:
+        return self.kill(signal.SIGTERM)
+
+
+def actor(*args: str) -> LineProcess:
+    """Start tests/actors.py with these arguments."""
+    return LineProcess([sys.executable, str(HERE / "actors.py"), *args])
