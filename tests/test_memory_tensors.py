@@ -106,7 +106,7 @@ def test_module_published_then_materialized_from_meta_with_zero_copies(server):
             model = model.to(_device(r))
             with torch.no_grad():
                 out = model(ids.to(_device(r)))
-            assert torch.allclose(out.cpu(), expected)
+            assert torch.allclose(out.cpu(), expected, atol=1e-4, rtol=1e-4)  # GPU kernels round differently
 
 
 def test_materialize_refuses_a_mismatched_module(server):
