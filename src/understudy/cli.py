@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--max-bytes", type=parse_size, default=None,
                     help="budget for all allocations of this server, e.g. 60GiB (default: whatever the device "
                          "has); requests beyond it wait like out-of-memory ones")
+    ms.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (default: off)")
     _add_logging(ms)
 
     st = sub.add_parser("memory-status", help="print the state of a device's memory service",
@@ -100,7 +102,8 @@ def _memory_server(args: argparse.Namespace) -> int:
         mode = 0o660
     path = socket_path(args.socket_dir, backend.identity())
     try:
-        run_server(backend, path, socket_mode=mode, socket_group=args.socket_group, limit_bytes=args.max_bytes)
+        run_server(backend, path, socket_mode=mode, socket_group=args.socket_group, limit_bytes=args.max_bytes,
+                   metrics_port=args.metrics_port)
     except ServerError as e:
         print(f"understudy memory-server: {e}", file=sys.stderr)
         return 1

@@ -35,6 +35,9 @@ DTYPES = {
 }
 
 
+MAX_ALLOCATION = 1 << 62  # bytes; far beyond any device (and within the kernel's off_t)
+
+
 class PoolError(Exception):
     """A request refused by the state machine; `code` goes on the wire."""
 
@@ -98,14 +101,14 @@ class Events:
 
     def __init__(self, maxlen: int = 1000):
         self._items: deque[dict[str, Any]] = deque(maxlen=maxlen)
-        self.log: Callable[[dict[str, Any]], None] | None = None
+        self.subscribers: list[Callable[[dict[str, Any]], None]] = []  # e.g. the log, the metrics
 
     def add(self, pool: str | None, kind: str, session: Session | None = None, **detail: Any) -> None:
         event = {"t": time.time(), "pool": pool, "event": kind,
                  "session": session.id if session else None, "pid": session.pid if session else None, **detail}
         self._items.append(event)
-        if self.log:
-            self.log(event)
+        for subscriber in self.subscribers:
+            subscriber(event)
 
     def recent(self, n: int = 100) -> list[dict[str, Any]]:
         return list(self._items)[-n:]
@@ -288,6 +291,10 @@ class Pool:
         self._require_writer(session, "allocate")
         if size <= 0:
             raise PoolError("bad_request", f"allocation size must be positive, got {size}")
+        if size > MAX_ALLOCATION:
+            # BUGFIX (tests/test_memory_protocol.py::test_absurd_allocation_size_is_a_bad_request):
+            # sizes past what the kernel's off_t holds used to fail as an `internal` error.
+            raise PoolError("bad_request", f"allocation size {size} exceeds {MAX_ALLOCATION} bytes")
         size = self.allocator.backend.round_up(size)
         alloc = await self.allocator.create(self.name, session, size, timeout)
         content = self.content_for(session)
@@ -301,11 +308,18 @@ class Pool:
         content = self.content_for(session)
         for name, meta in tensors.items():
             _validate(name, meta, content)
-        if replace:
-            content.tensors, content.extra = {}, {}
-        content.tensors.update(tensors)
-        content.extra.update(extra)
-        return content.layout().hash
+        # BUGFIX (tests/test_memory_protocol.py::test_unhashable_extra_is_refused_and_harms_nobody):
+        # `extra` used to be merged before the layout was hashed, so a non-str map key or a
+        # deep nesting made every later hash (status, granted, commit) fail for every client.
+        # Check it first, and merge into copies that replace the old ones only on success.
+        _validate_extra(extra)
+        new_tensors = {} if replace else dict(content.tensors)
+        new_extra = {} if replace else dict(content.extra)
+        new_tensors.update(tensors)
+        new_extra.update(extra)
+        digest = layout_hash([a.size for a in content.allocations], new_tensors, new_extra)
+        content.tensors, content.extra = new_tensors, new_extra
+        return digest
 
     def commit(self, session: Session) -> str:
         if self.name != "weights":
@@ -354,6 +368,24 @@ class Pool:
             "layout_hash": layout.hash if layout else None,
             "committed_hash": self.committed.layout().hash if self.committed and self.name == "weights" else None,
         }
+
+
+MAX_EXTRA_DEPTH = 32  # nesting of `extra` values; far deeper ones cannot be re-encoded reliably
+
+
+def _validate_extra(extra: dict[str, Any]) -> None:
+    """`extra` must hash (str map keys only) and stay shallow (see MAX_EXTRA_DEPTH)."""
+    todo = [(extra, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_EXTRA_DEPTH:
+            raise PoolError("bad_request", f"extra metadata nests deeper than {MAX_EXTRA_DEPTH} levels")
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise PoolError("bad_request", "extra metadata maps must have str keys")
+            todo += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, (list, tuple)):
+            todo += [(v, depth + 1) for v in value]
 
 
 def _validate(name: str, meta: TensorMeta, content: Content) -> None:

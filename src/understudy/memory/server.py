@@ -31,7 +31,13 @@ from .pool import Allocator, Events, Pool, PoolError, Session
 logger = logging.getLogger("understudy.memory.server")
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-READ_QUEUE = 16  # frames read ahead of the one being handled
+# BUGFIX (tests/test_memory_protocol.py::test_pipelined_requests_of_a_dead_peer_are_released):
+# the reader used to wait for room in a 16-frame queue, so while the worker waited on a lock
+# it stopped reading and never saw the peer hang up: a dead client kept its lock (or its place
+# among the waiting writers, blocking every new reader) forever. Now the reader never waits for
+# the worker; read-ahead is bounded in bytes instead, and a peer beyond it is hung up on.
+READ_AHEAD = p.MAX_FRAME  # bytes of requests read ahead of the one being handled
+FRAME_OVERHEAD = 64  # what each queued frame counts beyond its body, so tiny frames cannot pile up
 
 
 class _LastWord:
@@ -47,13 +53,15 @@ class ServerError(RuntimeError):
 
 class MemoryServer:
     def __init__(self, backend: Backend, socket_path: str | os.PathLike, *, socket_mode: int = 0o600,
-                 socket_group: str | None = None, limit_bytes: int | None = None):
+                 socket_group: str | None = None, limit_bytes: int | None = None, metrics_port: int | None = None):
         self.backend = backend
         self.path = Path(socket_path)
         self.socket_mode = socket_mode
+        self.metrics_port = metrics_port
         self.group_id = _group_id(socket_group) if socket_group else None
         self.events = Events()
-        self.events.log = lambda e: log(logger, e["event"], **{k: v for k, v in e.items() if k not in ("event", "t")})
+        self.events.subscribers.append(
+            lambda e: log(logger, e["event"], **{k: v for k, v in e.items() if k not in ("event", "t")}))
         self.allocator = Allocator(backend, self.events, limit_bytes)
         self.pools = {name: Pool(name, self.allocator, self.events) for name in ("weights", "kv")}
         self.sessions: dict[int, Session] = {}
@@ -113,6 +121,11 @@ class MemoryServer:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.metrics_port is not None:
+            from .metrics import serve_metrics
+
+            serve_metrics(self, loop, self.metrics_port)
+            log(logger, "metrics", url=f"http://127.0.0.1:{self.metrics_port}/metrics")
         log(logger, "listening", socket=str(self.path), backend=self.backend.name,
             identity=self.backend.identity(), pid=os.getpid(), mode=oct(self.socket_mode))
         accept = asyncio.create_task(self._accept_loop())
@@ -160,25 +173,28 @@ class MemoryServer:
         self._next_session += 1
         self.sessions[session.id] = session
         self.events.add(None, "connected", session, uid=uid)
-        frames: asyncio.Queue[bytes] = asyncio.Queue(READ_QUEUE)
-        worker = asyncio.create_task(self._handle_frames(conn, session, frames))
+        frames: asyncio.Queue[bytes] = asyncio.Queue()  # bounded by READ_AHEAD bytes (see below)
+        backlog = [0]  # bytes read ahead, counted by the reader, discounted by the worker
+        worker = asyncio.create_task(self._handle_frames(conn, session, frames, backlog))
+        reader = asyncio.create_task(self._read_frames(conn, frames, backlog))
         try:
-            await self._read_frames(conn, frames, worker)
-        except (ConnectionError, OSError):
-            pass
+            # The session ends when the peer hangs up (the reader sees EOF) or when the
+            # worker stops (last word sent, or the peer is gone), whichever comes first.
+            await asyncio.wait({reader, worker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # However the peer went away, whatever it waited for is abandoned
             # and whatever it held is released (or aborted, for an uncommitted writer).
+            reader.cancel()
             worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            await asyncio.gather(reader, worker, return_exceptions=True)
             if session.pool is not None:
                 self.pools[session.pool].release(session)
             del self.sessions[session.id]
             self.events.add(None, "disconnected", session)
             conn.close()
 
-    async def _read_frames(self, conn: socket.socket, frames: asyncio.Queue, worker: asyncio.Task) -> None:
-        while not worker.done():
+    async def _read_frames(self, conn: socket.socket, frames: asyncio.Queue, backlog: list[int]) -> None:
+        while True:
             header = await self._recv_exact(conn, p.HEADER.size)
             if header is None:
                 return
@@ -186,14 +202,26 @@ class MemoryServer:
             if length > p.MAX_FRAME:
                 # The stream cannot be trusted past a length like this: say why and hang up.
                 self.events.add(None, "bad_frame", None, reason=f"length {length}")
-                await frames.put(_LastWord(p.Error("frame_too_large", f"frame of {length} bytes exceeds "
-                                                                      f"{p.MAX_FRAME}; closing")))
-                await asyncio.gather(worker, return_exceptions=True)
-                return
-            body = await self._recv_exact(conn, length)
-            if body is None:
-                return
-            await frames.put(body)
+                last = p.Error("frame_too_large", f"frame of {length} bytes exceeds {p.MAX_FRAME}; closing")
+            elif backlog[0] and backlog[0] + FRAME_OVERHEAD + length > READ_AHEAD:
+                # A client waits for each reply: one this far ahead is not reading them.
+                self.events.add(None, "bad_frame", None, reason=f"read-ahead over {READ_AHEAD} bytes")
+                last = p.Error("too_many_requests", f"over {READ_AHEAD} bytes of requests wait for "
+                                                    "their replies; closing")
+            else:
+                body = await self._recv_exact(conn, length)
+                if body is None:
+                    return
+                backlog[0] += FRAME_OVERHEAD + length
+                frames.put_nowait(body)
+                continue
+            frames.put_nowait(_LastWord(last))
+            # The worker sends it after the replies still due; meanwhile read and drop the
+            # rest, only to notice the peer hanging up (which ends the session at once).
+            loop = asyncio.get_running_loop()
+            while await loop.sock_recv(conn, 1 << 16):
+                pass
+            return
 
     async def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -205,12 +233,14 @@ class MemoryServer:
             buf += chunk
         return bytes(buf)
 
-    async def _handle_frames(self, conn: socket.socket, session: Session, frames: asyncio.Queue) -> None:
+    async def _handle_frames(self, conn: socket.socket, session: Session, frames: asyncio.Queue,
+                             backlog: list[int]) -> None:
         while True:
             body = await frames.get()
             if isinstance(body, _LastWord):
                 await self._send(conn, body.reply)
                 return
+            backlog[0] -= FRAME_OVERHEAD + len(body)
             fds: list[int] = []
             try:
                 request = p.decode_request(body)
