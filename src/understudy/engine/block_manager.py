@@ -1,0 +1,115 @@
+"""Paged KV blocks: allocation, reference counts and prefix caching by block hash.
+
+A block is *sealed* once all its token slots hold computed K/V; its hash chains
+the hash of the block before it with its own token ids, so equal hashes mean
+equal prefixes. Sealed blocks stay findable after their sequences finish, until
+their memory is needed (least recently freed go first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from .sequence import Sequence
+
+
+def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    """Stable across processes (a promoted shadow must compute the same hashes)."""
+    return hashlib.blake2b(parent + np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.refs = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.prefix_hits = 0  # tokens served from the cache, for metrics
+        self.prefix_queries = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.hash_of[block]
+        if h is not None:  # evict its cached prefix
+            if self.by_hash.get(h) == block:
+                del self.by_hash[h]
+            self.hash_of[block] = None
+        self.refs[block] = 1
+        return block
+
+    def _hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
+        """Hashes of the sequence's full blocks up to `upto_tokens`, computed once each."""
+        bs, hashes = self.block_size, seq.block_hashes
+        if len(hashes) < upto_tokens // bs:
+            tokens = seq.tokens
+            for i in range(len(hashes), upto_tokens // bs):
+                hashes.append(block_hash(hashes[-1] if hashes else b"", tokens[i * bs : (i + 1) * bs]))
+        return hashes[: upto_tokens // bs]
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Give a new sequence the cached blocks of its longest cached prefix.
+
+        At least one token is always left to compute, so there are logits to sample from."""
+        assert not seq.block_table
+        self.prefix_queries += seq.num_tokens
+        for h in self._hashes(seq, seq.num_tokens - 1):
+            block = self.by_hash.get(h)
+            if block is None:
+                break
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+            seq.block_table.append(block)
+        seq.num_computed = len(seq.block_table) * self.block_size
+        seq.num_sealed = len(seq.block_table)
+        seq.num_cached_prompt = seq.num_computed
+        self.prefix_hits += seq.num_computed
+
+    def reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Make room for the next `num_new_tokens` of `seq`; False if the cache is full."""
+        need = self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table)
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take())
+        return True
+
+    def seal(self, seq: Sequence) -> list[tuple[int, bytes]]:
+        """Register the blocks that became full; returns (block, hash) of the newly sealed."""
+        sealed = []
+        first = seq.num_sealed
+        hashes = self._hashes(seq, seq.num_computed)
+        seq.num_sealed = len(hashes)
+        for block, h in zip(seq.block_table[first:], hashes[first:]):
+            if self.hash_of[block] is None and h not in self.by_hash:
+                self.hash_of[block] = h
+                self.by_hash[h] = block
+                sealed.append((block, h))
+        return sealed
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's blocks; sealed ones stay cached until their memory is reused."""
+        for block in reversed(seq.block_table):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None  # most recently freed go last...
+                if self.hash_of[block] is None:
+                    self.free.move_to_end(block, last=False)  # ...but blocks worth nothing go first
+        seq.block_table = []
+        seq.num_sealed = 0

@@ -1,0 +1,161 @@
+"""The engine loop: schedule a batch, run the model once, sample, update sequences.
+
+Token ids in, token ids out; text is the HTTP layer's business. Not thread
+safe: AsyncEngine drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionMetadata
+from .block_manager import BlockManager
+from .kv_cache import KVCache
+from .model import CausalLM
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+logger = logging.getLogger("understudy.engine")
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # stop, length, abort, error
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineLimits:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024
+    max_model_len: int = 4096
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, kv: KVCache, *, eos_token_ids: tuple[int, ...] = (),
+                 limits: EngineLimits | None = None, device: torch.device | str = "cpu"):
+        limits = limits or EngineLimits()
+        self.model = model
+        self.kv = kv
+        self.device = torch.device(device)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.blocks = BlockManager(kv.spec.num_blocks, kv.spec.block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=limits.max_num_seqs,
+                                   max_num_batched_tokens=limits.max_num_batched_tokens,
+                                   max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
+        self.sequences: dict[str, Sequence] = {}
+        self.steps = 0
+        self.generated_tokens = 0
+        self.prompt_tokens_computed = 0
+
+    # -- requests -----------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        params.validate()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+        self.sequences[request_id] = seq
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its KV blocks go back at once."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- one step -------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.steps += 1
+        bs = self.kv.spec.block_size
+        input_ids: list[int] = []
+        query_lens, context_lens, tables, sample_rows = [], [], [], []
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            input_ids += seq.tokens[start:start + n]
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(seq.block_table)
+            if start + n == seq.num_tokens:
+                sample_rows.append(i)  # its last known token is in this step: sample the next one
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, bs, device=self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        logits_at = torch.tensor([meta.query_start_loc_host[i + 1] - 1 for i in sample_rows], dtype=torch.long,
+                                 device=self.device)
+        try:
+            logits = self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
+            sampled = sample(logits, [batch[i][0].params for i in sample_rows],
+                             [batch[i][0].generator for i in sample_rows]) if sample_rows else []
+        except Exception as e:  # fail this batch's requests, keep the engine alive
+            logger.exception("step_failed")
+            return [self._fail(seq, f"{type(e).__name__}: {e}") for seq, _ in batch]
+        for seq, n in batch:
+            if seq.num_computed < len(seq.prompt):
+                self.prompt_tokens_computed += min(n, len(seq.prompt) - seq.num_computed)
+            seq.num_computed += n
+            self.blocks.seal(seq)
+        outputs = []
+        for i, token in zip(sample_rows, sampled):
+            seq = batch[i][0]
+            seq.output.append(token)
+            self.generated_tokens += 1
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self.sequences.pop(seq.request_id, None)
+            outputs.append(StepOutput(seq.request_id, [token], reason, len(seq.prompt), seq.num_cached_prompt,
+                                      len(seq.output)))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
+            return "length"
+        return None
+
+    def _fail(self, seq: Sequence, error: str) -> StepOutput:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "error")
+        self.sequences.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, [], "error", len(seq.prompt), seq.num_cached_prompt, len(seq.output),
+                          error=error)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run prompts to completion (offline use and tests)."""
+        ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        out: dict[str, list[int]] = {i: [] for i in ids}
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, SamplingParams(**vars(params)))
+        while self.has_work:
+            for o in self.step():
+                out[o.request_id] += o.new_token_ids
+        return [out[i] for i in ids]

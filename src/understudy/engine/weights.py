@@ -1,0 +1,149 @@
+"""Getting weights into the memory service once, and onto every later engine for free.
+
+The first engine of a device publishes: it plans the layout from the model's
+own parameter shapes, streams checkpoint tensors into the mapped allocations
+(through pinned staging buffers on CUDA, overlapping host copies with DMA) and
+commits. Every later engine finds the committed layout and maps it read-only:
+no disk read, no copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..logs import log
+from ..memory import MemoryClient, MemoryServiceError, materialize_module, plan_layout, read_status
+from ..memory.tensors import dtype_name
+from .config import ModelConfig
+from .loader import iter_weights
+from .model import CausalLM
+
+logger = logging.getLogger("understudy.engine.weights")
+
+STAGING_BYTES = 64 << 20
+
+
+class WeightsMismatch(RuntimeError):
+    """The memory service already holds another model's weights."""
+
+
+def model_id(path: str | Path, config: ModelConfig, dtype: torch.dtype) -> str:
+    desc = json.dumps({"path": str(Path(path).resolve()), "dtype": dtype_name(dtype),
+                       "config": repr(config)}, sort_keys=True)
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def _skippable(name: str, wanted: dict) -> bool:
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and name not in wanted)
+
+
+class _StagedCopier:
+    """Host tensor -> device memory through two pinned buffers, so reads and DMA overlap."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        self.done = [torch.cuda.Event() for _ in range(2)]
+        self.turn = 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        src_bytes = src.contiguous().reshape(-1).view(torch.uint8)
+        dst_bytes = dst.reshape(-1).view(torch.uint8)
+        for start in range(0, src_bytes.numel(), STAGING_BYTES):
+            piece = src_bytes[start:start + STAGING_BYTES]
+            i = self.turn
+            self.done[i].synchronize()  # the DMA out of this buffer has finished
+            self.buffers[i][: piece.numel()].copy_(piece)
+            with torch.cuda.stream(self.stream):
+                dst_bytes[start:start + piece.numel()].copy_(self.buffers[i][: piece.numel()], non_blocking=True)
+                self.done[i].record(self.stream)
+            self.turn = 1 - i
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+
+def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torch.dtype, ident: str,
+            progress: bool = True) -> dict:
+    """Stream the checkpoint into the client's (rw) weights pool and commit. Returns load stats."""
+    wanted = {n: t for n, t in model.state_dict().items()}
+    specs = {n: (tuple(t.shape), dtype) for n, t in wanted.items()}
+    sizes, metas = plan_layout(specs, client.granularity)
+    for size in sizes:
+        client.allocate(size)
+    client.set_metadata(metas, extra={"model_id": ident, "model_path": str(path)}, replace=True)
+    device = client.tensor(next(iter(metas))).device
+    copier = _StagedCopier(device) if device.type == "cuda" else None
+    total = sum(t.numel() * dtype.itemsize for t in wanted.values())
+    loaded: set[str] = set()
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        for name, tensor in iter_weights(path, dtype):
+            if name not in wanted:
+                if _skippable(name, wanted):
+                    continue
+                raise KeyError(f"checkpoint has weight {name!r} that the model does not expect")
+            if tuple(tensor.shape) != specs[name][0]:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {specs[name][0]}")
+            dst = client.tensor(name)
+            if copier is not None:
+                copier.copy(dst, tensor)
+            else:
+                dst.copy_(tensor)
+            loaded.add(name)
+            bar.update(tensor.numel() * dtype.itemsize)
+    if copier is not None:
+        copier.finish()
+    missing = sorted(set(wanted) - loaded)
+    if missing:
+        raise KeyError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
+    seconds = time.perf_counter() - t0
+    digest = client.commit()
+    stats = {"bytes": total, "seconds": round(seconds, 3), "GBps": round(total / seconds / 1e9, 2),
+             "allocations": len(sizes), "layout_hash": digest}
+    log(logger, "weights_published", **stats)
+    return stats
+
+
+def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.dtype, *, timeout: float = 600.0,
+         progress: bool = True, name: str = "engine") -> tuple[CausalLM, MemoryClient, dict]:
+    """A model whose weights live in the memory service: imported if there, published if not.
+
+    Returns the model, the client that holds the read lock (keep it open), and
+    how the weights arrived ({"source": "imported"|"published", ...})."""
+    ident = model_id(path, config, dtype)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    state = read_status(socket_path)["pools"]["weights"]["state"]
+    client = None
+    if state == "EMPTY":
+        try:  # try-lock: whoever wins publishes, the others wait for the commit as readers
+            client = MemoryClient(socket_path, "weights", "rw", timeout=0, name=name)
+        except MemoryServiceError as e:
+            if e.code != "timeout":
+                raise
+    t0 = time.perf_counter()
+    if client is not None:
+        stats = {"source": "published", **publish(client, model, path, dtype, ident, progress)}
+    else:
+        client = MemoryClient(socket_path, "weights", "ro", timeout=timeout, name=name)
+        client.map_all()
+        stats = {"source": "imported", "allocations": len(client.layout.sizes),
+                 "bytes": sum(client.layout.sizes)}
+    found = client.layout.extra.get("model_id")
+    if found != ident:
+        client.close()
+        raise WeightsMismatch(f"the memory service holds weights of {client.layout.extra.get('model_path')!r} "
+                              f"(id {found}), not of {str(path)!r} in {dtype_name(dtype)} (id {ident}); stop the "
+                              f"engines using them, or use another device / memory service")
+    materialize_module(model, client)
+    stats["seconds_total"] = round(time.perf_counter() - t0, 4)
+    log(logger, "weights_ready", **stats)
+    return model, client, stats
