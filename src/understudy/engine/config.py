@@ -75,9 +75,7 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise unsupported(
-                f"model_type {model_type!r} (architectures {d.get('architectures')}) is not supported"
-            )
+            raise unsupported(f"model_type {model_type!r} (architectures {d.get('architectures')}) is not supported")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise unsupported(f"hidden_act {act!r} is not supported (only 'silu')")
@@ -155,7 +153,17 @@ def normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None:
         )
     out = {k: v for k, v in raw.items() if k not in ("type", "rope_theta")}
     out["rope_type"] = rope_type
+    missing = [k for k in _ROPE_REQUIRED_KEYS.get(rope_type, ()) if k not in out]
+    if missing:
+        raise UnsupportedModelError(f"rope scaling {rope_type!r} is missing {', '.join(missing)}")
     return out
+
+
+_ROPE_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "freq_factors": ("factors",),
+}
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:
@@ -164,4 +172,3 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
-

@@ -181,7 +181,9 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config, attention_fn)
         # Tied models have no lm_head parameter at all: logits reuse the embedding matrix.
         # (A tied Parameter would be untied again by assign-style loading.)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
 
     @torch.inference_mode()
     def forward(
@@ -218,8 +220,8 @@ class CausalLM(nn.Module):
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
             module_name, _, leaf = name.rpartition(".")
-            module = self.get_submodule(module_name)
-            setattr(module, leaf, nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=False))
+            param = nn.Parameter(tensor if device is None else tensor.to(device), requires_grad=False)
+            setattr(self.get_submodule(module_name), leaf, param)
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:
