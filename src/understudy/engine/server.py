@@ -1,0 +1,371 @@
+"""The worker's HTTP API: OpenAI completions and chat, a token-level stream, health, metrics.
+
+Text lives only here: prompts are tokenised, tokens are detokenised
+incrementally and stop strings are matched on the text. A client that goes
+away cancels its request in the engine at once (its KV blocks are freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .api import ChatCompletionRequest, CompletionRequest, TokenGenerateRequest, error
+from .async_engine import AsyncEngine
+from .scheduler import QueueFull
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("understudy.engine.server")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
+
+
+@dataclass
+class Worker:
+    """Everything the HTTP layer needs to know about the engine behind it."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    default_max_tokens: int = 256
+    max_request_bytes: int = 4 << 20
+    state: str = "ACTIVE"  # INIT, STANDBY, WAKING, ACTIVE, DRAINING, DEAD
+    info: dict[str, Any] = field(default_factory=dict)
+    holds: list[Any] = field(default_factory=list)  # e.g. the weights session: kept open while we serve
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def routable(self) -> bool:
+        return self.state == "ACTIVE"
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back text that may start one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str, final: bool) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+
+class _Metrics:
+    def __init__(self, worker: Worker):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("understudy_engine_requests", "Finished requests", ["endpoint", "outcome"],
+                                registry=r)
+        self.prompt_tokens = Counter("understudy_engine_prompt_tokens", "Prompt tokens received", registry=r)
+        self.cached_tokens = Counter("understudy_engine_cached_prompt_tokens", "Prompt tokens found in the "
+                                     "prefix cache", registry=r)
+        self.generated = Counter("understudy_engine_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("understudy_engine_time_to_first_token_seconds", "Request arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("understudy_engine_inter_token_latency_seconds", "Time between tokens of a stream",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_EngineCollector(worker))
+
+
+class _EngineCollector(Collector):
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def collect(self):
+        eng = self.worker.engine.engine
+        for name, doc, value in [
+            ("understudy_engine_running_requests", "Requests being computed", len(eng.scheduler.running)),
+            ("understudy_engine_waiting_requests", "Requests waiting to be scheduled", len(eng.scheduler.waiting)),
+            ("understudy_engine_kv_cache_usage", "Fraction of KV blocks in use", eng.blocks.usage),
+            ("understudy_engine_kv_cache_blocks", "KV blocks in the cache", eng.blocks.num_blocks),
+            ("understudy_engine_preemptions", "Sequences preempted for lack of KV blocks",
+             eng.scheduler.preemptions),
+        ]:
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+        state = GaugeMetricFamily("understudy_engine_state", "1 for the engine's lifecycle state", labels=["state"])
+        for s in ("INIT", "STANDBY", "WAKING", "ACTIVE", "DRAINING", "DEAD"):
+            state.add_metric([s], 1.0 if self.worker.state == s else 0.0)
+        yield state
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(worker: Worker) -> FastAPI:
+    app = FastAPI(title="understudy engine", version="0.1.0")
+    metrics = _Metrics(worker)
+    app.state.worker = worker
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:]) or 'body'}: {e.get('msg')}"
+                            for e in exc.errors()[:5])
+        return error(400, message or "invalid request", param=param)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > worker.max_request_bytes:
+            return error(413, f"request body of {length} bytes exceeds the limit of {worker.max_request_bytes}")
+        return await call_next(request)
+
+    # -- health -------------------------------------------------------------------
+    @app.get("/live")
+    async def live():
+        return {"status": "alive"}
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING") else "unavailable",
+                "state": worker.state, "routable": worker.routable, "model": worker.model_name,
+                "running": len(worker.engine.engine.scheduler.running),
+                "waiting": len(worker.engine.engine.scheduler.waiting),
+                "kv_cache_usage": round(worker.engine.engine.blocks.usage, 4), **worker.info}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": worker.model_name, "object": "model", "created": worker.created,
+                                            "owned_by": "understudy", "max_model_len": worker.max_model_len}]}
+
+    # -- generation ---------------------------------------------------------------
+    def _check_model(name: str | None) -> JSONResponse | None:
+        if name and name != worker.model_name:
+            return error(404, f"model {name!r} does not exist; this engine serves {worker.model_name!r}",
+                         param="model", type_="not_found_error")
+        return None
+
+    async def _tokens(prompt: list[int], params, endpoint: str) -> AsyncIterator:
+        """The engine's stream, with metrics; bad requests and overload surface before the first token."""
+        t0 = last = time.perf_counter()
+        first = True
+        outcome = None
+        try:
+            async for out in worker.engine.generate(prompt, params):
+                now = time.perf_counter()
+                if out.new_token_ids:
+                    (metrics.ttft.observe(now - t0) if first else metrics.itl.observe(now - last))
+                    first, last = False, now
+                    metrics.generated.inc(len(out.new_token_ids))
+                if out.finish_reason:
+                    metrics.prompt_tokens.inc(out.prompt_tokens)
+                    metrics.cached_tokens.inc(out.cached_tokens)
+                    outcome = out.finish_reason
+                yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = outcome or "cancelled"
+            raise
+        except QueueFull:
+            outcome = "rejected"
+            raise
+        finally:
+            metrics.requests.labels(endpoint, outcome or "error").inc()
+
+    async def _text(prompt: list[int], params, endpoint: str) -> AsyncIterator[tuple[str, str | None, dict]]:
+        """(text delta, finish reason, usage) triples with stop strings applied."""
+        detok = IncrementalDetokenizer(worker.tokenizer, prompt)
+        stops = StopMatcher(params.stop)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
+        tokens = _tokens(prompt, params, endpoint)
+        try:
+            async for out in tokens:
+                if out.error:
+                    raise RuntimeError(out.error)
+                usage.update(completion_tokens=out.completion_tokens,
+                             total_tokens=out.prompt_tokens + out.completion_tokens,
+                             prompt_tokens_details={"cached_tokens": out.cached_tokens})
+                text = detok.push(out.new_token_ids) + (detok.flush() if out.finish_reason else "")
+                emit, hit = stops.push(text, final=out.finish_reason is not None)
+                if hit:
+                    yield emit, "stop", usage
+                    return  # closing the token stream aborts the request in the engine
+                yield emit, out.finish_reason, usage
+        finally:
+            await tokens.aclose()
+
+    async def _start(prompt: list[int], params, endpoint: str):
+        """Validate against the engine before answering 200: returns (first item, rest) or an error."""
+        params.validate()
+        worker.engine.engine.scheduler.check_fits(len(prompt), params.max_tokens)
+        stream = _text(prompt, params, endpoint)
+        try:
+            first = await stream.__anext__()
+        except BaseException:
+            await stream.aclose()
+            raise
+        return first, stream
+
+    async def _generate(request: Request, prompt: list[int], params, endpoint: str, streaming: bool,
+                        render_chunk, render_final, include_usage: bool):
+        try:
+            first, rest = await _start(prompt, params, endpoint)
+        except QueueFull as e:
+            return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
+        except ValueError as e:
+            return error(400, str(e))
+        if streaming:
+            async def events():
+                try:
+                    item = first
+                    while True:
+                        text, reason, usage = item
+                        if text or reason:
+                            yield _sse(render_chunk(text, reason))
+                        if reason:
+                            if include_usage:
+                                yield _sse({**render_chunk(None, None), "choices": [], "usage": usage})
+                            break
+                        item = await rest.__anext__()
+                    yield "data: [DONE]\n\n"
+                finally:
+                    await rest.aclose()
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        async def collect():
+            parts, item = [], first
+            while True:
+                text, reason, usage = item
+                parts.append(text)
+                if reason:
+                    return "".join(parts), reason, usage
+                item = await rest.__anext__()
+
+        work = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()  # the client left: stop computing for it
+            await rest.aclose()
+        if work.cancelled():
+            return Response(status_code=499)
+        text, reason, usage = work.result()
+        return JSONResponse(render_final(text, reason, usage))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if (bad := _check_model(body.model)) is not None:
+            return bad
+        prompt = body.prompt if isinstance(body.prompt, list) else worker.tokenizer.encode(body.prompt)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": worker.model_name}
+
+        def chunk(text, reason):
+            return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+
+        def final(text, reason, usage):
+            return {**chunk(text, reason), "usage": usage}
+
+        return await _generate(request, prompt, body.sampling(worker.default_max_tokens), "completions",
+                               body.stream, chunk, final, body.include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        if (bad := _check_model(body.model)) is not None:
+            return bad
+        try:
+            messages = [m.text() for m in body.messages]
+            text = worker.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:
+            return error(400, f"cannot render the chat template: {e}", param="messages")
+        prompt = worker.tokenizer.encode(text, add_special_tokens=False)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": worker.model_name}
+        started = []
+
+        def chunk(text, reason):
+            delta: dict[str, Any] = {}
+            if not started and text is not None:
+                delta["role"] = "assistant"
+                started.append(True)
+            if text:
+                delta["content"] = text
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        def final(text, reason, usage):
+            return {**base, "object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": reason}]}
+
+        return await _generate(request, prompt, body.sampling(worker.default_max_tokens), "chat", body.stream,
+                               chunk, final, body.include_usage)
+
+    @app.post("/engine/generate")
+    async def generate_tokens(body: TokenGenerateRequest):
+        """Token ids in, newline-delimited JSON out: {"token_ids": [...], "finish_reason": ...} per step."""
+        params = body.params()
+        try:
+            params.validate()
+            worker.engine.engine.scheduler.check_fits(len(body.token_ids), params.max_tokens)
+            stream = _tokens(body.token_ids, params, "tokens")
+            first = await stream.__anext__()
+        except QueueFull as e:
+            return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
+        except ValueError as e:
+            return error(400, str(e))
+
+        async def lines():
+            try:
+                out = first
+                while True:
+                    yield json.dumps({"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
+                                      "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
+                                      "error": out.error}) + "\n"
+                    if out.finish_reason:
+                        return
+                    out = await stream.__anext__()
+            finally:
+                await stream.aclose()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return app
