@@ -28,7 +28,8 @@ class BlockManager:
         self.refs = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.by_hash: dict[bytes, int] = {}
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # Block 0 is never handed out: padded rows of a fixed-size (CUDA graph) batch write there.
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.prefix_hits = 0  # tokens served from the cache, for metrics
         self.prefix_queries = 0
 
@@ -37,8 +38,13 @@ class BlockManager:
         return len(self.free)
 
     @property
+    def capacity(self) -> int:
+        """Blocks that sequences can use."""
+        return self.num_blocks - 1
+
+    @property
     def usage(self) -> float:
-        return 1.0 - self.num_free / self.num_blocks
+        return 1.0 - self.num_free / self.capacity
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -55,6 +55,7 @@ class LLMEngine:
                                    max_num_batched_tokens=limits.max_num_batched_tokens,
                                    max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
         self.sequences: dict[str, Sequence] = {}
+        self.graphs = None  # DecodeGraphs once enable_cuda_graphs() ran
         self.steps = 0
         self.generated_tokens = 0
         self.prompt_tokens_computed = 0
@@ -88,12 +89,46 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def enable_cuda_graphs(self) -> None:
+        """Capture decode steps as CUDA graphs (CUDA only; the attention must be graph-safe)."""
+        from .cuda_graphs import DecodeGraphs
+
+        bs = self.kv.spec.block_size
+        self.graphs = DecodeGraphs(self.model, self.kv.layers, max_batch=self.scheduler.max_num_seqs,
+                                   max_blocks_per_seq=-(-self.scheduler.max_model_len // bs), device=self.device)
+        self.graphs.capture()
+
     # -- one step -------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self.steps += 1
+        try:
+            if self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch):
+                sample_rows = list(range(len(batch)))
+                logits = self._decode_with_graph(batch)
+            else:
+                sample_rows, logits = self._forward_eager(batch)
+            sampled = sample(logits, [batch[i][0].params for i in sample_rows],
+                             [batch[i][0].generator for i in sample_rows]) if sample_rows else []
+        except Exception as e:  # fail this batch's requests, keep the engine alive
+            logger.exception("step_failed")
+            return [self._fail(seq, f"{type(e).__name__}: {e}") for seq, _ in batch]
+        return self._advance(batch, sample_rows, sampled)
+
+    def _decode_with_graph(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        bs = self.kv.spec.block_size
+        ids, ctx, slots, tables = [], [], [], []
+        for seq, _ in batch:
+            pos = seq.num_computed
+            ids.append(seq.tokens[pos])
+            ctx.append(pos + 1)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            tables.append(seq.block_table)
+        return self.graphs.run(ids, ctx, slots, tables)
+
+    def _forward_eager(self, batch: list[tuple[Sequence, int]]) -> tuple[list[int], torch.Tensor]:
         bs = self.kv.spec.block_size
         input_ids: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
@@ -109,13 +144,10 @@ class LLMEngine:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         logits_at = torch.tensor([meta.query_start_loc_host[i + 1] - 1 for i in sample_rows], dtype=torch.long,
                                  device=self.device)
-        try:
-            logits = self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
-            sampled = sample(logits, [batch[i][0].params for i in sample_rows],
-                             [batch[i][0].generator for i in sample_rows]) if sample_rows else []
-        except Exception as e:  # fail this batch's requests, keep the engine alive
-            logger.exception("step_failed")
-            return [self._fail(seq, f"{type(e).__name__}: {e}") for seq, _ in batch]
+        rows = logits_at if sample_rows else logits_at.new_zeros(1)  # mid-prompt chunks only: a throwaway row
+        return sample_rows, self.model(ids, meta.positions(), meta, self.kv.layers, rows)
+
+    def _advance(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], sampled: list[int]) -> list[StepOutput]:
         for seq, n in batch:
             if seq.num_computed < len(seq.prompt):
                 self.prompt_tokens_computed += min(n, len(seq.prompt) - seq.num_computed)

@@ -40,7 +40,7 @@ class KVSpec:
         one = cls(config.num_hidden_layers, 1, block_size, config.num_key_value_heads, config.head_dim,
                   dtype_name(dtype))
         num_blocks = budget_bytes // one.nbytes
-        if num_blocks < 1:
+        if num_blocks < 2:  # block 0 is reserved (see BlockManager)
             raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {one.nbytes} bytes")
         return cls(**{**asdict(one), "num_blocks": int(num_blocks)})
 

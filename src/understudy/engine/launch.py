@@ -46,6 +46,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights and activations dtype (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: no CUDA graphs for decode steps (slower; for debugging)")
+    g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
+                   help="attention kernels: triton (paged decode kernel, CUDA only) or reference (plain torch); "
+                        "auto picks triton on CUDA")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's, at most 32768)")
     g = p.add_argument_group("device and memory service")
@@ -134,8 +139,11 @@ def build(args: argparse.Namespace) -> Built:
         (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
     path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
     t0 = time.perf_counter()
+    attention_fn = None
+    if args.attention == "triton" or (args.attention == "auto" and use_cuda):
+        from .triton_attention import fast_attention as attention_fn
     model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
-                                                name=f"engine-{os.getpid()}")
+                                                name=f"engine-{os.getpid()}", attention_fn=attention_fn)
     max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
     if args.kv_cache_memory:
         budget = parse_size(args.kv_cache_memory)
@@ -151,6 +159,10 @@ def build(args: argparse.Namespace) -> Built:
     limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_waiting=args.max_waiting, max_model_len=max_model_len)
     engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
+    if use_cuda and not args.enforce_eager:
+        if attention_fn is None:
+            raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
+        engine.enable_cuda_graphs()
     name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
     info = {"weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
             "backend": backend, "pid": os.getpid()}

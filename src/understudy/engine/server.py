@@ -181,8 +181,11 @@ def create_app(worker: Worker) -> FastAPI:
                          param="model", type_="not_found_error")
         return None
 
-    async def _tokens(prompt: list[int], params, endpoint: str) -> AsyncIterator:
-        """The engine's stream, with metrics; bad requests and overload surface before the first token."""
+    async def _tokens(prompt: list[int], params, endpoint: str, done: dict | None = None) -> AsyncIterator:
+        """The engine's stream, with metrics; bad requests and overload surface before the first token.
+
+        A caller that closes the stream because the request is complete (a stop string) says so in
+        done["outcome"], so the request is not counted as cancelled."""
         t0 = last = time.perf_counter()
         first = True
         outcome = None
@@ -205,14 +208,15 @@ def create_app(worker: Worker) -> FastAPI:
             outcome = "rejected"
             raise
         finally:
-            metrics.requests.labels(endpoint, outcome or "error").inc()
+            metrics.requests.labels(endpoint, (done or {}).get("outcome") or outcome or "error").inc()
 
     async def _text(prompt: list[int], params, endpoint: str) -> AsyncIterator[tuple[str, str | None, dict]]:
         """(text delta, finish reason, usage) triples with stop strings applied."""
         detok = IncrementalDetokenizer(worker.tokenizer, prompt)
         stops = StopMatcher(params.stop)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
-        tokens = _tokens(prompt, params, endpoint)
+        done: dict = {}
+        tokens = _tokens(prompt, params, endpoint, done)
         try:
             async for out in tokens:
                 if out.error:
@@ -223,6 +227,7 @@ def create_app(worker: Worker) -> FastAPI:
                 text = detok.push(out.new_token_ids) + (detok.flush() if out.finish_reason else "")
                 emit, hit = stops.push(text, final=out.finish_reason is not None)
                 if hit:
+                    done["outcome"] = "stop"  # finished, not cancelled (metrics)
                     yield emit, "stop", usage
                     return  # closing the token stream aborts the request in the engine
                 yield emit, out.finish_reason, usage

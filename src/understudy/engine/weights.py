@@ -113,14 +113,14 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
 
 
 def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.dtype, *, timeout: float = 600.0,
-         progress: bool = True, name: str = "engine") -> tuple[CausalLM, MemoryClient, dict]:
+         progress: bool = True, name: str = "engine", attention_fn=None) -> tuple[CausalLM, MemoryClient, dict]:
     """A model whose weights live in the memory service: imported if there, published if not.
 
     Returns the model, the client that holds the read lock (keep it open), and
     how the weights arrived ({"source": "imported"|"published", ...})."""
     ident = model_id(path, config, dtype)
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = CausalLM(config) if attention_fn is None else CausalLM(config, attention_fn)
     state = read_status(socket_path)["pools"]["weights"]["state"]
     client = None
     if state == "EMPTY":

@@ -1,0 +1,82 @@
+"""CUDA graphs for decode steps: one captured forward per batch-size bucket.
+
+A decode step of a big model is hundreds of small kernels; launching them
+from Python costs more than running them. Each bucket's graph reads static
+input buffers, so a step copies its inputs in, pads to the bucket (padded
+rows attend to the reserved block 0 and write their K/V there) and replays.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from ..logs import log
+from .attention import AttentionMetadata
+from .kv_cache import KVCaches
+from .model import CausalLM
+
+logger = logging.getLogger("understudy.engine.cuda_graphs")
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv: KVCaches, *, max_batch: int, max_blocks_per_seq: int,
+                 device: torch.device):
+        self.model, self.kv, self.device = model, kv, device
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        n = self.max_batch = max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.zeros(n, dtype=torch.long, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.rows = torch.arange(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.pool = None
+
+    def _forward(self, bs: int) -> Tensor:
+        meta = AttentionMetadata(self.query_start[: bs + 1], self.context_lens[:bs], self.block_tables[:bs],
+                                 self.slots[:bs], max_query_len=1, max_context_len=0,
+                                 query_start_loc_host=(), context_lens_host=())
+        return self.model(self.input_ids[:bs], self.positions[:bs], meta, self.kv, self.rows[:bs])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):  # largest first, so smaller ones reuse its memory pool
+                self._forward(bs)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[bs] = self._forward(bs)
+                self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        log(logger, "cuda_graphs_captured", buckets=self.buckets)
+
+    def run(self, input_ids: list[int], context_lens: list[int], slots: list[int],
+            tables: list[list[int]]) -> Tensor:
+        """Logits [len(input_ids), vocab] for a decode batch (one new token per sequence)."""
+        n = len(input_ids)
+        bs = next(b for b in self.buckets if b >= n)
+        width = self.block_tables.shape[1]
+        # One host buffer, one copy per input: padded rows use context 1 in block 0.
+        pad = bs - n
+        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[:bs].copy_(torch.tensor([c - 1 for c in context_lens] + [0] * pad), non_blocking=True)
+        self.slots[:bs].copy_(torch.tensor(slots + [0] * pad), non_blocking=True)
+        self.context_lens[:bs].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        table = torch.zeros(bs, width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.block_tables[:bs].copy_(table, non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
