@@ -23,7 +23,7 @@ TILE = 64
 def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, TILE_: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     ctx = tl.load(context_lens + seq)
@@ -42,13 +42,13 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
         off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks + kvh * stride_kh
         k = tl.load(K + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
     out = acc / l[:, None]
     tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
@@ -68,6 +68,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=D, TILE_=TILE,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact, like the reference
     )
     return out
 
