@@ -175,7 +175,11 @@ def main() -> None:
     ckpt = work / "llama3-8b-shape"
     ckpt.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    nbytes = make_checkpoint(ckpt, args.layers)
+    if (ckpt / "done").exists():  # a --workdir reused between runs
+        nbytes = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    else:
+        nbytes = make_checkpoint(ckpt, args.layers)
+        (ckpt / "done").touch()
     print(f"# checkpoint: {nbytes / 1e9:.2f} GB, {args.layers} layers, written in {time.perf_counter() - t0:.1f}s",
           flush=True)
     subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)  # both loads read page cache
@@ -187,10 +191,14 @@ def main() -> None:
     sock_dir = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     srv = subprocess.Popen([sys.executable, "-m", "understudy", "memory-server", "--backend", "cuda",
                             "--socket-dir", sock_dir], stderr=subprocess.PIPE, text=True)
+    seen = []
     for line in srv.stderr:
+        seen.append(line)
         if '"listening"' in line:
             sock = json.loads(line)["socket"]
             break
+    else:
+        raise SystemExit("memory server did not start:\n" + "".join(seen[-20:]))
     try:
         config = load_config(ckpt)
         model, client, stats = weights.load(sock, ckpt, config, torch.bfloat16, progress=False,
