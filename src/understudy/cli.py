@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
     st.add_argument("--events", type=int, default=10, help="how many recent events to show (default: 10)")
 
-    from .engine.launch import add_serve_arguments
+    from .engine.options import add_serve_arguments
 
     sv = sub.add_parser("serve", help="run an inference engine with an OpenAI-compatible HTTP API",
                         description="Run an inference engine whose weights and KV cache live in the device's "

