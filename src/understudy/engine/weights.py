@@ -121,6 +121,7 @@ def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.d
     ident = model_id(path, config, dtype)
     with torch.device("meta"):
         model = CausalLM(config) if attention_fn is None else CausalLM(config, attention_fn)
+    model.to(dtype)  # parameters of the meta model carry the dtype we serve in
     state = read_status(socket_path)["pools"]["weights"]["state"]
     client = None
     if state == "EMPTY":
