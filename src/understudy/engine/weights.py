@@ -22,7 +22,8 @@ from ..logs import log
 from ..memory import MemoryClient, MemoryServiceError, materialize_module, plan_layout, read_status
 from ..memory.tensors import dtype_name
 from .config import ModelConfig
-from .loader import iter_weights
+from .fast_load import StoredTensor, copy_direct, read_header
+from .loader import is_gguf, iter_weights, safetensors_files
 from .model import CausalLM
 
 logger = logging.getLogger("understudy.engine.weights")
@@ -70,6 +71,30 @@ class _StagedCopier:
         self.stream.synchronize()
 
 
+def _sources(path, specs: dict, dtype: torch.dtype):
+    """(tensors to copy byte for byte, an iterator over the ones to convert)."""
+    if is_gguf(path):
+        return {}, iter_weights(path, dtype)
+    stored: dict[str, StoredTensor] = {}
+    for file in safetensors_files(path):
+        stored.update(read_header(file))
+    direct = {n: t for n, t in stored.items() if n in specs and t.dtype == dtype and t.shape == specs[n][0]}
+
+    def converted():
+        from safetensors import safe_open
+
+        by_file: dict = {}
+        for name, t in stored.items():
+            if name not in direct:
+                by_file.setdefault(t.file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in names:
+                    yield name, f.get_tensor(name).to(dtype)
+
+    return direct, converted()
+
+
 def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torch.dtype, ident: str,
             progress: bool = True) -> dict:
     """Stream the checkpoint into the client's (rw) weights pool and commit. Returns load stats."""
@@ -80,12 +105,17 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
         client.allocate(size)
     client.set_metadata(metas, extra={"model_id": ident, "model_path": str(path)}, replace=True)
     device = client.tensor(next(iter(metas))).device
-    copier = _StagedCopier(device) if device.type == "cuda" else None
+    direct, stream = _sources(path, specs, dtype)
     total = sum(t.numel() * dtype.itemsize for t in wanted.values())
     loaded: set[str] = set()
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
-        for name, tensor in iter_weights(path, dtype):
+        # Tensors stored in the serving dtype: file -> destination with one copy, in parallel.
+        copy_direct([(stored, client.tensor(name)) for name, stored in direct.items()], on_bytes=bar.update)
+        loaded.update(direct)
+        # The rest needs a conversion (or comes from GGUF): one tensor at a time.
+        copier = _StagedCopier(device) if device.type == "cuda" else None
+        for name, tensor in stream:
             if name not in wanted:
                 if _skippable(name, wanted):
                     continue
@@ -99,8 +129,8 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
                 dst.copy_(tensor)
             loaded.add(name)
             bar.update(tensor.numel() * dtype.itemsize)
-    if copier is not None:
-        copier.finish()
+        if copier is not None:
+            copier.finish()
     missing = sorted(set(wanted) - loaded)
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
