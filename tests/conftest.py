@@ -14,9 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import ServerProcess  # noqa: E402
-
-BACKEND = os.environ.get("UNDERSTUDY_TEST_BACKEND", "host")
+from procs import BACKEND, ServerProcess  # noqa: E402
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).parent
+# UNDERSTUDY_TEST_BACKEND=cuda runs the memory suite on a GPU; `host` runs everywhere.
+BACKEND = os.environ.get("UNDERSTUDY_TEST_BACKEND", "host")
 READY_TIMEOUT = 60.0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 
 import torch
@@ -28,6 +29,14 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 # Same as the CUDA minimum granularity, so sizes and offsets round the same way on both.
 HOST_GRANULARITY = 2 << 20
+
+# BUGFIX (tests/test_memory_security.py::test_a_reader_cannot_reopen_its_fd_writable_on_host):
+# an O_RDONLY fd alone did not stop a reader: open("/proc/self/fd/N", O_RDWR) gave it a
+# writable fd of the same memfd (whose inode is mode 0777), and then a writable mapping
+# or a truncation (SIGBUS for every other reader). Seals are on the inode, so they hold
+# however the file is reopened: sizes never change, and before the first read-only export
+# (the layout is committed by then) no new writable mapping or write() is allowed either.
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux >= 5.1
 
 
 def _mmap(va: int | None, size: int, prot: int, flags: int, fd: int, offset: int) -> int:
@@ -49,8 +58,15 @@ class HostBackend(Backend):
 
     def create(self, size: int) -> tuple[object, int]:
         try:
-            fd = os.memfd_create(f"understudy-{self.device}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
+            fd = os.memfd_create(f"understudy-{self.device}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)  # BUGFIX, see above
+            except BaseException:
+                # BUGFIX (tests/test_memory_protocol.py::test_host_create_leaks_no_fd_on_failure):
+                # a size the kernel refuses (e.g. >= 2**63), or ENOMEM retried every 50 ms, leaked this fd.
+                os.close(fd)
+                raise
         except OSError as e:
             if e.errno in (errno.ENOMEM, errno.ENOSPC, errno.EMFILE):
                 raise OutOfMemory(str(e)) from e
@@ -62,6 +78,11 @@ class HostBackend(Backend):
 
     def export_fd(self, handle: object, fd: int, readonly: bool) -> int:
         if readonly:
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)  # BUGFIX, see F_SEAL_FUTURE_WRITE
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: a kernel older than 5.1; O_RDONLY must do
+                    raise
             # A fresh open file description with read-only access: mmap(PROT_WRITE,
             # MAP_SHARED) on it fails with EACCES whatever the client asks for.
             return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)

@@ -142,17 +142,19 @@ def encode(msg: msgspec.Struct) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+# BUGFIX (tests/test_memory_protocol.py::test_deeply_nested_body_is_a_bad_frame): msgspec raises
+# RecursionError for deeply nested bodies; it is undecodable input too (bad_frame, not internal).
 def decode_request(body: bytes) -> Request:
     try:
         return _request_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
         raise ProtocolError(str(e)) from e
 
 
 def decode_reply(body: bytes) -> Reply:
     try:
         return _reply_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
         raise ProtocolError(str(e)) from e
 
 

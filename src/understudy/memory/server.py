@@ -146,7 +146,12 @@ class MemoryServer:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as e:  # e.g. EMFILE: keep serving those connected, accept again soon
+                log(logger, "accept_failed", level=logging.ERROR, error=str(e))
+                await asyncio.sleep(0.1)
+                continue
             conn.setblocking(False)
             task = asyncio.create_task(self._serve_connection(conn))
             self._tasks.add(task)
