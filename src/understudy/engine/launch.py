@@ -143,7 +143,14 @@ def serve(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    # BUGFIX (tests/engine/test_engine_http.py::test_sigterm_drains_inflight_stream_then_exits_0): after a
+    # graceful shutdown uvicorn re-raises the signal it caught under the handler that was there before it;
+    # with the default one, SIGTERM killed us (exit -15) after the drain, skipping the cleanup below. Our
+    # handler only asks uvicorn to stop, so a drained shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    server.run()
     if built.memory_server is not None:
         built.memory_server.terminate()
         built.memory_server.wait(timeout=30)

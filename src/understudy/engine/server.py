@@ -130,6 +130,45 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+class _BodyLimit:
+    """413 for request bodies over worker.max_request_bytes.
+
+    BUGFIX (tests/engine/test_engine_http.py::test_oversized_body_gets_413): only Content-Length was
+    checked, so a chunked upload of any size went through. Bodies without one are now read (up to the
+    limit) before the app runs, then replayed to it."""
+
+    def __init__(self, app, worker: Worker):
+        self.app, self.worker = app, worker
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.worker.max_request_bytes
+        too_big = lambda: error(413, f"request body exceeds the limit of {limit} bytes")  # noqa: E731
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > limit:
+                return await too_big()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await too_big()(scope, receive, send)
+            body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+
 def create_app(worker: Worker) -> FastAPI:
     app = FastAPI(title="understudy engine", version="0.1.0")
     metrics = _Metrics(worker)
@@ -144,12 +183,7 @@ def create_app(worker: Worker) -> FastAPI:
                             for e in exc.errors()[:5])
         return error(400, message or "invalid request", param=param)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > worker.max_request_bytes:
-            return error(413, f"request body of {length} bytes exceeds the limit of {worker.max_request_bytes}")
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, worker=worker)
 
     # -- health -------------------------------------------------------------------
     @app.get("/live")
@@ -290,6 +324,10 @@ def create_app(worker: Worker) -> FastAPI:
             gone.cancel()
             if not work.done():
                 work.cancel()  # the client left: stop computing for it
+                # BUGFIX (tests/engine/test_engine_http.py::test_nonstreaming_client_timeout_cancels_engine_work):
+                # `rest` is still running inside `work` until the cancellation lands; closing it before that
+                # raised "aclose(): asynchronous generator is already running" (a 500 and a traceback).
+                await asyncio.wait({work})
             await rest.aclose()
         if work.cancelled():
             return Response(status_code=499)
