@@ -32,6 +32,9 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.prefix_hits = 0  # tokens served from the cache, for metrics
         self.prefix_queries = 0
+        # (block, hash) sealed / (block, None) recycled since the last take_index_updates():
+        # the engine mirrors them into the sealed-block index in the kv pool.
+        self.index_updates: list[tuple[int, bytes | None]] = []
 
     @property
     def num_free(self) -> int:
@@ -56,6 +59,7 @@ class BlockManager:
             if self.by_hash.get(h) == block:
                 del self.by_hash[h]
             self.hash_of[block] = None
+            self.index_updates.append((block, None))
         self.refs[block] = 1
         return block
 
@@ -107,7 +111,23 @@ class BlockManager:
                 self.hash_of[block] = h
                 self.by_hash[h] = block
                 sealed.append((block, h))
+        self.index_updates += sealed
         return sealed
+
+    def take_index_updates(self) -> list[tuple[int, bytes | None]]:
+        updates, self.index_updates = self.index_updates, []
+        return updates
+
+    def restore(self, sealed: dict[int, bytes]) -> int:
+        """Adopt a previous owner's sealed blocks as cached prefixes; returns how many."""
+        restored = 0
+        for block, h in sealed.items():
+            if 0 < block < self.num_blocks and self.refs[block] == 0 and h not in self.by_hash:
+                self.hash_of[block] = h
+                self.by_hash[h] = block
+                self.free.move_to_end(block)  # cached: reused after blocks that hold nothing
+                restored += 1
+        return restored
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's blocks; sealed ones stay cached until their memory is reused."""

@@ -89,6 +89,10 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def adopt_prefix_cache(self) -> int:
+        """After adopting a kv pool: its sealed blocks become our cached prefixes."""
+        return self.blocks.restore(self.kv.read_index())
+
     def enable_cuda_graphs(self) -> None:
         """Capture decode steps as CUDA graphs (CUDA only; the attention must be graph-safe)."""
         from .cuda_graphs import DecodeGraphs
@@ -101,6 +105,7 @@ class LLMEngine:
     # -- one step -------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
+        self.kv.write_index(self.blocks.take_index_updates())  # recycled blocks leave the index first
         if not batch:
             return []
         self.steps += 1
@@ -153,6 +158,7 @@ class LLMEngine:
                 self.prompt_tokens_computed += min(n, len(seq.prompt) - seq.num_computed)
             seq.num_computed += n
             self.blocks.seal(seq)
+        self.kv.write_index(self.blocks.take_index_updates())  # after this step's K/V writes
         outputs = []
         for i, token in zip(sample_rows, sampled):
             seq = batch[i][0]

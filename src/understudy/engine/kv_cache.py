@@ -1,20 +1,36 @@
-"""The paged KV cache: one contiguous byte range, carved into per-layer K and V blocks.
+"""The paged KV cache: one reserved address range, carved into per-layer K and V blocks.
 
 The bytes come from the memory service's `kv` pool, so they outlive the engine
 process: the next owner (a promoted shadow) adopts the same physical blocks at
-its own addresses, cached prefixes included. Without a memory service (tests,
-a throwaway engine) they come from a plain torch allocation.
+its own addresses, cached prefixes included. Behind the K/V bytes lies the
+*sealed-block index* (16 bytes per block: the block's prefix hash, zeros when
+the block holds nothing complete), which the next owner reads to rebuild its
+prefix cache.
+
+A shadow, before it owns the pool, backs its range with one small scratch
+chunk mapped over and over, so that warm-up and CUDA-graph capture run at the
+very addresses the real blocks will have. Without a memory service (tests, a
+throwaway engine) the bytes come from a plain torch allocation.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..logs import log
 from ..memory import MemoryClient
+from ..memory.backend import Backend
 from ..memory.tensors import dtype_name, dtype_of
 from .config import ModelConfig
+
+logger = logging.getLogger("understudy.engine.kv_cache")
+
+INDEX_ENTRY = 16  # bytes per block: a BLAKE2b-128 prefix hash
+SCRATCH_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -33,13 +49,18 @@ class KVSpec:
 
     @property
     def nbytes(self) -> int:
+        """K/V bytes (without the index)."""
         return self.num_layers * 2 * self.num_blocks * self.block_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.nbytes + self.num_blocks * INDEX_ENTRY
 
     @classmethod
     def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> "KVSpec":
         one = cls(config.num_hidden_layers, 1, block_size, config.num_key_value_heads, config.head_dim,
                   dtype_name(dtype))
-        num_blocks = budget_bytes // one.nbytes
+        num_blocks = budget_bytes // (one.nbytes + INDEX_ENTRY)
         if num_blocks < 2:  # block 0 is reserved (see BlockManager)
             raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {one.nbytes} bytes")
         return cls(**{**asdict(one), "num_blocks": int(num_blocks)})
@@ -56,7 +77,7 @@ def kv_views(raw: torch.Tensor, spec: KVSpec) -> KVCaches:
 
 
 class KVCache:
-    """The engine's KV bytes and its views; `adopted` says if they came from a previous owner."""
+    """The engine's KV bytes, views and sealed-block index."""
 
     def __init__(self, spec: KVSpec, raw: torch.Tensor, client: MemoryClient | None = None, adopted: bool = False):
         self.spec = spec
@@ -64,24 +85,84 @@ class KVCache:
         self.client = client
         self.adopted = adopted
         self.layers = kv_views(raw, spec)
+        self.index = raw[spec.nbytes: spec.total_bytes].view(spec.num_blocks, INDEX_ENTRY)
+        self._scratch: tuple[Backend, int, int, list[tuple[int, int]]] | None = None
+
+    @property
+    def is_scratch(self) -> bool:
+        return self._scratch is not None
 
     @classmethod
     def local(cls, spec: KVSpec, device: torch.device | str) -> "KVCache":
-        return cls(spec, torch.zeros(spec.nbytes, dtype=torch.uint8, device=device))
+        return cls(spec, torch.zeros(spec.total_bytes, dtype=torch.uint8, device=device))
 
     @classmethod
     def from_memory_service(cls, socket_path: str, spec: KVSpec, timeout: float = 60.0,
                             name: str = "engine") -> "KVCache":
         """Own the device's kv pool: adopt its blocks if they have our layout, else start afresh."""
         client = MemoryClient(socket_path, "kv", "rw", timeout=timeout, name=name)
+        backend = client.backend
+        size = backend.round_up(spec.total_bytes)
+        va = backend.reserve(size)
+        cache = cls(spec, backend.tensor(va, spec.total_bytes))
+        cache._take_pool(client, va, timeout)
+        return cache
+
+    @classmethod
+    def scratch(cls, backend: Backend, spec: KVSpec, chunk: int = SCRATCH_CHUNK) -> "KVCache":
+        """A reserved range backed by one small chunk mapped repeatedly (a parked shadow's KV)."""
+        size = backend.round_up(spec.total_bytes)
+        chunk = min(backend.round_up(chunk), size)
+        va = backend.reserve(size)
+        handle, fd = backend.create(chunk)
+        pieces = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
+        for off, n in pieces:
+            backend.map(va + off, n, fd, 0, readonly=False)
+        cache = cls(spec, backend.tensor(va, spec.total_bytes))
+        cache._scratch = (backend, handle, fd, pieces)
+        return cache
+
+    def adopt(self, socket_path: str, timeout: float = 60.0, name: str = "engine") -> float:
+        """Promotion: swap the scratch mapping for the kv pool's blocks at the same addresses.
+
+        Returns the seconds it took (the lock wait included)."""
+        assert self._scratch is not None, "only a scratch cache adopts"
+        t0 = time.perf_counter()
+        client = MemoryClient(socket_path, "kv", "rw", timeout=timeout, name=name)
+        backend, handle, fd, pieces = self._scratch
+        va = self.raw.data_ptr()
+        for off, n in pieces:
+            backend.unmap(va + off, n)
+        self._scratch = None
+        backend.release(handle, fd)
+        self._take_pool(client, va, timeout)
+        return time.perf_counter() - t0
+
+    def _take_pool(self, client: MemoryClient, va: int, timeout: float) -> None:
+        spec = self.spec
         layout = client.layout
-        adopt = layout.extra.get("kv_spec") == asdict(spec) and len(layout.sizes) == 1
-        if adopt:
-            client.map_all()
+        self.adopted = layout.extra.get("kv_spec") == asdict(spec) and len(layout.sizes) == 1
+        if self.adopted:
+            client.map_all(base=va)
         else:
             if layout.sizes:
                 client.reset()  # another model's or shape's cache: its contents mean nothing to us
-            client.allocate(spec.nbytes, timeout=timeout)
+            client.allocate(spec.total_bytes, timeout=timeout, at=va)
+            self.index.zero_()  # a fresh pool holds no complete block
             client.set_metadata(extra={"kv_spec": asdict(spec)}, replace=True)
-        m = client.mappings[0]
-        return cls(spec, client.backend.tensor(m.va, spec.nbytes), client, adopted=adopt)
+        self.client = client
+        log(logger, "kv_cache_ready", adopted=self.adopted, blocks=spec.num_blocks, bytes=spec.total_bytes)
+
+    def read_index(self) -> dict[int, bytes]:
+        """Sealed blocks recorded by the previous owner: block -> prefix hash."""
+        entries = self.index.cpu().numpy()
+        nonzero = entries.any(axis=1)
+        return {int(b): entries[b].tobytes() for b in nonzero.nonzero()[0] if b != 0}
+
+    def write_index(self, updates: list[tuple[int, bytes | None]]) -> None:
+        """Record sealed (hash) and recycled (None) blocks; stream-ordered after the K/V writes."""
+        if not updates:
+            return
+        blocks = torch.tensor([b for b, _ in updates], dtype=torch.long)
+        values = torch.tensor([list(h) if h else [0] * INDEX_ENTRY for _, h in updates], dtype=torch.uint8)
+        self.index.index_copy_(0, blocks.to(self.index.device), values.to(self.index.device))

@@ -126,20 +126,22 @@ class MemoryClient:
         return reply, fds
 
     # -- requests ------------------------------------------------------------
-    def allocate(self, size: int, timeout: float = 30.0) -> Mapping:
-        """A new allocation (rw sessions), mapped read-write in a range of its own."""
+    def allocate(self, size: int, timeout: float = 30.0, at: int | None = None) -> Mapping:
+        """A new allocation (rw sessions), mapped read-write in a range of its own,
+        or at `at`, inside a range the caller reserved."""
         reply, fds = self._call(p.Allocate(size, timeout), p.Allocated, wait=timeout)
         try:
-            va = self._backend.reserve(reply.size)
+            va = self._backend.reserve(reply.size) if at is None else at
             try:
                 self._backend.map(va, reply.size, fds[0], 0, readonly=False)
             except BaseException:
-                self._backend.free_reservation(va, reply.size)
+                if at is None:
+                    self._backend.free_reservation(va, reply.size)
                 raise
         finally:
             for fd in fds:
                 os.close(fd)
-        m = Mapping(reply.index, reply.size, va, readonly=False)
+        m = Mapping(reply.index, reply.size, va, readonly=False, owns_range=at is None)
         self.mappings[reply.index] = m
         self.layout = self.get_layout()
         self.mapped_hash = self.layout.hash

@@ -366,6 +366,7 @@ class Pool:
             "bytes": sum(layout.sizes) if layout else 0,
             "tensors": len(layout.tensors) if layout else 0,
             "layout_hash": layout.hash if layout else None,
+            "extra": layout.extra if layout else {},
             "committed_hash": self.committed.layout().hash if self.committed and self.name == "weights" else None,
         }
 
