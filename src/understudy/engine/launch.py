@@ -28,7 +28,9 @@ from . import weights
 from .async_engine import AsyncEngine
 from .default_model import default_model_path
 from .engine import EngineLimits, LLMEngine
+from ..failover.lock import FailoverLock, LockHeld
 from .kv_cache import KVCache, KVSpec
+from .lifecycle import Lifecycle
 from .loader import load_config
 from .server import Worker, create_app
 from .tokenizer import Tokenizer
@@ -42,6 +44,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Built:
     worker: Worker
     memory_server: subprocess.Popen | None
+    lock: FailoverLock
+    socket_path: str
 
 
 def _pdeathsig() -> None:
@@ -90,6 +94,13 @@ def build(args: argparse.Namespace) -> Built:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
     path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
+    lock = FailoverLock.for_device(args.failover_dir or Path(path).parent, Path(path).stem.removeprefix("memory-"))
+    if args.role == "primary":
+        try:
+            lock.try_acquire()
+        except LockHeld as e:
+            raise SystemExit(f"understudy serve: {e}: another engine is active on this device; "
+                             f"start this one with --role shadow") from None
     t0 = time.perf_counter()
     attention_fn = None
     if args.attention == "triton" or (args.attention == "auto" and use_cuda):
@@ -105,7 +116,13 @@ def build(args: argparse.Namespace) -> Built:
     else:
         budget = 512 << 20
     spec = KVSpec.for_budget(config, budget, args.block_size, dtype)
-    kv = KVCache.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
+    if args.role == "primary":
+        kv = KVCache.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
+    else:
+        # Park on the active engine's KV shape (it is in the pool's metadata) at our own addresses.
+        pooled = read_status(path)["pools"]["kv"]["extra"].get("kv_spec")
+        spec = KVSpec(**pooled) if pooled else spec
+        kv = KVCache.scratch(weights_client.backend, spec)
     tokenizer = Tokenizer.from_pretrained(model_path)
     eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -116,13 +133,38 @@ def build(args: argparse.Namespace) -> Built:
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
         engine.enable_cuda_graphs()
     name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
-    info = {"weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
+    info = {"role": args.role, "weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
             "backend": backend, "pid": os.getpid()}
     worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
-                    max_request_bytes=args.max_request_bytes, info=info, holds=[weights_client, kv])
+                    max_request_bytes=args.max_request_bytes, info=info, holds=[weights_client, kv, lock],
+                    lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
+                    standby_wait=args.standby_wait)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
         max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, **info)
-    return Built(worker, mem_proc)
+    return Built(worker, mem_proc, lock, path)
+
+
+def park_and_promote(built: Built) -> None:
+    """A shadow's life: wait on the failover lock, then take over the KV cache and serve."""
+    worker = built.worker
+    engine = worker.engine.engine
+    log(logger, "waiting_for_failover_lock", lock=str(built.lock.path), holder=built.lock.holder())
+    built.lock.acquire()  # the kernel wakes us the moment the active engine's process dies
+    t0 = time.perf_counter()
+    worker.lifecycle.set("WAKING")
+    try:
+        kv_s = engine.kv.adopt(built.socket_path, name=f"engine-{os.getpid()}")
+        restored = engine.adopt_prefix_cache()
+    except Exception:
+        logger.exception("promotion_failed")
+        worker.lifecycle.set("DEAD")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    worker.info["kv_adopted"] = engine.kv.adopted
+    worker.lifecycle.failovers += 1
+    worker.lifecycle.last_switch_s = time.perf_counter() - t0
+    worker.lifecycle.set("ACTIVE", switch_s=round(worker.lifecycle.last_switch_s, 4), kv_s=round(kv_s, 4),
+                         restored_blocks=restored)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -133,12 +175,18 @@ def serve(args: argparse.Namespace) -> int:
 
     @app.on_event("startup")
     async def _start_engine():
+        import asyncio
+        import threading
+
+        built.worker.lifecycle.bind(asyncio.get_running_loop())
         built.worker.engine.start()
-        log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name)
+        if built.worker.state == "STANDBY":
+            threading.Thread(target=park_and_promote, args=(built,), name="promotion", daemon=True).start()
+        log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name,
+            state=built.worker.state)
 
     @app.on_event("shutdown")
     async def _stop_engine():
-        built.worker.state = "DRAINING"
         built.worker.engine.stop()
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
@@ -148,8 +196,14 @@ def serve(args: argparse.Namespace) -> int:
     # graceful shutdown uvicorn re-raises the signal it caught under the handler that was there before it;
     # with the default one, SIGTERM killed us (exit -15) after the drain, skipping the cleanup below. Our
     # handler only asks uvicorn to stop, so a drained shutdown exits 0.
+    def _drain(*_):
+        if built.worker.state not in ("DRAINING", "DEAD"):
+            built.worker.lifecycle.set("DRAINING")
+        built.lock.release()  # a shadow may start waking while we finish in-flight requests
+        server.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        signal.signal(sig, _drain)
     server.run()
     if built.memory_server is not None:
         built.memory_server.terminate()

@@ -22,6 +22,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "auto picks triton on CUDA")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's, at most 32768)")
+    g = p.add_argument_group("failover")
+    g.add_argument("--role", choices=["primary", "shadow"], default="primary",
+                   help="primary: take the device's failover lock and serve; shadow: import the weights, park "
+                        "(STANDBY, not routable) on the lock and take over the KV cache when the active engine "
+                        "dies (default: primary)")
+    g.add_argument("--failover-dir", default=None,
+                   help="directory of the failover lock files (default: the memory service's socket directory)")
+    g.add_argument("--standby-wait", type=float, default=30.0,
+                   help="seconds a request sent to a standby engine waits for it to become active before a 503 "
+                        "(default: 30)")
     g = p.add_argument_group("device and memory service")
     g.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
                    help="memory backend: cuda (GPU) or host (CPU); auto picks cuda when a GPU is visible")

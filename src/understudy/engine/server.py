@@ -19,11 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .api import ChatCompletionRequest, CompletionRequest, TokenGenerateRequest, error
 from .async_engine import AsyncEngine
+from .lifecycle import STATES, Lifecycle
 from .scheduler import QueueFull
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -42,14 +43,23 @@ class Worker:
     max_model_len: int
     default_max_tokens: int = 256
     max_request_bytes: int = 4 << 20
-    state: str = "ACTIVE"  # INIT, STANDBY, WAKING, ACTIVE, DRAINING, DEAD
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle("ACTIVE"))
+    standby_wait: float = 30.0  # seconds a request sent to a standby waits for it to become active
     info: dict[str, Any] = field(default_factory=dict)
     holds: list[Any] = field(default_factory=list)  # e.g. the weights session: kept open while we serve
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def state(self) -> str:
+        return self.lifecycle.state
+
+    @property
     def routable(self) -> bool:
         return self.state == "ACTIVE"
+
+
+class NotActive(RuntimeError):
+    """The engine did not become active within the wait (a parked shadow, or draining)."""
 
 
 class StopMatcher:
@@ -113,9 +123,23 @@ class _EngineCollector(Collector):
             g.add_metric([], value)
             yield g
         state = GaugeMetricFamily("understudy_engine_state", "1 for the engine's lifecycle state", labels=["state"])
-        for s in ("INIT", "STANDBY", "WAKING", "ACTIVE", "DRAINING", "DEAD"):
+        for s in STATES:
             state.add_metric([s], 1.0 if self.worker.state == s else 0.0)
         yield state
+        life = self.worker.lifecycle
+        transitions = CounterMetricFamily("understudy_engine_state_transitions", "Lifecycle transitions",
+                                          labels=["from", "to"])
+        for (old, new), n in sorted(life.transitions.items()):
+            transitions.add_metric([old, new], n)
+        yield transitions
+        failovers = CounterMetricFamily("understudy_engine_failovers", "Promotions of this engine to active")
+        failovers.add_metric([], life.failovers)
+        yield failovers
+        if life.last_switch_s is not None:
+            switch = GaugeMetricFamily("understudy_engine_last_switch_seconds",
+                                       "Failover lock acquired -> serving, on the last promotion")
+            switch.add_metric([], life.last_switch_s)
+            yield switch
 
 
 def _sse(obj: Any) -> str:
@@ -193,6 +217,7 @@ def create_app(worker: Worker) -> FastAPI:
     @app.get("/health")
     async def health():
         body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING") else "unavailable",
+                "failovers": worker.lifecycle.failovers, "last_switch_s": worker.lifecycle.last_switch_s,
                 "state": worker.state, "routable": worker.routable, "model": worker.model_name,
                 "running": len(worker.engine.engine.scheduler.running),
                 "waiting": len(worker.engine.engine.scheduler.waiting),
@@ -268,9 +293,16 @@ def create_app(worker: Worker) -> FastAPI:
         finally:
             await tokens.aclose()
 
+    async def _admit(params, prompt_len: int) -> None:
+        """Hold a request until the engine is active (bounded), then check it can ever run."""
+        if not await worker.lifecycle.wait_active(worker.standby_wait):
+            raise NotActive(f"engine is {worker.state}, not active")
+        params.validate()
+        worker.engine.engine.scheduler.check_fits(prompt_len, params.max_tokens)
+
     async def _start(prompt: list[int], params, endpoint: str):
         """Validate against the engine before answering 200: returns (first item, rest) or an error."""
-        params.validate()
+        await _admit(params, len(prompt))
         worker.engine.engine.scheduler.check_fits(len(prompt), params.max_tokens)
         stream = _text(prompt, params, endpoint)
         try:
@@ -284,6 +316,8 @@ def create_app(worker: Worker) -> FastAPI:
                         render_chunk, render_final, include_usage: bool):
         try:
             first, rest = await _start(prompt, params, endpoint)
+        except NotActive as e:
+            return error(503, str(e), type_="unavailable_error", headers={"Retry-After": "1"})
         except QueueFull as e:
             return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
         except ValueError as e:
@@ -387,10 +421,11 @@ def create_app(worker: Worker) -> FastAPI:
         """Token ids in, newline-delimited JSON out: {"token_ids": [...], "finish_reason": ...} per step."""
         params = body.params()
         try:
-            params.validate()
-            worker.engine.engine.scheduler.check_fits(len(body.token_ids), params.max_tokens)
+            await _admit(params, len(body.token_ids))
             stream = _tokens(body.token_ids, params, "tokens")
             first = await stream.__anext__()
+        except NotActive as e:
+            return error(503, str(e), type_="unavailable_error", headers={"Retry-After": "1"})
         except QueueFull as e:
             return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
         except ValueError as e:

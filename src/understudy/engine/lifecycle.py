@@ -1,0 +1,61 @@
+"""An engine's lifecycle: INIT -> STANDBY (parked shadow) -> WAKING -> ACTIVE -> DRAINING / DEAD.
+
+Every transition is logged and counted; requests wait for ACTIVE (bounded)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+from ..logs import log
+
+logger = logging.getLogger("understudy.engine.lifecycle")
+
+STATES = ("INIT", "STANDBY", "WAKING", "ACTIVE", "DRAINING", "DEAD")
+
+
+class Lifecycle:
+    def __init__(self, state: str = "INIT"):
+        self.state = state
+        self.since = time.monotonic()
+        self.transitions: Counter[tuple[str, str]] = Counter()
+        self.failovers = 0
+        self.last_switch_s: float | None = None  # lock acquired -> serving, on the last promotion
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._active: asyncio.Event | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the HTTP server's loop, so requests can await ACTIVE."""
+        self._loop = loop
+        self._active = asyncio.Event()
+        if self.state == "ACTIVE":
+            self._active.set()
+
+    def set(self, state: str, **fields) -> None:
+        """Thread-safe: the promotion runs on its own thread."""
+        assert state in STATES, state
+        old, self.state = self.state, state
+        self.transitions[(old, state)] += 1
+        log(logger, "state", old=old, new=state, after_s=round(time.monotonic() - self.since, 4), **fields)
+        self.since = time.monotonic()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._sync_event)
+
+    def _sync_event(self) -> None:
+        if self.state == "ACTIVE":
+            self._active.set()
+        else:
+            self._active.clear()
+
+    async def wait_active(self, timeout: float) -> bool:
+        if self.state == "ACTIVE":
+            return True
+        if self.state in ("DRAINING", "DEAD") or self._active is None:
+            return False
+        try:
+            await asyncio.wait_for(self._active.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return self.state == "ACTIVE"

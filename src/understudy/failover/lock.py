@@ -1,0 +1,70 @@
+"""The promotion lock: `flock` on a file shared by the engines of a device.
+
+The active engine holds it for its whole life. Shadows block in flock(LOCK_EX)
+(a kernel wait, not a polling loop); when the holder dies, however it dies,
+the kernel releases its lock and wakes the next waiter at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock."""
+
+
+class FailoverLock:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @classmethod
+    def for_device(cls, directory: str | os.PathLike, identity: str) -> "FailoverLock":
+        Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(Path(directory) / f"failover-{identity}.lock")
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def try_acquire(self) -> None:
+        """Take the lock now or raise LockHeld (the primary's way in)."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockHeld(f"the failover lock {self.path} is held by pid {self.holder()}") from None
+        self._took(fd)
+
+    def acquire(self) -> None:
+        """Block until the lock is ours (a shadow parks here)."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._took(fd)
+
+    def _took(self, fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
