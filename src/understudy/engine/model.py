@@ -5,6 +5,12 @@ The families differ only in details that ModelConfig turns into flags:
   explicit head_dim.  Llama 3.1: "llama3" RoPE frequency scaling.
 Module names equal the Hugging Face checkpoint names, so weights load by name.
 
+The elementwise work between the matmuls goes through fused.py: on CUDA each of
+(residual add +) RMSNorm, RoPE of q and k, and SiLU(gate)*up is one Triton kernel;
+elsewhere it is the plain-torch reference, op for op what transformers does. The
+residual stream is carried beside the hidden states (vLLM-style) so that each
+residual add is fused into the next norm.
+
 The model owns no KV cache: the caller passes one (k_cache, v_cache) pair per
 layer, in memory it owns, and the model only writes into those tensors. Build
 the model on the meta device and attach weights with `load_weights` (or
@@ -20,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .attention import AttentionFn, AttentionMetadata, reference_attention
 from .config import ModelConfig
+from .fused import rope_cos_sin, rotate_half
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
 
@@ -32,13 +40,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalize in fp32 and scale after casting back, exactly as transformers does,
-        # so greedy outputs match it token for token.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x); or, given the residual stream, (norm(residual + x), residual + x).
+
+        Normalizes in fp32 and scales after casting back, exactly as transformers does,
+        so greedy outputs match it token for token (fused.rms_norm_ref).
+        """
+        if residual is None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -69,7 +79,7 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for arbitrary (not necessarily contiguous) positions of a flat batch.
+    """The rotation frequencies, per device; the rotation itself is fused.apply_rope.
 
     The frequencies are a plain attribute, not a buffer: the model is built on the
     meta device and a buffer would stay there, since checkpoints don't carry it.
@@ -80,23 +90,24 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq = rope_inv_freq(config)
         self._per_device: dict[torch.device, Tensor] = {}
 
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        inv_freq = self._per_device.get(positions.device)
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """[head_dim/2] fp32 on `device` (copied there once, before any graph capture)."""
+        inv_freq = self._per_device.get(device)
         if inv_freq is None:
-            inv_freq = self._per_device[positions.device] = self._inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim], broadcast over heads
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+            inv_freq = self._per_device[device] = self._inv_freq.to(device)
+        return inv_freq
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin [T, 1, head_dim] for arbitrary positions of a flat batch (the unfused form)."""
+        return rope_cos_sin(positions, self.inv_freq(positions.device), dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+_rotate_half = rotate_half
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # HF layout: the two halves of each head form the rotated pairs (not interleaved pairs).
-    return x * cos + _rotate_half(x) * sin
+    return fused.rope_with_cos_sin(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -117,14 +128,15 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache) -> Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = fused.apply_rope(q, k, positions, inv_freq)
         out = self.attention_fn(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(T, -1))
 
@@ -138,7 +150,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -149,9 +161,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, inv_freq: Tensor,
+                meta: AttentionMetadata, kv_cache: KVCache) -> tuple[Tensor, Tensor]:
+        """(x, residual) -> (mlp output, residual stream before it); the hidden state is their sum.
+
+        residual None (the first layer) means x is the whole hidden state. Each residual
+        add happens inside the following norm, so a layer is: add+norm, q/k/v, RoPE,
+        attention, o_proj, add+norm, gate/up, SiLU*mul, down.
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, inv_freq, meta, kv_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -168,10 +192,12 @@ class DecoderModel(nn.Module):
         self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVCache]
     ) -> Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, x.dtype)  # shared by all layers
+        inv_freq = self.rotary_emb.inv_freq(positions.device)  # shared by all layers
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, meta, kv_cache)
-        return x  # final norm is applied only to the rows that need logits
+            x, residual = layer(x, residual, positions, inv_freq, meta, kv_cache)
+        # final norm is applied only to the rows that need logits
+        return x if residual is None else residual + x
 
 
 class CausalLM(nn.Module):

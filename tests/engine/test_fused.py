@@ -1,0 +1,322 @@
+"""fused.py: the reference path against transformers, the Triton kernels against the reference.
+
+Three groups:
+  * reference (CPU): bit-for-bit what transformers computes; dispatch keeps CPU tensors there;
+    the module imports and runs without Triton.
+  * interpreter (CPU): the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (skipped
+    when Triton is not installed). The interpreter rounds fp32->bf16 by truncation, not to
+    nearest even as the GPU does, so bf16 gets a one-ulp tolerance here.
+  * cuda: the compiled kernels against the reference, and inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from understudy.engine import fused
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Tolerances of the Triton path against the reference: fp32 differs only in the order of
+# the sum (and RoPE rounds once instead of four times), the half types by about an ulp.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _inv_freq(head_dim: int, theta: float = 500000.0) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def _rope_truth(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE in fp64 from the same fp32 angles (what the kernel approximates with one rounding)."""
+    ang = (positions.float()[:, None] * inv_freq.float()[None, :]).double()
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x = x.double()
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# reference path (CPU)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_is_transformers_bit_for_bit(dtype):
+    from transformers.models.llama import modeling_llama as hf
+
+    torch.manual_seed(0)
+    T, H, D, hidden = 5, 4, 16, 64
+    x = torch.randn(T, hidden, dtype=dtype)
+    r = torch.randn(T, hidden, dtype=dtype)
+    norm = hf.LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(hidden, dtype=dtype)
+    assert torch.equal(fused.rms_norm(x, norm.weight.data, 1e-5), norm(x))
+    normed, res = fused.add_rms_norm(x, r, norm.weight.data, 1e-5)
+    assert torch.equal(res, r + x) and torch.equal(normed, norm(r + x))
+
+    q, k = torch.randn(T, H, D, dtype=dtype), torch.randn(T, 2, D, dtype=dtype)
+    positions = torch.tensor([0, 1, 7, 300, 4095])
+    inv_freq = _inv_freq(D, 10000.0)
+    # transformers: cos/sin [1, T, D] from the batched matmul, applied to [1, H, T, D]
+    freqs = (inv_freq[None, :, None] @ positions.float()[None, None, :]).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    hq, hk = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    oq, ok = fused.apply_rope(q, k, positions, inv_freq)
+    assert torch.equal(oq, hq[0].transpose(0, 1)) and torch.equal(ok, hk[0].transpose(0, 1))
+
+    g, u = torch.randn(T, 96, dtype=dtype), torch.randn(T, 96, dtype=dtype)
+    assert torch.equal(fused.silu_and_mul(g, u), torch.nn.functional.silu(g) * u)
+
+
+def test_cpu_tensors_never_reach_triton(monkeypatch):
+    def boom(*_a, **_k):
+        raise AssertionError("Triton path taken for a CPU tensor")
+
+    for name in ("_rms_norm_triton", "_add_rms_norm_triton", "_apply_rope_triton", "_silu_and_mul_triton"):
+        monkeypatch.setattr(fused, name, boom)
+    x = torch.randn(2, 8)
+    fused.rms_norm(x, torch.ones(8), 1e-6)
+    fused.add_rms_norm(x, x, torch.ones(8), 1e-6)
+    fused.apply_rope(torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.arange(2), _inv_freq(8))
+    fused.silu_and_mul(x, x)
+
+
+def test_engine_imports_and_runs_without_triton():
+    src = Path(__file__).resolve().parents[2] / "src"
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any `import triton` now raises ImportError
+        f"sys.path.insert(0, {str(src)!r})\n"
+        "import torch\n"
+        "from understudy.engine import fused, model\n"
+        "assert not fused.triton_available()\n"
+        "x = torch.randn(3, 8)\n"
+        "assert fused.rms_norm(x, torch.ones(8), 1e-6).shape == (3, 8)\n"
+        "assert fused.silu_and_mul(x, x).shape == (3, 8)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels in the interpreter (CPU)
+# ------------------------------------------------------------------------------------------
+
+
+# The interpreter must be on before Triton is first imported (its own library functions,
+# tl.sum say, are decorated then), so these run in a child pytest started with
+# TRITON_INTERPRET=1; in the parent they are skipped and one test runs the child.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def test_triton_kernels_in_the_interpreter():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if INTERPRETING:
+        pytest.skip("this is the child run")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__).relative_to(root)), "-q", "-k", "interpreted",
+         "-p", "no:cacheprovider", "-p", "no:randomly"],
+        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """fused's Triton launchers on CPU tensors, with the kernels interpreted."""
+    if not INTERPRETING:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_kernels_in_the_interpreter")
+    from understudy.engine import _fused_kernels
+
+    monkeypatch.setattr(fused, "_KERNELS", _fused_kernels)
+    return _fused_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 4096), (3, 4096), (7, 96), (40, 128), (5, 80)])
+def test_interpreted_rms_norm(interpreted, dtype, rows, cols):
+    torch.manual_seed(rows * cols)
+    x = torch.randn(rows, cols, dtype=dtype) * 3
+    r = torch.randn(rows, cols, dtype=dtype)
+    w = torch.randn(cols, dtype=dtype)
+    torch.testing.assert_close(fused._rms_norm_triton(x, w, 1e-6), fused.rms_norm_ref(x, w, 1e-6), **TOL[dtype])
+    normed, res = fused._add_rms_norm_triton(x, r, w, 1e-6)
+    ref_normed, ref_res = fused.add_rms_norm_ref(x, r, w, 1e-6)
+    torch.testing.assert_close(res, ref_res, **TOL[dtype])
+    if dtype != torch.bfloat16:  # the interpreter's bf16 rounding is not the GPU's
+        assert torch.equal(res, ref_res)
+    torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
+
+
+def test_interpreted_rms_norm_over_heads(interpreted):
+    # Qwen3's q_norm/k_norm: [T, heads, head_dim], normalized per head.
+    x = torch.randn(3, 5, 32)
+    w = torch.randn(32)
+    out = fused._rms_norm_triton(x, w, 1e-6)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, fused.rms_norm_ref(x, w, 1e-6), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,hq,hkv,D", [(1, 32, 8, 128), (5, 8, 2, 64), (3, 4, 4, 16), (2, 6, 2, 80)])
+def test_interpreted_rope(interpreted, dtype, T, hq, hkv, D):
+    torch.manual_seed(T * D)
+    q = torch.randn(T, hq, D, dtype=dtype)
+    k = torch.randn(T, hkv, D, dtype=dtype)
+    positions = torch.randint(0, 131072, (T,))
+    positions[0] = 0
+    inv_freq = _inv_freq(D)
+    q0, k0 = q.clone(), k.clone()
+    oq, ok = fused._apply_rope_triton(q, k, positions, inv_freq)
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # out of place
+    # against the truth rounded once; the reference rounds cos/sin and each product too
+    torch.testing.assert_close(oq, _rope_truth(q, positions, inv_freq).to(dtype), **TOL[dtype])
+    torch.testing.assert_close(ok, _rope_truth(k, positions, inv_freq).to(dtype), **TOL[dtype])
+    if dtype == torch.float32:
+        rq, rk = fused.apply_rope_ref(q, k, positions, inv_freq)
+        torch.testing.assert_close(oq, rq, **TOL[dtype])
+        torch.testing.assert_close(ok, rk, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 14336), (3, 1000), (7,)])
+def test_interpreted_silu_and_mul(interpreted, dtype, shape):
+    torch.manual_seed(0)
+    g = torch.randn(shape, dtype=dtype) * 4
+    u = torch.randn(shape, dtype=dtype)
+    torch.testing.assert_close(fused._silu_and_mul_triton(g, u), fused.silu_and_mul_ref(g, u), **TOL[dtype])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, hf_model_dir, family):
+    """The whole forward with every fused op on the Triton path (wiring: residual stream, q/k norm)."""
+    from understudy.engine import AttentionMetadata, load_model
+
+    _, path = hf_model_dir(family)
+    model = load_model(path, dtype=torch.float32)
+    prompt = [17, 200, 3, 99, 45, 45, 128]
+    meta = AttentionMetadata.build([len(prompt)], [len(prompt)], [[5, 1]], block_size=4)
+
+    def run():
+        caches = [(torch.zeros(6, 4, 2, model.config.head_dim), torch.zeros(6, 4, 2, model.config.head_dim))
+                  for _ in range(model.config.num_hidden_layers)]
+        logits = model(torch.tensor(prompt), meta.positions(), meta, caches, torch.arange(len(prompt)))
+        return logits, caches
+
+    ref_logits, ref_caches = run()
+    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+    logits, caches = run()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for (k, v), (rk, rv) in zip(caches, ref_caches):
+        torch.testing.assert_close(k, rk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# compiled kernels (CUDA)
+# ------------------------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 4096), (7, 4096), (33, 4096), (5, 5120), (96, 128), (13, 80)])
+def test_cuda_rms_norm(dtype, rows, cols):
+    assert fused._use_triton(torch.empty(1, device="cuda"))
+    torch.manual_seed(rows + cols)
+    x = torch.randn(rows, cols, dtype=dtype, device="cuda") * 3
+    r = torch.randn(rows, cols, dtype=dtype, device="cuda")
+    w = torch.randn(cols, dtype=dtype, device="cuda")
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), fused.rms_norm_ref(x, w, 1e-6), **TOL[dtype])
+    normed, res = fused.add_rms_norm(x, r, w, 1e-6)
+    ref_normed, ref_res = fused.add_rms_norm_ref(x, r, w, 1e-6)
+    assert torch.equal(res, ref_res)  # one rounding of the sum, as torch
+    torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
+    heads = x.view(rows, -1, 64) if cols % 64 == 0 else x.view(rows, 1, cols)  # per-head norm (Qwen3)
+    torch.testing.assert_close(fused.rms_norm(heads, w[: heads.shape[-1]], 1e-6),
+                               fused.rms_norm_ref(heads, w[: heads.shape[-1]], 1e-6), **TOL[dtype])
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,hq,hkv,D", [(1, 32, 8, 128), (7, 32, 8, 128), (33, 16, 2, 64), (3, 12, 4, 64),
+                                        (5, 8, 8, 80), (129, 28, 4, 128)])
+def test_cuda_rope(dtype, T, hq, hkv, D):
+    torch.manual_seed(T * D)
+    q = torch.randn(T, hq, D, dtype=dtype, device="cuda")
+    k = torch.randn(T, hkv, D, dtype=dtype, device="cuda")
+    positions = torch.randint(0, 131072, (T,), device="cuda")
+    positions[0] = 0
+    inv_freq = _inv_freq(D).cuda()
+    oq, ok = fused.apply_rope(q, k, positions, inv_freq)
+    torch.testing.assert_close(oq, _rope_truth(q, positions, inv_freq).to(dtype), **TOL[dtype])
+    torch.testing.assert_close(ok, _rope_truth(k, positions, inv_freq).to(dtype), **TOL[dtype])
+    rq, rk = fused.apply_rope_ref(q, k, positions, inv_freq)
+    loose = dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 2)  # the reference rounds 4 times
+    torch.testing.assert_close(oq, rq, **loose)
+    torch.testing.assert_close(ok, rk, **loose)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 14336), (7, 14336), (33, 11008), (3, 1000)])
+def test_cuda_silu_and_mul(dtype, shape):
+    torch.manual_seed(0)
+    g = torch.randn(shape, dtype=dtype, device="cuda") * 4
+    u = torch.randn(shape, dtype=dtype, device="cuda")
+    torch.testing.assert_close(fused.silu_and_mul(g, u), fused.silu_and_mul_ref(g, u), **TOL[dtype])
+
+
+@cuda_only
+def test_cuda_kernels_replay_in_a_graph():
+    torch.manual_seed(0)
+    dtype, T, hidden, hq, hkv, D = torch.bfloat16, 4, 4096, 32, 8, 128
+    x = torch.randn(T, hidden, dtype=dtype, device="cuda")
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, dtype=dtype, device="cuda")
+    q = torch.randn(T, hq, D, dtype=dtype, device="cuda")
+    k = torch.randn(T, hkv, D, dtype=dtype, device="cuda")
+    pos = torch.arange(T, device="cuda")
+    inv_freq = _inv_freq(D).cuda()
+    g = torch.randn(T, 14336, dtype=dtype, device="cuda")
+    u = torch.randn_like(g)
+
+    def step():
+        return (fused.rms_norm(x, w, 1e-5), *fused.add_rms_norm(x, r, w, 1e-5),
+                *fused.apply_rope(q, k, pos, inv_freq), fused.silu_and_mul(g, u))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in (x, r, q, k, g, u):  # new inputs in place, then replay
+        t.copy_(torch.randn_like(t))
+    pos.copy_(torch.tensor([5, 0, 1000, 77777], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, step()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@cuda_only
+def test_cuda_disabled_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(fused, "_ENABLED", False)
+    assert not fused._use_triton(torch.empty(1, device="cuda"))
+    x = torch.randn(3, 64, device="cuda")
+    assert torch.equal(fused.rms_norm(x, torch.ones(64, device="cuda"), 1e-6),
+                       fused.rms_norm_ref(x, torch.ones(64, device="cuda"), 1e-6))
+
