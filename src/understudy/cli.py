@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 from .logs import setup_logging
 
@@ -86,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
                                     "memory service. With no --model it serves SmolLM2-135M-Instruct.")
     add_serve_arguments(sv)
     _add_logging(sv)
+
+    up = sub.add_parser("up", help="run a node: memory service, an active engine and parked shadows",
+                        description="Run one device's memory service, one active engine and N shadow engines as "
+                                    "child process groups; restart what dies (a dead engine's replacement parks "
+                                    "as the new shadow). Flags after `--` go to every `understudy serve`.",
+                        epilog="example: understudy up --shadows 1 -- --model /models/llama --kv-cache-memory 8GiB")
+    up.add_argument("--shadows", type=int, default=1, help="parked shadow engines (default: 1)")
+    up.add_argument("--port", type=int, default=8000,
+                    help="the first engine's port; engine i listens on port+i (default: 8000)")
+    _add_socket_location(up)
+    up.add_argument("engine_args", nargs=argparse.REMAINDER,
+                    help="after `--`: flags for `understudy serve` (model, KV size, ...)")
+    _add_logging(up)
+
+    ns = sub.add_parser("status", help="show a node's processes, roles and states",
+                        description="Show the processes of a node started with `understudy up`: pids, roles, "
+                                    "ports and each engine's lifecycle state.")
+    ns.add_argument("--socket-dir", default=None,
+                    help="the node's socket directory (default: $UNDERSTUDY_SOCKET_DIR or /tmp/understudy-$UID)")
+    ns.add_argument("--json", action="store_true", help="print the raw status as JSON")
     return parser
 
 
@@ -95,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return _memory_server(args)
     if args.command == "memory-status":
         return _memory_status(args)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "status":
+        return _node_status(args)
     if args.command == "serve":
         from .engine.launch import serve
 
@@ -120,6 +145,42 @@ def _memory_server(args: argparse.Namespace) -> int:
     except ServerError as e:
         print(f"understudy memory-server: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .failover.supervisor import Supervisor
+    from .memory.paths import default_socket_dir
+
+    setup_logging(args.log_format, args.log_level)
+    engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
+    supervisor = Supervisor(socket_dir=Path(args.socket_dir) if args.socket_dir else default_socket_dir(),
+                            backend=args.backend, device=args.device, port=args.port, shadows=args.shadows,
+                            engine_args=engine_args)
+    return supervisor.run()
+
+
+def _node_status(args: argparse.Namespace) -> int:
+    from .failover.supervisor import node_status
+    from .memory.paths import default_socket_dir
+
+    socket_dir = Path(args.socket_dir) if args.socket_dir else default_socket_dir()
+    try:
+        state = node_status(socket_dir)
+    except FileNotFoundError:
+        print(f"understudy status: no node runs with socket dir {socket_dir} (start one with `understudy up`)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"node: supervisor pid {state['supervisor_pid']}, socket dir {state['socket_dir']}")
+    print(f"  {'child':10s} {'pid':>7s} {'alive':5s} {'port':>5s} {'started as':10s} {'state':9s} {'routable':8s} starts")
+    for c in state["children"]:
+        health = c.get("health", {})
+        print(f"  {c['name']:10s} {c['pid'] or '-':>7} {'yes' if c['alive'] else 'no':5s} {c.get('port') or '-':>5} "
+              f"{c.get('role') or '-':10s} {health.get('state', '-'):9s} {str(health.get('routable', '-')):8s} "
+              f"{c['starts']}")
     return 0
 
 
