@@ -1,0 +1,237 @@
+"""Failover on a GPU: an active engine and a parked shadow under steady load, killed 10 times.
+
+Prints, measured in the same run, over the kills:
+  * kill -> shadow active (its lifecycle log line), p50 and max;
+  * kill -> first token served by the shadow (a request already waiting on it), p50 and max;
+  * the longest gap between tokens of in-flight streams (clients resend prompt + tokens so far);
+  * the parked shadow's own GPU memory beyond the shared weights and KV;
+  * a cold restart (new process -> first token) with HF transformers, as users run it today,
+    and with understudy (fresh memory service, weights from disk).
+
+    python bench/failover.py                    # Llama-3-8B shape, 10 kills
+    python bench/failover.py --layers 4 --kills 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import make_checkpoint  # noqa: E402  (bench/engine.py)
+
+PY = [sys.executable, "-m", "understudy"]
+
+
+class Proc:
+    """A child whose JSON log lines are kept; `wait_event` blocks until one matches."""
+
+    def __init__(self, argv: list[str]):
+        self.p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.events: list[dict] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.p.stderr:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(e)
+            self.lines.put(e)
+        self.lines.put(None)
+
+    def wait_event(self, name: str, timeout: float = 600, **fields) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            e = self.lines.get(timeout=max(0.1, deadline - time.time()))
+            if e is None:
+                raise RuntimeError(f"process exited ({self.p.wait()}) before {name}")
+            if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()):
+                return e
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, sig)
+        self.p.wait()
+
+
+def gpu_used_mib() -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def stream(port: int, ids: list[int], max_tokens: int, timeout: float = 600):
+    """Yield token ids from /engine/generate as they arrive."""
+    body = {"token_ids": ids, "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/engine/generate", json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line:
+                msg = json.loads(line)
+                yield from msg["token_ids"]
+
+
+def routable_port(ports: list[int]) -> int:
+    while True:
+        for port in ports:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json().get("routable"):
+                    return port
+            except (httpx.HTTPError, ValueError):
+                pass
+        time.sleep(0.005)  # a client's retry loop; not part of the measured path
+
+
+class LoadClient(threading.Thread):
+    """Runs requests one after another; a broken stream is resent (prompt + tokens so far) elsewhere."""
+
+    def __init__(self, ports: list[int], seed: int, max_tokens: int):
+        super().__init__(daemon=True)
+        self.ports, self.seed, self.max_tokens = ports, seed, max_tokens
+        self.stop = threading.Event()
+        self.gaps: list[float] = []  # longest gap of each request that crossed a kill
+        self.requests = 0
+
+    def run(self) -> None:
+        import random
+
+        rng = random.Random(self.seed)
+        while not self.stop.is_set():
+            prompt = [rng.randrange(1, 120000) for _ in range(64)]
+            got: list[int] = []
+            last, crossed, gap = time.perf_counter(), False, 0.0
+            while len(got) < self.max_tokens and not self.stop.is_set():
+                port = routable_port(self.ports)
+                try:
+                    for tok in stream(port, prompt + got, self.max_tokens - len(got)):
+                        now = time.perf_counter()
+                        gap = max(gap, now - last) if crossed else gap
+                        last = now
+                        got.append(tok)
+                except (httpx.HTTPError, json.JSONDecodeError):
+                    crossed = True
+            if crossed:
+                self.gaps.append(gap)
+            self.requests += 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (steady load)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--kv-cache-memory", default="8GiB")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
+    ckpt = work / "llama3-8b-shape"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / "done").exists():
+        make_checkpoint(ckpt, args.layers)
+        (ckpt / "done").touch()
+    subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)
+    sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
+    engine_args = ["--model", str(ckpt), "--backend", "cuda", "--socket-dir", sock, "--memory-service", "connect",
+                   "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", "16", "--max-model-len", "2048",
+                   "--standby-wait", "600", "--no-progress"]
+    ports = [18100, 18101]
+
+    def engine(port: int, role: str) -> Proc:
+        p = Proc(PY + ["serve", "--port", str(port), "--role", role, *engine_args])
+        p.wait_event("serving")
+        return p
+
+    memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock])
+    memory.wait_event("listening")
+    results: dict = {"kill_to_active_ms": [], "kill_to_first_token_ms": []}
+    try:
+        procs = {ports[0]: engine(ports[0], "primary")}
+        before = gpu_used_mib()
+        procs[ports[1]] = engine(ports[1], "shadow")
+        results["parked_shadow_MiB"] = gpu_used_mib() - before
+        print(f"# parked shadow: {results['parked_shadow_MiB']} MiB of its own GPU memory", flush=True)
+        clients = [LoadClient(ports, seed, 48) for seed in range(args.clients)]
+        for c in clients:
+            c.start()
+        active = ports[0]
+        for k in range(args.kills):
+            standby = ports[1] if active == ports[0] else ports[0]
+            # A request already waiting on the shadow: its first token tells when serving resumed.
+            probe_first: list[float] = []
+            probe = threading.Thread(target=lambda: probe_first.append(
+                (next(stream(standby, [1, 2, 3, 4], 4)), time.time())[1]), daemon=True)
+            probe.start()
+            time.sleep(0.5)  # steady load on the active engine before the kill
+            t_kill = time.time()
+            procs[active].kill()
+            up = procs[standby].wait_event("state", new="ACTIVE")
+            probe.join(timeout=60)
+            results["kill_to_active_ms"].append((up["ts"] - t_kill) * 1e3)
+            results["kill_to_first_token_ms"].append((probe_first[0] - t_kill) * 1e3)
+            print(f"kill {k + 1}: -> active {results['kill_to_active_ms'][-1]:.1f} ms, -> first token "
+                  f"{results['kill_to_first_token_ms'][-1]:.1f} ms (switch {up.get('switch_s', 0) * 1e3:.1f} ms, "
+                  f"restored {up.get('restored_blocks')} cached blocks)", flush=True)
+            procs[active] = engine(active, "shadow")  # the replacement parks as the new shadow
+            active = standby
+        for c in clients:
+            c.stop.set()
+        for c in clients:
+            c.join(timeout=120)
+        gaps = [g for c in clients for g in c.gaps]
+        results["longest_gap_ms"] = max(gaps) * 1e3 if gaps else None
+        results["streams_across_kills"] = len(gaps)
+        for p in procs.values():
+            p.kill(signal.SIGTERM)
+    finally:
+        memory.kill(signal.SIGTERM)
+
+    # Cold restarts, measured the same way as shared/probes/cold_start_baseline.py.
+    code = ("import time; t0=time.time(); import torch; from transformers import AutoModelForCausalLM; "
+            f"m=AutoModelForCausalLM.from_pretrained('{ckpt}', dtype=torch.bfloat16, device_map='cuda'); "
+            "m.generate(torch.tensor([[1,2,3,4]], device='cuda'), max_new_tokens=1, do_sample=False); "
+            "torch.cuda.synchronize(); print('first_token', time.time())")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    results["cold_hf_s"] = float(out.stdout.split("first_token")[-1]) - t0
+    sock2 = tempfile.mkdtemp(prefix="us-", dir="/tmp")
+    t0 = time.time()
+    memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock2])
+    memory.wait_event("listening")
+    cold = Proc(PY + ["serve", "--port", "18102", *[a if a != sock else sock2 for a in engine_args]])
+    cold.wait_event("serving")
+    next(stream(18102, [1, 2, 3, 4], 1))
+    results["cold_understudy_s"] = time.time() - t0
+    cold.kill(signal.SIGTERM)
+    memory.kill(signal.SIGTERM)
+
+    ft, act = results["kill_to_first_token_ms"], results["kill_to_active_ms"]
+    print()
+    print(f"kill -> shadow active:      p50 {statistics.median(act):7.1f} ms   max {max(act):7.1f} ms")
+    print(f"kill -> first token:        p50 {statistics.median(ft):7.1f} ms   max {max(ft):7.1f} ms")
+    print(f"longest gap, in-flight streams: {results['longest_gap_ms']:.1f} ms "
+          f"({results['streams_across_kills']} streams crossed a kill)")
+    print(f"parked shadow GPU memory (own): {results['parked_shadow_MiB']} MiB")
+    print(f"cold restart, HF transformers: {results['cold_hf_s']:.2f} s; understudy (fresh memory service): "
+          f"{results['cold_understudy_s']:.2f} s")
+    print(f"cold restart (HF) / failover first token p50: {results['cold_hf_s'] * 1e3 / statistics.median(ft):.0f}x")
+    print("json", json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
