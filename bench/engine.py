@@ -36,6 +36,7 @@ def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB) -> int:
            "max_position_embeddings": 8192, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
            "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu"}
     (d / "config.json").write_text(json.dumps(cfg))
+    write_byte_tokenizer(d)
     from safetensors.torch import save_file
 
     h, i, kv = 4096, 14336, 8 * 128
@@ -72,6 +73,17 @@ def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB) -> int:
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                 "weight_map": index}))
     return total
+
+
+def write_byte_tokenizer(d: Path) -> None:
+    """A byte-level BPE with no merges: enough for `understudy serve` to start on random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(d / "tokenizer.json"))
 
 
 def bandwidths() -> tuple[float, float]:

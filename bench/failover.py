@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import make_checkpoint  # noqa: E402  (bench/engine.py)
+from engine import make_checkpoint, write_byte_tokenizer  # noqa: E402  (bench/engine.py)
 
 PY = [sys.executable, "-m", "understudy"]
 
@@ -42,6 +42,7 @@ class Proc:
         self.p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         self.events: list[dict] = []
+        self.other: list[str] = []  # non-JSON lines (tracebacks, exit messages)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -49,6 +50,7 @@ class Proc:
             try:
                 e = json.loads(line)
             except ValueError:
+                self.other.append(line)
                 continue
             self.events.append(e)
             self.lines.put(e)
@@ -59,7 +61,7 @@ class Proc:
         while True:
             e = self.lines.get(timeout=max(0.1, deadline - time.time()))
             if e is None:
-                raise RuntimeError(f"process exited ({self.p.wait()}) before {name}")
+                raise RuntimeError(f"process exited ({self.p.wait()}) before {name}:\n" + "".join(self.other[-20:]))
             if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()):
                 return e
 
@@ -145,6 +147,8 @@ def main() -> None:
     if not (ckpt / "done").exists():
         make_checkpoint(ckpt, args.layers)
         (ckpt / "done").touch()
+    if not (ckpt / "tokenizer.json").exists():
+        write_byte_tokenizer(ckpt)
     subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     engine_args = ["--model", str(ckpt), "--backend", "cuda", "--socket-dir", sock, "--memory-service", "connect",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,9 +55,21 @@ def _pieces(jobs: list[tuple[StoredTensor, torch.Tensor]]):
             yield stored, start, min(PIECE, stored.nbytes - start), flat
 
 
-def copy_direct(jobs: list[tuple[StoredTensor, torch.Tensor]], threads: int = 8,
+class Staging:
+    """Per-thread pinned buffers, events and a stream, made before the clock starts."""
+
+    def __init__(self, device: torch.device, threads: int):
+        self.device = device
+        self.free: "queue.SimpleQueue" = queue.SimpleQueue()
+        for _ in range(threads):
+            self.free.put((torch.cuda.Stream(device),
+                           [torch.empty(PIECE, dtype=torch.uint8).pin_memory() for _ in range(2)],
+                           [torch.cuda.Event() for _ in range(2)], [0]))
+
+
+def copy_direct(jobs: list[tuple[StoredTensor, torch.Tensor]], threads: int = 8, staging: Staging | None = None,
                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
-    """Fill each contiguous destination tensor with its stored bytes."""
+    """Fill each contiguous destination tensor with its stored bytes (CUDA destinations need `staging`)."""
     pieces = list(_pieces(jobs))
     if not pieces:
         return
@@ -71,18 +84,16 @@ def copy_direct(jobs: list[tuple[StoredTensor, torch.Tensor]], threads: int = 8,
         if not cuda:
             _pread_into(fd, flat[start:start + n].numpy(), stored.offset + start)
         else:
-            if not hasattr(local, "stream"):
-                local.stream = torch.cuda.Stream(flat.device)
-                local.buffers = [torch.empty(PIECE, dtype=torch.uint8).pin_memory() for _ in range(2)]
-                local.events = [torch.cuda.Event() for _ in range(2)]
-                local.turn = 0
-            i = local.turn
-            local.events[i].synchronize()  # this buffer's previous DMA is done
-            _pread_into(fd, local.buffers[i][:n].numpy(), stored.offset + start)
-            with torch.cuda.stream(local.stream):
-                flat[start:start + n].copy_(local.buffers[i][:n], non_blocking=True)
-                local.events[i].record(local.stream)
-            local.turn = 1 - i
+            if not hasattr(local, "slot"):
+                local.slot = staging.free.get()
+            stream, buffers, events, turn = local.slot
+            i = turn[0]
+            events[i].synchronize()  # this buffer's previous DMA is done
+            _pread_into(fd, buffers[i][:n].numpy(), stored.offset + start)
+            with torch.cuda.stream(stream):
+                flat[start:start + n].copy_(buffers[i][:n], non_blocking=True)
+                events[i].record(stream)
+            turn[0] = 1 - i
         with lock:
             on_bytes(n)
 

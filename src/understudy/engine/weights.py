@@ -22,7 +22,7 @@ from ..logs import log
 from ..memory import MemoryClient, MemoryServiceError, materialize_module, plan_layout, read_status
 from ..memory.tensors import dtype_name
 from .config import ModelConfig
-from .fast_load import StoredTensor, copy_direct, read_header
+from .fast_load import Staging, StoredTensor, copy_direct, read_header
 from .loader import is_gguf, iter_weights, safetensors_files
 from .model import CausalLM
 
@@ -108,10 +108,13 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
     direct, stream = _sources(path, specs, dtype)
     total = sum(t.numel() * dtype.itemsize for t in wanted.values())
     loaded: set[str] = set()
+    threads = 8
+    staging = Staging(device, threads) if device.type == "cuda" and direct else None
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         # Tensors stored in the serving dtype: file -> destination with one copy, in parallel.
-        copy_direct([(stored, client.tensor(name)) for name, stored in direct.items()], on_bytes=bar.update)
+        copy_direct([(stored, client.tensor(name)) for name, stored in direct.items()], threads, staging,
+                    on_bytes=bar.update)
         loaded.update(direct)
         # The rest needs a conversion (or comes from GGUF): one tensor at a time.
         copier = _StagedCopier(device) if device.type == "cuda" else None
