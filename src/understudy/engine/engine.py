@@ -89,6 +89,22 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def warm_up(self, prompt_lens: tuple[int, ...] = (1, 5, 16, 64, 300)) -> None:
+        """Run eager prefills of a few sizes and decodes once, so that the first real requests pay
+        no first-call costs (kernel compilation, library heuristics, allocator growth). The blocks
+        it used are forgotten and the sealed-block index cleared afterwards."""
+        if self.kv.adopted:
+            return  # the blocks hold someone's cache: don't write over it
+        for n in prompt_lens:
+            if self.blocks.blocks_needed(n + 2) <= self.blocks.capacity and n + 2 <= self.scheduler.max_model_len:
+                self.generate([[1] * n, [2] * max(1, n // 2)], SamplingParams(max_tokens=3, temperature=0,
+                                                                              ignore_eos=True))
+        self.blocks = BlockManager(self.kv.spec.num_blocks, self.kv.spec.block_size)
+        self.scheduler.blocks = self.blocks
+        self.kv.index.zero_()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def adopt_prefix_cache(self) -> int:
         """After adopting a kv pool: its sealed blocks become our cached prefixes."""
         return self.blocks.restore(self.kv.read_index())

@@ -129,14 +129,19 @@ class KVCache:
         assert self._scratch is not None, "only a scratch cache adopts"
         t0 = time.perf_counter()
         client = MemoryClient(socket_path, "kv", "rw", timeout=timeout, name=name)
+        t1 = time.perf_counter()
         backend, handle, fd, pieces = self._scratch
         va = self.raw.data_ptr()
         for off, n in pieces:
             backend.unmap(va + off, n)
         self._scratch = None
         backend.release(handle, fd)
+        t2 = time.perf_counter()
         self._take_pool(client, va, timeout)
-        return time.perf_counter() - t0
+        t3 = time.perf_counter()
+        log(logger, "kv_adopt_timing", lock_ms=round((t1 - t0) * 1e3, 3), unmap_scratch_ms=round((t2 - t1) * 1e3, 3),
+            map_pool_ms=round((t3 - t2) * 1e3, 3), scratch_pieces=len(pieces))
+        return t3 - t0
 
     def _take_pool(self, client: MemoryClient, va: int, timeout: float) -> None:
         spec = self.spec

@@ -132,6 +132,7 @@ def build(args: argparse.Namespace) -> Built:
         if attention_fn is None:
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
         engine.enable_cuda_graphs()
+    engine.warm_up()
     name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
     info = {"role": args.role, "weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
             "backend": backend, "pid": os.getpid()}
@@ -182,8 +183,6 @@ def serve(args: argparse.Namespace) -> int:
         built.worker.engine.start()
         if built.worker.state == "STANDBY":
             threading.Thread(target=park_and_promote, args=(built,), name="promotion", daemon=True).start()
-        log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name,
-            state=built.worker.state)
 
     @app.on_event("shutdown")
     async def _stop_engine():
@@ -191,7 +190,18 @@ def serve(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout)
-    server = uvicorn.Server(config)
+    # BUGFIX (tests/failover/test_failover.py::test_kill_active_engine_under_16_streams_and_resume_on_shadow):
+    # "serving" was logged from the app's startup event, which uvicorn runs *before* it binds the listener,
+    # so a client that waited for that line got "connection refused". It is now logged once the socket
+    # accepts connections (and not at all when binding fails).
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if not self.should_exit:
+                log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name,
+                    state=built.worker.state)
+
+    server = _Server(config)
     # BUGFIX (tests/engine/test_engine_http.py::test_sigterm_drains_inflight_stream_then_exits_0): after a
     # graceful shutdown uvicorn re-raises the signal it caught under the handler that was there before it;
     # with the default one, SIGTERM killed us (exit -15) after the drain, skipping the cleanup below. Our
