@@ -104,6 +104,7 @@ class LLMEngine:
         self.kv.index.zero_()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # a parked shadow keeps as little GPU memory of its own as it can
 
     def adopt_prefix_cache(self) -> int:
         """After adopting a kv pool: its sealed blocks become our cached prefixes."""
