@@ -188,13 +188,13 @@ def main() -> None:
             probe.join(timeout=60)
             phases = next((e for e in procs[standby].events if e.get("event") == "kv_adopt_timing"), {})
             results.setdefault("adopt_phases", []).append({k: phases.get(k) for k in
-                                                           ("lock_ms", "unmap_scratch_ms", "map_pool_ms")})
+                                                           ("lock_ms", "map_pool_ms")})
             results["kill_to_active_ms"].append((up["ts"] - t_kill) * 1e3)
             results["kill_to_first_token_ms"].append((probe_first[0] - t_kill) * 1e3)
             print(f"kill {k + 1}: -> active {results['kill_to_active_ms'][-1]:.1f} ms, -> first token "
                   f"{results['kill_to_first_token_ms'][-1]:.1f} ms (switch {up.get('switch_s', 0) * 1e3:.1f} ms, "
                   f"restored {up.get('restored_blocks')} cached blocks; kv pool lock {phases.get('lock_ms')} ms, "
-                  f"unmap scratch {phases.get('unmap_scratch_ms')} ms, map pool {phases.get('map_pool_ms')} ms)",
+                  f"map pool {phases.get('map_pool_ms')} ms)",
                   flush=True)
             procs[active] = engine(active, "shadow")  # the replacement parks as the new shadow
             active = standby

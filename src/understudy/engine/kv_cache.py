@@ -87,10 +87,7 @@ class KVCache:
         self.layers = kv_views(raw, spec)
         self.index = raw[spec.nbytes: spec.total_bytes].view(spec.num_blocks, INDEX_ENTRY)
         self._scratch: tuple[Backend, int, int, list[tuple[int, int]]] | None = None
-
-    @property
-    def is_scratch(self) -> bool:
-        return self._scratch is not None
+        self.parked = False  # a shadow's range: reserved, nothing mapped, waiting to adopt the pool
 
     @classmethod
     def local(cls, spec: KVSpec, device: torch.device | str) -> "KVCache":
@@ -122,25 +119,35 @@ class KVCache:
         cache._scratch = (backend, handle, fd, pieces)
         return cache
 
+    def park(self) -> None:
+        """Drop the scratch mapping once warm-up and graph capture are done; the range stays reserved.
+
+        Unmapping right after another process died waits for the driver to tear that process
+        down (~30 ms on an H100), so it must not happen on the promotion path."""
+        if self._scratch is not None:
+            backend, handle, fd, pieces = self._scratch
+            va = self.raw.data_ptr()
+            for off, n in pieces:
+                backend.unmap(va + off, n)
+            backend.release(handle, fd)
+            self._scratch = None
+            self.parked = True
+
     def adopt(self, socket_path: str, timeout: float = 60.0, name: str = "engine") -> float:
-        """Promotion: swap the scratch mapping for the kv pool's blocks at the same addresses.
+        """Promotion: map the kv pool's blocks into our (parked) range, at the same addresses.
 
         Returns the seconds it took (the lock wait included)."""
-        assert self._scratch is not None, "only a scratch cache adopts"
+        self.park()
+        assert self.parked, "only a shadow's cache adopts"
         t0 = time.perf_counter()
         client = MemoryClient(socket_path, "kv", "rw", timeout=timeout, name=name)
         t1 = time.perf_counter()
-        backend, handle, fd, pieces = self._scratch
         va = self.raw.data_ptr()
-        for off, n in pieces:
-            backend.unmap(va + off, n)
-        self._scratch = None
-        backend.release(handle, fd)
         t2 = time.perf_counter()
         self._take_pool(client, va, timeout)
         t3 = time.perf_counter()
-        log(logger, "kv_adopt_timing", lock_ms=round((t1 - t0) * 1e3, 3), unmap_scratch_ms=round((t2 - t1) * 1e3, 3),
-            map_pool_ms=round((t3 - t2) * 1e3, 3), scratch_pieces=len(pieces))
+        self.parked = False
+        log(logger, "kv_adopt_timing", lock_ms=round((t1 - t0) * 1e3, 3), map_pool_ms=round((t3 - t2) * 1e3, 3))
         return t3 - t0
 
     def _take_pool(self, client: MemoryClient, va: int, timeout: float) -> None:

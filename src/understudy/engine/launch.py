@@ -133,6 +133,8 @@ def build(args: argparse.Namespace) -> Built:
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
         engine.enable_cuda_graphs()
     engine.warm_up()
+    if args.role == "shadow":
+        kv.park()
     name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
     info = {"role": args.role, "weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
             "backend": backend, "pid": os.getpid()}
