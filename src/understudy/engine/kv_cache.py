@@ -150,6 +150,22 @@ class KVCache:
         log(logger, "kv_adopt_timing", lock_ms=round((t1 - t0) * 1e3, 3), map_pool_ms=round((t3 - t2) * 1e3, 3))
         return t3 - t0
 
+    def release_pool(self) -> None:
+        """Sleep: unmap the pool's blocks and leave the pool (another engine may own it meanwhile).
+
+        Our range stays reserved, so the views and CUDA graphs over it stay valid for retake_pool()."""
+        self.client.release_all()  # the mappings sit in our own range: only they go, not the range
+        self.client.disconnect()
+
+    def retake_pool(self, timeout: float = 60.0) -> None:
+        """Wake up: own the kv pool again, at the same addresses (adopted if it still has our layout)."""
+        self.client.connect()
+        try:
+            self._take_pool(self.client, self.raw.data_ptr(), timeout)
+        except BaseException:
+            self.release_pool()  # stay asleep, cleanly: nothing half-mapped, the pool free again
+            raise
+
     def _take_pool(self, client: MemoryClient, va: int, timeout: float) -> None:
         spec = self.spec
         layout = client.layout

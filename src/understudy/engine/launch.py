@@ -139,7 +139,7 @@ def build(args: argparse.Namespace) -> Built:
     info = {"role": args.role, "weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
             "backend": backend, "pid": os.getpid()}
     worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
-                    max_request_bytes=args.max_request_bytes, info=info, holds=[weights_client, kv, lock],
+                    max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[lock],
                     lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
                     standby_wait=args.standby_wait)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
@@ -214,10 +214,19 @@ def serve(args: argparse.Namespace) -> int:
         built.lock.release()  # a shadow may start waking while we finish in-flight requests
         server.should_exit = True
 
+    exit_code = 0
+
+    def _exit(code: int) -> None:
+        """A fatal state (weights changed under a sleeping engine): shut down like SIGTERM, exit `code`."""
+        nonlocal exit_code
+        exit_code = code
+        _drain()
+
+    built.worker.exit_process = _exit
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _drain)
     server.run()
     if built.memory_server is not None:
         built.memory_server.terminate()
         built.memory_server.wait(timeout=30)
-    return 0
+    return exit_code

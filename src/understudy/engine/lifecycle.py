@@ -1,6 +1,7 @@
 """An engine's lifecycle: INIT -> STANDBY (parked shadow) -> WAKING -> ACTIVE -> DRAINING / DEAD.
 
-Every transition is logged and counted; requests wait for ACTIVE (bounded)."""
+ACTIVE <-> SLEEPING on request (POST /engine/control/sleep and /wake_up): weights and KV unmapped,
+nothing admitted. Every transition is logged and counted; requests wait for ACTIVE (bounded)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..logs import log
 
 logger = logging.getLogger("understudy.engine.lifecycle")
 
-STATES = ("INIT", "STANDBY", "WAKING", "ACTIVE", "DRAINING", "DEAD")
+STATES = ("INIT", "STANDBY", "WAKING", "ACTIVE", "SLEEPING", "DRAINING", "DEAD")
 
 
 class Lifecycle:

@@ -1,4 +1,4 @@
-"""The worker's HTTP API: OpenAI completions and chat, a token-level stream, health, metrics.
+"""The worker's HTTP API: OpenAI completions and chat, a token-level stream, health, metrics, sleep / wake_up.
 
 Text lives only here: prompts are tokenised, tokens are detokenised
 incrementally and stop strings are matched on the text. A client that goes
@@ -10,20 +10,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.background import BackgroundTask
 
+from ..logs import log
+from ..memory.client import LayoutChanged, MemoryClient, MemoryServiceError
 from .api import ChatCompletionRequest, CompletionRequest, TokenGenerateRequest, error
 from .async_engine import AsyncEngine
+from .block_manager import BlockManager
 from .lifecycle import STATES, Lifecycle
 from .scheduler import QueueFull
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -46,7 +52,13 @@ class Worker:
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle("ACTIVE"))
     standby_wait: float = 30.0  # seconds a request sent to a standby waits for it to become active
     info: dict[str, Any] = field(default_factory=dict)
-    holds: list[Any] = field(default_factory=list)  # e.g. the weights session: kept open while we serve
+    # The weights session (its read lock keeps the layout ours); /engine/control/sleep and wake_up use it.
+    # The KV cache is the engine's: engine.engine.kv.
+    weights: MemoryClient | None = None
+    holds: list[Any] = field(default_factory=list)  # e.g. the failover lock: kept while we serve
+    # Ends the process with an exit code, once in-flight responses are sent (launch.serve wires uvicorn's
+    # shutdown in); None: os._exit.
+    exit_process: Callable[[int], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -193,6 +205,43 @@ class _BodyLimit:
         await self.app(scope, replayed, send)
 
 
+# -- sleep / wake_up: run off the event loop, while the engine thread is stopped ----------------------
+
+def _release_memory(worker: Worker) -> None:
+    """Stop the engine thread, then unmap the weights and the KV (keeping their address ranges) and leave
+    both pools: the weights' read lock goes (a writer may republish), the kv pool is free to own."""
+    eng = worker.engine.engine
+    worker.engine.stop()  # it ends between steps: from here nothing touches weights or KV
+    eng.kv.write_index(eng.blocks.take_index_updates())  # nothing pending after a step; just in case
+    if eng.device.type == "cuda":
+        torch.cuda.synchronize(eng.device)  # no kernel may still read what we unmap
+    worker.weights.unmap_all()
+    worker.weights.disconnect()
+    eng.kv.release_pool()
+    # The pool's blocks may change hands while we sleep: our prefix cache would lie. wake_up rebuilds it
+    # from the sealed-block index in the pool.
+    eng.blocks = eng.scheduler.blocks = BlockManager(eng.kv.spec.num_blocks, eng.kv.spec.block_size)
+    if eng.device.type == "cuda":
+        torch.cuda.empty_cache()  # activations and workspaces go back too
+
+
+def _restore_memory(worker: Worker) -> int:
+    """Remap the weights at the same addresses (LayoutChanged if they are not the same any more), retake
+    the kv pool and rebuild the prefix cache from its index. Returns the restored blocks. On failure
+    nothing stays mapped or locked."""
+    eng = worker.engine.engine
+    weights = worker.weights
+    weights.connect()
+    try:
+        weights.remap_all()
+        eng.kv.retake_pool()
+    except BaseException:
+        weights.unmap_all()
+        weights.disconnect()
+        raise
+    return eng.adopt_prefix_cache()
+
+
 def create_app(worker: Worker) -> FastAPI:
     app = FastAPI(title="understudy engine", version="0.1.0")
     metrics = _Metrics(worker)
@@ -216,7 +265,7 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING") else "unavailable",
+        body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING", "SLEEPING") else "unavailable",
                 "failovers": worker.lifecycle.failovers, "last_switch_s": worker.lifecycle.last_switch_s,
                 "state": worker.state, "routable": worker.routable, "model": worker.model_name,
                 "running": len(worker.engine.engine.scheduler.running),
@@ -445,5 +494,72 @@ def create_app(worker: Worker) -> FastAPI:
                 await stream.aclose()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    # -- manual control -----------------------------------------------------------
+    control = asyncio.Lock()  # one sleep / wake_up at a time: a repeated call sees the first one's result
+
+    def _conflict(message: str) -> JSONResponse:
+        return error(409, message, type_="conflict_error")
+
+    @app.post("/engine/control/sleep")
+    async def sleep():
+        """Unmap the weights and the KV cache, keeping their addresses, and leave both pools.
+
+        Only an ACTIVE engine sleeps (SLEEPING: 200, nothing to do; otherwise 409). Requests in flight
+        are neither aborted nor waited for: the answer is 409 and the engine stays active (drain it
+        first). Once asleep, new requests wait in _admit as on a standby (up to --standby-wait, then 503)."""
+        async with control:
+            if worker.state == "SLEEPING":
+                return {"state": "SLEEPING", "changed": False}
+            if worker.state != "ACTIVE":
+                return _conflict(f"engine is {worker.state}: only an active engine can sleep")
+            if worker.weights is None:  # not started by launch.build: its weights are not ours to unmap
+                return _conflict("this engine's weights do not come from a memory service")
+            if worker.engine.num_requests:
+                return _conflict(f"{worker.engine.num_requests} requests in flight: drain the engine, then "
+                                 f"retry (they are not aborted)")
+            t0 = time.perf_counter()
+            worker.lifecycle.set("SLEEPING")  # before any await: nothing is admitted from here on
+            await asyncio.to_thread(_release_memory, worker)
+            seconds = round(time.perf_counter() - t0, 4)
+            log(logger, "asleep", seconds=seconds)
+            return {"state": "SLEEPING", "changed": True, "seconds": seconds}
+
+    @app.post("/engine/control/wake_up")
+    async def wake_up():
+        """Remap the weights and the KV cache at the addresses they had, and serve again.
+
+        SLEEPING -> ACTIVE (ACTIVE: 200, nothing to do; otherwise 409). The KV cache is adopted if the kv
+        pool still has our layout, else started afresh (it is a cache). Weights whose layout changed
+        while we slept cannot be used at our addresses: 409, state DEAD, and the process exits with code
+        3 once the answer is sent. A memory service that cannot be reached or locked: 503, still asleep."""
+        async with control:
+            if worker.state == "ACTIVE":
+                return {"state": "ACTIVE", "changed": False}
+            if worker.state != "SLEEPING":
+                return _conflict(f"engine is {worker.state}: only a sleeping engine wakes up")
+            t0 = time.perf_counter()
+            try:
+                restored = await asyncio.to_thread(_restore_memory, worker)
+            except LayoutChanged as e:
+                message = (f"the weights layout changed while the engine slept ({e}); its tensors cannot "
+                           f"point at the new one: exiting, restart the engine to serve the new weights")
+                log(logger, "wake_up_failed", logging.ERROR, reason="layout_changed", message=str(e))
+                worker.lifecycle.set("DEAD")
+                response = _conflict(message)
+                # After the answer is sent: the caller learns why before the process goes.
+                response.background = BackgroundTask(worker.exit_process or os._exit, 3)
+                return response
+            except (OSError, MemoryServiceError) as e:
+                log(logger, "wake_up_failed", logging.WARNING, reason=type(e).__name__, message=str(e))
+                return error(503, f"cannot wake up: {e}; still sleeping", type_="unavailable_error",
+                             headers={"Retry-After": "1"})
+            worker.engine.start()  # on this loop: it delivers the engine's outputs here
+            kv = worker.engine.engine.kv
+            worker.info["kv_adopted"] = kv.adopted
+            seconds = round(time.perf_counter() - t0, 4)
+            worker.lifecycle.set("ACTIVE", kv_adopted=kv.adopted, restored_blocks=restored, seconds=seconds)
+            return {"state": "ACTIVE", "changed": True, "kv_adopted": kv.adopted, "restored_blocks": restored,
+                    "seconds": seconds}
 
     return app
