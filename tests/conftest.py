@@ -6,7 +6,6 @@ the default `host` backend runs everywhere.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,20 @@ def socket_dir(tmp_path_factory) -> Path:
     for f in d.iterdir():
         f.unlink()
     d.rmdir()
+
+
+@pytest.fixture(scope="session")
+def _tokenizer_future():
+    """The default model's tokenizer (GGUF: seconds to load), loaded in the background while engines start."""
+    import concurrent.futures
+
+    def load():
+        from understudy.engine import Tokenizer, default_model_path
+
+        return Tokenizer.from_pretrained(default_model_path())
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        yield pool.submit(load)
 
 
 @pytest.fixture

@@ -118,3 +118,20 @@ class ServerProcess(LineProcess):
 def actor(*args: str) -> LineProcess:
     """Start tests/actors.py with these arguments."""
     return LineProcess([sys.executable, str(HERE / "actors.py"), *args])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(socket_dir: Path, port: int, *extra: str, env: dict | None = None,
+                  backend: str = BACKEND) -> LineProcess:
+    """`understudy serve` against an existing memory service, JSON logs on stderr."""
+    return LineProcess([sys.executable, "-m", "understudy", "serve", "--backend", backend,
+                        "--memory-service", "connect", "--socket-dir", str(socket_dir),
+                        "--port", str(port), "--log-format", "json", "--no-progress", *extra],
+                       env=env, stream="stderr")

@@ -12,12 +12,10 @@ fixtures. Generated token counts are kept small: SmolLM2-135M makes ~10-20 token
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
 
-from procs import LineProcess, ServerProcess  # noqa: E402
+from procs import ServerProcess, free_port, serve_process  # noqa: E402
 
 BACKEND = "host"  # CPU by design (UNDERSTUDY_TEST_BACKEND does not apply): the sizes below assume float32
 PARIS_PROMPT = "The capital of France is"
@@ -47,22 +45,13 @@ LONG_TEXT = ("Once upon a time, in a quiet village by the sea, there lived an ol
              "every morning and told stories to the children every evening about storms, whales and lighthouses.")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Engine:
     """An `understudy serve` process with JSON logs on stderr, and clients for it."""
 
     def __init__(self, socket_dir: Path, *extra: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = LineProcess([sys.executable, "-m", "understudy", "serve", "--backend", BACKEND,
-                                 "--memory-service", "connect", "--socket-dir", str(socket_dir),
-                                 "--port", str(self.port), "--log-format", "json", "--no-progress", *extra],
-                                env=ENGINE_ENV, stream="stderr")
+        self.proc = serve_process(socket_dir, self.port, *extra, env=ENGINE_ENV, backend=BACKEND)
 
     def wait_ready(self) -> "Engine":
         self.serving = json.loads(self.proc.wait_line(lambda l: '"event": "serving"' in l, timeout=180))
@@ -122,18 +111,6 @@ def ndjson(r: httpx.Response) -> list[dict]:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def _tokenizer_future():
-    """The GGUF tokenizer takes seconds to load: start at once, in parallel with the engine's start."""
-    def load():
-        from understudy.engine import Tokenizer, default_model_path
-
-        return Tokenizer.from_pretrained(default_model_path())
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        yield pool.submit(load)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(_tokenizer_future):

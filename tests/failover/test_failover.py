@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
 
-from procs import LineProcess, ServerProcess  # noqa: E402
+from procs import ServerProcess, free_port, serve_process  # noqa: E402
 
 from understudy.memory import read_status  # noqa: E402
 
@@ -57,12 +56,6 @@ STORY = ("in a quiet village by the sea, where an old fisherman mended his nets 
 TOPICS = ["a red kite", "the last train", "a lost key", "two rival bakers", "a clockmaker", "a snowy pass",
           "a talking crow", "the lighthouse keeper", "a violin", "a stolen map", "a desert well", "a paper boat",
           "an old library", "a broken compass", "the harvest fair", "a sleepy dragon"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _event(line: str) -> dict:
@@ -100,12 +93,9 @@ class Engine:
     """An `understudy serve` process with JSON logs on stderr."""
 
     def __init__(self, socket_dir: Path, *extra: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = LineProcess([sys.executable, "-m", "understudy", "serve", "--backend", BACKEND,
-                                 "--memory-service", "connect", "--socket-dir", str(socket_dir),
-                                 "--port", str(self.port), "--log-format", "json", "--no-progress",
-                                 *ENGINE_ARGS, *extra], env=ENGINE_ENV, stream="stderr")
+        self.proc = serve_process(socket_dir, self.port, *ENGINE_ARGS, *extra, env=ENGINE_ENV, backend=BACKEND)
         self.http = httpx.Client(base_url=self.url, timeout=120)
 
     @property
@@ -194,18 +184,6 @@ class Cluster:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def _tokenizer_future():
-    """The GGUF tokenizer takes seconds to load: load it while the engines start."""
-    def load():
-        from understudy.engine import Tokenizer, default_model_path
-
-        return Tokenizer.from_pretrained(default_model_path())
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        yield pool.submit(load)
-
 
 @pytest.fixture(scope="module")
 def cluster(_tokenizer_future):

@@ -23,7 +23,7 @@ from procs import ServerProcess
 from understudy.memory import MemoryClient, read_status
 from understudy.memory.tensors import publish_state_dict
 
-from .test_failover import BACKEND, Engine, _event, body, full_blocks, is_state, ndjson, tokens_of
+from .test_failover import BACKEND, Engine, _event, body, full_blocks, is_state, tokens_of
 
 STANDBY_WAIT = 0.3  # seconds a request waits for a sleeping engine before its 503
 PROMPT = [504, 3575, 282, 4649, 314] * 12  # 60 tokens: 3 full blocks of 16 for the prefix cache

@@ -154,6 +154,15 @@ class _EngineCollector(Collector):
             yield switch
 
 
+def _refusal(e: Exception) -> JSONResponse:
+    """A request refused before its first token: not active or overloaded (retry later), or invalid."""
+    if isinstance(e, NotActive):
+        return error(503, str(e), type_="unavailable_error", headers={"Retry-After": "1"})
+    if isinstance(e, QueueFull):
+        return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
+    return error(400, str(e))
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -365,12 +374,8 @@ def create_app(worker: Worker) -> FastAPI:
                         render_chunk, render_final, include_usage: bool):
         try:
             first, rest = await _start(prompt, params, endpoint)
-        except NotActive as e:
-            return error(503, str(e), type_="unavailable_error", headers={"Retry-After": "1"})
-        except QueueFull as e:
-            return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
-        except ValueError as e:
-            return error(400, str(e))
+        except (NotActive, QueueFull, ValueError) as e:
+            return _refusal(e)
         if streaming:
             async def events():
                 try:
@@ -473,12 +478,8 @@ def create_app(worker: Worker) -> FastAPI:
             await _admit(params, len(body.token_ids))
             stream = _tokens(body.token_ids, params, "tokens")
             first = await stream.__anext__()
-        except NotActive as e:
-            return error(503, str(e), type_="unavailable_error", headers={"Retry-After": "1"})
-        except QueueFull as e:
-            return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
-        except ValueError as e:
-            return error(400, str(e))
+        except (NotActive, QueueFull, ValueError) as e:
+            return _refusal(e)
 
         async def lines():
             try:
