@@ -159,7 +159,7 @@ class KVCache:
 
     def retake_pool(self, timeout: float = 60.0) -> None:
         """Wake up: own the kv pool again, at the same addresses (adopted if it still has our layout)."""
-        self.client.connect()
+        self.client.connect(timeout)
         try:
             self._take_pool(self.client, self.raw.data_ptr(), timeout)
         except BaseException:

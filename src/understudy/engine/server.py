@@ -36,6 +36,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("understudy.engine.server")
 
+WAKE_TIMEOUT = 30.0  # seconds wake_up waits for the pools (a republishing writer, another KV owner): then 503
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
 
 
@@ -240,10 +241,10 @@ def _restore_memory(worker: Worker) -> int:
     nothing stays mapped or locked."""
     eng = worker.engine.engine
     weights = worker.weights
-    weights.connect()
+    weights.connect(WAKE_TIMEOUT)
     try:
         weights.remap_all()
-        eng.kv.retake_pool()
+        eng.kv.retake_pool(WAKE_TIMEOUT)
     except BaseException:
         weights.unmap_all()
         weights.disconnect()

@@ -68,12 +68,13 @@ class MemoryClient:
         self.connect()
 
     # -- connection ----------------------------------------------------------
-    def connect(self) -> None:
-        """Open the connection and wait (up to `timeout`) for the lock."""
+    def connect(self, timeout: float | None = None) -> None:
+        """Open the connection and wait (up to `timeout`, default the client's) for the lock."""
         if self._sock is not None:
             return
+        wait = self.timeout if timeout is None else timeout
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout + REPLY_GRACE)
+        sock.settimeout(wait + REPLY_GRACE)
         try:
             sock.connect(self.socket_path)
         except OSError as e:
@@ -81,7 +82,7 @@ class MemoryClient:
             raise ConnectionError(f"cannot reach the memory service at {self.socket_path}: {e}") from e
         self._sock = sock
         try:
-            granted, _ = self._call(p.Hello(self.pool, self.mode, self.timeout, self.name), p.Granted)
+            granted, _ = self._call(p.Hello(self.pool, self.mode, wait, self.name), p.Granted, wait=wait)
         except BaseException:
             self.disconnect()
             raise
