@@ -7,12 +7,15 @@ imports them, takes the kv pool, builds the engine and serves HTTP.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +76,7 @@ def ensure_memory_service(backend: str, device: int, socket_dir: str | None, mod
     else:
         raise SystemExit(f"understudy serve: the memory service failed to start (exit {proc.wait()})")
     # Keep forwarding its logs so they are not lost (and its pipe never fills).
-    import threading
-
-    threading.Thread(target=lambda: [sys.stderr.write(l) for l in proc.stderr], daemon=True).start()
+    threading.Thread(target=shutil.copyfileobj, args=(proc.stderr, sys.stderr), daemon=True).start()
     log(logger, "memory_service_started", pid=proc.pid, socket=path)
     return path, proc
 
@@ -177,9 +178,6 @@ def serve(args: argparse.Namespace) -> int:
 
     @app.on_event("startup")
     async def _start_engine():
-        import asyncio
-        import threading
-
         built.worker.lifecycle.bind(asyncio.get_running_loop())
         built.worker.engine.start()
         if built.worker.state == "STANDBY":
