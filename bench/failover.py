@@ -233,8 +233,9 @@ def main() -> None:
     print()
     print(f"kill -> shadow active:      p50 {statistics.median(act):7.1f} ms   max {max(act):7.1f} ms")
     print(f"kill -> first token:        p50 {statistics.median(ft):7.1f} ms   max {max(ft):7.1f} ms")
-    print(f"longest gap, in-flight streams: {results['longest_gap_ms']:.1f} ms "
-          f"({results['streams_across_kills']} streams crossed a kill)")
+    if results["longest_gap_ms"] is not None:
+        print(f"longest gap, in-flight streams: {results['longest_gap_ms']:.1f} ms "
+              f"({results['streams_across_kills']} streams crossed a kill)")
     print(f"parked shadow GPU memory (own): {results['parked_shadow_MiB']} MiB")
     print(f"cold restart, HF transformers: {results['cold_hf_s']:.2f} s; understudy (fresh memory service): "
           f"{results['cold_understudy_s']:.2f} s")
