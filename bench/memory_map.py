@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,19 +55,15 @@ def copy_baseline(backend: str, nbytes: int) -> float:
 
     sample = min(nbytes, 4 * GiB if backend == "cuda" else GiB)
     if backend == "cuda":
-        src = torch.empty(sample, dtype=torch.uint8).pin_memory()
-        dst = torch.empty(sample, dtype=torch.uint8, device="cuda")
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-    else:
-        src = torch.ones(sample, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        t0 = time.perf_counter()
-        dst.copy_(src)
+        sys.path.insert(0, os.path.dirname(__file__))
+        from common import pinned_h2d_seconds
+
+        return pinned_h2d_seconds(sample) * nbytes / sample
+    src = torch.ones(sample, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    dst.copy_(src)
     return (time.perf_counter() - t0) * nbytes / sample
 
 
