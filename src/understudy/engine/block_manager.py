@@ -64,13 +64,13 @@ class BlockManager:
         return block
 
     def _hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
-        """Hashes of the sequence's full blocks up to `upto_tokens`, computed once each."""
+        """The sequence's chained block hashes, extended to its full blocks up to `upto_tokens`.
+
+        Each hash is computed once; callers read the first upto_tokens // block_size entries."""
         bs, hashes = self.block_size, seq.block_hashes
-        if len(hashes) < upto_tokens // bs:
-            tokens = seq.tokens
-            for i in range(len(hashes), upto_tokens // bs):
-                hashes.append(block_hash(hashes[-1] if hashes else b"", tokens[i * bs : (i + 1) * bs]))
-        return hashes[: upto_tokens // bs]
+        for i in range(len(hashes), upto_tokens // bs):
+            hashes.append(block_hash(hashes[-1] if hashes else b"", seq.token_slice(i * bs, (i + 1) * bs)))
+        return hashes
 
     def match_prefix(self, seq: Sequence) -> None:
         """Give a new sequence the cached blocks of its longest cached prefix.
@@ -78,7 +78,8 @@ class BlockManager:
         At least one token is always left to compute, so there are logits to sample from."""
         assert not seq.block_table
         self.prefix_queries += seq.num_tokens
-        for h in self._hashes(seq, seq.num_tokens - 1):
+        hashes = self._hashes(seq, seq.num_tokens - 1)
+        for h in hashes[:(seq.num_tokens - 1) // self.block_size]:
             block = self.by_hash.get(h)
             if block is None:
                 break
@@ -103,14 +104,15 @@ class BlockManager:
     def seal(self, seq: Sequence) -> list[tuple[int, bytes]]:
         """Register the blocks that became full; returns (block, hash) of the newly sealed."""
         sealed = []
-        first = seq.num_sealed
+        full = seq.num_computed // self.block_size
         hashes = self._hashes(seq, seq.num_computed)
-        seq.num_sealed = len(hashes)
-        for block, h in zip(seq.block_table[first:], hashes[first:]):
+        for i in range(seq.num_sealed, full):
+            block, h = seq.block_table[i], hashes[i]
             if self.hash_of[block] is None and h not in self.by_hash:
                 self.hash_of[block] = h
                 self.by_hash[h] = block
                 sealed.append((block, h))
+        seq.num_sealed = max(seq.num_sealed, full)
         self.index_updates += sealed
         return sealed
 

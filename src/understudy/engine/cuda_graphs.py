@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,16 +68,20 @@ class DecodeGraphs:
         """Logits [len(input_ids), vocab] for a decode batch (one new token per sequence)."""
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
-        width = self.block_tables.shape[1]
-        # One host buffer, one copy per input: padded rows use context 1 in block 0.
-        pad = bs - n
-        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor([c - 1 for c in context_lens] + [0] * pad), non_blocking=True)
-        self.slots[:bs].copy_(torch.tensor(slots + [0] * pad), non_blocking=True)
-        self.context_lens[:bs].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        table = torch.zeros(bs, width, dtype=torch.int32)
+        # Padded rows: token 0 at position 0, context 1, slot 0 of the reserved block 0.
+        host = np.zeros((4, bs), dtype=np.int64)
+        host[0, :n] = input_ids
+        host[1, :n] = context_lens
+        host[1, :n] -= 1
+        host[2, :n] = slots
+        host[3] = 1
+        host[3, :n] = context_lens
+        table = np.zeros((bs, self.block_tables.shape[1]), dtype=np.int32)
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.block_tables[:bs].copy_(table, non_blocking=True)
+            table[i, : len(t)] = t
+        src = torch.from_numpy(host)
+        for dst, row in ((self.input_ids, 0), (self.positions, 1), (self.slots, 2), (self.context_lens, 3)):
+            dst[:bs].copy_(src[row])
+        self.block_tables[:bs].copy_(torch.from_numpy(table))
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

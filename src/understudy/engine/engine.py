@@ -144,7 +144,7 @@ class LLMEngine:
         ids, ctx, slots, tables = [], [], [], []
         for seq, _ in batch:
             pos = seq.num_computed
-            ids.append(seq.tokens[pos])
+            ids += seq.token_slice(pos, pos + 1)
             ctx.append(pos + 1)
             slots.append(seq.block_table[pos // bs] * bs + pos % bs)
             tables.append(seq.block_table)
@@ -156,7 +156,7 @@ class LLMEngine:
         query_lens, context_lens, tables, sample_rows = [], [], [], []
         for i, (seq, n) in enumerate(batch):
             start = seq.num_computed
-            input_ids += seq.tokens[start:start + n]
+            input_ids += seq.token_slice(start, start + n)
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(seq.block_table)

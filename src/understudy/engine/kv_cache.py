@@ -79,14 +79,16 @@ def kv_views(raw: torch.Tensor, spec: KVSpec) -> KVCaches:
 class KVCache:
     """The engine's KV bytes, views and sealed-block index."""
 
-    def __init__(self, spec: KVSpec, raw: torch.Tensor, client: MemoryClient | None = None, adopted: bool = False):
+    def __init__(self, spec: KVSpec, raw: torch.Tensor, client: MemoryClient | None = None, adopted: bool = False,
+                 backend: Backend | None = None):
         self.spec = spec
+        self.backend = backend  # reused on promotion: finding the backend again means probing devices
         self.raw = raw
         self.client = client
         self.adopted = adopted
         self.layers = kv_views(raw, spec)
         self.index = raw[spec.nbytes: spec.total_bytes].view(spec.num_blocks, INDEX_ENTRY)
-        self._scratch: tuple[Backend, int, int, list[tuple[int, int]]] | None = None
+        self._scratch: tuple[object, int, list[tuple[int, int]]] | None = None  # handle, fd, mapped pieces
         self.parked = False  # a shadow's range: reserved, nothing mapped, waiting to adopt the pool
 
     @classmethod
@@ -101,7 +103,7 @@ class KVCache:
         backend = client.backend
         size = backend.round_up(spec.total_bytes)
         va = backend.reserve(size)
-        cache = cls(spec, backend.tensor(va, spec.total_bytes))
+        cache = cls(spec, backend.tensor(va, spec.total_bytes), backend=backend)
         cache._take_pool(client, va, timeout)
         return cache
 
@@ -115,8 +117,8 @@ class KVCache:
         pieces = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
         for off, n in pieces:
             backend.map(va + off, n, fd, 0, readonly=False)
-        cache = cls(spec, backend.tensor(va, spec.total_bytes))
-        cache._scratch = (backend, handle, fd, pieces)
+        cache = cls(spec, backend.tensor(va, spec.total_bytes), backend=backend)
+        cache._scratch = (handle, fd, pieces)
         return cache
 
     def park(self) -> None:
@@ -125,11 +127,11 @@ class KVCache:
         Unmapping right after another process died waits for the driver to tear that process
         down (~30 ms on an H100), so it must not happen on the promotion path."""
         if self._scratch is not None:
-            backend, handle, fd, pieces = self._scratch
+            handle, fd, pieces = self._scratch
             va = self.raw.data_ptr()
             for off, n in pieces:
-                backend.unmap(va + off, n)
-            backend.release(handle, fd)
+                self.backend.unmap(va + off, n)
+            self.backend.release(handle, fd)
             self._scratch = None
             self.parked = True
 
@@ -140,15 +142,13 @@ class KVCache:
         self.park()
         assert self.parked, "only a shadow's cache adopts"
         t0 = time.perf_counter()
-        client = MemoryClient(socket_path, "kv", "rw", timeout=timeout, name=name)
+        client = MemoryClient(socket_path, "kv", "rw", timeout=timeout, name=name, backend=self.backend)
         t1 = time.perf_counter()
-        va = self.raw.data_ptr()
+        self._take_pool(client, self.raw.data_ptr(), timeout)
         t2 = time.perf_counter()
-        self._take_pool(client, va, timeout)
-        t3 = time.perf_counter()
         self.parked = False
-        log(logger, "kv_adopt_timing", lock_ms=round((t1 - t0) * 1e3, 3), map_pool_ms=round((t3 - t2) * 1e3, 3))
-        return t3 - t0
+        log(logger, "kv_adopt_timing", lock_ms=round((t1 - t0) * 1e3, 3), map_pool_ms=round((t2 - t1) * 1e3, 3))
+        return t2 - t0
 
     def release_pool(self) -> None:
         """Sleep: unmap the pool's blocks and leave the pool (another engine may own it meanwhile).
