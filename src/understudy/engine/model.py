@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from . import fused
 from .attention import AttentionFn, AttentionMetadata, reference_attention
 from .config import ModelConfig
-from .fused import rope_cos_sin, rotate_half
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
 
@@ -96,18 +95,6 @@ class RotaryEmbedding(nn.Module):
         if inv_freq is None:
             inv_freq = self._per_device[device] = self._inv_freq.to(device)
         return inv_freq
-
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin [T, 1, head_dim] for arbitrary positions of a flat batch (the unfused form)."""
-        return rope_cos_sin(positions, self.inv_freq(positions.device), dtype)
-
-
-_rotate_half = rotate_half
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # HF layout: the two halves of each head form the rotated pairs (not interleaved pairs).
-    return fused.rope_with_cos_sin(x, cos, sin)
 
 
 class Attention(nn.Module):
