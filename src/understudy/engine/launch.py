@@ -136,14 +136,14 @@ def build(args: argparse.Namespace) -> Built:
     if args.role == "shadow":
         kv.park()
     name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
-    info = {"role": args.role, "weights": stats["source"], "kv_adopted": kv.adopted, "kv_blocks": spec.num_blocks,
+    info = {"role": args.role, "weights": stats["source"], "kv_blocks": spec.num_blocks,
             "backend": backend, "pid": os.getpid()}
     worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
                     max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[lock],
                     lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
                     standby_wait=args.standby_wait)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
-        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, **info)
+        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, kv_adopted=kv.adopted, **info)
     return Built(worker, mem_proc, lock, path)
 
 
@@ -163,7 +163,6 @@ def park_and_promote(built: Built) -> None:
         worker.lifecycle.set("DEAD")
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    worker.info["kv_adopted"] = engine.kv.adopted
     worker.lifecycle.failovers += 1
     worker.lifecycle.last_switch_s = time.perf_counter() - t0
     worker.lifecycle.set("ACTIVE", switch_s=round(worker.lifecycle.last_switch_s, 4), kv_s=round(kv_s, 4),

@@ -280,7 +280,8 @@ def create_app(worker: Worker) -> FastAPI:
                 "state": worker.state, "routable": worker.routable, "model": worker.model_name,
                 "running": len(worker.engine.engine.scheduler.running),
                 "waiting": len(worker.engine.engine.scheduler.waiting),
-                "kv_cache_usage": round(worker.engine.engine.blocks.usage, 4), **worker.info}
+                "kv_cache_usage": round(worker.engine.engine.blocks.usage, 4),
+                "kv_adopted": worker.engine.engine.kv.adopted, **worker.info}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
@@ -558,7 +559,6 @@ def create_app(worker: Worker) -> FastAPI:
                              headers={"Retry-After": "1"})
             worker.engine.start()  # on this loop: it delivers the engine's outputs here
             kv = worker.engine.engine.kv
-            worker.info["kv_adopted"] = kv.adopted
             seconds = round(time.perf_counter() - t0, 4)
             worker.lifecycle.set("ACTIVE", kv_adopted=kv.adopted, restored_blocks=restored, seconds=seconds)
             return {"state": "ACTIVE", "changed": True, "kv_adopted": kv.adopted, "restored_blocks": restored,
