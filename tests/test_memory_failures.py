@@ -143,3 +143,21 @@ def test_allocation_waits_for_memory_and_gives_up_when_requester_leaves(socket_d
     assert read_status(srv.path)["pools"]["weights"]["state"] == "COMMITTED"
     kv.close()
     srv.stop()
+
+
+def test_waiting_writers_are_served_in_order_and_a_newcomer_cannot_overtake(server):
+    import threading
+
+    holder = MemoryClient(server.path, "kv", "rw", name="holder")
+    got: list = []
+    first = threading.Thread(target=lambda: got.append(MemoryClient(server.path, "kv", "rw", timeout=60,
+                                                                    name="queued")))
+    first.start()
+    server.wait_event("waiting", pool="kv", mode="rw")
+    holder.close()  # the lock frees ...
+    with pytest.raises(MemoryServiceError) as e:  # ... and a try-lock arriving at that moment does not get it
+        MemoryClient(server.path, "kv", "rw", timeout=0, name="newcomer")
+    assert e.value.code == "timeout"
+    first.join(timeout=60)
+    assert got and read_status(server.path)["pools"]["kv"]["writer"]["name"] == "queued"
+    got[0].close()

@@ -202,11 +202,15 @@ class Pool:
         self.staged: Content | None = None  # weights only: the writer's work before commit
         self.writer: Session | None = None
         self.readers: set[Session] = set()
-        self.waiting_writers = 0
+        self.writer_queue: deque[Session] = deque()  # waiting writers, served first come first served
         self.waiting_readers = 0
         self._changed = _Waiters()
 
     # -- derived state ----------------------------------------------------
+    @property
+    def waiting_writers(self) -> int:
+        return len(self.writer_queue)
+
     @property
     def state(self) -> str:
         if self.writer is not None:
@@ -232,14 +236,16 @@ class Pool:
         if mode == "ro" and self.name == "kv":
             raise PoolError("bad_request", "the kv pool has one exclusive owner: connect in rw mode")
         if mode == "rw":
-            if self.writer is not None or self.readers:
+            if self.writer is not None or self.readers or self.writer_queue:
                 self.events.add(self.name, "waiting", session, mode=mode, state=self.state)
-            self.waiting_writers += 1
+            self.writer_queue.append(session)
             try:
-                ok = await self._changed.wait_for(lambda: self.writer is None and not self.readers, timeout)
+                # In queue order: a writer arriving as the lock frees cannot overtake one already waiting.
+                ok = await self._changed.wait_for(
+                    lambda: self.writer is None and not self.readers and self.writer_queue[0] is session, timeout)
             finally:
-                self.waiting_writers -= 1
-                self._changed.notify()  # readers held back by this writer may go on
+                self.writer_queue.remove(session)
+                self._changed.notify()  # the next writer, or readers held back by this one, may go on
             if not ok:
                 raise PoolError("timeout", f"{self.name} pool still {self.state} after {timeout:.1f}s "
                                            f"({len(self.readers)} readers, writer {self._who(self.writer)})")
