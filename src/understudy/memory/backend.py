@@ -52,6 +52,13 @@ class Backend(abc.ABC):
         """Allocate `size` bytes; return (handle, exportable fd). Raises OutOfMemory."""
 
     @abc.abstractmethod
+    def adopt(self, fd: int, size: int) -> tuple[object, int]:
+        """Take over an allocation a client still maps (a restarted server's Restore).
+
+        Returns (handle, fd) like create(); the fd is the server's from now on. Raises
+        BackendError if `fd` is not an allocation of this backend of `size` bytes."""
+
+    @abc.abstractmethod
     def release(self, handle: object, fd: int) -> None:
         """Drop the server's reference; memory lives on while anyone maps it."""
 

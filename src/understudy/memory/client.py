@@ -47,6 +47,17 @@ class Mapping:
     readonly: bool
     mapped: bool = True
     owns_range: bool = True  # False when mapped into a range the caller reserved
+    # The allocation's fd, kept open while mapped: a restarted server can take the memory back
+    # from it (restore()). Closed on unmap, so it never keeps memory alive on its own.
+    fd: int = -1
+
+    def unmap(self, backend: Backend) -> None:
+        if self.mapped:
+            backend.unmap(self.va, self.size)
+            self.mapped = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 # Extra seconds beyond a request's own wait before the client gives up on the server.
@@ -73,6 +84,25 @@ class MemoryClient:
         if self._sock is not None:
             return
         wait = self.timeout if timeout is None else timeout
+        self._open(p.Hello(self.pool, self.mode, wait, self.name), [], wait)
+
+    def restore(self, timeout: float | None = None) -> bool:
+        """After the memory service restarted: hand it the memory we map, on a new connection.
+
+        The pool takes our allocations if it is empty (True), or we read the same layout that
+        another client gave back first (False). A pool holding another layout is refused
+        (MemoryServiceError bad_state). Needs the whole layout mapped (not asleep)."""
+        ours = [self.mappings.get(i) for i in range(len(self.layout.sizes))]
+        if not ours or len(ours) != len(self.mappings) or any(m is None or m.fd < 0 for m in ours):
+            raise MemoryServiceError("bad_state", "only a client that maps its whole layout can restore it")
+        self.disconnect()
+        layout = p.Layout(self.layout.sizes, self.layout.tensors, self.layout.extra, self.mapped_hash or "")
+        wait = self.timeout if timeout is None else timeout
+        granted = self._open(p.Restore(self.pool, layout, self.name), [m.fd for m in ours], wait)
+        return granted.restored
+
+    def _open(self, first: p.Hello | p.Restore, fds: list[int], wait: float) -> p.Granted:
+        """A new connection whose first request (Hello or Restore) gets a session."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(wait + REPLY_GRACE)
         try:
@@ -82,11 +112,12 @@ class MemoryClient:
             raise ConnectionError(f"cannot reach the memory service at {self.socket_path}: {e}") from e
         self._sock = sock
         try:
-            granted, _ = self._call(p.Hello(self.pool, self.mode, wait, self.name), p.Granted, wait=wait)
+            granted, _ = self._call(first, p.Granted, wait=wait, fds=fds)
         except BaseException:
             self.disconnect()
             raise
         self.session = granted.session
+        self.mode = granted.mode
         self.layout = granted.layout
         if self._backend is None:
             self._backend = get_backend(granted.backend, _device_from_env(granted))
@@ -94,6 +125,7 @@ class MemoryClient:
             raise MemoryServiceError("bad_backend", f"server uses {granted.backend}, client {self._backend.name}")
         self.granularity = granted.granularity
         self.identity = granted.identity
+        return granted
 
     def disconnect(self) -> None:
         """Close the connection, which releases the lock. Mappings stay as they are."""
@@ -110,11 +142,11 @@ class MemoryClient:
     def backend(self) -> Backend:
         return self._backend
 
-    def _call(self, request: p.Request, expect: type, wait: float = 0.0) -> tuple[Any, list[int]]:
+    def _call(self, request: p.Request, expect: type, wait: float = 0.0, fds: list[int] = ()) -> tuple[Any, list[int]]:
         if self._sock is None:
             raise MemoryServiceError("bad_state", "not connected")
         self._sock.settimeout(wait + REPLY_GRACE if wait else self.timeout + REPLY_GRACE)
-        p.send_frame(self._sock, request)
+        p.send_frame(self._sock, request, fds)
         reply, fds = p.recv_frame(self._sock)
         if isinstance(reply, p.Error):
             for fd in fds:
@@ -139,10 +171,13 @@ class MemoryClient:
                 if at is None:
                     self._backend.free_reservation(va, reply.size)
                 raise
-        finally:
+        except BaseException:
             for fd in fds:
                 os.close(fd)
-        m = Mapping(reply.index, reply.size, va, readonly=False, owns_range=at is None)
+            raise
+        for fd in fds[1:]:
+            os.close(fd)
+        m = Mapping(reply.index, reply.size, va, readonly=False, owns_range=at is None, fd=fds[0])
         self.mappings[reply.index] = m
         self.layout = self.get_layout()
         self.mapped_hash = self.layout.hash
@@ -209,16 +244,16 @@ class MemoryClient:
         offsets = _offsets(self.layout.sizes)
         fds = self._export(todo)
         try:
-            for i, fd in zip(todo, fds):
+            for i in todo:
                 size = self.layout.sizes[i]
                 va = base + offsets[i] if base is not None else self._backend.reserve(size)
                 try:
-                    self._backend.map(va, size, fd, 0, readonly)
+                    self._backend.map(va, size, fds[0], 0, readonly)
                 except BaseException:
                     if base is None:
                         self._backend.free_reservation(va, size)
                     raise
-                self.mappings[i] = Mapping(i, size, va, readonly, owns_range=base is None)
+                self.mappings[i] = Mapping(i, size, va, readonly, owns_range=base is None, fd=fds.pop(0))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -228,9 +263,7 @@ class MemoryClient:
     def unmap_all(self) -> None:
         """Unmap everything, keeping the address ranges reserved (memory goes back)."""
         for m in self.mappings.values():
-            if m.mapped:
-                self._backend.unmap(m.va, m.size)
-                m.mapped = False
+            m.unmap(self._backend)
 
     def remap_all(self) -> None:
         """Map the same allocations at the same addresses again.
@@ -246,11 +279,11 @@ class MemoryClient:
         readonly = self.mode == "ro"
         fds = self._export([m.index for m in todo]) if todo else []
         try:
-            for m, fd in zip(todo, fds):
+            for m in todo:
                 if m.size != layout.sizes[m.index]:
                     raise LayoutChanged("layout_changed", f"allocation {m.index} changed size")
-                self._backend.map(m.va, m.size, fd, 0, readonly)
-                m.mapped, m.readonly = True, readonly
+                self._backend.map(m.va, m.size, fds[0], 0, readonly)
+                m.mapped, m.readonly, m.fd = True, readonly, fds.pop(0)
         finally:
             for fd in fds:
                 os.close(fd)

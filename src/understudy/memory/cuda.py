@@ -105,6 +105,16 @@ class CudaBackend(Backend):
             raise
         return handle, int(fd)
 
+    def adopt(self, fd: int, size: int) -> tuple[object, int]:
+        # The driver refuses an fd that is not a CUDA allocation; a size that does not match is
+        # refused later, by cuMemMap in the client that maps it (the driver does not tell sizes).
+        self._make_current()
+        handle = _check(
+            cu.cuMemImportFromShareableHandle(fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+            "cuMemImportFromShareableHandle",
+        )
+        return handle, fd
+
     def release(self, handle: object, fd: int) -> None:
         self._make_current()
         os.close(fd)

@@ -73,16 +73,36 @@ class HostBackend(Backend):
             raise
         return fd, fd
 
+    def adopt(self, fd: int, size: int) -> tuple[object, int]:
+        # Only a memfd of ours can come back: sealed against resizing (a client that could
+        # truncate shared weights would SIGBUS every reader), and of the size it claims.
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if target.startswith("/memfd:") else 0
+            actual = os.fstat(fd).st_size
+        except OSError as e:
+            raise BackendError(f"cannot inspect the file descriptor: {e}") from e
+        if not target.startswith("/memfd:"):
+            raise BackendError(f"not a shared-memory allocation (fd points at {target!r})")
+        if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
+            raise BackendError("the allocation is not sealed against resizing")
+        if actual != size:
+            raise BackendError(f"the allocation holds {actual} bytes, the layout says {size}")
+        return fd, fd
+
     def release(self, handle: object, fd: int) -> None:
         os.close(fd)
 
     def export_fd(self, handle: object, fd: int, readonly: bool) -> int:
-        if readonly:
+        # An fd a restarted server took back from a reader is O_RDONLY (F_ADD_SEALS would fail with
+        # EPERM); it was sealed by the export that gave it to that reader.
+        if readonly and not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & F_SEAL_FUTURE_WRITE:
             try:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)  # BUGFIX, see F_SEAL_FUTURE_WRITE
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: a kernel older than 5.1; O_RDONLY must do
                     raise
+        if readonly:
             # A fresh open file description with read-only access: mmap(PROT_WRITE,
             # MAP_SHARED) on it fails with EACCES whatever the client asks for.
             return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)

@@ -9,6 +9,9 @@ kv: one exclusive owner at a time.
     EMPTY --owner--> RW --owner leaves or dies--> COMMITTED --next owner--> RW
     The layout and its physical memory survive the owner and are adopted by
     the next one; only an explicit reset clears them.
+restore (a restarted server): a client hands back the allocations it maps.
+    weights EMPTY --restore--> RO (the client is a reader; same layout again: it just reads)
+    kv      EMPTY --restore--> RW (the client owns it)
 
 A session is one client connection; the server calls `release` when it closes.
 """
@@ -182,6 +185,24 @@ class Allocator:
             return result[0]
         raise PoolError("out_of_memory", f"no memory for {size} bytes after {timeout:.1f}s: {error[0]}")
 
+    def adopt(self, pool: str, session: Session, sizes: list[int], fds: list[int]) -> list[Allocation]:
+        """Allocations a client hands back to a restarted server (the fds become ours).
+
+        They exist already, so the budget does not refuse them; going over it is logged."""
+        taken: list[Allocation] = []
+        try:
+            for size, fd in zip(sizes, fds):
+                handle, fd = self.backend.adopt(fd, size)
+                taken.append(Allocation(size, handle, fd))
+        except BaseException:
+            for a in taken:
+                self.backend.release(a.handle, a.fd)
+            raise
+        self.used += sum(sizes)
+        if self.limit is not None and self.used > self.limit:
+            self.events.add(pool, "over_budget", session, used=self.used, limit=self.limit)
+        return taken
+
     def free(self, allocations: list[Allocation]) -> None:
         for a in allocations:
             self.backend.release(a.handle, a.fd)
@@ -271,6 +292,36 @@ class Pool:
         session.pool, session.mode = self.name, mode
         self.events.add(self.name, "granted", session, mode=mode)
 
+    def restore(self, session: Session, content: Content) -> bool:
+        """Take `content` back from a client that maps it; the session gets the lock as after Hello.
+
+        Returns False when the weights pool already holds the same layout: the session reads
+        it, and `content` is not needed (the caller frees it). Anything else is refused."""
+        if self.name == "weights":
+            digest = content.layout().hash
+            if self.writer is None and not self.writer_queue and self.committed is None:
+                self.committed, taken = content, True
+            elif self.committed is not None and self.committed.layout().hash == digest and not self.writer_queue:
+                taken = False
+            else:
+                raise PoolError("bad_state", f"the weights pool is {self.state} with layout "
+                                             f"{self.committed.layout().hash if self.committed else None}, "
+                                             f"not {digest}: nothing to restore into")
+            self.readers.add(session)
+            mode = "ro"
+        else:
+            if self.writer is not None or self.writer_queue or (self.committed and self.committed.allocations):
+                raise PoolError("bad_state", f"the kv pool is {self.state} with "
+                                             f"{len(self.committed.allocations) if self.committed else 0} "
+                                             f"allocations: nothing to restore into")
+            self.committed, self.writer, taken, mode = content, session, True, "rw"
+        session.pool, session.mode = self.name, mode
+        self.events.add(self.name, "restored" if taken else "granted", session, mode=mode,
+                        allocations=len(content.allocations), bytes=content.nbytes,
+                        layout_hash=content.layout().hash)
+        self._changed.notify()
+        return taken
+
     def release(self, session: Session) -> None:
         """The session's connection closed, cleanly or because its process died."""
         if session is self.writer:
@@ -313,12 +364,12 @@ class Pool:
         self._require_writer(session, "set metadata")
         content = self.content_for(session)
         for name, meta in tensors.items():
-            _validate(name, meta, content)
+            validate_tensor(name, meta, content)
         # BUGFIX (tests/test_memory_protocol.py::test_unhashable_extra_is_refused_and_harms_nobody):
         # `extra` used to be merged before the layout was hashed, so a non-str map key or a
         # deep nesting made every later hash (status, granted, commit) fail for every client.
         # Check it first, and merge into copies that replace the old ones only on success.
-        _validate_extra(extra)
+        validate_extra(extra)
         new_tensors = {} if replace else dict(content.tensors)
         new_extra = {} if replace else dict(content.extra)
         new_tensors.update(tensors)
@@ -380,7 +431,7 @@ class Pool:
 MAX_EXTRA_DEPTH = 32  # nesting of `extra` values; far deeper ones cannot be re-encoded reliably
 
 
-def _validate_extra(extra: dict[str, Any]) -> None:
+def validate_extra(extra: dict[str, Any]) -> None:
     """`extra` must hash (str map keys only) and stay shallow (see MAX_EXTRA_DEPTH)."""
     todo = [(extra, 1)]
     while todo:
@@ -395,7 +446,7 @@ def _validate_extra(extra: dict[str, Any]) -> None:
             todo += [(v, depth + 1) for v in value]
 
 
-def _validate(name: str, meta: TensorMeta, content: Content) -> None:
+def validate_tensor(name: str, meta: TensorMeta, content: Content) -> None:
     if meta.dtype not in DTYPES:
         raise PoolError("bad_request", f"tensor {name!r}: unknown dtype {meta.dtype!r} (known: {sorted(DTYPES)})")
     if not 0 <= meta.alloc < len(content.allocations):

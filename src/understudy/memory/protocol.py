@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian length followed by a msgpack body; the body is
 one of the typed messages below, tagged by its `type` field. File descriptors
-travel with a frame as SCM_RIGHTS ancillary data (server to client only).
+travel with a frame as SCM_RIGHTS ancillary data: server to client with
+Allocated and Exported, client to server only with Restore.
 
 One connection is one session: `Hello` asks for a pool in a mode and, once
 granted, the open connection *is* the lock. The kernel closes it however the
@@ -89,7 +90,20 @@ class Status(msgspec.Struct, tag=True):
     pass
 
 
-Request = Union[Hello, Allocate, Export, GetLayout, SetMetadata, Commit, Reset, Status]
+class Restore(msgspec.Struct, tag=True):
+    """Hello with memory the client already maps: a restarted server takes it back into `pool`.
+
+    One fd per allocation of `layout` comes with the frame, in order. The weights pool takes
+    them when it is empty (the session becomes a reader) or attaches the session as a reader
+    when it already holds the same layout; the kv pool takes them when it is empty (the
+    session becomes its owner). `layout.hash` must be the hash of the rest of `layout`."""
+
+    pool: Pool
+    layout: Layout
+    name: str = ""
+
+
+Request = Union[Hello, Allocate, Export, GetLayout, SetMetadata, Commit, Reset, Status, Restore]
 
 
 # --------------------------------------------------------------- replies --
@@ -101,6 +115,7 @@ class Granted(msgspec.Struct, tag=True):
     identity: str
     granularity: int
     layout: Layout
+    restored: bool = False  # Restore only: the pool took the client's allocations (else it had them)
 
 
 class Allocated(msgspec.Struct, tag=True):
@@ -168,15 +183,25 @@ def send_frame(sock: socket.socket, msg: msgspec.Struct, fds: list[int] = ()) ->
         sock.sendall(data)
 
 
+ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4)
+
+
+def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors that came with a recvmsg (the caller owns them)."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+            fds.extend(got)
+    return fds
+
+
 def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
     chunks, need = [], n
     while need:
-        data, anc, flags, _ = sock.recvmsg(need, socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                fds.extend(got)
+        data, anc, flags, _ = sock.recvmsg(need, ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+        fds.extend(fds_of(anc))
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError("file descriptors were truncated in transit")
         if not data:

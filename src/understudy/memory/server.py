@@ -25,8 +25,9 @@ from typing import Any
 
 from ..logs import log
 from . import protocol as p
-from .backend import Backend
-from .pool import Allocator, Events, Pool, PoolError, Session
+from .backend import Backend, BackendError
+from .pool import (MAX_ALLOCATION, Allocation, Allocator, Content, Events, Pool, PoolError, Session,
+                   validate_tensor, validate_extra)
 
 logger = logging.getLogger("understudy.memory.server")
 
@@ -45,6 +46,19 @@ class _LastWord:
 
     def __init__(self, reply: p.Error):
         self.reply = reply
+
+
+class _Frame:
+    """A request's body and the file descriptors that came with it."""
+
+    def __init__(self, body: bytes, fds: list[int]):
+        self.body, self.fds = body, fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
 
 
 class ServerError(RuntimeError):
@@ -200,39 +214,68 @@ class MemoryServer:
 
     async def _read_frames(self, conn: socket.socket, frames: asyncio.Queue, backlog: list[int]) -> None:
         while True:
-            header = await self._recv_exact(conn, p.HEADER.size)
-            if header is None:
-                return
-            (length,) = p.HEADER.unpack(header)
-            if length > p.MAX_FRAME:
-                # The stream cannot be trusted past a length like this: say why and hang up.
-                self.events.add(None, "bad_frame", None, reason=f"length {length}")
-                last = p.Error("frame_too_large", f"frame of {length} bytes exceeds {p.MAX_FRAME}; closing")
-            elif backlog[0] and backlog[0] + FRAME_OVERHEAD + length > READ_AHEAD:
-                # A client waits for each reply: one this far ahead is not reading them.
-                self.events.add(None, "bad_frame", None, reason=f"read-ahead over {READ_AHEAD} bytes")
-                last = p.Error("too_many_requests", f"over {READ_AHEAD} bytes of requests wait for "
-                                                    "their replies; closing")
-            else:
-                body = await self._recv_exact(conn, length)
-                if body is None:
+            fds: list[int] = []  # what came with this frame (only Restore brings any)
+            try:
+                header = await self._recv_exact(conn, p.HEADER.size, fds)
+                if header is None:
                     return
-                backlog[0] += FRAME_OVERHEAD + length
-                frames.put_nowait(body)
-                continue
+                (length,) = p.HEADER.unpack(header)
+                if length > p.MAX_FRAME:
+                    # The stream cannot be trusted past a length like this: say why and hang up.
+                    self.events.add(None, "bad_frame", None, reason=f"length {length}")
+                    last = p.Error("frame_too_large", f"frame of {length} bytes exceeds {p.MAX_FRAME}; closing")
+                elif backlog[0] and backlog[0] + FRAME_OVERHEAD + length > READ_AHEAD:
+                    # A client waits for each reply: one this far ahead is not reading them.
+                    self.events.add(None, "bad_frame", None, reason=f"read-ahead over {READ_AHEAD} bytes")
+                    last = p.Error("too_many_requests", f"over {READ_AHEAD} bytes of requests wait for "
+                                                        "their replies; closing")
+                elif fds and backlog[0]:
+                    # fds only come with Restore, the first request of a session: never queued behind
+                    # others, so a peer cannot pile up file descriptors in the server.
+                    self.events.add(None, "bad_frame", None, reason="file descriptors behind other requests")
+                    last = p.Error("bad_request", "file descriptors may only come with Restore, the first "
+                                                  "request of a connection; closing")
+                else:
+                    body = await self._recv_exact(conn, length, fds)
+                    if body is None:
+                        return
+                    backlog[0] += FRAME_OVERHEAD + length
+                    frames.put_nowait(_Frame(body, fds))
+                    fds = []
+                    continue
+            finally:
+                _close_all(fds)
             frames.put_nowait(_LastWord(last))
             # The worker sends it after the replies still due; meanwhile read and drop the
             # rest, only to notice the peer hanging up (which ends the session at once).
-            loop = asyncio.get_running_loop()
-            while await loop.sock_recv(conn, 1 << 16):
-                pass
-            return
+            while True:
+                dropped: list[int] = []
+                chunk = await self._recv_some(conn, 1 << 16, dropped)
+                _close_all(dropped)
+                if not chunk:
+                    return
 
-    async def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
+    async def _recv_some(self, conn: socket.socket, n: int, fds: list[int]) -> bytes:
+        """Up to n bytes (b"" at EOF), collecting the fds that come with them."""
         loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, anc, flags, _ = conn.recvmsg(n, p.ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                ready = loop.create_future()
+                loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(conn.fileno())
+                continue
+            fds.extend(p.fds_of(anc))
+            return data
+
+    async def _recv_exact(self, conn: socket.socket, n: int, fds: list[int]) -> bytes | None:
         buf = bytearray()
         while len(buf) < n:
-            chunk = await loop.sock_recv(conn, n - len(buf))
+            chunk = await self._recv_some(conn, n - len(buf), fds)
             if not chunk:
                 return None
             buf += chunk
@@ -240,31 +283,44 @@ class MemoryServer:
 
     async def _handle_frames(self, conn: socket.socket, session: Session, frames: asyncio.Queue,
                              backlog: list[int]) -> None:
-        while True:
-            body = await frames.get()
-            if isinstance(body, _LastWord):
-                await self._send(conn, body.reply)
-                return
-            backlog[0] -= FRAME_OVERHEAD + len(body)
-            fds: list[int] = []
-            try:
-                request = p.decode_request(body)
-                reply, fds = await self._dispatch(session, request)
-            except p.ProtocolError as e:
-                self.events.add(None, "bad_frame", session, reason=str(e)[:200])
-                reply = p.Error("bad_frame", f"cannot decode request: {e}")
-            except PoolError as e:
-                reply = p.Error(e.code, str(e))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a bug of ours must not take the service down
-                logger.exception("request_failed", extra={"fields": {"session": session.id}})
-                reply = p.Error("internal", f"{type(e).__name__}: {e}")
-            try:
-                await self._send(conn, reply, fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+        try:
+            while True:
+                frame = await frames.get()
+                if isinstance(frame, _LastWord):
+                    await self._send(conn, frame.reply)
+                    return
+                backlog[0] -= FRAME_OVERHEAD + len(frame.body)
+                fds: list[int] = []
+                try:
+                    request = p.decode_request(frame.body)
+                    if isinstance(request, p.Restore):
+                        reply = await self._restore(session, request, frame.fds)
+                    elif frame.fds:
+                        raise PoolError("bad_request", f"{type(request).__name__} takes no file descriptors")
+                    else:
+                        reply, fds = await self._dispatch(session, request)
+                except p.ProtocolError as e:
+                    self.events.add(None, "bad_frame", session, reason=str(e)[:200])
+                    reply = p.Error("bad_frame", f"cannot decode request: {e}")
+                except PoolError as e:
+                    reply = p.Error(e.code, str(e))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a bug of ours must not take the service down
+                    logger.exception("request_failed", extra={"fields": {"session": session.id}})
+                    reply = p.Error("internal", f"{type(e).__name__}: {e}")
+                finally:
+                    _close_all(frame.fds)  # those a Restore took are no longer in the list
+                try:
+                    await self._send(conn, reply, fds)
+                finally:
+                    _close_all(fds)
+        finally:
+            # Frames read ahead but never handled (the peer left) may still hold fds.
+            while not frames.empty():
+                frame = frames.get_nowait()
+                if isinstance(frame, _Frame):
+                    _close_all(frame.fds)
 
     # -- requests -------------------------------------------------------------
     async def _dispatch(self, session: Session, req: p.Request) -> tuple[p.Reply, list[int]]:
@@ -318,6 +374,41 @@ class MemoryServer:
             pool.reset(session)
             return p.Ok(pool.content_for(session).layout().hash), []
         raise PoolError("bad_request", f"unknown request {type(req).__name__}")
+
+    async def _restore(self, session: Session, req: p.Restore, fds: list[int]) -> p.Granted:
+        """A restarted server takes back what a client maps (see Pool.restore); `fds` are taken
+        out of the list as they become the server's."""
+        if session.pool is not None:
+            raise PoolError("bad_state", f"this connection already holds the {session.pool} pool")
+        sizes, g = req.layout.sizes, self.backend.granularity()
+        if len(fds) != len(sizes):
+            raise PoolError("bad_request", f"Restore of {len(sizes)} allocations came with {len(fds)} fds")
+        if not sizes or any(s <= 0 or s % g or s > MAX_ALLOCATION for s in sizes):
+            raise PoolError("bad_request", f"Restore needs allocations of positive multiples of {g} bytes")
+        validate_extra(req.layout.extra)
+        staged = Content([Allocation(s, None, -1) for s in sizes], dict(req.layout.tensors),
+                         dict(req.layout.extra))
+        for name, meta in staged.tensors.items():
+            validate_tensor(name, meta, staged)
+        if staged.layout().hash != req.layout.hash:
+            raise PoolError("bad_request", f"layout hash {req.layout.hash!r} is not the hash of the layout sent "
+                                           f"({staged.layout().hash})")
+        pool = self.pools[req.pool]
+        session.name = req.name[:200]
+        try:
+            staged.allocations = self.allocator.adopt(pool.name, session, sizes, fds)
+        except BackendError as e:
+            raise PoolError("bad_request", f"cannot take the allocations back: {e}") from None
+        fds.clear()  # the server's now (released with the content)
+        try:
+            taken = pool.restore(session, staged)
+        except BaseException:
+            self.allocator.free(staged.allocations)
+            raise
+        if not taken:
+            self.allocator.free(staged.allocations)  # the pool had them already (another client restored)
+        return p.Granted(session.id, pool.name, session.mode, self.backend.name, self.backend.identity(),
+                         self.backend.granularity(), pool.content_for(session).layout(), restored=taken)
 
     def status(self) -> dict[str, Any]:
         return {
