@@ -14,6 +14,8 @@ server, last) and leaves the promoted shadow active for the next.
     4. the active engine and the shadow that wakes first are both killed: the other shadow takes over.
     5. a second --role primary is refused while one is active.
     6. the memory server is SIGKILLed under load: the active engine keeps serving from its mappings.
+    7. a new memory server starts: the engines give it back the weights and the KV they map; a new
+       shadow imports them and takes over with the prefix cache, nothing read from disk.
 
 Greedy decoding with ignore_eos, so every answer is a fixed-length token list: "no token lost, none
 duplicated" is list equality with the undisturbed run. Nothing waits on fixed sleeps: processes are
@@ -504,3 +506,46 @@ def test_memory_service_killed_under_load_engine_keeps_serving(cluster, prompts,
     h = active.health()
     assert (h["state"], h["routable"]) == ("ACTIVE", True)
     active.assert_clean_log()
+
+
+# -- 7. the restarted memory service gets the engines' memory back ------------------------------------
+
+def recovered(line: str) -> bool:
+    return _event(line).get("event") == "memory_service_recovered"
+
+
+def test_restarted_memory_service_gets_weights_and_kv_back_without_disk(cluster, prompts, reference):
+    """After test 6's kill: a new memory service starts (as `understudy up` does). The engines hand it
+    what they map: the weights (restored by one, attached by the others) and, from the active engine,
+    the kv pool. A new shadow then imports the weights from it, and after the active engine is killed
+    adopts the KV with its prefix cache: nothing was read from disk, no prefix recomputed."""
+    if cluster.mem.proc.poll() is None:  # run alone: kill it here
+        assert cluster.mem.kill(signal.SIGKILL) == -signal.SIGKILL
+    cluster.mem = ServerProcess.start(BACKEND, cluster.dir)
+    active = cluster.active
+    rec = active.wait_for(recovered, timeout=60)
+    assert rec["weights"] in ("restored", "attached") and rec["kv"] == "restored", rec
+    outcomes = [rec["weights"]]
+    for shadow in cluster.parked:
+        got = shadow.wait_for(recovered, timeout=60)
+        assert got["weights"] in ("restored", "attached") and "kv" not in got, got
+        outcomes.append(got["weights"])
+    assert outcomes.count("restored") == 1, outcomes  # one engine gave the pool its layout
+    status = read_status(cluster.mem.path)
+    weights, kv = status["pools"]["weights"], status["pools"]["kv"]
+    assert weights["state"] == "RO" and len(weights["readers"]) == 1 + len(cluster.parked), weights
+    owner = {s["id"]: s["pid"] for s in status["sessions"]}[kv["writer"]["id"]]
+    assert (kv["state"], owner, bool(kv["extra"].get("kv_spec"))) == ("RW", active.pid, True), kv
+    assert active.generate(prompts[14])[0] == reference[14]  # still serving, through it all
+
+    for old in list(cluster.parked):  # only the new shadow below may take over
+        old.kill()
+        cluster.parked.remove(old)
+    shadow = cluster.park()  # asserts weights == "imported": from the restored pool, not from disk
+    cluster.kill_active()
+    cluster.promoted(shadow)
+    for i in (14, 15):
+        tokens, cached = shadow.generate(prompts[i])
+        assert tokens == reference[i] and cached == full_blocks(len(prompts[i])), i
+    active.assert_clean_log()
+    shadow.assert_clean_log()

@@ -34,6 +34,7 @@ from ..failover.lock import FailoverLock, LockHeld
 from .kv_cache import KVCache, KVSpec
 from .lifecycle import Lifecycle
 from .loader import load_config
+from .memory_watch import watch_memory_service
 from .server import Worker, create_app
 from .tokenizer import Tokenizer
 
@@ -56,6 +57,15 @@ def _pdeathsig() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def spawn_memory_service(backend: str, device: int, socket_dir: str | None) -> subprocess.Popen:
+    """A memory service tied to this process (call it from the main thread: PR_SET_PDEATHSIG fires
+    when the thread that started the child exits)."""
+    cmd = [sys.executable, "-m", "understudy", "memory-server", "--backend", backend, "--device", str(device)]
+    if socket_dir:
+        cmd += ["--socket-dir", socket_dir]
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_pdeathsig)
+
+
 def ensure_memory_service(backend: str, device: int, socket_dir: str | None, mode: str) -> tuple[str, subprocess.Popen | None]:
     path = str(socket_path(socket_dir, get_backend(backend, device).identity()))
     try:
@@ -65,10 +75,7 @@ def ensure_memory_service(backend: str, device: int, socket_dir: str | None, mod
         if mode == "connect":
             raise SystemExit(f"understudy serve: no memory service at {path}; start `understudy memory-server "
                              f"--backend {backend} --device {device}` or use --memory-service auto")
-    cmd = [sys.executable, "-m", "understudy", "memory-server", "--backend", backend, "--device", str(device)]
-    if socket_dir:
-        cmd += ["--socket-dir", socket_dir]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_pdeathsig)
+    proc = spawn_memory_service(backend, device, socket_dir)
     for line in proc.stderr:
         sys.stderr.write(line)
         if '"listening"' in line:
@@ -181,6 +188,18 @@ def serve(args: argparse.Namespace) -> int:
         built.worker.engine.start()
         if built.worker.state == "STANDBY":
             threading.Thread(target=park_and_promote, args=(built,), name="promotion", daemon=True).start()
+        if built.worker.weights is not None:
+            app.state.memory_watch = asyncio.create_task(
+                watch_memory_service(built.worker, built.socket_path, app.state.control,
+                                     restart=_restart_own_memory_service if built.memory_server else None))
+
+    def _restart_own_memory_service() -> None:
+        """The memory service we started died: start the next one (on the loop's thread, see spawn)."""
+        built.memory_server.wait()
+        built.memory_server = spawn_memory_service(built.worker.info["backend"], args.device, args.socket_dir)
+        threading.Thread(target=shutil.copyfileobj, args=(built.memory_server.stderr, sys.stderr),
+                         daemon=True).start()
+        log(logger, "memory_service_started", pid=built.memory_server.pid, socket=built.socket_path)
 
     @app.on_event("shutdown")
     async def _stop_engine():

@@ -499,7 +499,9 @@ def create_app(worker: Worker) -> FastAPI:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     # -- manual control -----------------------------------------------------------
-    control = asyncio.Lock()  # one sleep / wake_up at a time: a repeated call sees the first one's result
+    # One sleep / wake_up at a time (a repeated call sees the first one's result); the memory watch
+    # takes it too while it gives a restarted memory service our memory back.
+    control = app.state.control = asyncio.Lock()
 
     def _conflict(message: str) -> JSONResponse:
         return error(409, message, type_="conflict_error")
