@@ -70,19 +70,37 @@ async def watch_memory_service(worker, path: str, control: asyncio.Lock,
 
     `control` serialises this with sleep/wake_up; `restart`, if given, starts the next service
     (an engine that started its own)."""
+    try:
+        await _watch(worker, path, control, restart)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # a bug of ours: say so, or the engine would silently stop watching
+        logger.exception("memory_watch_failed")
+        raise
+
+
+async def _watch(worker, path: str, control: asyncio.Lock, restart: Callable[[], None] | None) -> None:
     loop = asyncio.get_running_loop()
     lost_at: float | None = None
     while True:
         sock = await _connected(path)
         try:
             if lost_at is not None:
-                async with control:
-                    outcome = await asyncio.to_thread(give_back, worker)
+                try:
+                    async with control:
+                        outcome = await asyncio.to_thread(give_back, worker)
+                except OSError as e:  # the service went away again meanwhile: wait for the next one
+                    log(logger, "memory_service_recovery_interrupted", logging.WARNING, error=str(e))
+                    await asyncio.sleep(RETRY_MAX)
+                    continue
                 failed = any(v.startswith("refused") for v in outcome.values())
                 log(logger, "memory_service_recovered", logging.ERROR if failed else logging.INFO,
                     seconds=round(time.monotonic() - lost_at, 3), **outcome)
             # The service never writes to this connection: it becomes readable only at EOF.
-            while await loop.sock_recv(sock, 1 << 12):
+            try:
+                while await loop.sock_recv(sock, 1 << 12):
+                    pass
+            except OSError:  # reset: gone just the same
                 pass
         finally:
             sock.close()

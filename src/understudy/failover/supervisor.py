@@ -85,9 +85,9 @@ class Supervisor:
         self._write_state()
 
     def _pump(self, child: Child, proc: subprocess.Popen, wait_for: str | None, ready: threading.Event) -> None:
-        """Forward a child's log lines (they are JSON already) and notice when it is ready."""
+        """Forward a child's log lines, saying which child wrote them, and notice when it is ready."""
         for line in proc.stderr:
-            sys.stderr.write(line)
+            sys.stderr.write(_tagged(line, child.name, proc.pid))
             if wait_for and wait_for in line:
                 ready.set()
         ready.set()
@@ -132,6 +132,17 @@ class Supervisor:
         self.state_file.unlink(missing_ok=True)
         log(logger, "node_stopped")
         return 0
+
+
+def _tagged(line: str, name: str, pid: int) -> str:
+    """A JSON log line gets "child" and "child_pid" keys; any other line a "[name] " prefix."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if isinstance(record, dict):
+        return json.dumps({**record, "child": name, "child_pid": pid}) + "\n"
+    return f"[{name}] {line}"
 
 
 def node_status(socket_dir: Path) -> dict:
