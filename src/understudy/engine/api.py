@@ -1,4 +1,4 @@
-"""Request bodies of the worker's HTTP API (OpenAI-compatible and token-level), and errors.
+"""Request bodies of the worker's HTTP API (OpenAI-compatible and token-level), errors and the body limit.
 
 Validation happens here, so a wrong payload becomes one OpenAI-style 400
 before it reaches the engine.
@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 MAX_STOP_STRINGS = 16
 
@@ -123,6 +123,8 @@ class TokenSampling(BaseModel):
     seed: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    # Tokens already sampled with this seed by another engine (a migrated request resumes the stream).
+    seed_offset: int = Field(default=0, ge=0)
 
 
 class TokenGenerateRequest(BaseModel):
@@ -137,7 +139,8 @@ class TokenGenerateRequest(BaseModel):
     def params(self) -> SamplingParams:
         s = self.sampling
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              seed=s.seed, stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+                              seed=s.seed, stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                              seed_offset=s.seed_offset)
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -145,3 +148,54 @@ def error(status: int, message: str, type_: str = "invalid_request_error", param
     """An OpenAI-style error body."""
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
                         status_code=status, headers=headers)
+
+
+def invalid_request(errors: list[dict]) -> JSONResponse:
+    """A pydantic / FastAPI validation failure as one OpenAI-style 400 naming the first bad field."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))} "
+                          f"(at character {first.get('loc', [None, '?'])[-1]})")
+    param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:]) or 'body'}: {e.get('msg')}"
+                        for e in errors[:5])
+    return error(400, message or "invalid request", param=param)
+
+
+class BodyLimit:
+    """413 for request bodies over `worker.max_request_bytes` (any object with that attribute).
+
+    BUGFIX (tests/engine/test_engine_http.py::test_oversized_body_gets_413): only Content-Length was
+    checked, so a chunked upload of any size went through. Bodies without one are now read (up to the
+    limit) before the app runs, then replayed to it."""
+
+    def __init__(self, app, worker: Any):
+        self.app, self.worker = app, worker
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.worker.max_request_bytes
+        too_big = lambda: error(413, f"request body exceeds the limit of {limit} bytes")  # noqa: E731
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > limit:
+                return await too_big()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await too_big()(scope, receive, send)
+            body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)

@@ -11,7 +11,6 @@ the Hugging Face checkpoint of the same model.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .attention import AttentionFn, reference_attention
+from .gguf_file import gguf_field, open_gguf  # noqa: F401  (loader's callers use them from here)
 from .config import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
@@ -143,26 +143,6 @@ def gguf_to_hf_name(name: str) -> str:
     if m is None or m.group(2) not in _GGUF_LAYER_NAMES:
         raise UnsupportedModelError(f"GGUF tensor {name!r} has no counterpart in the supported architectures")
     return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-
-
-@functools.lru_cache(maxsize=4)
-def _open_gguf(path: str, mtime_ns: int, size: int):
-    from gguf import GGUFReader
-
-    # Parsing the header takes seconds (tens of thousands of vocab strings), and config,
-    # weights and tokenizer all need it: keep the (memory-mapped) reader around.
-    return GGUFReader(path)
-
-
-def open_gguf(path: PathLike):
-    """A cached gguf.GGUFReader for `path` (reopened if the file changes)."""
-    st = os.stat(path)
-    return _open_gguf(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
-def gguf_field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def _f32(x: float) -> float:

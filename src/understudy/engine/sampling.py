@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 (or -1) means no limit
-    seed: int | None = None  # a seeded request gives the same tokens every time
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = field(default=())  # applied where text exists (the HTTP layer)
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+from .params import SamplingParams  # noqa: F401  (re-exported: its home before params.py)
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -45,6 +19,16 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         for j, i in enumerate(rows):
             out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     return out.tolist()
+
+
+def skip_draws(generator: torch.Generator, draws: int, vocab_size: int, device) -> None:
+    """Advance a request's generator past `draws` calls of `sample` (SamplingParams.seed_offset).
+
+    Each sampled token is one torch.multinomial over the vocabulary (float32 probabilities), whose
+    random numbers do not depend on the probabilities' values: uniform ones consume the same."""
+    probs = torch.ones(vocab_size, dtype=torch.float32, device=device)
+    for _ in range(draws):
+        torch.multinomial(probs, 1, generator=generator)
 
 
 def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:

@@ -78,7 +78,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: PathLike) -> "Tokenizer":
-        from .loader import gguf_field, open_gguf
+        from .gguf_file import gguf_field, open_gguf
 
         reader = open_gguf(path)
         tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens")
@@ -227,7 +227,7 @@ def _compile_template(template: str):
 
 
 def _byte_level_bpe_from_gguf(reader, tokens: list[str], pre: str) -> _Backend:
-    from .loader import gguf_field
+    from .gguf_file import gguf_field
 
     merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
     backend = _Backend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))

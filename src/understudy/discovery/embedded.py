@@ -1,0 +1,109 @@
+"""The registry a frontend holds in memory (the default discovery): engines register over HTTP.
+
+    POST   /registry/engines                 {"record": {...}, "ttl": 2.0}  register or update
+    PUT    /registry/engines/{id}/keepalive  renew the lease (404: unknown or expired: register again)
+    DELETE /registry/engines/{id}            deregister
+    GET    /registry/engines                 the records, with the seconds left on their leases
+
+A record whose keep-alives stop expires after its TTL (a timer per record, no sweeping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from .records import EngineRecord, View
+
+MIN_TTL = 0.5
+
+
+class EmbeddedRegistry(View):
+    def __init__(self, max_ttl: float = 300.0):
+        super().__init__()
+        self.max_ttl = max_ttl
+        self._leases: dict[str, tuple[float, float, asyncio.TimerHandle]] = {}  # id -> (ttl, deadline, timer)
+
+    def register(self, record: EngineRecord, ttl: float) -> float:
+        """Put the record with a lease of `ttl` seconds (clamped); returns the TTL granted."""
+        ttl = min(max(float(ttl), MIN_TTL), self.max_ttl)
+        self._arm(record.id, ttl)
+        self._put(record)
+        return ttl
+
+    def keepalive(self, engine_id: str) -> bool:
+        lease = self._leases.get(engine_id)
+        if lease is None:
+            return False
+        self._arm(engine_id, lease[0])
+        return True
+
+    def deregister(self, engine_id: str, reason: str = "deregistered") -> bool:
+        lease = self._leases.pop(engine_id, None)
+        if lease is None:
+            return False
+        lease[2].cancel()
+        self._delete(engine_id, reason)
+        return True
+
+    def leases(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"record": msgspec.to_builtins(self.records[i]), "ttl": ttl, "expires_in": round(deadline - now, 3)}
+                for i, (ttl, deadline, _) in self._leases.items()]
+
+    async def stop(self) -> None:
+        for _, _, timer in self._leases.values():
+            timer.cancel()
+
+    def _arm(self, engine_id: str, ttl: float) -> None:
+        old = self._leases.get(engine_id)
+        if old is not None:
+            old[2].cancel()
+        timer = asyncio.get_running_loop().call_later(ttl, self._expire, engine_id)
+        self._leases[engine_id] = (ttl, time.monotonic() + ttl, timer)
+
+    def _expire(self, engine_id: str) -> None:
+        if self._leases.pop(engine_id, None) is not None:
+            self._delete(engine_id, "lease_expired")
+
+    def routes(self) -> APIRouter:
+        router = APIRouter(prefix="/registry")
+
+        def _bad(message: str, status: int = 400) -> JSONResponse:
+            return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                           "code": status}}, status_code=status)
+
+        @router.post("/engines")
+        async def register(request: Request):
+            try:
+                body = msgspec.json.decode(await request.body())
+                record = msgspec.convert(body["record"], EngineRecord)
+                ttl = float(body.get("ttl", 10.0))
+            except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, ValueError) as e:
+                return _bad(f"invalid registration: {e}")
+            if not record.url.startswith(("http://", "https://")):
+                return _bad(f"record.url must be an http(s) URL, got {record.url!r}")
+            return {"id": record.id, "ttl": self.register(record, ttl)}
+
+        @router.put("/engines/{engine_id}/keepalive")
+        async def keepalive(engine_id: str):
+            if not self.keepalive(engine_id):
+                return _bad(f"no lease for engine {engine_id!r} (expired or never registered)", 404)
+            return {"id": engine_id, "ttl": self._leases[engine_id][0]}
+
+        @router.delete("/engines/{engine_id}")
+        async def deregister(engine_id: str):
+            if not self.deregister(engine_id):
+                return _bad(f"no engine {engine_id!r}", 404)
+            return {"id": engine_id, "deregistered": True}
+
+        @router.get("/engines")
+        async def listing():
+            return {"engines": self.leases()}
+
+        return router

@@ -1,0 +1,201 @@
+"""One request's tokens, from whichever engine can give them.
+
+The frontend sends token ids to an engine (`POST /engine/generate`) and reads one NDJSON line per
+step. When the stream breaks (the engine died, the connection dropped, no token for --stream-timeout)
+the request is resent to another engine as prompt + the tokens generated so far, with max_tokens
+reduced by what was generated and the seeded sampler advanced past the tokens already drawn
+(`seed_offset`), so greedy and seeded answers continue exactly as if nothing happened: the client sees
+no lost and no duplicated token. The engine of the same node comes first (a promoted shadow finds
+the prefix in the KV cache it adopted). Before any engine accepted the request, an unreachable or
+refusing (503) engine is simply replaced by another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+
+from ..engine.params import SamplingParams
+from ..logs import log
+from .metrics import FrontendMetrics
+from .pool import EngineState
+from .router import AllBusy, NoEngine, Router
+
+logger = logging.getLogger("understudy.frontend.migration")
+
+
+@dataclass
+class Policy:
+    limit: int = 3  # migrations per request (0: none)
+    max_seq_len: int | None = None  # prompt + generated above this: not migrated
+    stream_timeout: float = 120.0  # seconds without a line from the engine: broken
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class EngineRefused(Exception):
+    """The engine rejected the request itself (4xx): its answer goes to the client as it is."""
+
+    def __init__(self, status: int, body: Any):
+        super().__init__(f"HTTP {status}")
+        self.status, self.body = status, body
+
+
+class StreamFailed(Exception):
+    """The request broke and could not continue elsewhere (migration off, limit, length, no engine)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class EngineError(Exception):
+    """The engine failed the request inside a step (finish_reason "error")."""
+
+
+class _Broken(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Generation:
+    def __init__(self, http: httpx.AsyncClient, router: Router, metrics: FrontendMetrics, policy: Policy,
+                 prompt: list[int], params: SamplingParams, request_id: str):
+        self.http, self.router, self.metrics, self.policy = http, router, metrics, policy
+        self.prompt, self.params, self.request_id = prompt, params, request_id
+        self.generated: list[int] = []
+        self.migrations = 0
+        self.cached_tokens: int | None = None  # what the first engine found of the prompt in its cache
+        self.engines: list[str] = []  # ids of the engines that served it, in order
+
+    def _body(self) -> dict[str, Any]:
+        p, n = self.params, len(self.generated)
+        return {"token_ids": self.prompt + self.generated, "request_id": self.request_id,
+                "sampling": {"max_tokens": p.max_tokens - n, "temperature": p.temperature, "top_p": p.top_p,
+                             "top_k": p.top_k, "seed": p.seed, "stop_token_ids": list(p.stop_token_ids),
+                             "ignore_eos": p.ignore_eos, "seed_offset": n if p.seed is not None else 0}}
+
+    async def stream(self) -> AsyncIterator[Chunk]:
+        """Chunks until one has a finish_reason. Raises NoEngine / AllBusy (nothing accepted it),
+        EngineRefused, EngineError or StreamFailed."""
+        exclude: set[str] = set()
+        accepted = False  # an engine answered 200: from here on a failure is a migration
+        engine = self.router.pick()
+        while True:
+            if len(self.generated) >= self.params.max_tokens:  # the break came right after the last token
+                yield Chunk([], "length", len(self.prompt), self.cached_tokens or 0)
+                return
+            try:
+                # aclosing: when our caller stops early (stop string, client gone), the engine's
+                # stream is closed now, which cancels the request there and frees its KV.
+                async with aclosing(self._from(engine)) as chunks:
+                    async for chunk in chunks:
+                        accepted = True
+                        yield chunk
+                        if chunk.finish_reason:
+                            return
+                raise _Broken("stream_broken", "the engine closed the stream before the end")
+            except _Broken as broken:
+                exclude.add(engine.id)
+                if broken.reason == "refused":
+                    engine.poke.set()  # re-read its state: it may be busy or not active
+                else:
+                    engine.unreachable()
+                if not accepted:
+                    # No token came, so none can be lost or repeated: another engine just takes it (each
+                    # engine once), whether or not migration is on.
+                    engine = self._retry(engine, broken, exclude)
+                    continue
+                engine = self._migrate(engine, broken, exclude)
+
+    def _retry(self, failed: EngineState, broken: _Broken, exclude: set[str]) -> EngineState:
+        self.metrics.retries.inc()
+        log(logger, "retry", request_id=self.request_id, engine=failed.id, reason=broken.reason, error=str(broken))
+        try:
+            return self.router.pick(exclude)
+        except (NoEngine, AllBusy):
+            if broken.reason == "refused":
+                raise AllBusy("every engine refused the request (overloaded or not active)") from None
+        # The engine died before answering: its node's shadow (held until promoted) or a busy engine.
+        return self.router.pick_for_migration(failed.node, exclude)
+
+    def _migrate(self, failed: EngineState, broken: _Broken, exclude: set[str]) -> EngineState:
+        seq_len = len(self.prompt) + len(self.generated)
+        refusal = None
+        if self.policy.limit <= 0:
+            refusal = "disabled"
+        elif self.migrations >= self.policy.limit:
+            refusal = "limit"
+        elif self.policy.max_seq_len is not None and seq_len > self.policy.max_seq_len:
+            refusal = "max_seq_len"
+        target = None
+        if refusal is None:
+            try:
+                target = self.router.pick_for_migration(failed.node, exclude)
+            except NoEngine:
+                refusal = "no_engine"
+        if refusal is not None:
+            self.metrics.migration_failures.labels(refusal).inc()
+            log(logger, "migration_refused", logging.WARNING, request_id=self.request_id, engine=failed.id,
+                reason=refusal, error=str(broken), generated=len(self.generated), migrations=self.migrations)
+            raise StreamFailed(f"the engine serving this request failed ({broken}) after {len(self.generated)} "
+                               f"tokens and the request could not move to another engine ({refusal})", refusal)
+        self.migrations += 1
+        self.metrics.migrations.labels(broken.reason).inc()
+        self.metrics.migrated_tokens.inc(seq_len)
+        log(logger, "migrating", request_id=self.request_id, source=failed.id, target=target.id,
+            target_state=target.state, same_node=target.node == failed.node, reason=broken.reason,
+            error=str(broken), generated=len(self.generated), migration=self.migrations)
+        return target
+
+    async def _from(self, engine: EngineState) -> AsyncIterator[Chunk]:
+        """One engine's part of the answer. Failures become _Broken (or EngineRefused / EngineError)."""
+        self.engines.append(engine.id)
+        engine.inflight += 1
+        timeout = httpx.Timeout(self.policy.stream_timeout, connect=5.0)
+        try:
+            async with self.http.stream("POST", f"{engine.url}/engine/generate", json=self._body(),
+                                        timeout=timeout) as r:
+                if r.status_code == 503:
+                    raise _Broken("refused", f"HTTP 503: {(await r.aread())[:300]!r}")
+                if 400 <= r.status_code < 500:
+                    raw = await r.aread()
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:
+                        body = {"error": {"message": raw.decode(errors="replace"), "type": "invalid_request_error",
+                                          "param": None, "code": r.status_code}}
+                    raise EngineRefused(r.status_code, body)
+                if r.status_code != 200:
+                    raise _Broken("stream_broken", f"HTTP {r.status_code}")
+                async for line in r.aiter_lines():
+                    if not line.strip():
+                        continue
+                    out = json.loads(line)
+                    if out.get("error"):
+                        raise EngineError(out["error"])
+                    ids = out.get("token_ids") or []
+                    self.generated += ids
+                    if self.cached_tokens is None:
+                        self.cached_tokens = int(out.get("cached_tokens") or 0)
+                    yield Chunk(ids, out.get("finish_reason"), len(self.prompt), self.cached_tokens)
+        except httpx.ConnectError as e:
+            raise _Broken("unreachable", f"{type(e).__name__}: {e}") from None
+        except (httpx.TransportError, ValueError) as e:  # dropped, reset, timed out; a torn line
+            raise _Broken("stream_broken", f"{type(e).__name__}: {e}") from None
+        finally:
+            engine.inflight -= 1
+            engine.last_used = time.monotonic()

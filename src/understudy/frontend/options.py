@@ -1,0 +1,67 @@
+"""The flags of `understudy frontend` (kept free of heavy imports so `--help` is instant)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    g.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413 (default: 4194304)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before exiting (default: 30)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="the model directory or .gguf file whose tokenizer and chat template the frontend uses; "
+                        "must be what the engines serve (default: SmolLM2-135M-Instruct, like `serve`)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients use and engines must report (default: from --model, like `serve`)")
+    g.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of requests that do not say (default: 256)")
+    g = p.add_argument_group("discovery")
+    g.add_argument("--discovery", default="embedded",
+                   help="where engines are found: 'embedded' (engines register here with `serve --register "
+                        "http://HOST:PORT`) or etcd://HOST:PORT[/prefix] (engines register there; many frontends "
+                        "can share it) (default: embedded)")
+    g.add_argument("--registry-max-ttl", type=float, default=300.0,
+                   help="embedded registry: the longest lease an engine may ask for, in seconds (default: 300)")
+    g = p.add_argument_group("routing and load shedding")
+    g.add_argument("--busy-kv-usage", type=_fraction, default=0.95,
+                   help="an engine whose KV cache usage is at or above this fraction is busy (default: 0.95); "
+                        "change it at run time with POST /admin/thresholds")
+    g.add_argument("--busy-waiting", type=int, default=32,
+                   help="an engine with this many requests waiting or more is busy (default: 32); a request "
+                        "gets 503 + Retry-After only when every active engine is busy")
+    g.add_argument("--retry-after", type=int, default=1,
+                   help="seconds in the Retry-After header of 503 answers (default: 1)")
+    g = p.add_argument_group("migration")
+    g.add_argument("--migration-limit", type=int, default=3,
+                   help="how many times one request may move to another engine after its stream broke "
+                        "(0: never; the client gets an error) (default: 3)")
+    g.add_argument("--migration-max-seq-len", type=int, default=None,
+                   help="do not migrate requests whose prompt + generated tokens exceed this many tokens "
+                        "(their re-prefill would cost too much) (default: no limit)")
+    g.add_argument("--stream-timeout", type=float, default=120.0,
+                   help="seconds without a token from an engine (first token included) before its stream "
+                        "counts as broken (default: 120)")
+    g = p.add_argument_group("health")
+    g.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between polls of each engine's /health (default: 1)")
+    g.add_argument("--health-timeout", type=float, default=5.0,
+                   help="seconds an engine's /health may take before the engine counts as unreachable "
+                        "(default: 5)")
+    g.add_argument("--canary-interval", type=float, default=0.0,
+                   help="send a one-token request to each idle active engine this often (seconds); an engine "
+                        "that fails it is unhealthy (no new work) until one passes (default: 0, off)")
+    g.add_argument("--canary-timeout", type=float, default=10.0,
+                   help="seconds a canary request may take (default: 10)")
