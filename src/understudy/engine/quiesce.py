@@ -1,0 +1,165 @@
+"""Quiesce and resume around a snapshot: POST /engine/control/quiesce and /engine/control/resume.
+
+A process image (CRIU) can hold only the engine's own state: no mapping of the memory service's
+memory and no connection to another process. Quiescing a parked shadow (STANDBY) therefore uses
+the sleep mechanism (server._release_memory): the engine thread stops, the weights are unmapped
+with their address ranges kept reserved and the weights session is closed; the memory watch's
+connection is closed too. A sleeping engine has released its memory already. Either way the state
+becomes QUIESCED: nothing is admitted (requests wait as on a standby), and a promotion that gets the
+failover lock meanwhile waits for the resume (Lifecycle.set_unquiesced). The listening socket stays;
+the HTTP connection that asked is closed after the answer (the caller sends `Connection: close`), and
+CRIU closes any other TCP connection in the image (`--tcp-close`).
+
+Resume is the same call after a failed or finished checkpoint and in a restored process: a new
+connection to the memory service, the weights remapped read-only at the same addresses (remap_all
+compares the layout hash: a changed layout is a 409, state DEAD and exit code 3, as for wake_up),
+then the engine parks again (STANDBY; its promotion thread is still waiting on the failover lock:
+CRIU restarts the interrupted flock) or sleeps again. `activate` waits (bounded) until the engine is
+ACTIVE, i.e. it got the failover lock, and answers 409 naming the holder otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import time
+
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from ..logs import log
+from ..memory.client import LayoutChanged, MemoryServiceError
+from .api import error
+from .server import Worker, _release_memory, _restore_memory
+
+logger = logging.getLogger("understudy.engine.quiesce")
+
+QUIESCIBLE = ("STANDBY", "SLEEPING")
+
+
+class ResumeRequest(BaseModel):
+    activate: bool = False  # wait until the engine is ACTIVE (it took the failover lock)
+    timeout: float = Field(default=30.0, ge=0)  # seconds `activate` waits
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the kernel: every resident page of the process goes into the image."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _quiesce(worker: Worker, was: str) -> None:
+    if was == "STANDBY":
+        _release_memory(worker)  # a sleeping engine did it already
+    _trim_heap()
+
+
+def _lock_holder(worker: Worker) -> str:
+    for hold in worker.holds:
+        if hasattr(hold, "holder"):
+            return f"the failover lock {hold.path} is held by pid {hold.holder()}"
+    return "the failover lock is held by another engine"
+
+
+async def _stop_memory_watch(app: FastAPI) -> bool:
+    """Close the memory watch's connection to the memory service (launch starts it); True if one ran."""
+    task = getattr(app.state, "memory_watch", None)
+    if task is None or task.done():
+        return False
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return True
+
+
+def _start_memory_watch(app: FastAPI, worker: Worker) -> None:
+    from .memory_watch import watch_memory_service
+
+    # A snapshotted engine did not start its own memory service (checkpoint refuses one with children),
+    # so there is nothing to restart from here.
+    app.state.memory_watch = asyncio.create_task(
+        watch_memory_service(worker, worker.weights.socket_path, app.state.control))
+
+
+def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
+    control: asyncio.Lock = app.state.control  # shared with sleep / wake_up and the memory watch
+    quiesced: dict = {}  # while QUIESCED: the state to go back to, whether a memory watch ran
+
+    def _conflict(message: str):
+        return error(409, message, type_="conflict_error")
+
+    @app.post("/engine/control/quiesce")
+    async def quiesce():
+        """Unmap the weights (keeping their addresses) and close every memory-service connection, for a
+        snapshot. STANDBY or SLEEPING -> QUIESCED (QUIESCED: 200, nothing to do; otherwise 409)."""
+        async with control:
+            if worker.state == "QUIESCED":
+                return {"state": "QUIESCED", "changed": False, "previous": quiesced.get("was"), "pid": os.getpid()}
+            if worker.weights is None:
+                return _conflict("this engine's weights do not come from a memory service")
+            if worker.info.get("tensor_parallel", 1) > 1:  # a group is several processes (tp_group.py)
+                return _conflict("quiesce (snapshots) is not supported with --tensor-parallel")
+            t0 = time.perf_counter()
+            was = worker.lifecycle.swap(QUIESCIBLE, "QUIESCED")  # atomic with a promotion's WAKING
+            if was is None:
+                return _conflict(f"engine is {worker.state}: only a parked (STANDBY) or sleeping engine can be "
+                                 f"quiesced for a snapshot")
+            quiesced.update(was=was, watch=await _stop_memory_watch(app))
+            try:
+                await asyncio.to_thread(_quiesce, worker, was)
+            except BaseException as e:
+                log(logger, "quiesce_failed", logging.ERROR, message=str(e))
+                worker.lifecycle.set("DEAD")
+                response = error(500, f"quiesce failed ({e}): the engine exits", type_="internal_error")
+                response.background = BackgroundTask(worker.exit_process or os._exit, 3)
+                return response
+            seconds = round(time.perf_counter() - t0, 4)
+            log(logger, "quiesced", previous=was, seconds=seconds)
+            return {"state": "QUIESCED", "changed": True, "previous": was, "pid": os.getpid(), "seconds": seconds}
+
+    @app.post("/engine/control/resume")
+    async def resume(body: ResumeRequest | None = None):
+        """Reconnect to the memory service, remap the weights at the same addresses and go back to the
+        state before quiesce (after a checkpoint, or in a restored process). With activate: wait until
+        ACTIVE (409 if another engine holds the failover lock)."""
+        body = body or ResumeRequest()
+        async with control:
+            changed = worker.state == "QUIESCED"
+            t0 = time.perf_counter()
+            if changed:
+                was = quiesced["was"]
+                try:
+                    if was == "STANDBY":
+                        await asyncio.to_thread(_restore_memory, worker)
+                except LayoutChanged as e:
+                    message = (f"the weights layout changed since the snapshot ({e}); this engine's tensors "
+                               f"cannot point at the new one: exiting, start a new engine (or make a new image)")
+                    log(logger, "resume_failed", logging.ERROR, reason="layout_changed", message=str(e))
+                    worker.lifecycle.set("DEAD")
+                    response = _conflict(message)
+                    response.background = BackgroundTask(worker.exit_process or os._exit, 3)
+                    return response
+                except (OSError, MemoryServiceError) as e:
+                    log(logger, "resume_failed", logging.WARNING, reason=type(e).__name__, message=str(e))
+                    return error(503, f"cannot resume: {e}; still quiesced", type_="unavailable_error",
+                                 headers={"Retry-After": "1"})
+                if was == "STANDBY":
+                    worker.engine.start()  # on this loop: it delivers the engine's outputs here
+                if quiesced.get("watch"):
+                    _start_memory_watch(app, worker)
+                quiesced.clear()
+                seconds = round(time.perf_counter() - t0, 4)
+                worker.lifecycle.set(was, resumed=True, seconds=seconds)
+                log(logger, "resumed", state=was, seconds=seconds)
+            elif worker.state not in ("STANDBY", "SLEEPING", "WAKING", "ACTIVE"):
+                return _conflict(f"engine is {worker.state}: nothing to resume")
+        if body.activate and not await worker.lifecycle.wait_active(body.timeout):
+            return _conflict(f"engine is {worker.state}, not active after {body.timeout} s: {_lock_holder(worker)}")
+        return {"state": worker.state, "changed": changed, "pid": os.getpid(),
+                "seconds": round(time.perf_counter() - t0, 4)}
