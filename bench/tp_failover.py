@@ -1,0 +1,291 @@
+"""Whole-group failover of a tensor-parallel engine: an active TP group and a parked standby group under load.
+
+One memory service per device; the active group (`serve --tensor-parallel N --role primary`) and a standby
+group (`--role shadow`) on the same devices. Under steady load (clients streaming and resending prompt +
+tokens so far when a stream breaks) a rank of the active group is SIGKILLed, alternately the leader
+(rank 0: its workers die with it) and a worker (rank N-1: its leader sees it and ends the group); the
+standby group takes over and the dead group is relaunched as the next standby.
+
+Prints, measured in the same run:
+  * kill -> first token of the promoted group (a request already waiting on it), p50 and max, and
+    kill -> promoted group ACTIVE;
+  * restart without a standby: the active group killed, a new group started on the same memory services
+    (weights imported, KV adopted) -> first token;
+  * cold restart of the group: fresh memory services, weights from disk -> first token;
+  * the parked standby group's own GPU memory beyond the shared weights and KV (GPU only).
+
+    python bench/tp_failover.py                      # 2 GPUs: Llama-3-8B shape (bf16), TP=2, 5 kills
+    python bench/tp_failover.py --layers 8 --kills 3
+    python bench/tp_failover.py --cpu                # smoke check: tiny model, host backend, gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from failover import Proc, routable_port, stream  # noqa: E402  (bench/failover.py)
+
+PY = [sys.executable, "-m", "understudy"]
+
+
+def make_tiny_checkpoint(d: Path) -> None:
+    """A random Llama with 4 heads / 2 KV heads (divisible by 2), fp32, byte tokenizer: the CPU smoke model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine import write_byte_tokenizer  # bench/engine.py
+
+    h, i, v, layers, heads, kv_heads = 64, 128, 256, 2, 4, 2
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": v, "hidden_size": h,
+           "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float32",
+           "hidden_act": "silu"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    write_byte_tokenizer(d)
+    q, kv = heads * (h // heads), kv_heads * (h // heads)
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    gen = torch.Generator().manual_seed(0)
+    save_file({n: (1.0 + 0.2 * torch.randn(s, generator=gen)) if n.endswith("norm.weight")
+               else 0.2 * torch.randn(s, generator=gen) for n, s in shapes.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def gpu_used_mib() -> list[int]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+class LoadClient(threading.Thread):
+    """Requests one after another; a broken stream is resent (prompt + tokens so far) to the routable group."""
+
+    def __init__(self, ports: list[int], seed: int, max_tokens: int, vocab: int, prompt_len: int):
+        super().__init__(daemon=True)
+        self.ports, self.seed, self.max_tokens, self.vocab, self.prompt_len = ports, seed, max_tokens, vocab, prompt_len
+        self.stop = threading.Event()
+        self.gaps: list[float] = []
+        self.requests = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        rng = random.Random(self.seed)
+        while not self.stop.is_set():
+            prompt = [rng.randrange(1, self.vocab) for _ in range(self.prompt_len)]
+            got: list[int] = []
+            last, crossed, gap = time.perf_counter(), False, 0.0
+            while len(got) < self.max_tokens and not self.stop.is_set():
+                port = routable_port(self.ports)
+                try:
+                    for tok in stream(port, prompt + got, self.max_tokens - len(got)):
+                        now = time.perf_counter()
+                        gap = max(gap, now - last) if crossed else gap
+                        last = now
+                        got.append(tok)
+                except (httpx.HTTPError, json.JSONDecodeError) as e:
+                    crossed = True
+                    self.errors.append(type(e).__name__)
+            if crossed:
+                self.gaps.append(gap)
+            self.requests += 1
+
+
+class Group:
+    """One `serve --tensor-parallel N` process tree (the leader's stderr carries every rank's log lines)."""
+
+    def __init__(self, port: int, role: str, engine_args: list[str]):
+        self.port = port
+        self.proc = Proc(PY + ["serve", "--port", str(port), "--role", role, *engine_args])
+
+    def wait(self, event: str) -> "Group":
+        self.proc.wait_event(event)
+        started = next(e for e in self.proc.events if e.get("event") == "tp_group_started")
+        self.ranks = [started["ranks"][str(r)] for r in range(len(started["ranks"]))]
+        return self
+
+    def kill_rank(self, rank: int) -> None:
+        os.kill(self.ranks[rank], signal.SIGKILL)
+
+    def stop(self, sig=signal.SIGKILL) -> None:
+        self.proc.kill(sig)  # the whole process group: leader and workers
+
+
+def first_token_after(port: int, ids: list[int], t0: float) -> float:
+    next(stream(port, ids, 1))
+    return time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="smoke check on the CPU: tiny model, host backend, gloo")
+    ap.add_argument("--tensor-parallel", type=int, default=2, help="ranks per group (default: 2)")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the Llama-3-8B-shaped model (GPU)")
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (steady load)")
+    ap.add_argument("--max-tokens", type=int, default=48, help="tokens per client request")
+    ap.add_argument("--kv-cache-memory", default=None, help="per rank (default: 8GiB on GPU, 32MiB on the CPU)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    # This host's GPUs are shared: NVLink multicast stays off (KINDS.md of the device machines).
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    if args.cpu:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    backend = "host" if args.cpu else "cuda"
+    tp = args.tensor_parallel
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
+    ckpt = work / ("tiny-llama" if args.cpu else f"llama3-8b-shape-{args.layers}l")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / "done").exists():
+        if args.cpu:
+            make_tiny_checkpoint(ckpt)
+        else:
+            from engine import make_checkpoint  # bench/engine.py
+
+            make_checkpoint(ckpt, args.layers)
+        (ckpt / "done").touch()
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)  # page cache: both runs alike
+    kv = args.kv_cache_memory or ("32MiB" if args.cpu else "8GiB")
+
+    def engine_args(sock: str) -> list[str]:
+        return ["--model", str(ckpt), "--backend", backend, "--socket-dir", sock, "--memory-service", "connect",
+                "--tensor-parallel", str(tp), "--kv-cache-memory", kv, "--max-num-seqs", "16",
+                "--max-model-len", "2048", "--standby-wait", "600", "--no-progress"]
+
+    def memory_services(sock: str) -> list[Proc]:
+        mems = [Proc(PY + ["memory-server", "--backend", backend, "--device", str(d), "--socket-dir", sock])
+                for d in range(tp)]
+        for m in mems:
+            m.wait_event("listening")
+        return mems
+
+    sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
+    ports = [18200, 18201]
+    probe = [1, 2, 3, 4, 5, 6, 7, 8]
+    results: dict = {"device": "cpu (host backend, gloo)" if args.cpu else "cuda (NCCL)", "tensor_parallel": tp,
+                     "kills": [], "kill_to_first_token_ms": [], "kill_to_active_ms": []}
+    mems = memory_services(sock)
+    groups: dict[int, Group] = {}
+    try:
+        t0 = time.time()
+        groups[ports[0]] = Group(ports[0], "primary", engine_args(sock)).wait("serving")
+        results["first_start_s"] = time.time() - t0
+        before = None if args.cpu else gpu_used_mib()
+        groups[ports[1]] = Group(ports[1], "shadow", engine_args(sock)).wait("waiting_for_failover_lock")
+        if before is not None:
+            results["parked_group_MiB_per_gpu"] = [a - b for a, b in zip(gpu_used_mib(), before)][:tp]
+            print(f"# parked standby group: {results['parked_group_MiB_per_gpu']} MiB of its own per GPU", flush=True)
+        clients = [LoadClient(ports, seed, args.max_tokens, vocab, 64) for seed in range(args.clients)]
+        for c in clients:
+            c.start()
+        active = ports[0]
+        for k in range(args.kills):
+            standby = ports[1] if active == ports[0] else ports[0]
+            target = 0 if k % 2 == 0 else tp - 1  # the leader, then a worker, ...
+            # A request already waiting on the standby group: its first token says when serving resumed.
+            first: list[float] = []
+            waiting = threading.Thread(target=lambda: first.append(first_token_after(standby, probe, 0.0)),
+                                       daemon=True)
+            waiting.start()
+            time.sleep(0.5)  # steady load on the active group before the kill
+            dead = groups[active]
+            t_kill = time.time()
+            dead.kill_rank(target)
+            up = groups[standby].proc.wait_event("state", new="ACTIVE")
+            waiting.join(timeout=120)
+            rc = dead.proc.p.wait(timeout=60)
+            adopted = next((e for e in groups[standby].proc.events if e.get("event") == "tp_group_adopted"), {})
+            results["kill_to_active_ms"].append((up["ts"] - t_kill) * 1e3)
+            results["kill_to_first_token_ms"].append((first[0] - t_kill) * 1e3)
+            results["kills"].append({"rank": target, "dead_group_exit": rc, "switch_ms": up.get("switch_s", 0) * 1e3,
+                                     "restored_blocks": up.get("restored_blocks"),
+                                     "rank_adopt_s": adopted.get("rank_seconds")})
+            print(f"kill {k + 1} (rank {target}): -> active {results['kill_to_active_ms'][-1]:.1f} ms, -> first "
+                  f"token {results['kill_to_first_token_ms'][-1]:.1f} ms (dead group exit {rc}; switch "
+                  f"{up.get('switch_s', 0) * 1e3:.1f} ms, per-rank kv adopt {adopted.get('rank_seconds')} s, "
+                  f"restored {up.get('restored_blocks')} cached blocks)", flush=True)
+            groups[active] = Group(active, "shadow", engine_args(sock)).wait("waiting_for_failover_lock")
+            active = standby
+        for c in clients:
+            c.stop.set()
+        for c in clients:
+            c.join(timeout=120)
+        gaps = [g for c in clients for g in c.gaps]
+        results["longest_gap_ms"] = max(gaps) * 1e3 if gaps else None
+        results["streams_across_kills"] = len(gaps)
+        results["requests"] = sum(c.requests for c in clients)
+
+        # Restart without a standby: the group dies, a new one starts on the same memory services.
+        groups.pop(ports[1] if active == ports[0] else ports[0]).stop()
+        dead = groups.pop(active)
+        t0 = time.time()
+        dead.kill_rank(0)
+        dead.proc.p.wait()
+        restarted = Group(active, "primary", engine_args(sock)).wait("serving")
+        results["restart_same_memory_s"] = first_token_after(active, probe, t0)
+        restarted.stop(signal.SIGTERM)
+    finally:
+        for g in groups.values():
+            g.stop()
+        for m in mems:
+            m.kill(signal.SIGTERM)
+
+    # Cold restart of the group: fresh memory services, weights from the disk (page cache).
+    sock2 = tempfile.mkdtemp(prefix="us-", dir="/tmp")
+    t0 = time.time()
+    mems = memory_services(sock2)
+    try:
+        cold = Group(ports[0], "primary", engine_args(sock2)).wait("serving")
+        results["cold_restart_s"] = first_token_after(ports[0], probe, t0)
+        cold.stop(signal.SIGTERM)
+    finally:
+        for m in mems:
+            m.kill(signal.SIGTERM)
+
+    for d in (sock, sock2):  # the stopped services' sockets and the lock files
+        shutil.rmtree(d, ignore_errors=True)
+    ft, act = results["kill_to_first_token_ms"], results["kill_to_active_ms"]
+    print()
+    print(f"TP={tp} on {results['device']}, {args.kills} kills under {args.clients} streaming clients")
+    print(f"kill -> promoted group active:      p50 {statistics.median(act):8.1f} ms   max {max(act):8.1f} ms")
+    print(f"kill -> first token (promoted):     p50 {statistics.median(ft):8.1f} ms   max {max(ft):8.1f} ms")
+    for rank in sorted({k['rank'] for k in results['kills']}):
+        mine = [f for f, k in zip(ft, results["kills"]) if k["rank"] == rank]
+        print(f"  rank {rank} killed ({len(mine)}x):           p50 {statistics.median(mine):8.1f} ms   "
+              f"max {max(mine):8.1f} ms")
+    if results["longest_gap_ms"] is not None:
+        print(f"longest gap, in-flight streams: {results['longest_gap_ms']:.1f} ms "
+              f"({results['streams_across_kills']} streams crossed a kill, {results['requests']} requests)")
+    print(f"restart of the group, no standby (weights in the memory services): "
+          f"{results['restart_same_memory_s']:.2f} s")
+    print(f"cold restart of the group (fresh memory services, weights from disk): {results['cold_restart_s']:.2f} s")
+    print(f"cold restart / failover first token p50: {results['cold_restart_s'] * 1e3 / statistics.median(ft):.0f}x")
+    print("json", json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

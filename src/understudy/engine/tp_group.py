@@ -1,0 +1,316 @@
+"""`understudy serve --tensor-parallel N`: the leader (rank 0) of a group of N ranks, one process per device.
+
+The leader is the engine the rest of understudy knows: HTTP server, scheduler, sampler, lifecycle,
+failover lock. It starts ranks 1..N-1 as worker processes (tp_worker.py) tied to it (PR_SET_PDEATHSIG
+and a control channel whose EOF ends them), each on device `--device + rank` with that device's
+memory service, where each rank publishes or imports its own shard and owns its device's kv pool.
+
+A step: the leader schedules, sends the step's inputs (token ids, query and context lengths, block
+tables) to every worker over its control channel, and all ranks run the forward; the row-parallel
+layers sum across ranks (gloo on the CPU, NCCL on CUDA). Only the leader computes logits and samples.
+
+Failure: a group with a dead rank is wedged (its next collective never completes), so any rank dying
+ends the whole group. The leader waits on every worker's process; when one dies it kills the others and
+exits at once (exit code 4), which releases the failover lock it holds; a dead leader takes its workers
+with it (PR_SET_PDEATHSIG). A standby group (`--role shadow`) imports every rank's shard read-only and
+warms up on scratch KV; only its leader waits on the node's failover lock and, once it has it, tells
+its workers to adopt their devices' kv pools (in parallel with its own) before going ACTIVE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..failover.lock import FailoverLock, LockHeld
+from ..logs import log
+from ..memory import read_status
+from ..memory.tensors import dtype_name
+from . import weights
+from .async_engine import AsyncEngine
+from .default_model import default_model_path
+from .engine import EngineLimits, LLMEngine
+from .kv_cache import KVCache, KVSpec
+from .launch import DTYPES, Built, ensure_memory_service
+from .lifecycle import Lifecycle
+from .loader import load_config
+from .server import Worker
+from .tokenizer import Tokenizer
+from .tp import Channel, check_shardable, join, make_store
+
+logger = logging.getLogger("understudy.engine.tp_group")
+
+EXIT_GROUP_LOST = 4  # the leader's exit code when a rank of its group died
+
+
+class GroupError(RuntimeError):
+    """A worker answered a request with an error."""
+
+
+def _pdeathsig_kill() -> None:
+    """In a worker: SIGKILL when the leader dies, however it dies (the group cannot outlive it)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class RankProcess:
+    def __init__(self, rank: int, proc: subprocess.Popen, channel: Channel):
+        self.rank, self.proc, self.channel = rank, proc, channel
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Group:
+    """The leader's view of its workers: start them, talk to them, die with them."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.workers: list[RankProcess] = []
+        self.closing = False  # the leader is exiting normally: workers leaving is expected
+        self.stepping = False  # a step's inputs went out: the ranks are inside the same forward
+        self._fatal = threading.Lock()
+        self._calls = threading.Lock()  # one request/reply exchange at a time
+        atexit.register(self._close)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def start(self, plan: dict) -> None:
+        """Start ranks 1..size-1 (call from the main thread: PR_SET_PDEATHSIG fires when the thread that
+        started the child exits) and send each its part of the plan."""
+        for rank in range(1, self.size):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            cmd = [sys.executable, "-m", "understudy.engine.tp_worker", "--control-fd", str(theirs.fileno()),
+                   "--leader-pid", str(os.getpid())]
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
+                                    preexec_fn=_pdeathsig_kill)
+            theirs.close()
+            worker = RankProcess(rank, proc, Channel(ours))
+            self.workers.append(worker)
+            threading.Thread(target=self._watch, args=(worker,), name=f"tp-watch-{rank}", daemon=True).start()
+            worker.channel.send(("init", {**plan, "rank": rank}))
+
+    def _watch(self, worker: RankProcess) -> None:
+        rc = worker.proc.wait()
+        if not self.closing:
+            self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=rc)
+
+    def fatal(self, event: str, **fields) -> None:
+        """The group is wedged: kill every worker and exit now (the kernel releases the failover lock)."""
+        with self._fatal:
+            self.closing = True
+            log(logger, event, logging.ERROR, **fields,
+                note="a tensor-parallel group with a dead rank cannot go on: the whole group exits")
+            for w in self.workers:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for handler in logging.getLogger("understudy").handlers:
+                handler.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_GROUP_LOST)
+
+    def _close(self) -> None:
+        self.closing = True
+
+    # -- messages ----------------------------------------------------------------------------------
+    def send_all(self, msg) -> None:
+        for w in self.workers:
+            try:
+                w.channel.send(msg)
+            except OSError as e:  # its end is gone: the rank died (the watcher is about to say so)
+                self.fatal("tp_rank_lost", rank=w.rank, pid=w.pid, error=str(e))
+
+    def recv_all(self) -> list[dict]:
+        replies = []
+        for w in self.workers:
+            try:
+                kind, body = w.channel.recv()
+            except (OSError, EOFError) as e:
+                self.fatal("tp_rank_lost", rank=w.rank, pid=w.pid, error=str(e))
+            if kind == "error":
+                raise GroupError(f"rank {w.rank} (pid {w.pid}): {body}")
+            replies.append(body)
+        return replies
+
+    def call(self, *msg) -> list[dict]:
+        with self._calls:
+            self.send_all(msg)
+            return self.recv_all()
+
+    def step(self, input_ids: list[int], query_lens: list[int], context_lens: list[int],
+             tables: list[list[int]]) -> None:
+        """LLMEngine.step_hook: the other ranks run this step's forward with us."""
+        self.send_all(("step", input_ids, query_lens, context_lens, tables))
+        self.stepping = True
+
+
+class GroupEngine(LLMEngine):
+    """The leader's engine: every eager step runs on all ranks (no CUDA graphs under tensor parallelism)."""
+
+    def __init__(self, group: Group, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.step_hook = group.step
+
+    def enable_cuda_graphs(self) -> None:
+        raise NotImplementedError("CUDA graphs are not used under tensor parallelism")
+
+    def _forward_eager(self, batch):
+        self.group.stepping = False
+        try:
+            return super()._forward_eager(batch)
+        except BaseException as e:
+            if self.group.stepping:  # the workers are inside this forward: the ranks are out of step now
+                self.group.fatal("tp_step_failed", error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            self.group.stepping = False
+
+
+class GroupKVCache(KVCache):
+    """The leader's KV cache; parking and adopting the kv pools are group operations."""
+
+    group: Group
+
+    def park(self) -> None:
+        scratch = self._scratch is not None
+        super().park()
+        if scratch:
+            self.group.call("park")
+
+    def adopt(self, socket_path: str, timeout: float = 60.0, name: str = "engine") -> float:
+        """Promotion: every rank maps its device's kv pool at once (the leader's own in parallel with the
+        workers'). If any rank could not adopt its pool's blocks, no rank's cached prefix is trusted."""
+        t0 = time.perf_counter()
+        self.park()  # nothing to do when parked already (the usual case); never inside the exchange below
+        with self.group._calls:
+            self.group.send_all(("adopt", timeout))
+            seconds = super().adopt(socket_path, timeout, name)
+            replies = self.group.recv_all()
+        adopted = [self.adopted, *(r["adopted"] for r in replies)]
+        if not all(adopted):
+            self._forget_blocks()
+        log(logger, "tp_group_adopted", adopted=adopted, rank_seconds=[round(seconds, 4)] + [
+            round(r["seconds"], 4) for r in replies], seconds=round(time.perf_counter() - t0, 4))
+        return time.perf_counter() - t0
+
+    def _forget_blocks(self) -> None:
+        """Some rank's pool did not hold our blocks: the group's cache starts empty on every rank."""
+        self.adopted = False
+        self.index.zero_()
+
+
+def _plan(args: argparse.Namespace, model_path: Path, backend: str, dtype: torch.dtype, attention: str,
+          port: int) -> dict:
+    """What a worker needs to become rank r (it adds its own rank)."""
+    return {"size": args.tensor_parallel, "port": port, "model": str(model_path), "dtype": dtype_name(dtype),
+            "backend": backend, "device0": args.device, "attention": attention, "socket_dir": args.socket_dir,
+            "memory_service": args.memory_service, "timeout": 600.0,
+            "log_format": getattr(args, "log_format", "json"), "log_level": getattr(args, "log_level", "info")}
+
+
+def build_group(args: argparse.Namespace) -> Built:
+    """launch.build for --tensor-parallel N > 1: the leader's engine over a group of N ranks."""
+    from ..cli import parse_size
+
+    size = args.tensor_parallel
+    model_path = Path(args.model) if args.model else default_model_path()
+    use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
+    backend = "cuda" if use_cuda else "host"
+    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
+    if use_cuda:
+        if torch.cuda.device_count() < args.device + size:
+            raise SystemExit(f"understudy serve: --tensor-parallel {size} from --device {args.device} needs "
+                             f"{args.device + size} GPUs; {torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(device)
+    config = load_config(model_path)
+    try:
+        check_shardable(config, size)
+    except ValueError as e:
+        raise SystemExit(f"understudy serve: {e}") from None
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
+    path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
+    # The group's one failover lock is the leader's device's: only group leaders contend for it.
+    lock = FailoverLock.for_device(args.failover_dir or Path(path).parent, Path(path).stem.removeprefix("memory-"))
+    if args.role == "primary":
+        try:
+            lock.try_acquire()
+        except LockHeld as e:
+            raise SystemExit(f"understudy serve: {e}: another engine is active on this device; "
+                             f"start this one with --role shadow") from None
+    t0 = time.perf_counter()
+    attention_fn = None
+    if args.attention == "triton" or (args.attention == "auto" and use_cuda):
+        from .triton_attention import fast_attention as attention_fn
+    store = make_store(0, size)
+    group = Group(size)
+    group.start(_plan(args, model_path, backend, dtype, "reference" if attention_fn is None else "triton",
+                      store.port))
+    log(logger, "tp_group_started", size=size, ranks={0: os.getpid(), **{w.rank: w.pid for w in group.workers}},
+        devices=list(range(args.device, args.device + size)), store_port=store.port)
+    tp = join(store, 0, size, device)  # every rank loads its shard meanwhile
+    model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
+                                                name=f"engine-{os.getpid()}", attention_fn=attention_fn, tp=tp)
+    loaded = group.call("loaded?")
+    max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
+    if args.kv_cache_memory:
+        budget = parse_size(args.kv_cache_memory)
+    elif use_cuda:  # the same number of blocks on every rank: what the fullest device allows
+        free, total = torch.cuda.mem_get_info(device)
+        budget = min([int(total * args.gpu_memory_utilization) - (total - free)] + [
+            int(r["total"] * args.gpu_memory_utilization) - (r["total"] - r["free"]) for r in loaded]) - (1 << 30)
+    else:
+        budget = 512 << 20
+    spec = KVSpec.for_budget(model.config, budget, args.block_size, dtype)  # model.config: this rank's share
+    if args.role == "primary":
+        kv = GroupKVCache.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
+    else:
+        # Park on the active group's KV shape (in the pool's metadata) at our own addresses.
+        pooled = read_status(path)["pools"]["kv"]["extra"].get("kv_spec")
+        spec = KVSpec(**pooled) if pooled else spec
+        kv = GroupKVCache.scratch(weights_client.backend, spec)
+    kv.group = group
+    replies = group.call("kv", asdict(spec), args.role)
+    if args.role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
+        kv._forget_blocks()
+    tokenizer = Tokenizer.from_pretrained(model_path)
+    eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_waiting=args.max_waiting, max_model_len=max_model_len)
+    engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device)
+    if use_cuda and not args.enforce_eager:
+        log(logger, "cuda_graphs_off", reason="tensor parallelism runs eager steps (implies --enforce-eager)")
+    engine.warm_up()
+    group.call("warmed")
+    if args.role == "shadow":
+        kv.park()
+    name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
+    info = {"role": args.role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": backend,
+            "pid": os.getpid(), "tensor_parallel": size, "rank_pids": [os.getpid(), *group.pids],
+            "rank_weights": [stats["source"], *(r["weights"] for r in loaded)]}
+    worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
+                    max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[lock],
+                    lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
+                    standby_wait=args.standby_wait)
+    log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
+        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, kv_adopted=kv.adopted, **info)
+    return Built(worker, mem_proc, lock, path)
