@@ -196,8 +196,28 @@ def main() -> None:
                   f"restored {up.get('restored_blocks')} cached blocks; kv pool lock {phases.get('lock_ms')} ms, "
                   f"map pool {phases.get('map_pool_ms')} ms)",
                   flush=True)
+            steps = [e for e in procs[standby].events if e.get("event") == "step_timing"][:1]
+            if steps:
+                results.setdefault("first_step", []).append({k: steps[0].get(k) for k in (
+                    "schedule_ms", "launch_ms", "sample_ms", "seqs", "tokens", "graph", "cuda_mallocs")})
+                results.setdefault("active_to_first_step_ms", []).append((steps[0]["ts"] - up["ts"]) * 1e3)
+                print(f"    first step after promotion: {results['first_step'][-1]}, ended "
+                      f"{results['active_to_first_step_ms'][-1]:.1f} ms after ACTIVE", flush=True)
             procs[active] = engine(active, "shadow")  # the replacement parks as the new shadow
             active = standby
+        # The memory service dies under load and a new one starts: the engines give it back what they
+        # map (16 GB of weights, the KV) without reading the disk; a new shadow then imports from it.
+        t_kill = time.time()
+        memory.kill()
+        memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock])
+        memory.wait_event("listening")
+        rec = procs[active].wait_event("memory_service_recovered", timeout=120)
+        results["memory_restart"] = {"kill_to_recovered_ms": (rec["ts"] - t_kill) * 1e3, "weights": rec["weights"],
+                                     "kv": rec.get("kv"), "lost_to_recovered_s": rec["seconds"],
+                                     "give_back_ms": rec.get("give_back_ms")}
+        standby = ports[1] if active == ports[0] else ports[0]
+        procs[standby].wait_event("memory_service_recovered", timeout=120)
+        print(f"memory service killed and restarted: engines recovered {results['memory_restart']}", flush=True)
         for c in clients:
             c.stop.set()
         for c in clients:
@@ -237,6 +257,10 @@ def main() -> None:
         print(f"longest gap, in-flight streams: {results['longest_gap_ms']:.1f} ms "
               f"({results['streams_across_kills']} streams crossed a kill)")
     print(f"parked shadow GPU memory (own): {results['parked_shadow_MiB']} MiB")
+    mr = results["memory_restart"]
+    print(f"memory service SIGKILL -> new one started and given back the memory: {mr['kill_to_recovered_ms']:.0f} ms "
+          f"(weights {mr['weights']}, kv {mr['kv']}; handing it over took {mr['give_back_ms']} ms, the rest is the "
+          f"new service's start)")
     print(f"cold restart, HF transformers: {results['cold_hf_s']:.2f} s; understudy (fresh memory service): "
           f"{results['cold_understudy_s']:.2f} s")
     print(f"cold restart (HF) / failover first token p50: {results['cold_hf_s'] * 1e3 / statistics.median(ft):.0f}x")

@@ -80,13 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
     st.add_argument("--events", type=int, default=10, help="how many recent events to show (default: 10)")
 
-    from .engine.options import add_serve_arguments
+    from .engine.options import add_serve_arguments, positive_int
 
     sv = sub.add_parser("serve", help="run an inference engine with an OpenAI-compatible HTTP API",
                         description="Run an inference engine whose weights and KV cache live in the device's "
                                     "memory service. With no --model it serves SmolLM2-135M-Instruct.")
     add_serve_arguments(sv)
     _add_logging(sv)
+
+    from .frontend.options import add_frontend_arguments
+
+    fe = sub.add_parser("frontend", help="run the OpenAI frontend: routing, migration, load shedding over engines",
+                        description="Run an OpenAI-compatible frontend that tokenises requests and streams them "
+                                    "to engines found through discovery (engines register with `serve --register`). "
+                                    "Broken streams move to another engine with no lost or duplicated token.",
+                        epilog="example: understudy frontend --port 8080; understudy serve --register "
+                               "http://127.0.0.1:8080")
+    add_frontend_arguments(fe)
+    _add_logging(fe)
 
     up = sub.add_parser("up", help="run a node: memory service, an active engine and parked shadows",
                         description="Run one device's memory service, one active engine and N shadow engines as "
@@ -97,9 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000,
                     help="the first engine's port; engine i listens on port+i (default: 8000)")
     _add_socket_location(up)
+    up.add_argument("--snapshot-dir", default=None,
+                    help="restore shadows and replacements from Ready images in this directory when one matches "
+                         "(same engine identity and port, its pids free) and cold-start otherwise; a shadow that "
+                         "parks cold is checkpointed into DIR/<identity>-<port> for the next time (docs/snapshot.md)")
+    up.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                    help="every engine is a group of N ranks on devices --device ... --device+N-1 (one memory "
+                         "service per device is started); the active group and each shadow group fail over as a "
+                         "whole (docs/tensor-parallel.md) (default: 1)")
+    up.add_argument("--frontend-port", type=int, default=None,
+                    help="also run `understudy frontend` on this port, with every engine registered to it "
+                         "(default: none; docs/frontend.md)")
     up.add_argument("engine_args", nargs=argparse.REMAINDER,
                     help="after `--`: flags for `understudy serve` (model, KV size, ...)")
     _add_logging(up)
+
+    from .snapshot.options import add_snapshot_arguments
+
+    sn = sub.add_parser("snapshot", help="checkpoint a parked engine into an image, restore engines from it",
+                        description="Snapshot and restore of engines (cuda-checkpoint + CRIU): the weights stay in "
+                                    "the memory service, the image holds the engine's own state. See "
+                                    "docs/snapshot.md.")
+    add_snapshot_arguments(sn)
+    _add_logging(sn)
 
     ns = sub.add_parser("status", help="show a node's processes, roles and states",
                         description="Show the processes of a node started with `understudy up`: pids, roles, "
@@ -120,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         return _up(args)
     if args.command == "status":
         return _node_status(args)
+    if args.command == "snapshot":
+        from .snapshot.commands import run as snapshot
+
+        setup_logging(args.log_format, args.log_level)
+        return snapshot(args)
+    if args.command == "frontend":
+        from .frontend.launch import run
+
+        setup_logging(args.log_format, args.log_level)
+        return run(args)
     if args.command == "serve":
         from .engine.launch import serve
 
@@ -156,7 +197,9 @@ def _up(args: argparse.Namespace) -> int:
     engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
     supervisor = Supervisor(socket_dir=Path(args.socket_dir) if args.socket_dir else default_socket_dir(),
                             backend=args.backend, device=args.device, port=args.port, shadows=args.shadows,
-                            engine_args=engine_args)
+                            engine_args=engine_args,
+                            snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
+                            frontend_port=args.frontend_port, tensor_parallel=args.tensor_parallel)
     return supervisor.run()
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..logs import log
 from .attention import AttentionMetadata
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .model import CausalLM
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, skip_draws
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
@@ -56,6 +57,10 @@ class LLMEngine:
                                    max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() ran
+        # Tensor parallelism: called with each eager step's inputs just before the forward, so that the
+        # group's other ranks run the same step (engine/tp_group.py). None on one device.
+        self.step_hook = None
+        self.timed_steps = 0  # this many next steps log their phase timings (step_timing)
         self.steps = 0
         self.generated_tokens = 0
         self.prompt_tokens_computed = 0
@@ -73,6 +78,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt), params)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+            if params.seed_offset and not params.greedy:  # a migrated request: resume its random stream
+                skip_draws(seq.generator, params.seed_offset, vocab, self.device)
         self.scheduler.add(seq)
         self.sequences[request_id] = seq
         return seq
@@ -99,12 +106,16 @@ class LLMEngine:
             if self.blocks.blocks_needed(n + 2) <= self.blocks.capacity and n + 2 <= self.scheduler.max_model_len:
                 self.generate([[1] * n, [2] * max(1, n // 2)], SamplingParams(max_tokens=3, temperature=0,
                                                                               ignore_eos=True))
-        self.blocks = BlockManager(self.kv.spec.num_blocks, self.kv.spec.block_size)
-        self.scheduler.blocks = self.blocks
-        self.kv.index.zero_()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # a parked shadow keeps as little GPU memory of its own as it can
+            # ...but the allocator keeps what a small step needs (tens of MiB): the first step after a
+            # promotion must not cudaMalloc, which waits while the driver tears the dead engine down.
+            self.generate([[3] * 16] * 4, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+            torch.cuda.synchronize(self.device)
+        self.blocks = BlockManager(self.kv.spec.num_blocks, self.kv.spec.block_size)
+        self.scheduler.blocks = self.blocks
+        self.kv.index.zero_()
 
     def adopt_prefix_cache(self) -> int:
         """After adopting a kv pool: its sealed blocks become our cached prefixes."""
@@ -121,23 +132,35 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        segments = _cuda_segments(self.device) if self.timed_steps > 0 else 0
         batch = self.scheduler.schedule()
         self.kv.write_index(self.blocks.take_index_updates())  # recycled blocks leave the index first
         if not batch:
             return []
         self.steps += 1
         try:
-            if self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch):
+            t1 = time.perf_counter()
+            graph = self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch)
+            if graph:
                 sample_rows = list(range(len(batch)))
                 logits = self._decode_with_graph(batch)
             else:
                 sample_rows, logits = self._forward_eager(batch)
+            t2 = time.perf_counter()
             sampled = sample(logits, [batch[i][0].params for i in sample_rows],
                              [batch[i][0].generator for i in sample_rows]) if sample_rows else []
         except Exception as e:  # fail this batch's requests, keep the engine alive
             logger.exception("step_failed")
             return [self._fail(seq, f"{type(e).__name__}: {e}") for seq, _ in batch]
-        return self._advance(batch, sample_rows, sampled)
+        outputs = self._advance(batch, sample_rows, sampled)
+        if self.timed_steps > 0:  # e.g. the first steps after a promotion: where does the time go?
+            self.timed_steps -= 1
+            t3 = time.perf_counter()
+            log(logger, "step_timing", schedule_ms=round((t1 - t0) * 1e3, 3), launch_ms=round((t2 - t1) * 1e3, 3),
+                sample_ms=round((t3 - t2) * 1e3, 3), graph=graph, seqs=len(batch), tokens=sum(n for _, n in batch),
+                cuda_mallocs=_cuda_segments(self.device) - segments)
+        return outputs
 
     def _decode_with_graph(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         bs = self.kv.spec.block_size
@@ -167,6 +190,8 @@ class LLMEngine:
         logits_at = torch.tensor([meta.query_start_loc_host[i + 1] - 1 for i in sample_rows], dtype=torch.long,
                                  device=self.device)
         rows = logits_at if sample_rows else logits_at.new_zeros(1)  # mid-prompt chunks only: a throwaway row
+        if self.step_hook is not None:
+            self.step_hook(input_ids, query_lens, context_lens, tables)
         return sample_rows, self.model(ids, meta.positions(), meta, self.kv.layers, rows)
 
     def _advance(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], sampled: list[int]) -> list[StepOutput]:
@@ -214,3 +239,10 @@ class LLMEngine:
             for o in self.step():
                 out[o.request_id] += o.new_token_ids
         return [out[i] for i in ids]
+
+
+def _cuda_segments(device: torch.device) -> int:
+    """Memory segments the caching allocator got from the driver so far (its cudaMalloc calls)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.memory_stats(device).get("segment.all.allocated", 0)

@@ -91,6 +91,11 @@ def ensure_memory_service(backend: str, device: int, socket_dir: str | None, mod
 def build(args: argparse.Namespace) -> Built:
     from ..cli import parse_size
 
+    if getattr(args, "tensor_parallel", 1) > 1:  # a group of ranks, one process per device: tp_group.py
+        from .tp_group import build_group
+
+        return build_group(args)
+
     model_path = Path(args.model) if args.model else default_model_path()
     use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
     backend = "cuda" if use_cuda else "host"
@@ -161,7 +166,7 @@ def park_and_promote(built: Built) -> None:
     log(logger, "waiting_for_failover_lock", lock=str(built.lock.path), holder=built.lock.holder())
     built.lock.acquire()  # the kernel wakes us the moment the active engine's process dies
     t0 = time.perf_counter()
-    worker.lifecycle.set("WAKING")
+    worker.lifecycle.set_unquiesced("WAKING")  # a snapshot in progress (QUIESCED) first resumes us
     try:
         kv_s = engine.kv.adopt(built.socket_path, name=f"engine-{os.getpid()}")
         restored = engine.adopt_prefix_cache()
@@ -170,6 +175,7 @@ def park_and_promote(built: Built) -> None:
         worker.lifecycle.set("DEAD")
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    engine.timed_steps = 3  # the first token's time after a failover, phase by phase, in the log
     worker.lifecycle.failovers += 1
     worker.lifecycle.last_switch_s = time.perf_counter() - t0
     worker.lifecycle.set("ACTIVE", switch_s=round(worker.lifecycle.last_switch_s, 4), kv_s=round(kv_s, 4),
@@ -181,11 +187,16 @@ def serve(args: argparse.Namespace) -> int:
 
     built = build(args)
     app = create_app(built.worker)
+    from .announce import registrations  # --register: discovery records that follow the lifecycle
+
+    announced = registrations(args, built.worker, str(built.lock.path))
 
     @app.on_event("startup")
     async def _start_engine():
         built.worker.lifecycle.bind(asyncio.get_running_loop())
         built.worker.engine.start()
+        for registration in announced:
+            await registration.start()
         if built.worker.state == "STANDBY":
             threading.Thread(target=park_and_promote, args=(built,), name="promotion", daemon=True).start()
         if built.worker.weights is not None:
@@ -203,6 +214,8 @@ def serve(args: argparse.Namespace) -> int:
 
     @app.on_event("shutdown")
     async def _stop_engine():
+        for registration in announced:  # in-flight requests are done: leave the registries
+            await registration.stop()
         built.worker.engine.stop()
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
@@ -217,6 +230,13 @@ def serve(args: argparse.Namespace) -> int:
             if not self.should_exit:
                 log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name,
                     state=built.worker.state)
+
+        def handle_exit(self, sig, frame):
+            # uvicorn swaps our SIGTERM handler for this one while it serves (ours runs only after the
+            # drain): say DRAINING now, so /health and the discovery records stop new work at once.
+            if built.worker.state not in ("DRAINING", "DEAD"):
+                built.worker.lifecycle.set("DRAINING")
+            super().handle_exit(sig, frame)
 
     server = _Server(config)
     # BUGFIX (tests/engine/test_engine_http.py::test_sigterm_drains_inflight_stream_then_exits_0): after a

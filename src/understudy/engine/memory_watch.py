@@ -88,12 +88,14 @@ async def _watch(worker, path: str, control: asyncio.Lock, restart: Callable[[],
             if lost_at is not None:
                 try:
                     async with control:
+                        t0 = time.perf_counter()
                         outcome = await asyncio.to_thread(give_back, worker)
+                        outcome["give_back_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
                 except OSError as e:  # the service went away again meanwhile: wait for the next one
                     log(logger, "memory_service_recovery_interrupted", logging.WARNING, error=str(e))
                     await asyncio.sleep(RETRY_MAX)
                     continue
-                failed = any(v.startswith("refused") for v in outcome.values())
+                failed = any(str(v).startswith("refused") for v in outcome.values())
                 log(logger, "memory_service_recovered", logging.ERROR if failed else logging.INFO,
                     seconds=round(time.monotonic() - lost_at, 3), **outcome)
             # The service never writes to this connection: it becomes readable only at EOF.

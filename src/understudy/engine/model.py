@@ -97,7 +97,20 @@ class RotaryEmbedding(nn.Module):
         return inv_freq
 
 
+def row_parallel(linear: nn.Linear, x: Tensor, tp) -> Tensor:
+    """linear(x); under tensor parallelism (tp.py) x holds this rank's slice of the input features and
+    linear.weight the matching columns: the partial products are summed across ranks, then the bias
+    (replicated) is added once."""
+    if tp is None:
+        return linear(x)
+    out = F.linear(x, linear.weight)
+    tp.all_reduce(out)
+    return out if linear.bias is None else out + linear.bias
+
+
 class Attention(nn.Module):
+    tp = None  # tp.TensorParallel: this rank's share of the heads (engine/tp.py); None on one device
+
     def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -125,10 +138,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = fused.apply_rope(q, k, positions, inv_freq)
         out = self.attention_fn(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(T, -1))
+        return row_parallel(self.o_proj, out.reshape(T, -1), self.tp)
 
 
 class MLP(nn.Module):
+    tp = None  # as Attention.tp: this rank's share of the intermediate size
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -137,7 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(fused.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+        return row_parallel(self.down_proj, fused.silu_and_mul(self.gate_proj(x), self.up_proj(x)), self.tp)
 
 
 class DecoderLayer(nn.Module):

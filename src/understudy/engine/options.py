@@ -7,6 +7,23 @@ import argparse
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+def _registry_url(text: str) -> str:
+    if not text.startswith(("http://", "https://", "etcd://")):
+        raise argparse.ArgumentTypeError(f"not a registry: {text!r} (a frontend's http://HOST:PORT or "
+                                         f"etcd://HOST:PORT)")
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return n
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
@@ -32,10 +49,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--standby-wait", type=float, default=30.0,
                    help="seconds a request sent to a standby engine waits for it to become active before a 503 "
                         "(default: 30)")
+    g = p.add_argument_group("discovery")
+    g.add_argument("--register", action="append", default=[], metavar="URL", type=_registry_url,
+                   help="announce this engine to a frontend's embedded registry (http://HOST:PORT of "
+                        "`understudy frontend`) or to etcd (etcd://HOST:PORT[/prefix]); repeat for several. "
+                        "The record (url, model, node, role, state) is kept alive with a lease, updated at once "
+                        "when the state changes and removed on shutdown (default: none)")
+    g.add_argument("--advertise-url", default=None,
+                   help="the URL frontends use to reach this engine (default: http://HOST:PORT from --host and "
+                        "--port, the host name for 0.0.0.0)")
+    g.add_argument("--registration-ttl", type=float, default=10.0,
+                   help="seconds the registration outlives the last keep-alive (sent every TTL/3): how long a "
+                        "SIGKILLed engine stays listed (default: 10)")
     g = p.add_argument_group("device and memory service")
     g.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
                    help="memory backend: cuda (GPU) or host (CPU); auto picks cuda when a GPU is visible")
     g.add_argument("--device", type=int, default=0, help="device ordinal (default: 0)")
+    g.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                   help="run the model as a group of N ranks, one process per device (devices --device ... "
+                        "--device+N-1, each with its own memory service holding its shard); this process is "
+                        "rank 0 (HTTP, scheduling, sampling) and starts the others. The group fails over as a "
+                        "whole: any rank dying ends it. CUDA graphs are off under N > 1. See "
+                        "docs/tensor-parallel.md (default: 1)")
     g.add_argument("--socket-dir", default=None,
                    help="memory service socket directory (default: $UNDERSTUDY_SOCKET_DIR or /tmp/understudy-$UID)")
     g.add_argument("--memory-service", choices=["auto", "connect"], default="auto",

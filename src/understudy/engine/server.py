@@ -27,12 +27,14 @@ from starlette.background import BackgroundTask
 
 from ..logs import log
 from ..memory.client import LayoutChanged, MemoryClient, MemoryServiceError
+from .api import BodyLimit as _BodyLimit
 from .api import ChatCompletionRequest, CompletionRequest, TokenGenerateRequest, error
 from .async_engine import AsyncEngine
 from .block_manager import BlockManager
 from .lifecycle import STATES, Lifecycle
 from .scheduler import QueueFull
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .text import TextStream
+from .tokenizer import Tokenizer
 
 logger = logging.getLogger("understudy.engine.server")
 
@@ -73,32 +75,6 @@ class Worker:
 
 class NotActive(RuntimeError):
     """The engine did not become active within the wait (a parked shadow, or draining)."""
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, holding back text that may start one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.pending = ""
-
-    def push(self, text: str, final: bool) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was hit)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        if final:
-            out, self.pending = self.pending, ""
-            return out, False
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out, False
 
 
 class _Metrics:
@@ -176,61 +152,27 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-class _BodyLimit:
-    """413 for request bodies over worker.max_request_bytes.
-
-    BUGFIX (tests/engine/test_engine_http.py::test_oversized_body_gets_413): only Content-Length was
-    checked, so a chunked upload of any size went through. Bodies without one are now read (up to the
-    limit) before the app runs, then replayed to it."""
-
-    def __init__(self, app, worker: Worker):
-        self.app, self.worker = app, worker
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.worker.max_request_bytes
-        too_big = lambda: error(413, f"request body exceeds the limit of {limit} bytes")  # noqa: E731
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > limit:
-                return await too_big()(scope, receive, send)
-            return await self.app(scope, receive, send)
-        body, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left
-                return
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await too_big()(scope, receive, send)
-            body.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
-
-        async def replayed():
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replayed, send)
-
-
 # -- sleep / wake_up: run off the event loop, while the engine thread is stopped ----------------------
 
 def _release_memory(worker: Worker) -> None:
     """Stop the engine thread, then unmap the weights and the KV (keeping their address ranges) and leave
-    both pools: the weights' read lock goes (a writer may republish), the kv pool is free to own."""
+    both pools: the weights' read lock goes (a writer may republish), the kv pool is free to own.
+
+    A parked shadow maps no KV and owns no pool: only its weights go (a snapshot's quiesce)."""
     eng = worker.engine.engine
+    owns_kv = not eng.kv.parked
     worker.engine.stop()  # it ends between steps: from here nothing touches weights or KV
-    eng.kv.write_index(eng.blocks.take_index_updates())  # nothing pending after a step; just in case
+    if owns_kv:
+        eng.kv.write_index(eng.blocks.take_index_updates())  # nothing pending after a step; just in case
     if eng.device.type == "cuda":
         torch.cuda.synchronize(eng.device)  # no kernel may still read what we unmap
     worker.weights.unmap_all()
     worker.weights.disconnect()
-    eng.kv.release_pool()
-    # The pool's blocks may change hands while we sleep: our prefix cache would lie. wake_up rebuilds it
-    # from the sealed-block index in the pool.
-    eng.blocks = eng.scheduler.blocks = BlockManager(eng.kv.spec.num_blocks, eng.kv.spec.block_size)
+    if owns_kv:
+        eng.kv.release_pool()
+        # The pool's blocks may change hands while we sleep: our prefix cache would lie. wake_up rebuilds
+        # it from the sealed-block index in the pool.
+        eng.blocks = eng.scheduler.blocks = BlockManager(eng.kv.spec.num_blocks, eng.kv.spec.block_size)
     if eng.device.type == "cuda":
         torch.cuda.empty_cache()  # activations and workspaces go back too
 
@@ -238,18 +180,20 @@ def _release_memory(worker: Worker) -> None:
 def _restore_memory(worker: Worker) -> int:
     """Remap the weights at the same addresses (LayoutChanged if they are not the same any more), retake
     the kv pool and rebuild the prefix cache from its index. Returns the restored blocks. On failure
-    nothing stays mapped or locked."""
+    nothing stays mapped or locked. A parked shadow only remaps its weights (it takes the pool when
+    promoted)."""
     eng = worker.engine.engine
     weights = worker.weights
     weights.connect(WAKE_TIMEOUT)
     try:
         weights.remap_all()
-        eng.kv.retake_pool(WAKE_TIMEOUT)
+        if not eng.kv.parked:
+            eng.kv.retake_pool(WAKE_TIMEOUT)
     except BaseException:
         weights.unmap_all()
         weights.disconnect()
         raise
-    return eng.adopt_prefix_cache()
+    return 0 if eng.kv.parked else eng.adopt_prefix_cache()
 
 
 def create_app(worker: Worker) -> FastAPI:
@@ -275,7 +219,8 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING", "SLEEPING") else "unavailable",
+        body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING", "SLEEPING", "QUIESCED")
+                else "unavailable",
                 "failovers": worker.lifecycle.failovers, "last_switch_s": worker.lifecycle.last_switch_s,
                 "state": worker.state, "routable": worker.routable, "model": worker.model_name,
                 "running": len(worker.engine.engine.scheduler.running),
@@ -331,8 +276,7 @@ def create_app(worker: Worker) -> FastAPI:
 
     async def _text(prompt: list[int], params, endpoint: str) -> AsyncIterator[tuple[str, str | None, dict]]:
         """(text delta, finish reason, usage) triples with stop strings applied."""
-        detok = IncrementalDetokenizer(worker.tokenizer, prompt)
-        stops = StopMatcher(params.stop)
+        text_of = TextStream(worker.tokenizer, prompt, params.stop)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
         done: dict = {}
         tokens = _tokens(prompt, params, endpoint, done)
@@ -343,8 +287,7 @@ def create_app(worker: Worker) -> FastAPI:
                 usage.update(completion_tokens=out.completion_tokens,
                              total_tokens=out.prompt_tokens + out.completion_tokens,
                              prompt_tokens_details={"cached_tokens": out.cached_tokens})
-                text = detok.push(out.new_token_ids) + (detok.flush() if out.finish_reason else "")
-                emit, hit = stops.push(text, final=out.finish_reason is not None)
+                emit, hit = text_of.push(out.new_token_ids, final=out.finish_reason is not None)
                 if hit:
                     done["outcome"] = "stop"  # finished, not cancelled (metrics)
                     yield emit, "stop", usage
@@ -520,6 +463,8 @@ def create_app(worker: Worker) -> FastAPI:
                 return _conflict(f"engine is {worker.state}: only an active engine can sleep")
             if worker.weights is None:  # not started by launch.build: its weights are not ours to unmap
                 return _conflict("this engine's weights do not come from a memory service")
+            if worker.info.get("tensor_parallel", 1) > 1:  # only rank 0's memory would go (tp_group.py)
+                return _conflict("sleep is not supported with --tensor-parallel")
             if worker.engine.num_requests:
                 return _conflict(f"{worker.engine.num_requests} requests in flight: drain the engine, then "
                                  f"retry (they are not aborted)")
@@ -566,4 +511,7 @@ def create_app(worker: Worker) -> FastAPI:
             return {"state": "ACTIVE", "changed": True, "kv_adopted": kv.adopted, "restored_blocks": restored,
                     "seconds": seconds}
 
+    from .quiesce import add_quiesce_routes  # around a snapshot: /engine/control/quiesce and /resume
+
+    add_quiesce_routes(app, worker)
     return app

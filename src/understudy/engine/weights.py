@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .fast_load import Staging, StoredTensor, copy_direct, read_header
 from .loader import is_gguf, iter_weights, safetensors_files
 from .model import CausalLM
+from .tp import TensorParallel, install, rank_config, shard_dim, shard_range, shard_tensor
 
 logger = logging.getLogger("understudy.engine.weights")
 
@@ -35,9 +36,13 @@ class WeightsMismatch(RuntimeError):
     """The memory service already holds another model's weights."""
 
 
-def model_id(path: str | Path, config: ModelConfig, dtype: torch.dtype) -> str:
-    desc = json.dumps({"path": str(Path(path).resolve()), "dtype": dtype_name(dtype),
-                       "config": repr(config)}, sort_keys=True)
+def model_id(path: str | Path, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel | None = None) -> str:
+    """The identity of what a weights pool holds; a tensor-parallel shard's names its rank and group size,
+    so a pool holding a shard is never imported by an engine of another group size or rank."""
+    fields = {"path": str(Path(path).resolve()), "dtype": dtype_name(dtype), "config": repr(config)}
+    if tp is not None and tp.size > 1:
+        fields["tensor_parallel"] = [tp.rank, tp.size]
+    desc = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
@@ -71,13 +76,17 @@ class _StagedCopier:
         self.stream.synchronize()
 
 
-def _sources(path, specs: dict, dtype: torch.dtype):
-    """(tensors to copy byte for byte, an iterator over the ones to convert)."""
+def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = None):
+    """(tensors to copy byte for byte, an iterator over the ones to convert); under tensor parallelism
+    only this rank's shard of each tensor (tp.py)."""
+    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     if is_gguf(path):
-        return {}, iter_weights(path, dtype)
+        return {}, ((n, shard_tensor(n, t, rank, size)) for n, t in iter_weights(path, dtype))
     stored: dict[str, StoredTensor] = {}
     for file in safetensors_files(path):
         stored.update(read_header(file))
+    if size > 1:  # a shard cut along dim 0 is a contiguous run of the stored bytes: still read directly
+        stored = {n: _row_shard(n, t, rank, size) for n, t in stored.items()}
     direct = {n: t for n, t in stored.items() if n in specs and t.dtype == dtype and t.shape == specs[n][0]}
 
     def converted():
@@ -90,22 +99,40 @@ def _sources(path, specs: dict, dtype: torch.dtype):
         for file, names in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in names:
-                    yield name, f.get_tensor(name).to(dtype)
+                    dim = shard_dim(name) if size > 1 else None
+                    if dim is None:
+                        yield name, f.get_tensor(name).to(dtype)
+                        continue
+                    piece = f.get_slice(name)  # reads only this rank's part
+                    start, stop = shard_range(piece.get_shape()[dim], rank, size)
+                    yield name, piece[start:stop].to(dtype) if dim == 0 else piece[:, start:stop].to(dtype)
 
     return direct, converted()
 
 
+def _row_shard(name: str, t: StoredTensor, rank: int, size: int) -> StoredTensor:
+    """The bytes of this rank's dim-0 shard of a stored tensor (others are left as they are)."""
+    if shard_dim(name) != 0 or not t.shape or t.shape[0] % size:
+        return t
+    start, stop = shard_range(t.shape[0], rank, size)
+    row = t.nbytes // t.shape[0]
+    return StoredTensor(t.file, t.offset + start * row, (stop - start) * row, t.dtype, (stop - start, *t.shape[1:]))
+
+
 def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torch.dtype, ident: str,
-            progress: bool = True) -> dict:
+            progress: bool = True, tp: TensorParallel | None = None) -> dict:
     """Stream the checkpoint into the client's (rw) weights pool and commit. Returns load stats."""
     wanted = {n: t for n, t in model.state_dict().items()}
     specs = {n: (tuple(t.shape), dtype) for n, t in wanted.items()}
     sizes, metas = plan_layout(specs, client.granularity)
     for size in sizes:
         client.allocate(size)
-    client.set_metadata(metas, extra={"model_id": ident, "model_path": str(path)}, replace=True)
+    extra = {"model_id": ident, "model_path": str(path)}
+    if tp is not None and tp.size > 1:
+        extra["tensor_parallel"] = [tp.rank, tp.size]
+    client.set_metadata(metas, extra=extra, replace=True)
     device = client.tensor(next(iter(metas))).device
-    direct, stream = _sources(path, specs, dtype)
+    direct, stream = _sources(path, specs, dtype, tp)
     total = sum(t.numel() * dtype.itemsize for t in wanted.values())
     loaded: set[str] = set()
     threads = 8
@@ -145,16 +172,26 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
     return stats
 
 
+def _shard_name(tp: list[int] | None) -> str:
+    return "the whole model" if not tp else f"rank {tp[0]}'s shard of a --tensor-parallel {tp[1]} group"
+
+
 def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.dtype, *, timeout: float = 600.0,
-         progress: bool = True, name: str = "engine", attention_fn=None) -> tuple[CausalLM, MemoryClient, dict]:
+         progress: bool = True, name: str = "engine", attention_fn=None,
+         tp: TensorParallel | None = None) -> tuple[CausalLM, MemoryClient, dict]:
     """A model whose weights live in the memory service: imported if there, published if not.
 
     Returns the model, the client that holds the read lock (keep it open), and
-    how the weights arrived ({"source": "imported"|"published", ...})."""
-    ident = model_id(path, config, dtype)
+    how the weights arrived ({"source": "imported"|"published", ...}). With `tp` (a rank of a
+    tensor-parallel group) the model is that rank's share and the pool holds its shard only."""
+    ident = model_id(path, config, dtype, tp)
+    if tp is not None:
+        config = rank_config(config, tp.size)
     with torch.device("meta"):
         model = CausalLM(config) if attention_fn is None else CausalLM(config, attention_fn)
     model.to(dtype)  # parameters of the meta model carry the dtype we serve in
+    if tp is not None and tp.size > 1:
+        install(model, tp)
     state = read_status(socket_path)["pools"]["weights"]["state"]
     client = None
     if state == "EMPTY":
@@ -165,7 +202,7 @@ def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.d
                 raise
     t0 = time.perf_counter()
     if client is not None:
-        stats = {"source": "published", **publish(client, model, path, dtype, ident, progress)}
+        stats = {"source": "published", **publish(client, model, path, dtype, ident, progress, tp)}
     else:
         client = MemoryClient(socket_path, "weights", "ro", timeout=timeout, name=name)
         client.map_all()
@@ -174,9 +211,11 @@ def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.d
     found = client.layout.extra.get("model_id")
     if found != ident:
         client.close()
+        held, want = client.layout.extra.get("tensor_parallel"), [tp.rank, tp.size] if tp and tp.size > 1 else None
+        shards = "" if held == want else (f" (it holds {_shard_name(held)}, this engine needs {_shard_name(want)})")
         raise WeightsMismatch(f"the memory service holds weights of {client.layout.extra.get('model_path')!r} "
-                              f"(id {found}), not of {str(path)!r} in {dtype_name(dtype)} (id {ident}); stop the "
-                              f"engines using them, or use another device / memory service")
+                              f"(id {found}), not of {str(path)!r} in {dtype_name(dtype)} (id {ident}){shards}; "
+                              f"stop the engines using them, or use another device / memory service")
     materialize_module(model, client)
     stats["seconds_total"] = round(time.perf_counter() - t0, 4)
     log(logger, "weights_ready", **stats)

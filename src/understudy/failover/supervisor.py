@@ -41,7 +41,8 @@ class Child:
 
 class Supervisor:
     def __init__(self, *, socket_dir: Path, backend: str, device: int, port: int, shadows: int,
-                 engine_args: list[str], restart_delay: float = 0.5):
+                 engine_args: list[str], restart_delay: float = 0.5, snapshot_dir: Path | None = None,
+                 frontend_port: int | None = None, tensor_parallel: int = 1):
         self.socket_dir = socket_dir
         self.engine_args = engine_args
         self.restart_delay = restart_delay
@@ -50,6 +51,16 @@ class Supervisor:
         py = [sys.executable, "-m", "understudy"]
         self.memory = Child("memory", py + ["memory-server", "--backend", backend, "--device", str(device),
                                             "--socket-dir", str(socket_dir)])
+        # --tensor-parallel N: a memory service per device of the group; each engine is a group's leader
+        # (one process tree: its ranks die with it), so a child entry is a whole group (docs/tensor-parallel.md).
+        self.memories = [self.memory] + [
+            Child(f"memory-{k}", py + ["memory-server", "--backend", backend, "--device", str(device + k),
+                                       "--socket-dir", str(socket_dir)]) for k in range(1, tensor_parallel)]
+        if tensor_parallel > 1:
+            if snapshot_dir is not None:
+                raise SystemExit("understudy up: --snapshot-dir is not supported with --tensor-parallel (a group "
+                                 "is several processes)")
+            engine_args = [*engine_args, "--tensor-parallel", str(tensor_parallel)]
         self.engines = [
             Child(f"engine-{i}", py + ["serve", "--backend", backend, "--device", str(device), "--socket-dir",
                                        str(socket_dir), "--memory-service", "connect", "--port", str(port + i),
@@ -57,6 +68,18 @@ class Supervisor:
                   port=port + i, role="primary" if i == 0 else "shadow")
             for i in range(1 + shadows)
         ]
+        self.frontend = None
+        if frontend_port is not None:  # an OpenAI frontend the engines register with (docs/frontend.md)
+            self.frontend = Child("frontend", py + ["frontend", "--port", str(frontend_port),
+                                                    *frontend_flags(engine_args)], port=frontend_port)
+            for engine in self.engines:
+                engine.argv += ["--register", f"http://127.0.0.1:{frontend_port}"]
+        self.snapshots = None
+        if snapshot_dir is not None:  # shadows restored from images where they can be (snapshot/node.py)
+            from ..snapshot.node import NodeSnapshots
+
+            argv = self.engines[0].argv
+            self.snapshots = NodeSnapshots(snapshot_dir, argv[argv.index("serve") + 1:])
 
     @property
     def state_file(self) -> Path:
@@ -65,16 +88,21 @@ class Supervisor:
     def _write_state(self) -> None:
         data = {"supervisor_pid": os.getpid(), "socket_dir": str(self.socket_dir),
                 "children": [{"name": c.name, "pid": c.pid, "port": c.port, "role": c.role, "starts": c.starts,
-                              "started_at": c.started_at} for c in [self.memory, *self.engines]]}
+                              "started_at": c.started_at}
+                             for c in [*self.memories, *self.engines, *([self.frontend] if self.frontend else [])]]}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.state_file)
 
-    def _start(self, child: Child, role: str | None = None, wait_for: str | None = None) -> None:
+    def _start(self, child: Child, role: str | None = None, wait_for: str | None = None,
+               image: Path | None = None) -> None:
         argv = child.argv + (["--role", role] if role else [])
         child.role = role or child.role
-        child.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True)  # its own process group
+        if image is not None:  # restored from a snapshot image: a process group of its own too
+            child.proc = self.snapshots.restore(image)
+        else:
+            child.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True)  # its own process group
         child.pid, child.starts, child.started_at = child.proc.pid, child.starts + 1, time.time()
         ready = threading.Event()
         threading.Thread(target=self._pump, args=(child, child.proc, wait_for, ready), daemon=True).start()
@@ -92,6 +120,19 @@ class Supervisor:
                 ready.set()
         ready.set()
 
+    def _start_shadow(self, child: Child) -> None:
+        """A shadow: restored from its port's image if one can be (--snapshot-dir), else started cold (and,
+        once parked, checkpointed into an image for the next time)."""
+        image = self.snapshots.image_for(child.port) if self.snapshots else None
+        if image is not None:
+            # A failed restore exits like a dead child: the next start is cold (the image is not retried).
+            self._start(child, role="shadow", wait_for='"restored"', image=image)
+        elif self.snapshots:
+            self._start(child, role="shadow", wait_for='"waiting_for_failover_lock"')
+            self.snapshots.after_parked(child.port, child.pid)
+        else:
+            self._start(child, role="shadow", wait_for='"serving"')
+
     def _watch(self, child: Child, proc: subprocess.Popen) -> None:
         self.events.put((child, proc, proc.wait()))
 
@@ -99,10 +140,13 @@ class Supervisor:
         self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.events.put(None))
-        self._start(self.memory, wait_for='"listening"')
+        if self.frontend is not None:  # first: the engines register with it as they come up
+            self._start(self.frontend, wait_for='"serving"')
+        for memory in self.memories:
+            self._start(memory, wait_for='"listening"')
         self._start(self.engines[0], role="primary", wait_for='"serving"')  # it publishes the weights first
         for shadow in self.engines[1:]:
-            self._start(shadow, role="shadow", wait_for='"serving"')
+            self._start_shadow(shadow)
         log(logger, "node_up", engines=len(self.engines), state_file=str(self.state_file))
         while True:
             event = self.events.get()
@@ -113,15 +157,18 @@ class Supervisor:
                 continue  # an old incarnation
             log(logger, "child_exited", level=logging.WARNING, child=child.name, pid=proc.pid, returncode=rc)
             time.sleep(self.restart_delay)  # don't spin if a child dies at once, every time
-            if child is self.memory:
+            if child in self.memories:
                 self._start(child, wait_for='"listening"')
+            elif child is self.frontend:  # the engines' next keep-alive registers them again
+                self._start(child, wait_for='"serving"')
             else:
                 # Another engine took over through the lock; the replacement parks as a shadow.
-                self._start(child, role="shadow", wait_for='"serving"')
+                self._start_shadow(child)
 
     def stop(self) -> int:
         log(logger, "node_stopping")
-        for child in [*self.engines, self.memory]:  # engines drain first, the memory service goes last
+        # The frontend drains first (its clients' answers need the engines), the memory service goes last.
+        for child in [*([self.frontend] if self.frontend else []), *self.engines, *self.memories]:
             if child.proc and child.proc.poll() is None:
                 os.killpg(child.proc.pid, signal.SIGTERM)
                 try:
@@ -132,6 +179,16 @@ class Supervisor:
         self.state_file.unlink(missing_ok=True)
         log(logger, "node_stopped")
         return 0
+
+
+def frontend_flags(engine_args: list[str]) -> list[str]:
+    """The engines' --model / --served-model-name, for the frontend (same tokenizer, same model name)."""
+    out, it = [], iter(engine_args)
+    for arg in it:
+        flag = arg.split("=", 1)[0]
+        if flag in ("--model", "--served-model-name"):
+            out += [arg] if "=" in arg else [arg, next(it, "")]
+    return out
 
 
 def _tagged(line: str, name: str, pid: int) -> str:

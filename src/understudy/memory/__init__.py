@@ -9,7 +9,17 @@ from .backend import Backend, BackendError, OutOfMemory, get_backend
 from .client import LayoutChanged, MemoryClient, MemoryServiceError, read_status
 from .paths import default_socket_dir, device_socket_path, socket_path
 from .protocol import Layout, TensorMeta
-from .tensors import materialize_module, plan_layout, publish_module, publish_state_dict
+
+_TENSOR_HELPERS = ("materialize_module", "plan_layout", "publish_module", "publish_state_dict")
+
+
+def __getattr__(name: str):
+    # The torch helpers load on first use: the memory service itself runs without torch (fast restarts).
+    if name in _TENSOR_HELPERS:
+        from . import tensors
+
+        return getattr(tensors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Backend", "BackendError", "OutOfMemory", "get_backend",

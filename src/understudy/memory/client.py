@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import protocol as p
 from .backend import Backend, get_backend
+
+if TYPE_CHECKING:  # torch only where tensors are made: the memory service itself never imports it
+    import torch
 
 
 class MemoryServiceError(RuntimeError):
@@ -47,8 +48,9 @@ class Mapping:
     readonly: bool
     mapped: bool = True
     owns_range: bool = True  # False when mapped into a range the caller reserved
-    # The allocation's fd, kept open while mapped: a restarted server can take the memory back
-    # from it (restore()). Closed on unmap, so it never keeps memory alive on its own.
+    # The allocation's fd, kept open while mapped: a restarted server takes the memory back from it
+    # (restore()); CUDA cannot export an imported allocation again, so the fd it came as is kept.
+    # Closed on unmap, so it never keeps memory alive on its own.
     fd: int = -1
 
     def unmap(self, backend: Backend) -> None:
@@ -337,6 +339,8 @@ def _device_from_env(granted: p.Granted) -> int:
     if granted.backend == "host":
         return int(granted.identity.rsplit("-", 1)[-1])
     from .cuda import CudaBackend
+
+    import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 1
     for i in range(n):

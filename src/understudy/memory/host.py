@@ -12,8 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from .backend import Backend, BackendError, OutOfMemory
 
@@ -26,6 +25,9 @@ _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
+
+if TYPE_CHECKING:
+    import torch
 
 # Same as the CUDA minimum granularity, so sizes and offsets round the same way on both.
 HOST_GRANULARITY = 2 << 20
@@ -129,7 +131,9 @@ class HostBackend(Backend):
             err = ctypes.get_errno()
             raise BackendError(f"mprotect failed: {os.strerror(err)} (errno {err})")
 
-    def tensor(self, va: int, nbytes: int) -> torch.Tensor:
+    def tensor(self, va: int, nbytes: int) -> "torch.Tensor":
+        import torch
+
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         buf = (ctypes.c_uint8 * nbytes).from_address(va)

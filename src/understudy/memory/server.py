@@ -209,8 +209,8 @@ class MemoryServer:
             if session.pool is not None:
                 self.pools[session.pool].release(session)
             del self.sessions[session.id]
+            conn.close()  # before the event: whoever awaits it finds the socket gone
             self.events.add(None, "disconnected", session)
-            conn.close()
 
     async def _read_frames(self, conn: socket.socket, frames: asyncio.Queue, backlog: list[int]) -> None:
         while True:
