@@ -63,8 +63,10 @@ def reference(node) -> list[int]:
 
 
 def sessions_of(mem: ServerProcess, pid: int) -> list[tuple[str, str]]:
-    """(pool, mode) of every memory-service session the process holds."""
-    return sorted((s["pool"], s["mode"]) for s in read_status(mem.path)["sessions"] if s["pid"] == pid)
+    """(pool, mode) of every memory-service session of the process that holds a pool (its memory
+    watch's connection holds none: engine/memory_watch.py)."""
+    return sorted((s["pool"], s["mode"]) for s in read_status(mem.path)["sessions"]
+                  if s["pid"] == pid and s["pool"] is not None)
 
 
 def control(engine: Engine, action: str) -> httpx.Response:
