@@ -200,8 +200,9 @@ def cluster(_tokenizer_future):
     finally:
         for eng in c.engines:
             eng.close()
-        if mem.proc.poll() is None:
-            mem.stop()
+        for server in {mem, c.mem}:  # test 7 starts a new memory server
+            if server.proc.poll() is None:
+                server.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 
