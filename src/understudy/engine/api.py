@@ -6,6 +6,8 @@ before it reaches the engine.
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -199,3 +201,52 @@ class BodyLimit:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replayed, send)
+
+
+# -- OpenAI response bodies (the engine's own API and the frontend's) ----------------------------
+
+class CompletionShape:
+    """The `text_completion` bodies of one request: streamed chunks and the whole answer."""
+
+    def __init__(self, model: str):
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.base = {"id": self.id, "object": "text_completion", "created": int(time.time()), "model": model}
+
+    def chunk(self, text: str | None, reason: str | None) -> dict[str, Any]:
+        return {**self.base, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+
+    def final(self, text: str, reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.chunk(text, reason), "usage": usage}
+
+
+class ChatShape:
+    """The `chat.completion(.chunk)` bodies of one request; the first chunk with text names the role."""
+
+    def __init__(self, model: str):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.base = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        self._started = False
+
+    def chunk(self, text: str | None, reason: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if not self._started and text is not None:
+            delta["role"] = "assistant"
+            self._started = True
+        if text:
+            delta["content"] = text
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    def final(self, text: str, reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.base, "object": "chat.completion", "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": reason}]}
+
+
+def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The token ids of a chat request, through the model's chat template (ValueError if it fails)."""
+    try:
+        text = tokenizer.apply_chat_template([m.text() for m in body.messages], add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+        raise ValueError(f"cannot render the chat template: {e}") from e
+    return tokenizer.encode(text, add_special_tokens=False)
+

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -28,7 +27,8 @@ from starlette.background import BackgroundTask
 from ..logs import log
 from ..memory.client import LayoutChanged, MemoryClient, MemoryServiceError
 from .api import BodyLimit as _BodyLimit
-from .api import ChatCompletionRequest, CompletionRequest, TokenGenerateRequest, error
+from .api import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape, TokenGenerateRequest,
+                  chat_prompt, error)
 from .async_engine import AsyncEngine
 from .block_manager import BlockManager
 from .lifecycle import STATES, Lifecycle
@@ -372,48 +372,22 @@ def create_app(worker: Worker) -> FastAPI:
         if (bad := _check_model(body.model)) is not None:
             return bad
         prompt = body.prompt if isinstance(body.prompt, list) else worker.tokenizer.encode(body.prompt)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": worker.model_name}
-
-        def chunk(text, reason):
-            return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
-
-        def final(text, reason, usage):
-            return {**chunk(text, reason), "usage": usage}
-
+        shape = CompletionShape(worker.model_name)
         return await _generate(request, prompt, body.sampling(worker.default_max_tokens), "completions",
-                               body.stream, chunk, final, body.include_usage)
+                               body.stream, shape.chunk, shape.final, body.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         if (bad := _check_model(body.model)) is not None:
             return bad
         try:
-            messages = [m.text() for m in body.messages]
-            text = worker.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:
-            return error(400, f"cannot render the chat template: {e}", param="messages")
-        prompt = worker.tokenizer.encode(text, add_special_tokens=False)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": worker.model_name}
-        started = []
-
-        def chunk(text, reason):
-            delta: dict[str, Any] = {}
-            if not started and text is not None:
-                delta["role"] = "assistant"
-                started.append(True)
-            if text:
-                delta["content"] = text
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-
-        def final(text, reason, usage):
-            return {**base, "object": "chat.completion", "usage": usage,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": reason}]}
+            prompt = chat_prompt(worker.tokenizer, body)
+        except ValueError as e:
+            return error(400, str(e), param="messages")
+        shape = ChatShape(worker.model_name)
 
         return await _generate(request, prompt, body.sampling(worker.default_max_tokens), "chat", body.stream,
-                               chunk, final, body.include_usage)
+                               shape.chunk, shape.final, body.include_usage)
 
     @app.post("/engine/generate")
     async def generate_tokens(body: TokenGenerateRequest):

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
@@ -26,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..discovery.embedded import EmbeddedRegistry
 from ..discovery.records import View
-from ..engine.api import BodyLimit, ChatCompletionRequest, CompletionRequest, error, invalid_request
+from ..engine.api import (BodyLimit, ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
+                          chat_prompt, error, invalid_request)
 from ..engine.params import SamplingParams
 from ..engine.text import TextStream
 from ..engine.tokenizer import Tokenizer
@@ -354,17 +354,9 @@ def create_app(fe: Frontend) -> FastAPI:
         if refused is not None:
             return refused
         prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": fe.model_name}
-
-        def chunk(text, reason):
-            return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
-
-        def final(text, reason, usage):
-            return {**chunk(text, reason), "usage": usage}
-
-        return await _generate(request, "completions", prompt, body.sampling(fe.default_max_tokens), rid,
-                               body.stream, body.include_usage, chunk, final, t0, tokenizer)
+        shape = CompletionShape(fe.model_name)
+        return await _generate(request, "completions", prompt, body.sampling(fe.default_max_tokens), shape.id,
+                               body.stream, body.include_usage, shape.chunk, shape.final, t0, tokenizer)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -373,31 +365,13 @@ def create_app(fe: Frontend) -> FastAPI:
         if refused is not None:
             return refused
         try:
-            messages = [m.text() for m in body.messages]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+            prompt = chat_prompt(tokenizer, body)
+        except ValueError as e:
             metrics.requests.labels("chat", "invalid").inc()
-            return error(400, f"cannot render the chat template: {e}", param="messages")
-        prompt = tokenizer.encode(text, add_special_tokens=False)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": fe.model_name}
-        started = []
+            return error(400, str(e), param="messages")
+        shape = ChatShape(fe.model_name)
 
-        def chunk(text, reason):
-            delta: dict[str, Any] = {}
-            if not started and text is not None:
-                delta["role"] = "assistant"
-                started.append(True)
-            if text:
-                delta["content"] = text
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-
-        def final(text, reason, usage):
-            return {**base, "object": "chat.completion", "usage": usage,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": reason}]}
-
-        return await _generate(request, "chat", prompt, body.sampling(fe.default_max_tokens), rid, body.stream,
-                               body.include_usage, chunk, final, t0, tokenizer)
+        return await _generate(request, "chat", prompt, body.sampling(fe.default_max_tokens), shape.id, body.stream,
+                               body.include_usage, shape.chunk, shape.final, t0, tokenizer)
 
     return app
