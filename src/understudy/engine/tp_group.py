@@ -85,6 +85,9 @@ class Group:
         self.stepping = False  # a step's inputs went out: the ranks are inside the same forward
         self._fatal = threading.Lock()
         self._calls = threading.Lock()  # one request/reply exchange at a time
+        # Let go of on a fatal exit before the process exits: a CUDA process takes a while to tear
+        # down, and the standby group must not wait for that to get the failover lock.
+        self.holds: list = []
         atexit.register(self._close)
 
     @property
@@ -112,7 +115,7 @@ class Group:
             self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=rc)
 
     def fatal(self, event: str, **fields) -> None:
-        """The group is wedged: kill every worker and exit now (the kernel releases the failover lock)."""
+        """The group is wedged: kill every worker, let go of the failover lock and exit now."""
         with self._fatal:
             self.closing = True
             log(logger, event, logging.ERROR, **fields,
@@ -122,6 +125,8 @@ class Group:
                     os.kill(w.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            for hold in self.holds:
+                hold.release()
             for handler in logging.getLogger("understudy").handlers:
                 handler.flush()
             sys.stderr.flush()
@@ -263,6 +268,7 @@ def build_group(args: argparse.Namespace) -> Built:
         from .triton_attention import fast_attention as attention_fn
     store = make_store(0, size)
     group = Group(size)
+    group.holds.append(lock)
     group.start(_plan(args, model_path, backend, dtype, "reference" if attention_fn is None else "triton",
                       store.port))
     log(logger, "tp_group_started", size=size, ranks={0: os.getpid(), **{w.rank: w.pid for w in group.workers}},
