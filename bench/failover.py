@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import signal
 import statistics
 import subprocess
@@ -30,45 +28,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import PY, Proc  # noqa: E402  (bench/common.py)
 from engine import make_checkpoint, write_byte_tokenizer  # noqa: E402  (bench/engine.py)
-
-PY = [sys.executable, "-m", "understudy"]
-
-
-class Proc:
-    """A child whose JSON log lines are kept; `wait_event` blocks until one matches."""
-
-    def __init__(self, argv: list[str]):
-        self.p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.events: list[dict] = []
-        self.other: list[str] = []  # non-JSON lines (tracebacks, exit messages)
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.p.stderr:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                self.other.append(line)
-                continue
-            self.events.append(e)
-            self.lines.put(e)
-        self.lines.put(None)
-
-    def wait_event(self, name: str, timeout: float = 600, **fields) -> dict:
-        deadline = time.time() + timeout
-        while True:
-            e = self.lines.get(timeout=max(0.1, deadline - time.time()))
-            if e is None:
-                raise RuntimeError(f"process exited ({self.p.wait()}) before {name}:\n" + "".join(self.other[-20:]))
-            if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()):
-                return e
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, sig)
-        self.p.wait()
 
 
 def gpu_used_mib() -> int:

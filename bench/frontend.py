@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,51 +32,9 @@ import time
 
 import httpx
 
-PY = [sys.executable, "-m", "understudy"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PY, Proc, free_port  # noqa: E402  (bench/common.py)
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A child whose JSON log lines are kept; `wait_event` blocks until one matches."""
-
-    def __init__(self, argv: list[str], env: dict | None = None):
-        self.p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                  env={**os.environ, **(env or {})})
-        self.lines: queue.Queue = queue.Queue()
-        self.other: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.p.stderr:
-            try:
-                self.lines.put(json.loads(line))
-            except ValueError:
-                self.other.append(line)
-        self.lines.put(None)
-
-    def wait_event(self, name: str, timeout: float = 600) -> dict:
-        deadline = time.time() + timeout
-        while True:
-            e = self.lines.get(timeout=max(0.1, deadline - time.time()))
-            if e is None:
-                raise RuntimeError(f"process exited ({self.p.wait()}) before {name}:\n" + "".join(self.other[-20:]))
-            if e.get("event") == name:
-                return e
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait()
 
 
 def timed_stream(http: httpx.Client, path: str, url: str, body: dict) -> list[float]:

@@ -19,56 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-PY = [sys.executable, "-m", "understudy"]
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PY, Proc  # noqa: E402  (bench/common.py)
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class Proc:
-    """A child whose JSON log lines (stderr) are kept; `wait_event` blocks until one matches."""
-
-    def __init__(self, argv: list[str], env: dict | None = None):
-        self.t0 = time.time()
-        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True, env={**os.environ, **(env or {})})
-        self.lines: queue.Queue = queue.Queue()
-        self.other: list[str] = []
-        self.stdout: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=lambda: self.stdout.extend(self.p.stdout), daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.p.stderr:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                self.other.append(line)
-                continue
-            if isinstance(e, dict):
-                self.lines.put(e)
-        self.lines.put(None)
-
-    def wait_event(self, name: str, timeout: float = 900, **fields) -> dict:
-        deadline = time.time() + timeout
-        while True:
-            e = self.lines.get(timeout=max(0.1, deadline - time.time()))
-            if e is None:
-                raise RuntimeError(f"{self.p.args[:5]} exited ({self.p.wait()}) before {name}:\n"
-                                   + "".join(self.other[-30:]))
-            if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()):
-                return e
 
 
 def kill_reap(pid: int) -> None:

@@ -38,9 +38,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from failover import Proc, routable_port, stream  # noqa: E402  (bench/failover.py)
-
-PY = [sys.executable, "-m", "understudy"]
+from common import PY, Proc  # noqa: E402  (bench/common.py)
+from failover import routable_port, stream  # noqa: E402  (bench/failover.py)
 
 
 def make_tiny_checkpoint(d: Path) -> None:
