@@ -88,6 +88,54 @@ def ensure_memory_service(backend: str, device: int, socket_dir: str | None, mod
     return path, proc
 
 
+@dataclass
+class Placement:
+    """Where an engine (or a tensor-parallel group's leader) runs and what it serves, before any weight."""
+
+    model_path: Path
+    config: object
+    dtype: torch.dtype
+    use_cuda: bool
+    backend: str  # memory backend: cuda or host
+    device: torch.device
+    socket_path: str
+    memory_server: subprocess.Popen | None
+    lock: FailoverLock
+    attention_fn: object  # the Triton paged attention, or None for the reference one
+
+
+def place(args: argparse.Namespace, ranks: int = 1, check_config=None) -> Placement:
+    """Device, model config, dtype, memory service and failover lock (taken now by a primary) of an
+    engine whose ranks use devices --device .. --device + ranks - 1."""
+    model_path = Path(args.model) if args.model else default_model_path()
+    use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
+    if use_cuda:
+        if torch.cuda.device_count() < args.device + ranks:
+            raise SystemExit(f"understudy serve: {ranks} ranks from --device {args.device} need "
+                             f"{args.device + ranks} GPUs; {torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(device)
+    config = load_config(model_path)
+    if check_config is not None:
+        check_config(config)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
+    backend = "cuda" if use_cuda else "host"
+    path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
+    # One failover lock per device (a group's is its leader's): only leaders contend for it.
+    lock = FailoverLock.for_device(args.failover_dir or Path(path).parent, Path(path).stem.removeprefix("memory-"))
+    if args.role == "primary":
+        try:
+            lock.try_acquire()
+        except LockHeld as e:
+            raise SystemExit(f"understudy serve: {e}: another engine is active on this device; "
+                             f"start this one with --role shadow") from None
+    attention_fn = None
+    if args.attention == "triton" or (args.attention == "auto" and use_cuda):
+        from .triton_attention import fast_attention as attention_fn
+    return Placement(model_path, config, dtype, use_cuda, backend, device, path, mem_proc, lock, attention_fn)
+
+
 def build(args: argparse.Namespace) -> Built:
     from ..cli import parse_size
 
@@ -96,27 +144,11 @@ def build(args: argparse.Namespace) -> Built:
 
         return build_group(args)
 
-    model_path = Path(args.model) if args.model else default_model_path()
-    use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
-    backend = "cuda" if use_cuda else "host"
-    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    config = load_config(model_path)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
-    path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
-    lock = FailoverLock.for_device(args.failover_dir or Path(path).parent, Path(path).stem.removeprefix("memory-"))
-    if args.role == "primary":
-        try:
-            lock.try_acquire()
-        except LockHeld as e:
-            raise SystemExit(f"understudy serve: {e}: another engine is active on this device; "
-                             f"start this one with --role shadow") from None
+    p = place(args)
+    model_path, config, dtype, path, use_cuda, backend, device = (
+        p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.backend, p.device)
+    mem_proc, lock, attention_fn = p.memory_server, p.lock, p.attention_fn
     t0 = time.perf_counter()
-    attention_fn = None
-    if args.attention == "triton" or (args.attention == "auto" and use_cuda):
-        from .triton_attention import fast_attention as attention_fn
     model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=attention_fn)
     max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)

@@ -34,18 +34,15 @@ from pathlib import Path
 
 import torch
 
-from ..failover.lock import FailoverLock, LockHeld
 from ..logs import log
 from ..memory import read_status
 from ..memory.tensors import dtype_name
 from . import weights
 from .async_engine import AsyncEngine
-from .default_model import default_model_path
 from .engine import EngineLimits, LLMEngine
 from .kv_cache import KVCache, KVSpec
-from .launch import DTYPES, Built, ensure_memory_service
+from .launch import Built, place
 from .lifecycle import Lifecycle
-from .loader import load_config
 from .server import Worker
 from .tokenizer import Tokenizer
 from .tp import Channel, check_shardable, join, make_store
@@ -237,35 +234,18 @@ def build_group(args: argparse.Namespace) -> Built:
     from ..cli import parse_size
 
     size = args.tensor_parallel
-    model_path = Path(args.model) if args.model else default_model_path()
-    use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
-    backend = "cuda" if use_cuda else "host"
-    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
-    if use_cuda:
-        if torch.cuda.device_count() < args.device + size:
-            raise SystemExit(f"understudy serve: --tensor-parallel {size} from --device {args.device} needs "
-                             f"{args.device + size} GPUs; {torch.cuda.device_count()} are visible")
-        torch.cuda.set_device(device)
-    config = load_config(model_path)
-    try:
-        check_shardable(config, size)
-    except ValueError as e:
-        raise SystemExit(f"understudy serve: {e}") from None
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
-    path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
-    # The group's one failover lock is the leader's device's: only group leaders contend for it.
-    lock = FailoverLock.for_device(args.failover_dir or Path(path).parent, Path(path).stem.removeprefix("memory-"))
-    if args.role == "primary":
+
+    def shardable(config) -> None:
         try:
-            lock.try_acquire()
-        except LockHeld as e:
-            raise SystemExit(f"understudy serve: {e}: another engine is active on this device; "
-                             f"start this one with --role shadow") from None
+            check_shardable(config, size)
+        except ValueError as e:
+            raise SystemExit(f"understudy serve: {e}") from None
+
+    p = place(args, ranks=size, check_config=shardable)
+    model_path, config, dtype, path, use_cuda, backend, device = (
+        p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.backend, p.device)
+    mem_proc, lock, attention_fn = p.memory_server, p.lock, p.attention_fn
     t0 = time.perf_counter()
-    attention_fn = None
-    if args.attention == "triton" or (args.attention == "auto" and use_cuda):
-        from .triton_attention import fast_attention as attention_fn
     store = make_store(0, size)
     group = Group(size)
     group.holds.append(lock)
