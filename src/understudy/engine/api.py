@@ -6,9 +6,10 @@ before it reaches the engine.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -249,4 +250,40 @@ def chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault
         raise ValueError(f"cannot render the chat template: {e}") from e
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+# The text of a completion arrives as (text, finish_reason, usage) items; the last has a reason.
+TextItem = tuple[str, "str | None", dict]
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(first: TextItem, rest: AsyncIterator[TextItem], render_chunk: Callable,
+                     include_usage: bool) -> AsyncIterator[str]:
+    """A streamed OpenAI answer: a chunk per piece of text, the usage chunk if asked for, then [DONE]."""
+    item = first
+    while True:
+        text, reason, usage = item
+        if text or reason:
+            yield sse(render_chunk(text, reason))
+        if reason:
+            if include_usage:
+                yield sse({**render_chunk(None, None), "choices": [], "usage": usage})
+            break
+        item = await rest.__anext__()
+    yield "data: [DONE]\n\n"
+
+
+async def collect_text(first: TextItem, rest: AsyncIterator[TextItem]) -> TextItem:
+    """A whole (non-streamed) answer: all the text, the finish reason and the usage."""
+    parts, item = [], first
+    while True:
+        text, reason, usage = item
+        parts.append(text)
+        if reason:
+            return "".join(parts), reason, usage
+        item = await rest.__anext__()
 

@@ -28,7 +28,7 @@ from ..logs import log
 from ..memory.client import LayoutChanged, MemoryClient, MemoryServiceError
 from .api import BodyLimit as _BodyLimit
 from .api import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape, TokenGenerateRequest,
-                  chat_prompt, error)
+                  chat_prompt, collect_text, error, sse_events)
 from .async_engine import AsyncEngine
 from .block_manager import BlockManager
 from .lifecycle import STATES, Lifecycle
@@ -138,10 +138,6 @@ def _refusal(e: Exception) -> JSONResponse:
     if isinstance(e, QueueFull):
         return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
     return error(400, str(e))
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 async def _disconnected(request: Request) -> None:
@@ -324,32 +320,14 @@ def create_app(worker: Worker) -> FastAPI:
         if streaming:
             async def events():
                 try:
-                    item = first
-                    while True:
-                        text, reason, usage = item
-                        if text or reason:
-                            yield _sse(render_chunk(text, reason))
-                        if reason:
-                            if include_usage:
-                                yield _sse({**render_chunk(None, None), "choices": [], "usage": usage})
-                            break
-                        item = await rest.__anext__()
-                    yield "data: [DONE]\n\n"
+                    async for event in sse_events(first, rest, render_chunk, include_usage):
+                        yield event
                 finally:
                     await rest.aclose()
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
-        async def collect():
-            parts, item = [], first
-            while True:
-                text, reason, usage = item
-                parts.append(text)
-                if reason:
-                    return "".join(parts), reason, usage
-                item = await rest.__anext__()
-
-        work = asyncio.ensure_future(collect())
+        work = asyncio.ensure_future(collect_text(first, rest))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)

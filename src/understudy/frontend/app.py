@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..discovery.embedded import EmbeddedRegistry
 from ..discovery.records import View
 from ..engine.api import (BodyLimit, ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
-                          chat_prompt, error, invalid_request)
+                          chat_prompt, collect_text, error, invalid_request, sse, sse_events)
 from ..engine.params import SamplingParams
 from ..engine.text import TextStream
 from ..engine.tokenizer import Tokenizer
@@ -123,10 +123,6 @@ async def _unless_gone(request: Request, awaitable):
             await asyncio.wait({work})
             raise _ClientGone()
     return work.result()
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 class _Stream(StreamingResponse):
@@ -288,22 +284,13 @@ def create_app(fe: Frontend) -> FastAPI:
         if streaming:
             async def events():
                 try:
-                    item = first
-                    while True:
-                        text, reason, usage = item
-                        if text or reason:
-                            yield _sse(render_chunk(text, reason))
-                        if reason:
-                            if include_usage:
-                                yield _sse({**render_chunk(None, None), "choices": [], "usage": usage})
-                            break
-                        item = await items.__anext__()
-                    yield "data: [DONE]\n\n"
+                    async for event in sse_events(first, items, render_chunk, include_usage):
+                        yield event
                     finish(outcome["value"] or "stop")
                 except (StreamFailed, EngineError, NoEngine, AllBusy) as e:
                     # After the 200: the error goes in the stream (the openai client raises it).
                     kind = "error" if isinstance(e, EngineError) else "failed"
-                    yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
+                    yield sse({"error": {"message": str(e), "type": "server_error", "param": None,
                                           "code": 500 if kind == "error" else 503}})
                     finish(kind)
                 except (asyncio.CancelledError, GeneratorExit):
@@ -314,17 +301,8 @@ def create_app(fe: Frontend) -> FastAPI:
                     finish("error")  # anything not counted above
             return _Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        async def collect():
-            parts, item = [], first
-            while True:
-                text, reason, usage = item
-                parts.append(text)
-                if reason:
-                    return "".join(parts), reason, usage
-                item = await items.__anext__()
-
         try:
-            text, reason, usage = await _unless_gone(request, collect())
+            text, reason, usage = await _unless_gone(request, collect_text(first, items))
         except _ClientGone:
             finish("cancelled")
             return Response(status_code=499)
