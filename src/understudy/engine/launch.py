@@ -136,6 +136,15 @@ def place(args: argparse.Namespace, ranks: int = 1, check_config=None) -> Placem
     return Placement(model_path, config, dtype, use_cuda, backend, device, path, mem_proc, lock, attention_fn)
 
 
+def open_kv(cls: type[KVCache], role: str, path: str, spec: KVSpec, backend) -> KVCache:
+    """A primary owns the device's kv pool; a shadow parks on the active engine's KV shape (in the
+    pool's metadata) with a scratch KV at its own addresses."""
+    if role == "primary":
+        return cls.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
+    pooled = read_status(path)["pools"]["kv"]["extra"].get("kv_spec")
+    return cls.scratch(backend, KVSpec(**pooled) if pooled else spec)
+
+
 def build(args: argparse.Namespace) -> Built:
     from ..cli import parse_size
 
@@ -160,13 +169,8 @@ def build(args: argparse.Namespace) -> Built:
     else:
         budget = 512 << 20
     spec = KVSpec.for_budget(config, budget, args.block_size, dtype)
-    if args.role == "primary":
-        kv = KVCache.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
-    else:
-        # Park on the active engine's KV shape (it is in the pool's metadata) at our own addresses.
-        pooled = read_status(path)["pools"]["kv"]["extra"].get("kv_spec")
-        spec = KVSpec(**pooled) if pooled else spec
-        kv = KVCache.scratch(weights_client.backend, spec)
+    kv = open_kv(KVCache, args.role, path, spec, weights_client.backend)
+    spec = kv.spec
     tokenizer = Tokenizer.from_pretrained(model_path)
     eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 
 from ..logs import log
-from ..memory import read_status
 from ..memory.tensors import dtype_name
 from . import weights
 from .async_engine import AsyncEngine
 from .engine import EngineLimits, LLMEngine
 from .kv_cache import KVCache, KVSpec
-from .launch import Built, place
+from .launch import Built, open_kv, place
 from .lifecycle import Lifecycle
 from .server import Worker
 from .tokenizer import Tokenizer
@@ -267,13 +266,8 @@ def build_group(args: argparse.Namespace) -> Built:
     else:
         budget = 512 << 20
     spec = KVSpec.for_budget(model.config, budget, args.block_size, dtype)  # model.config: this rank's share
-    if args.role == "primary":
-        kv = GroupKVCache.from_memory_service(path, spec, name=f"engine-{os.getpid()}")
-    else:
-        # Park on the active group's KV shape (in the pool's metadata) at our own addresses.
-        pooled = read_status(path)["pools"]["kv"]["extra"].get("kv_spec")
-        spec = KVSpec(**pooled) if pooled else spec
-        kv = GroupKVCache.scratch(weights_client.backend, spec)
+    kv = open_kv(GroupKVCache, args.role, path, spec, weights_client.backend)
+    spec = kv.spec
     kv.group = group
     replies = group.call("kv", asdict(spec), args.role)
     if args.role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
