@@ -271,9 +271,8 @@ def serve(args: argparse.Namespace) -> int:
 
         def handle_exit(self, sig, frame):
             # uvicorn swaps our SIGTERM handler for this one while it serves (ours runs only after the
-            # drain): say DRAINING now, so /health and the discovery records stop new work at once.
-            if built.worker.state not in ("DRAINING", "DEAD"):
-                built.worker.lifecycle.set("DRAINING")
+            # drain): start draining now, so /health and the discovery records stop new work at once.
+            _drain()
             super().handle_exit(sig, frame)
 
     server = _Server(config)
@@ -282,9 +281,10 @@ def serve(args: argparse.Namespace) -> int:
     # with the default one, SIGTERM killed us (exit -15) after the drain, skipping the cleanup below. Our
     # handler only asks uvicorn to stop, so a drained shutdown exits 0.
     def _drain(*_):
+        """Stop taking work; let a shadow start waking (it adopts the KV once we leave) while we finish."""
         if built.worker.state not in ("DRAINING", "DEAD"):
             built.worker.lifecycle.set("DRAINING")
-        built.lock.release()  # a shadow may start waking while we finish in-flight requests
+        built.lock.release()
         server.should_exit = True
 
     exit_code = 0
