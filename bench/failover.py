@@ -61,21 +61,23 @@ def routable_port(ports: list[int]) -> int:
 
 
 class LoadClient(threading.Thread):
-    """Runs requests one after another; a broken stream is resent (prompt + tokens so far) elsewhere."""
+    """Runs requests one after another; a broken stream is resent (prompt + tokens so far) to whichever
+    engine (or group) is routable."""
 
-    def __init__(self, ports: list[int], seed: int, max_tokens: int):
+    def __init__(self, ports: list[int], seed: int, max_tokens: int, vocab: int = 120000, prompt_len: int = 64):
         super().__init__(daemon=True)
-        self.ports, self.seed, self.max_tokens = ports, seed, max_tokens
+        self.ports, self.seed, self.max_tokens, self.vocab, self.prompt_len = ports, seed, max_tokens, vocab, prompt_len
         self.stop = threading.Event()
         self.gaps: list[float] = []  # longest gap of each request that crossed a kill
         self.requests = 0
+        self.errors: list[str] = []  # why streams broke
 
     def run(self) -> None:
         import random
 
         rng = random.Random(self.seed)
         while not self.stop.is_set():
-            prompt = [rng.randrange(1, 120000) for _ in range(64)]
+            prompt = [rng.randrange(1, self.vocab) for _ in range(self.prompt_len)]
             got: list[int] = []
             last, crossed, gap = time.perf_counter(), False, 0.0
             while len(got) < self.max_tokens and not self.stop.is_set():
@@ -86,8 +88,9 @@ class LoadClient(threading.Thread):
                         gap = max(gap, now - last) if crossed else gap
                         last = now
                         got.append(tok)
-                except (httpx.HTTPError, json.JSONDecodeError):
+                except (httpx.HTTPError, json.JSONDecodeError) as e:
                     crossed = True
+                    self.errors.append(type(e).__name__)
             if crossed:
                 self.gaps.append(gap)
             self.requests += 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -35,11 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
-from failover import routable_port, stream  # noqa: E402  (bench/failover.py)
+from failover import LoadClient, stream  # noqa: E402  (bench/failover.py)
 
 
 def make_tiny_checkpoint(d: Path) -> None:
@@ -76,39 +73,6 @@ def gpu_used_mib() -> list[int]:
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
-
-
-class LoadClient(threading.Thread):
-    """Requests one after another; a broken stream is resent (prompt + tokens so far) to the routable group."""
-
-    def __init__(self, ports: list[int], seed: int, max_tokens: int, vocab: int, prompt_len: int):
-        super().__init__(daemon=True)
-        self.ports, self.seed, self.max_tokens, self.vocab, self.prompt_len = ports, seed, max_tokens, vocab, prompt_len
-        self.stop = threading.Event()
-        self.gaps: list[float] = []
-        self.requests = 0
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        rng = random.Random(self.seed)
-        while not self.stop.is_set():
-            prompt = [rng.randrange(1, self.vocab) for _ in range(self.prompt_len)]
-            got: list[int] = []
-            last, crossed, gap = time.perf_counter(), False, 0.0
-            while len(got) < self.max_tokens and not self.stop.is_set():
-                port = routable_port(self.ports)
-                try:
-                    for tok in stream(port, prompt + got, self.max_tokens - len(got)):
-                        now = time.perf_counter()
-                        gap = max(gap, now - last) if crossed else gap
-                        last = now
-                        got.append(tok)
-                except (httpx.HTTPError, json.JSONDecodeError) as e:
-                    crossed = True
-                    self.errors.append(type(e).__name__)
-            if crossed:
-                self.gaps.append(gap)
-            self.requests += 1
 
 
 class Group:
