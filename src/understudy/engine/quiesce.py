@@ -33,9 +33,8 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from ..logs import log
-from ..memory.client import LayoutChanged, MemoryServiceError
 from .api import error
-from .server import Worker, _release_memory, _restore_memory
+from .server import Worker, _release_memory, remap
 
 logger = logging.getLogger("understudy.engine.quiesce")
 
@@ -134,22 +133,10 @@ def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
             t0 = time.perf_counter()
             if changed:
                 was = quiesced["was"]
-                try:
-                    if was == "STANDBY":
-                        await asyncio.to_thread(_restore_memory, worker)
-                except LayoutChanged as e:
-                    message = (f"the weights layout changed since the snapshot ({e}); this engine's tensors "
-                               f"cannot point at the new one: exiting, start a new engine (or make a new image)")
-                    log(logger, "resume_failed", logging.ERROR, reason="layout_changed", message=str(e))
-                    worker.lifecycle.set("DEAD")
-                    response = _conflict(message)
-                    response.background = BackgroundTask(worker.exit_process or os._exit, 3)
-                    return response
-                except (OSError, MemoryServiceError) as e:
-                    log(logger, "resume_failed", logging.WARNING, reason=type(e).__name__, message=str(e))
-                    return error(503, f"cannot resume: {e}; still quiesced", type_="unavailable_error",
-                                 headers={"Retry-After": "1"})
                 if was == "STANDBY":
+                    _, refusal = await remap(worker, "resume", "since the snapshot", "quiesced")
+                    if refusal is not None:
+                        return refusal
                     worker.engine.start()  # on this loop: it delivers the engine's outputs here
                 if quiesced.get("watch"):
                     _start_memory_watch(app, worker)

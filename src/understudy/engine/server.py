@@ -192,6 +192,29 @@ def _restore_memory(worker: Worker) -> int:
     return 0 if eng.kv.parked else eng.adopt_prefix_cache()
 
 
+async def remap(worker: Worker, action: str, since: str, still: str) -> tuple[int, JSONResponse | None]:
+    """_restore_memory off the loop, for wake_up and resume: (restored blocks, None), or (0, the answer).
+
+    Weights whose layout changed `since` cannot be used at our addresses: 409, state DEAD, and the process
+    exits with code 3 once the answer is sent. A memory service that cannot be reached: 503, `still` as we were."""
+    event = f"{action.replace(' ', '_')}_failed"
+    try:
+        return await asyncio.to_thread(_restore_memory, worker), None
+    except LayoutChanged as e:
+        log(logger, event, logging.ERROR, reason="layout_changed", message=str(e))
+        worker.lifecycle.set("DEAD")
+        response = error(409, f"the weights layout changed {since} ({e}); this engine's tensors cannot point "
+                              f"at the new one: exiting, start a new engine to serve the new weights",
+                         type_="conflict_error")
+        # After the answer is sent: the caller learns why before the process goes.
+        response.background = BackgroundTask(worker.exit_process or os._exit, 3)
+        return 0, response
+    except (OSError, MemoryServiceError) as e:
+        log(logger, event, logging.WARNING, reason=type(e).__name__, message=str(e))
+        return 0, error(503, f"cannot {action}: {e}; still {still}", type_="unavailable_error",
+                        headers={"Retry-After": "1"})
+
+
 def create_app(worker: Worker) -> FastAPI:
     app = FastAPI(title="understudy engine", version="0.1.0")
     metrics = _Metrics(worker)
@@ -441,21 +464,9 @@ def create_app(worker: Worker) -> FastAPI:
             if worker.state != "SLEEPING":
                 return _conflict(f"engine is {worker.state}: only a sleeping engine wakes up")
             t0 = time.perf_counter()
-            try:
-                restored = await asyncio.to_thread(_restore_memory, worker)
-            except LayoutChanged as e:
-                message = (f"the weights layout changed while the engine slept ({e}); its tensors cannot "
-                           f"point at the new one: exiting, restart the engine to serve the new weights")
-                log(logger, "wake_up_failed", logging.ERROR, reason="layout_changed", message=str(e))
-                worker.lifecycle.set("DEAD")
-                response = _conflict(message)
-                # After the answer is sent: the caller learns why before the process goes.
-                response.background = BackgroundTask(worker.exit_process or os._exit, 3)
-                return response
-            except (OSError, MemoryServiceError) as e:
-                log(logger, "wake_up_failed", logging.WARNING, reason=type(e).__name__, message=str(e))
-                return error(503, f"cannot wake up: {e}; still sleeping", type_="unavailable_error",
-                             headers={"Retry-After": "1"})
+            restored, refusal = await remap(worker, "wake up", "while the engine slept", "sleeping")
+            if refusal is not None:
+                return refusal
             worker.engine.start()  # on this loop: it delivers the engine's outputs here
             kv = worker.engine.engine.kv
             seconds = round(time.perf_counter() - t0, 4)
