@@ -27,7 +27,7 @@ class LineProcess:
     def __init__(self, argv: list[str], env: dict | None = None, stream: str = "stdout"):
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True,
+                                     text=True, start_new_session=True,  # as `understudy up` starts them
                                      env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self.other: list[str] = []

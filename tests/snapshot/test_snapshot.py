@@ -5,7 +5,8 @@ One memory server, an active engine and a parked shadow for the module; the test
 and hand the node on (one shadow waits on the failover lock at each kill, so which one takes over is
 known):
 
-    1. identity and manifest, without processes;
+    1. identity and manifest, without processes; a process CRIU cannot dump (its session leader is in
+       another pid namespace, as under `docker exec`) is refused before anything is written;
     2. the active engine refuses to be quiesced, and a checkpoint of it fails cleanly (it serves on);
     3. a checkpoint that fails halfway (CRIU froze the shadow and wrote its image, then failed) leaves
        the shadow parked and serving; the active engine is SIGKILLed and that shadow takes over;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -170,6 +172,19 @@ def test_manifest_phases_are_written_whole_and_listed(tmp_path):
     assert listing.returncode == 0 and "Ready" in listing.stdout and "criu dump failed" in listing.stdout
 
 
+def test_a_process_whose_session_leader_is_in_another_pid_namespace_is_refused_untouched(tmp_path):
+    # As under `docker exec`: a new pid namespace whose processes keep a session leader outside it
+    # (getsid answers 0 there). CRIU cannot dump them; the command says so and writes nothing.
+    image = tmp_path / "img"
+    script = (f"sleep 60 & {shlex.quote(sys.executable)} -m understudy snapshot checkpoint --pid $! "
+              f"--dir {shlex.quote(str(image))}; rc=$?; kill $!; exit $rc")
+    out = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+                          "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "session leader is outside its pid namespace" in out.stderr, out.stderr
+    assert not image.exists()
+
+
 # -- 2. an active engine is not snapshotted --------------------------------------------------------
 
 def test_checkpoint_of_the_active_engine_is_refused_and_it_serves_on(node):
@@ -236,7 +251,7 @@ def test_checkpoint_kill_restore_and_the_restored_shadow_takes_over(node):
     assert (m.phase, m.identity, m.engine["pid"], m.engine["state"]) == (
         "Ready", identity(params_from_serve_argv(argv)), shadow.pid, "STANDBY"), m
     assert m.image["bytes"] > 0 and (criu_dir(image) / "dump.log").is_file()
-    assert m.engine["shell_job"] and not m.engine["cuda"]
+    assert not m.engine["shell_job"] and not m.engine["cuda"]  # a session leader, as `understudy up` starts it
     # The checkpointed shadow goes on: parked again.
     assert shadow.wait_for(lambda l: _event(l).get("event") == "resumed")["state"] == "STANDBY"
     assert health(shadow.url)["state"] == "STANDBY"

@@ -41,7 +41,7 @@ def engine_url(args) -> str:
 
 
 def locate(engine: str | None = None, pid: int | None = None) -> tuple[int, str]:
-    """(pid, url) of an engine named by its URL or its pid."""
+    """(pid, url) of an engine named by its URL or its pid, which CRIU can dump."""
     if engine:
         try:
             health = httpx.get(f"{engine.rstrip('/')}/health", timeout=10).json()
@@ -49,9 +49,16 @@ def locate(engine: str | None = None, pid: int | None = None) -> tuple[int, str]
             raise CheckpointFailed(f"cannot reach the engine at {engine}: {e}") from None
         if "pid" not in health:
             raise CheckpointFailed(f"{engine}/health names no pid: is it an understudy engine?")
-        return int(health["pid"]), engine.rstrip("/")
+        pid = int(health["pid"])
     assert pid is not None
-    return pid, engine_url(parse_serve_argv(serve_argv_of(pid)))
+    if os.getsid(pid) == 0:
+        # getsid answers 0 when the session leader lives in another pid namespace (`docker exec`,
+        # `kubectl exec`): CRIU cannot dump such a process, so say so before touching the engine.
+        raise CheckpointFailed(
+            f"process {pid}'s session leader is outside its pid namespace (started through `docker exec` or "
+            f"`kubectl exec`?): CRIU cannot dump it; start the engine in its own session (`setsid understudy "
+            f"serve ...`, as `understudy up` does)")
+    return pid, engine.rstrip("/") if engine else engine_url(parse_serve_argv(serve_argv_of(pid)))
 
 
 def _control(url: str, action: str, **body) -> dict:
