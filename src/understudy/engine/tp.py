@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -165,6 +166,13 @@ class Channel:
                 raise EOFError("the other end of the group's control channel closed")
             buf += chunk
         return bytes(buf)
+
+    def wait_closed(self) -> None:
+        """Block until the other end is closed (its process exited or died), reading nothing."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLRDHUP)  # POLLHUP, POLLERR, POLLNVAL come anyway
+        while not poller.poll():
+            pass
 
     def close(self) -> None:
         self.sock.close()

@@ -10,9 +10,9 @@ tables) to every worker over its control channel, and all ranks run the forward;
 layers sum across ranks (gloo on the CPU, NCCL on CUDA). Only the leader computes logits and samples.
 
 Failure: a group with a dead rank is wedged (its next collective never completes), so any rank dying
-ends the whole group. The leader waits on every worker's process; when one dies it kills the others and
-exits at once (exit code 4), which releases the failover lock it holds; a dead leader takes its workers
-with it (PR_SET_PDEATHSIG). A standby group (`--role shadow`) imports every rank's shard read-only and
+ends the whole group. The leader watches every worker's control channel, which hangs up the moment the
+worker dies; then it kills the others, lets go of the failover lock and exits (exit code 4). A dead
+leader's channels hang up as fast, and its workers exit (and PR_SET_PDEATHSIG kills them anyway). A standby group (`--role shadow`) imports every rank's shard read-only and
 warms up on scratch KV; only its leader waits on the node's failover lock and, once it has it, tells
 its workers to adopt their devices' kv pools (in parallel with its own) before going ACTIVE.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..fds import lift_socket
 from ..logs import log
 from ..memory.tensors import dtype_name
 from . import weights
@@ -100,15 +101,17 @@ class Group:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                                     preexec_fn=_pdeathsig_kill)
             theirs.close()
-            worker = RankProcess(rank, proc, Channel(ours))
+            worker = RankProcess(rank, proc, Channel(lift_socket(ours)))  # our death: the worker's EOF at once
             self.workers.append(worker)
             threading.Thread(target=self._watch, args=(worker,), name=f"tp-watch-{rank}", daemon=True).start()
             worker.channel.send(("init", {**plan, "rank": rank}))
 
     def _watch(self, worker: RankProcess) -> None:
-        rc = worker.proc.wait()
+        # The worker's end of the channel is lifted above its driver files (fds.py), so it hangs up the
+        # moment the worker dies; waitpid would tell only once the driver has torn its GPU context down.
+        worker.channel.wait_closed()
         if not self.closing:
-            self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=rc)
+            self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=worker.proc.poll())
 
     def fatal(self, event: str, **fields) -> None:
         """The group is wedged: kill every worker, let go of the failover lock and exit now."""

@@ -194,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if os.getppid() != args.leader_pid:  # the leader died before PR_SET_PDEATHSIG was in place
         return 1
+    from ..fds import lift
     from ..logs import log, setup_logging
     from .tp import Channel
 
-    channel = Channel(socket.socket(fileno=args.control_fd))
+    # Lifted above the driver files CUDA will open: if we die, the leader hears it at once (fds.py).
+    channel = Channel(socket.socket(fileno=lift(args.control_fd)))
     try:
         kind, plan = channel.recv()
     except EOFError:
@@ -211,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         log(logger, "tp_rank_ready", rank=plan["rank"], weights=rank.stats["source"],
             seconds=round(time.perf_counter() - t0, 3))
         serve_leader(channel, rank)
-    except EOFError:  # the leader closed the channel: it exited (normally or not), so do we
-        return 0
+    except EOFError:  # the leader closed the channel: it exited (normally or not), so do we, now: an
+        # interpreter shutdown would first tear down NCCL and CUDA while our kv session still holds the pool
+        # the next group's rank waits to adopt
+        for handler in logging.getLogger("understudy").handlers:
+            handler.flush()
+        os._exit(0)
     except BaseException as e:  # a failure of this rank ends the group (the leader sees us exit)
         logger.exception("tp_rank_failed")
         try:

@@ -11,6 +11,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from ..fds import lift
+
 
 class LockHeld(RuntimeError):
     """Another live process holds the lock."""
@@ -27,7 +29,8 @@ class FailoverLock:
         return cls(Path(directory) / f"failover-{identity}.lock")
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Lifted: when we die the lock goes to the next shadow before the driver tears our GPU down.
+        return lift(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
     def holder(self) -> str:
         try:

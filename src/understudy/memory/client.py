@@ -19,6 +19,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..fds import lift_socket
 from . import protocol as p
 from .backend import Backend, get_backend
 
@@ -105,7 +106,8 @@ class MemoryClient:
 
     def _open(self, first: p.Hello | p.Restore, fds: list[int], wait: float) -> p.Granted:
         """A new connection whose first request (Hello or Restore) gets a session."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Lifted: when we die, the service (and whoever waits to adopt our pool) hears of it at once.
+        sock = lift_socket(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         sock.settimeout(wait + REPLY_GRACE)
         try:
             sock.connect(self.socket_path)
