@@ -223,9 +223,61 @@ def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, hf_model_dir
         torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
 
 
+def _attention_case(dtype, group, block_size, q_lens, ctx, device="cpu", hkv=2, d=16):
+    """Random caches, queries and new K/V for sequences with these new-token and context lengths (their
+    blocks disjoint), and the metadata."""
+    from understudy.engine.attention import AttentionMetadata
+
+    per_seq = [-(-c // block_size) for c in ctx]
+    perm = (torch.randperm(sum(per_seq) + 3) + 1).tolist()  # block 0 stays reserved
+    tables = [perm[sum(per_seq[:i]):sum(per_seq[:i + 1])] for i in range(len(ctx))]
+    num_blocks = max(perm) + 1
+    kc = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    vc = torch.randn_like(kc)
+    T = sum(q_lens)
+    q = torch.randn(T, hkv * group, d, dtype=dtype, device=device)
+    k, v = torch.randn(T, hkv, d, dtype=dtype, device=device), torch.randn(T, hkv, d, dtype=dtype, device=device)
+    return q, k, v, kc, vc, AttentionMetadata.build(q_lens, ctx, tables, block_size, device=device)
+
+
+# decode; a mixed batch (a short prefill over a cached prefix, as after a failover, a decode, whole
+# prompts); a prefill longer than one program's tile of query tokens
+ATTENTION_BATCHES = [([1, 1, 1], [1, 17, 40]), ([4, 1, 17, 30], [4, 20, 17, 100]), ([70, 3], [90, 200])]
+
+
+def _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cpu", d=16):
+    from understudy.engine.attention import reference_attention
+    from understudy.engine.triton_attention import fast_attention
+
+    torch.manual_seed(group * block_size + len(q_lens))
+    q, k, v, kc, vc, meta = _attention_case(dtype, group, block_size, q_lens, ctx, device, d=d)
+    kc2, vc2 = kc.clone(), vc.clone()
+    scale = q.shape[-1] ** -0.5
+    ref = reference_attention(q, k, v, kc, vc, meta, scale)
+    out = fast_attention(q, k, v, kc2, vc2, meta, scale)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # K/V stored in the same slots
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+# The interpreter's tl.dot on bf16 gives garbage (numpy has no bf16); the GPU runs bf16 (test below).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group,block_size", [(1, 16), (4, 16), (3, 4)])
+@pytest.mark.parametrize("q_lens,ctx", ATTENTION_BATCHES)
+def test_interpreted_paged_attention_matches_the_reference(interpreted, dtype, group, block_size, q_lens, ctx):
+    _check_fast_attention(dtype, group, block_size, q_lens, ctx)
+
+
 # ------------------------------------------------------------------------------------------
 # compiled kernels (CUDA)
 # ------------------------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,block_size", [(1, 16), (4, 16), (8, 32), (3, 16)])
+@pytest.mark.parametrize("q_lens,ctx", ATTENTION_BATCHES + [([4, 9], [3000, 1500])])
+def test_cuda_paged_attention_matches_the_reference(dtype, group, block_size, q_lens, ctx):
+    _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cuda", d=128)
 
 
 @cuda_only
