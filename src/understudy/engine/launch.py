@@ -132,7 +132,9 @@ def place(args: argparse.Namespace, ranks: int = 1, check_config=None) -> Placem
                              f"start this one with --role shadow") from None
     attention_fn = None
     if args.attention == "triton" or (args.attention == "auto" and use_cuda):
-        from .triton_attention import fast_attention as attention_fn
+        from .triton_attention import attention_for
+
+        attention_fn = attention_for(args.prefill_attention)
     return Placement(model_path, config, dtype, use_cuda, backend, device, path, mem_proc, lock, attention_fn)
 
 

@@ -226,7 +226,8 @@ def _plan(args: argparse.Namespace, model_path: Path, backend: str, dtype: torch
           port: int) -> dict:
     """What a worker needs to become rank r (it adds its own rank)."""
     return {"size": args.tensor_parallel, "port": port, "model": str(model_path), "dtype": dtype_name(dtype),
-            "backend": backend, "device0": args.device, "attention": attention, "socket_dir": args.socket_dir,
+            "backend": backend, "device0": args.device, "attention": attention,
+            "prefill_attention": args.prefill_attention, "socket_dir": args.socket_dir,
             "memory_service": args.memory_service, "timeout": 600.0,
             "log_format": getattr(args, "log_format", "json"), "log_level": getattr(args, "log_level", "info")}
 

@@ -68,7 +68,9 @@ class Rank:
         self.tp = join(make_store(self.rank, size, plan["port"]), self.rank, size, self.device)
         attention_fn = None
         if plan["attention"] == "triton":
-            from .triton_attention import fast_attention as attention_fn
+            from .triton_attention import attention_for
+
+            attention_fn = attention_for(plan["prefill_attention"])
         config = load_config(plan["model"])
         self.model, self.weights, self.stats = weights.load(
             self.socket_path, plan["model"], config, dtype_of(plan["dtype"]), progress=False, name=self.name,

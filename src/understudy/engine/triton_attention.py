@@ -5,23 +5,28 @@ share the kv head (GQA), walks the sequence's context in tiles of TILE tokens,
 looking up each token's block in the block table, and keeps an online softmax.
 Reads only device tensors, so it can be captured in a CUDA graph.
 
-Prefill and mixed batches: one program per (sequence, kv head, tile of
-Q_ROWS // group query tokens), the same walk with a causal mask: query token j
-of a sequence with context c and q new tokens sits at position c - q + j and
-sees keys 0..c - q + j (its cached prefix and the new tokens up to itself).
-A whole step is one launch per layer and no host sync, where the reference
-path (attention.reference_attention) loops over sequences: that matters most
-for the first step after a failover, a short prefill over an adopted prefix.
+Prefill and mixed batches (`serve --prefill-attention triton`; otherwise the
+reference path, attention.reference_attention): one program per (sequence, kv
+head, tile of Q_ROWS // group query tokens), the same walk with a causal mask:
+query token j of a sequence with context c and q new tokens sits at position
+c - q + j and sees keys 0..c - q + j (its cached prefix and the new tokens up
+to itself). A step is one launch per layer and no host sync, where the
+reference path loops over sequences and syncs once per layer: that matters
+most for the first step after a failover, a short prefill over an adopted
+prefix. It is checked against the reference in Triton's interpreter
+(tests/engine/test_fused.py) and has a GPU test that has not run yet.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import AttentionMetadata, reference_attention
+from .attention import AttentionFn, AttentionMetadata, reference_attention
 
 TILE = 64  # context tokens per iteration
 Q_ROWS = 64  # query rows (tokens x heads of a kv head) per prefill program
@@ -159,10 +164,11 @@ def kernels_fit(head_dim: int, group: int) -> bool:
 
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                   scale: float) -> Tensor:
-    """Decode batches through the decode kernel, prefill and mixed batches through the prefill kernel;
-    a head shape the kernels do not take through the reference path."""
-    if not kernels_fit(q.shape[-1], q.shape[1] // k_cache.shape[2]):
+                   scale: float, *, prefill_kernel: bool = False) -> Tensor:
+    """Decode batches through the decode kernel; prefill and mixed batches through the prefill kernel
+    (`prefill_kernel`) or the reference path; a head shape the kernels do not take through the reference."""
+    if not kernels_fit(q.shape[-1], q.shape[1] // k_cache.shape[2]) or (
+            meta.max_query_len > 1 and not prefill_kernel):
         return reference_attention(q, k, v, k_cache, v_cache, meta, scale)
     # Every slot is valid here (eager steps have no padding; a graph's padded rows write into the
     # reserved block 0): no host sync.
@@ -171,3 +177,8 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Te
     if meta.max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+
+
+def attention_for(prefill: str) -> AttentionFn:
+    """The CUDA attention of `serve --attention triton --prefill-attention reference|triton`."""
+    return functools.partial(fast_attention, prefill_kernel=True) if prefill == "triton" else fast_attention
