@@ -48,8 +48,7 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    start = 0
-    while start < ctx:  # a while loop: Triton's interpreter cannot take a loaded value as a range bound
+    for start in range(0, ctx, TILE_):
         tok = start + tl.arange(0, TILE_)
         valid = tok < ctx
         blk = tl.load(block_tables + seq * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0)
@@ -64,7 +63,6 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
-        start += TILE_
     out = acc / l[:, None]
     tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
              mask=head_ok[:, None])
@@ -112,8 +110,10 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, scale,
     acc = tl.zeros([Q_TILE * GROUP_PAD, HEAD_DIM], tl.float32)
     # Keys past this tile's last query token are masked for every row; a tile past q_len has no work.
     end = tl.where(qt * Q_TILE < q_len, tl.minimum(ctx, ctx - q_len + (qt + 1) * Q_TILE), 0)
+    # The decode kernel's online softmax, with a causal mask; kept apart from it so that the decode
+    # kernel (the default CUDA path, proven on the H100) stays as it ran until this one has run on a GPU.
     start = 0
-    while start < end:
+    while start < end:  # not a range(): Triton's interpreter cannot take a loaded value as its bound
         tok = start + tl.arange(0, TILE_)
         valid = tok < end
         blk = tl.load(block_tables + seq * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0)
