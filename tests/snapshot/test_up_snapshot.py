@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -53,13 +54,17 @@ def test_up_restores_a_replacement_from_the_image_of_its_port():
                      env={"OMP_NUM_THREADS": "1"}, stream="stderr")
     seen: list[str] = []
 
-    def wait(predicate, timeout: float = 300) -> dict:
+    def wait(predicate, timeout: float = 240) -> dict:
         for line in seen:
             if predicate(line):
                 seen.remove(line)
                 return _event(line)
+        deadline = time.monotonic() + timeout
         while True:
-            line = up.wait_line(lambda _: True, timeout=timeout)
+            try:
+                line = up.wait_line(lambda _: True, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # say what the node did instead
+                raise AssertionError("up logged:\n" + "\n".join(up.lines[-80:] + up.other[-20:])) from None
             if predicate(line):
                 return _event(line)
             seen.append(line)

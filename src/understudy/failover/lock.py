@@ -14,6 +14,9 @@ from pathlib import Path
 from ..fds import lift
 
 
+HOLDER_WIDTH = 11  # bytes of the lock file: a right-aligned pid (at most 10 digits) and a newline
+
+
 class LockHeld(RuntimeError):
     """Another live process holds the lock."""
 
@@ -59,8 +62,10 @@ class FailoverLock:
         self._took(fd)
 
     def _took(self, fd: int) -> None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # The holder's pid, always HOLDER_WIDTH bytes: parked shadows keep this file open, and CRIU will
+        # not restore an open file whose size changed since the dump (pids of 2 and 3 digits, say).
+        os.pwrite(fd, f"{os.getpid():>{HOLDER_WIDTH - 1}}\n".encode(), 0)
+        os.ftruncate(fd, HOLDER_WIDTH)
         self._fd = fd
 
     @property
