@@ -13,8 +13,9 @@ Failure: a group with a dead rank is wedged (its next collective never completes
 ends the whole group. The leader watches every worker's control channel, which hangs up the moment the
 worker dies; then it kills the others, lets go of the failover lock and exits (exit code 4). A dead
 leader's channels hang up as fast, and its workers exit (and PR_SET_PDEATHSIG kills them anyway).
-A standby group (`--role shadow`) imports every rank's shard read-only and warms up on scratch KV; only its leader waits on the node's failover lock and, once it has it, tells
-its workers to adopt their devices' kv pools (in parallel with its own) before going ACTIVE.
+A standby group (`--role shadow`) imports every rank's shard read-only and warms up on scratch KV;
+only its leader waits on the node's failover lock and, once it has it, tells its workers to adopt
+their devices' kv pools (in parallel with its own) before going ACTIVE.
 """
 
 from __future__ import annotations
