@@ -96,6 +96,27 @@ class LoadClient(threading.Thread):
             self.requests += 1
 
 
+def stop_clients(clients: list[LoadClient], results: dict) -> None:
+    """Stop the load and put what it saw into results: the longest gap of a stream that crossed a kill."""
+    for c in clients:
+        c.stop.set()
+    for c in clients:
+        c.join(timeout=120)
+    gaps = [g for c in clients for g in c.gaps]
+    results["longest_gap_ms"] = max(gaps) * 1e3 if gaps else None
+    results["streams_across_kills"] = len(gaps)
+    results["requests"] = sum(c.requests for c in clients)
+
+
+def first_step_after(events: list[dict], active: dict) -> dict | None:
+    """The promoted engine's first step (its step_timing event) and when it ended after ACTIVE."""
+    steps = [e for e in events if e.get("event") == "step_timing" and e["ts"] >= active["ts"]][:1]
+    if not steps:
+        return None
+    keys = ("schedule_ms", "launch_ms", "sample_ms", "seqs", "tokens", "graph", "cuda_mallocs")
+    return {**{k: steps[0].get(k) for k in keys}, "ended_after_active_ms": round((steps[0]["ts"] - active["ts"]) * 1e3, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -103,6 +124,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (steady load)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--kv-cache-memory", default="8GiB")
+    ap.add_argument("--prefill-attention", choices=["reference", "triton"], default=None,
+                    help="the engines' --prefill-attention (default: theirs)")
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
@@ -118,6 +141,8 @@ def main() -> None:
     engine_args = ["--model", str(ckpt), "--backend", "cuda", "--socket-dir", sock, "--memory-service", "connect",
                    "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", "16", "--max-model-len", "2048",
                    "--standby-wait", "600", "--no-progress"]
+    if args.prefill_attention:
+        engine_args += ["--prefill-attention", args.prefill_attention]
     ports = [18100, 18101]
 
     def engine(port: int, role: str) -> Proc:
@@ -160,13 +185,10 @@ def main() -> None:
                   f"restored {up.get('restored_blocks')} cached blocks; kv pool lock {phases.get('lock_ms')} ms, "
                   f"map pool {phases.get('map_pool_ms')} ms)",
                   flush=True)
-            steps = [e for e in procs[standby].events if e.get("event") == "step_timing"][:1]
-            if steps:
-                results.setdefault("first_step", []).append({k: steps[0].get(k) for k in (
-                    "schedule_ms", "launch_ms", "sample_ms", "seqs", "tokens", "graph", "cuda_mallocs")})
-                results.setdefault("active_to_first_step_ms", []).append((steps[0]["ts"] - up["ts"]) * 1e3)
-                print(f"    first step after promotion: {results['first_step'][-1]}, ended "
-                      f"{results['active_to_first_step_ms'][-1]:.1f} ms after ACTIVE", flush=True)
+            step = first_step_after(procs[standby].events, up)
+            if step:
+                results.setdefault("first_step", []).append(step)
+                print(f"    first step after promotion: {step}", flush=True)
             procs[active] = engine(active, "shadow")  # the replacement parks as the new shadow
             active = standby
         # The memory service dies under load and a new one starts: the engines give it back what they
@@ -182,13 +204,7 @@ def main() -> None:
         standby = ports[1] if active == ports[0] else ports[0]
         procs[standby].wait_event("memory_service_recovered", timeout=120)
         print(f"memory service killed and restarted: engines recovered {results['memory_restart']}", flush=True)
-        for c in clients:
-            c.stop.set()
-        for c in clients:
-            c.join(timeout=120)
-        gaps = [g for c in clients for g in c.gaps]
-        results["longest_gap_ms"] = max(gaps) * 1e3 if gaps else None
-        results["streams_across_kills"] = len(gaps)
+        stop_clients(clients, results)
         for p in procs.values():
             p.kill(signal.SIGTERM)
     finally:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
-from failover import LoadClient, stream  # noqa: E402  (bench/failover.py)
+from failover import LoadClient, first_step_after, stop_clients, stream  # noqa: E402  (bench/failover.py)
 
 
 def make_tiny_checkpoint(d: Path) -> None:
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens per client request")
     ap.add_argument("--kv-cache-memory", default=None, help="per rank (default: 8GiB on GPU, 32MiB on the CPU)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--prefill-attention", choices=["reference", "triton"], default=None,
+                    help="the groups' --prefill-attention (default: theirs)")
     args = ap.parse_args()
     # This host's GPUs are shared: NVLink multicast stays off (KINDS.md of the device machines).
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -137,7 +139,8 @@ def main() -> None:
     def engine_args(sock: str) -> list[str]:
         return ["--model", str(ckpt), "--backend", backend, "--socket-dir", sock, "--memory-service", "connect",
                 "--tensor-parallel", str(tp), "--kv-cache-memory", kv, "--max-num-seqs", "16",
-                "--max-model-len", "2048", "--standby-wait", "600", "--no-progress"]
+                "--max-model-len", "2048", "--standby-wait", "600", "--no-progress"] + (
+                    ["--prefill-attention", args.prefill_attention] if args.prefill_attention else [])
 
     def memory_services(sock: str) -> list[Proc]:
         mems = [Proc(PY + ["memory-server", "--backend", backend, "--device", str(d), "--socket-dir", sock])
@@ -181,26 +184,26 @@ def main() -> None:
             up = groups[standby].proc.wait_event("state", new="ACTIVE")
             waiting.join(timeout=120)
             rc = dead.proc.p.wait(timeout=60)
-            adopted = next((e for e in groups[standby].proc.events if e.get("event") == "tp_group_adopted"), {})
+            events = groups[standby].proc.events
+            adopted = next((e for e in events if e.get("event") == "tp_group_adopted"), {})
+            waking = next((e for e in events if e.get("event") == "state" and e.get("new") == "WAKING"), {})
+            step = first_step_after(events, up)
             results["kill_to_active_ms"].append((up["ts"] - t_kill) * 1e3)
             results["kill_to_first_token_ms"].append((first[0] - t_kill) * 1e3)
             results["kills"].append({"rank": target, "dead_group_exit": rc, "switch_ms": up.get("switch_s", 0) * 1e3,
                                      "restored_blocks": up.get("restored_blocks"),
-                                     "rank_adopt_s": adopted.get("rank_seconds")})
+                                     "rank_adopt_s": adopted.get("rank_seconds"),
+                                     "kill_to_lock_ms": (waking["ts"] - t_kill) * 1e3 if waking else None,
+                                     "first_step": step})
             print(f"kill {k + 1} (rank {target}): -> active {results['kill_to_active_ms'][-1]:.1f} ms, -> first "
                   f"token {results['kill_to_first_token_ms'][-1]:.1f} ms (dead group exit {rc}; switch "
                   f"{up.get('switch_s', 0) * 1e3:.1f} ms, per-rank kv adopt {adopted.get('rank_seconds')} s, "
                   f"restored {up.get('restored_blocks')} cached blocks)", flush=True)
+            print(f"    lock taken {results['kills'][-1]['kill_to_lock_ms']} ms after the kill; first step: {step}",
+                  flush=True)
             groups[active] = Group(active, "shadow", engine_args(sock)).wait("waiting_for_failover_lock")
             active = standby
-        for c in clients:
-            c.stop.set()
-        for c in clients:
-            c.join(timeout=120)
-        gaps = [g for c in clients for g in c.gaps]
-        results["longest_gap_ms"] = max(gaps) * 1e3 if gaps else None
-        results["streams_across_kills"] = len(gaps)
-        results["requests"] = sum(c.requests for c in clients)
+        stop_clients(clients, results)
 
         # Restart without a standby: the group dies, a new one starts on the same memory services.
         groups.pop(ports[1] if active == ports[0] else ports[0]).stop()

@@ -32,14 +32,15 @@ def test_triton_decode_matches_reference_attention(group, block_size, dtype):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("prefill", ["reference", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_graphs_and_triton_give_the_reference_greedy_tokens(family, hf_model_dir):
+def test_graphs_and_triton_give_the_reference_greedy_tokens(family, prefill, hf_model_dir):
     from understudy.engine.engine import EngineLimits, LLMEngine
     from understudy.engine.kv_cache import KVCache, KVSpec
     from understudy.engine.loader import iter_weights, load_config
     from understudy.engine.model import CausalLM
     from understudy.engine.sampling import SamplingParams
-    from understudy.engine.triton_attention import fast_attention
+    from understudy.engine.triton_attention import attention_for
 
     from .engine_helpers import hf_greedy
 
@@ -52,7 +53,7 @@ def test_graphs_and_triton_give_the_reference_greedy_tokens(family, hf_model_dir
     outs = []
     for fast in (False, True):
         with torch.device("meta"):
-            model = CausalLM(config, fast_attention) if fast else CausalLM(config)
+            model = CausalLM(config, attention_for(prefill)) if fast else CausalLM(config)
         model.load_weights(weights.items(), device="cuda")
         spec = KVSpec.for_budget(config, 16 << 20, 16, torch.float32)
         engine = LLMEngine(model, KVCache.local(spec, "cuda"), limits=EngineLimits(max_num_seqs=8,

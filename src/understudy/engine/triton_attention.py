@@ -32,7 +32,9 @@ TILE = 64  # context tokens per iteration
 Q_ROWS = 64  # query rows (tokens x heads of a kv head) per prefill program
 
 
-@triton.jit
+# A block table's row stride is its width, which changes from step to step: not a specialisation key, or
+# a width never seen in warm-up (a multiple of 16, say) would compile a new kernel inside a step.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -85,7 +87,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
