@@ -69,6 +69,7 @@ class LoadClient(threading.Thread):
         self.ports, self.seed, self.max_tokens, self.vocab, self.prompt_len = ports, seed, max_tokens, vocab, prompt_len
         self.stop = threading.Event()
         self.gaps: list[float] = []  # longest gap of each request that crossed a kill
+        self.resumed: list[float] = []  # when a broken stream's next token came (time.time())
         self.requests = 0
         self.errors: list[str] = []  # why streams broke
 
@@ -79,25 +80,29 @@ class LoadClient(threading.Thread):
         while not self.stop.is_set():
             prompt = [rng.randrange(1, self.vocab) for _ in range(self.prompt_len)]
             got: list[int] = []
-            last, crossed, gap = time.perf_counter(), False, 0.0
+            last, crossed, broken, gap = time.time(), False, False, 0.0
             while len(got) < self.max_tokens and not self.stop.is_set():
                 port = routable_port(self.ports)
                 try:
                     for tok in stream(port, prompt + got, self.max_tokens - len(got)):
-                        now = time.perf_counter()
+                        now = time.time()
                         gap = max(gap, now - last) if crossed else gap
+                        if broken:
+                            self.resumed.append(now)
+                            broken = False
                         last = now
                         got.append(tok)
                 except (httpx.HTTPError, json.JSONDecodeError) as e:
-                    crossed = True
+                    crossed = broken = True
                     self.errors.append(type(e).__name__)
             if crossed:
                 self.gaps.append(gap)
             self.requests += 1
 
 
-def stop_clients(clients: list[LoadClient], results: dict) -> None:
-    """Stop the load and put what it saw into results: the longest gap of a stream that crossed a kill."""
+def stop_clients(clients: list[LoadClient], results: dict, kills: list[float]) -> None:
+    """Stop the load and put what it saw into results: the longest gap of a stream that crossed a kill, and
+    when broken streams got their next token after the kill before it (kills: their time.time())."""
     for c in clients:
         c.stop.set()
     for c in clients:
@@ -106,15 +111,36 @@ def stop_clients(clients: list[LoadClient], results: dict) -> None:
     results["longest_gap_ms"] = max(gaps) * 1e3 if gaps else None
     results["streams_across_kills"] = len(gaps)
     results["requests"] = sum(c.requests for c in clients)
+    results["kill_to_resumed_stream_ms"] = sorted(
+        (t - max(k for k in kills if k <= t)) * 1e3 for c in clients for t in c.resumed if t >= kills[0])
 
 
-def first_step_after(events: list[dict], active: dict) -> dict | None:
-    """The promoted engine's first step (its step_timing event) and when it ended after ACTIVE."""
-    steps = [e for e in events if e.get("event") == "step_timing" and e["ts"] >= active["ts"]][:1]
-    if not steps:
-        return None
+def describe_streams(results: dict) -> str:
+    gap, resumed = results["longest_gap_ms"], results["kill_to_resumed_stream_ms"]
+    if gap is None or not resumed:
+        return "no stream crossed a kill"
+    return (f"{results['streams_across_kills']} streams crossed a kill ({results['requests']} requests): their next "
+            f"token came p50 {statistics.median(resumed):.1f} ms, max {max(resumed):.1f} ms after the kill; "
+            f"longest gap in such a stream {gap:.1f} ms")
+
+
+def steps_after(events: list[dict], active: dict) -> list[dict]:
+    """The promoted engine's first steps (it logs step_timing for three) and when each ended after ACTIVE."""
     keys = ("schedule_ms", "launch_ms", "sample_ms", "seqs", "tokens", "graph", "cuda_mallocs")
-    return {**{k: steps[0].get(k) for k in keys}, "ended_after_active_ms": round((steps[0]["ts"] - active["ts"]) * 1e3, 1)}
+    return [{**{k: e.get(k) for k in keys}, "ended_after_active_ms": round((e["ts"] - active["ts"]) * 1e3, 1)}
+            for e in events if e.get("event") == "step_timing" and e["ts"] >= active["ts"]][:3]
+
+
+def describe_steps(steps: list[dict]) -> str:
+    return "; ".join(f"{s['launch_ms']:.1f} ms ({s['seqs']} seqs, {s['tokens']} tokens{', graph' if s['graph'] else ''}"
+                     f", ended {s['ended_after_active_ms']} ms after ACTIVE)" for s in steps)
+
+
+def first_token_ms(port: int, ids: list[int]) -> float:
+    """A request's time to its first token."""
+    t0 = time.time()
+    next(stream(port, ids, 1))
+    return (time.time() - t0) * 1e3
 
 
 def main() -> None:
@@ -129,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
-    ckpt = work / "llama3-8b-shape"
+    ckpt = work / f"llama3-8b-shape-{args.layers}l"  # the name bench/tp_failover.py gives it too
     ckpt.mkdir(parents=True, exist_ok=True)
     if not (ckpt / "done").exists():
         make_checkpoint(ckpt, args.layers)
@@ -163,6 +189,7 @@ def main() -> None:
         for c in clients:
             c.start()
         active = ports[0]
+        kill_times: list[float] = []
         for k in range(args.kills):
             standby = ports[1] if active == ports[0] else ports[0]
             # A request already waiting on the shadow: its first token tells when serving resumed.
@@ -172,6 +199,7 @@ def main() -> None:
             probe.start()
             time.sleep(0.5)  # steady load on the active engine before the kill
             t_kill = time.time()
+            kill_times.append(t_kill)
             procs[active].kill()
             up = procs[standby].wait_event("state", new="ACTIVE")
             probe.join(timeout=60)
@@ -185,10 +213,11 @@ def main() -> None:
                   f"restored {up.get('restored_blocks')} cached blocks; kv pool lock {phases.get('lock_ms')} ms, "
                   f"map pool {phases.get('map_pool_ms')} ms)",
                   flush=True)
-            step = first_step_after(procs[standby].events, up)
-            if step:
-                results.setdefault("first_step", []).append(step)
-                print(f"    first step after promotion: {step}", flush=True)
+            steps = steps_after(procs[standby].events, up)
+            results.setdefault("first_steps", []).append(steps)
+            print(f"    steps after promotion: {describe_steps(steps)}", flush=True)
+            # The same request once the dead engine is gone, under the same load: an ordinary first token.
+            results.setdefault("settled_first_token_ms", []).append(first_token_ms(standby, [1, 2, 3, 4]))
             procs[active] = engine(active, "shadow")  # the replacement parks as the new shadow
             active = standby
         # The memory service dies under load and a new one starts: the engines give it back what they
@@ -204,7 +233,7 @@ def main() -> None:
         standby = ports[1] if active == ports[0] else ports[0]
         procs[standby].wait_event("memory_service_recovered", timeout=120)
         print(f"memory service killed and restarted: engines recovered {results['memory_restart']}", flush=True)
-        stop_clients(clients, results)
+        stop_clients(clients, results, kill_times)
         for p in procs.values():
             p.kill(signal.SIGTERM)
     finally:
@@ -233,9 +262,10 @@ def main() -> None:
     print()
     print(f"kill -> shadow active:      p50 {statistics.median(act):7.1f} ms   max {max(act):7.1f} ms")
     print(f"kill -> first token:        p50 {statistics.median(ft):7.1f} ms   max {max(ft):7.1f} ms")
-    if results["longest_gap_ms"] is not None:
-        print(f"longest gap, in-flight streams: {results['longest_gap_ms']:.1f} ms "
-              f"({results['streams_across_kills']} streams crossed a kill)")
+    settled = results["settled_first_token_ms"]
+    print(f"the same request's first token once the dead engine is gone (same load): p50 "
+          f"{statistics.median(settled):7.1f} ms   max {max(settled):7.1f} ms")
+    print(f"in-flight streams: {describe_streams(results)}")
     print(f"parked shadow GPU memory (own): {results['parked_shadow_MiB']} MiB")
     mr = results["memory_restart"]
     print(f"memory service SIGKILL -> new one started and given back the memory: {mr['kill_to_recovered_ms']:.0f} ms "

@@ -37,11 +37,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
                    help="attention kernels: triton (paged decode kernel, CUDA only) or reference (plain torch); "
                         "auto picks triton on CUDA")
-    g.add_argument("--prefill-attention", choices=["reference", "triton"], default="reference",
-                   help="with triton attention, how prefill and mixed batches attend: reference (plain torch, "
-                        "one sequence at a time with a host sync per layer) or triton (one paged-prefill kernel "
-                        "per layer, no host sync: checked against the reference in Triton's interpreter, not yet "
-                        "run on a GPU)")
+    g.add_argument("--prefill-attention", choices=["reference", "triton"], default="triton",
+                   help="with triton attention, how prefill and mixed batches attend: triton (default: one "
+                        "paged-prefill kernel per layer, no host sync) or reference (plain torch, one sequence "
+                        "at a time with a host sync per layer: slower, e.g. for the first step after a failover)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's, at most 32768)")
     g = p.add_argument_group("failover")

@@ -5,16 +5,17 @@ share the kv head (GQA), walks the sequence's context in tiles of TILE tokens,
 looking up each token's block in the block table, and keeps an online softmax.
 Reads only device tensors, so it can be captured in a CUDA graph.
 
-Prefill and mixed batches (`serve --prefill-attention triton`; otherwise the
-reference path, attention.reference_attention): one program per (sequence, kv
-head, tile of Q_ROWS // group query tokens), the same walk with a causal mask:
+Prefill and mixed batches (unless `serve --prefill-attention reference`, which
+takes attention.reference_attention): one program per (sequence, kv head,
+tile of Q_ROWS // group query tokens), the same walk with a causal mask:
 query token j of a sequence with context c and q new tokens sits at position
 c - q + j and sees keys 0..c - q + j (its cached prefix and the new tokens up
 to itself). A step is one launch per layer and no host sync, where the
 reference path loops over sequences and syncs once per layer: that matters
 most for the first step after a failover, a short prefill over an adopted
-prefix. It is checked against the reference in Triton's interpreter
-(tests/engine/test_fused.py) and has a GPU test that has not run yet.
+prefix. Both kernels are checked against the reference on a GPU
+(tests/engine/test_fused.py, test_cuda_paths.py); the prefill kernel also in
+Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ from .attention import AttentionFn, AttentionMetadata, reference_attention
 
 TILE = 64  # context tokens per iteration
 Q_ROWS = 64  # query rows (tokens x heads of a kv head) per prefill program
+
+
+@triton.jit
+def _attend_tile(q, K, V, table_row, kv_offset, tok, valid, visible, m, l, acc, scale, stride_kb, stride_ks, d,
+                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of context tokens `tok` (their blocks looked up in the sequence's block table) into the
+    online softmax (m, l, acc) of the rows of q; scores not `visible` to a row count for nothing."""
+    blk = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0)
+    off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks + kv_offset
+    k = tl.load(K + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, l, acc
 
 
 # A block table's row stride is its width, which changes from step to step: not a specialisation key, or
@@ -53,18 +73,8 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
     for start in range(0, ctx, TILE_):
         tok = start + tl.arange(0, TILE_)
         valid = tok < ctx
-        blk = tl.load(block_tables + seq * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0)
-        off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(K + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m = m_new
+        m, l, acc = _attend_tile(q, K, V, block_tables + seq * stride_bt, kvh * stride_kh, tok, valid,
+                                 valid[None, :], m, l, acc, scale, stride_kb, stride_ks, d, BLOCK_SIZE, PRECISION)
     out = acc / l[:, None]
     tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
              mask=head_ok[:, None])
@@ -112,24 +122,14 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, scale,
     acc = tl.zeros([Q_TILE * GROUP_PAD, HEAD_DIM], tl.float32)
     # Keys past this tile's last query token are masked for every row; a tile past q_len has no work.
     end = tl.where(qt * Q_TILE < q_len, tl.minimum(ctx, ctx - q_len + (qt + 1) * Q_TILE), 0)
-    # The decode kernel's online softmax, with a causal mask; kept apart from it so that the decode
-    # kernel (the default CUDA path, proven on the H100) stays as it ran until this one has run on a GPU.
     start = 0
     while start < end:  # not a range(): Triton's interpreter cannot take a loaded value as its bound
         tok = start + tl.arange(0, TILE_)
         valid = tok < end
-        blk = tl.load(block_tables + seq * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0)
-        off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(K + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        s = tl.where(valid[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite from the first tile on: key 0 is seen by every row
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m = m_new
+        # key 0 is visible to every row, so m is finite from the first tile on
+        m, l, acc = _attend_tile(q, K, V, block_tables + seq * stride_bt, kvh * stride_kh, tok, valid,
+                                 valid[None, :] & (tok[None, :] <= pos[:, None]), m, l, acc, scale,
+                                 stride_kb, stride_ks, d, BLOCK_SIZE, PRECISION)
         start += TILE_
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l == 0 only in rows that are not stored
     tl.store(Out + (q0 + j)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
