@@ -21,6 +21,9 @@ divide by 2. The tests run in file order and hand the node on:
 
 Greedy decoding with ignore_eos: "no token lost, none duplicated" is list equality. Nothing waits on
 fixed sleeps: processes are awaited through their JSON log lines.
+
+UNDERSTUDY_TEST_BACKEND=cuda runs the same tests on two GPUs (NCCL, CUDA graphs for decode steps,
+float32 so that TP=1 and TP=2 agree token for token); skipped with fewer than two.
 """
 
 from __future__ import annotations
@@ -50,13 +53,17 @@ from tiny_model import make_tiny_llama  # noqa: E402
 from understudy.fds import MAX_CEILING, TOP_SPAN  # noqa: E402
 from understudy.memory import read_status  # noqa: E402
 
-BACKEND = "host"
+BACKEND = os.environ.get("UNDERSTUDY_TEST_BACKEND", "host")
+if BACKEND == "cuda":
+    import torch
+
+    pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 BLOCK = 16
 MAX_TOKENS = 24
 FEW = 3  # tokens every stream has received before the kill
 STREAMS = 6
 ENGINE_ARGS = ["--kv-cache-memory", "16MiB", "--max-model-len", "512", "--block-size", str(BLOCK),
-               "--max-num-seqs", "16"]
+               "--max-num-seqs", "16", "--dtype", "float32"]
 ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
 EXIT_GROUP_LOST = 4
 

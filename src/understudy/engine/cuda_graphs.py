@@ -4,6 +4,11 @@ A decode step of a big model is hundreds of small kernels; launching them
 from Python costs more than running them. Each bucket's graph reads static
 input buffers, so a step copies its inputs in, pads to the bucket (padded
 rows attend to the reserved block 0 and write their K/V there) and replays.
+
+Under tensor parallelism every rank captures the same buckets, all-reduces
+included (NCCL records them into the graph), and replays the same bucket for
+each decode step; only the leader's graphs end in logits (`logits=False` on
+the workers, which sample nothing).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv: KVCaches, *, max_batch: int, max_blocks_per_seq: int,
-                 device: torch.device):
-        self.model, self.kv, self.device = model, kv, device
+                 device: torch.device, logits: bool = True):
+        self.model, self.kv, self.device, self.logits = model, kv, device, logits
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         n = self.max_batch = max_batch
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -45,6 +50,8 @@ class DecodeGraphs:
         meta = AttentionMetadata(self.query_start[: bs + 1], self.context_lens[:bs], self.block_tables[:bs],
                                  self.slots[:bs], max_query_len=1, max_context_len=0,
                                  query_start_loc_host=(), context_lens_host=())
+        if not self.logits:  # a worker rank: the decoder layers only
+            return self.model.model(self.input_ids[:bs], self.positions[:bs], meta, self.kv)
         return self.model(self.input_ids[:bs], self.positions[:bs], meta, self.kv, self.rows[:bs])
 
     @torch.inference_mode()
@@ -63,11 +70,13 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         log(logger, "cuda_graphs_captured", buckets=self.buckets)
 
-    def run(self, input_ids: list[int], context_lens: list[int], slots: list[int],
-            tables: list[list[int]]) -> Tensor:
-        """Logits [len(input_ids), vocab] for a decode batch (one new token per sequence)."""
+    def run(self, input_ids: list[int], context_lens: list[int], tables: list[list[int]]) -> Tensor:
+        """Logits [len(input_ids), vocab] for a decode batch (one new token per sequence, the last of its
+        context); hidden states on a worker rank."""
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
+        block = self.kv[0][0].shape[1]
+        slots = [t[(c - 1) // block] * block + (c - 1) % block for t, c in zip(tables, context_lens)]
         # Padded rows: token 0 at position 0, context 1, slot 0 of the reserved block 0.
         host = np.zeros((4, bs), dtype=np.int64)
         host[0, :n] = input_ids

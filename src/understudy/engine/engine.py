@@ -57,8 +57,9 @@ class LLMEngine:
                                    max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() ran
-        # Tensor parallelism: called with each eager step's inputs just before the forward, so that the
-        # group's other ranks run the same step (engine/tp_group.py). None on one device.
+        # Tensor parallelism: called with each step's inputs just before the forward (graph: a decode step
+        # replayed from the CUDA graphs), so that the group's other ranks run the same step
+        # (engine/tp_group.py). None on one device.
         self.step_hook = None
         self.timed_steps = 0  # this many next steps log their phase timings (step_timing)
         self.steps = 0
@@ -121,13 +122,16 @@ class LLMEngine:
         """After adopting a kv pool: its sealed blocks become our cached prefixes."""
         return self.blocks.restore(self.kv.read_index())
 
+    def graph_shape(self) -> dict:
+        """The decode batches the CUDA graphs must take: up to max_num_seqs sequences of max_model_len."""
+        return {"max_batch": self.scheduler.max_num_seqs,
+                "max_blocks_per_seq": -(-self.scheduler.max_model_len // self.kv.spec.block_size)}
+
     def enable_cuda_graphs(self) -> None:
         """Capture decode steps as CUDA graphs (CUDA only; the attention must be graph-safe)."""
         from .cuda_graphs import DecodeGraphs
 
-        bs = self.kv.spec.block_size
-        self.graphs = DecodeGraphs(self.model, self.kv.layers, max_batch=self.scheduler.max_num_seqs,
-                                   max_blocks_per_seq=-(-self.scheduler.max_model_len // bs), device=self.device)
+        self.graphs = DecodeGraphs(self.model, self.kv.layers, **self.graph_shape(), device=self.device)
         self.graphs.capture()
 
     # -- one step -------------------------------------------------------------
@@ -163,15 +167,15 @@ class LLMEngine:
         return outputs
 
     def _decode_with_graph(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        bs = self.kv.spec.block_size
-        ids, ctx, slots, tables = [], [], [], []
+        ids, ctx, tables = [], [], []
         for seq, _ in batch:
             pos = seq.num_computed
             ids += seq.token_slice(pos, pos + 1)
             ctx.append(pos + 1)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
             tables.append(seq.block_table)
-        return self.graphs.run(ids, ctx, slots, tables)
+        if self.step_hook is not None:
+            self.step_hook(ids, [1] * len(ids), ctx, tables, graph=True)
+        return self.graphs.run(ids, ctx, tables)
 
     def _forward_eager(self, batch: list[tuple[Sequence, int]]) -> tuple[list[int], torch.Tensor]:
         bs = self.kv.spec.block_size
@@ -191,7 +195,7 @@ class LLMEngine:
                                  device=self.device)
         rows = logits_at if sample_rows else logits_at.new_zeros(1)  # mid-prompt chunks only: a throwaway row
         if self.step_hook is not None:
-            self.step_hook(input_ids, query_lens, context_lens, tables)
+            self.step_hook(input_ids, query_lens, context_lens, tables, graph=False)
         return sample_rows, self.model(ids, meta.positions(), meta, self.kv.layers, rows)
 
     def _advance(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], sampled: list[int]) -> list[StepOutput]:

@@ -161,14 +161,14 @@ class Group:
             return self.recv_all()
 
     def step(self, input_ids: list[int], query_lens: list[int], context_lens: list[int],
-             tables: list[list[int]]) -> None:
-        """LLMEngine.step_hook: the other ranks run this step's forward with us."""
-        self.send_all(("step", input_ids, query_lens, context_lens, tables))
+             tables: list[list[int]], graph: bool) -> None:
+        """LLMEngine.step_hook: the other ranks run this step's forward (or replay its graph) with us."""
+        self.send_all(("step", input_ids, query_lens, context_lens, tables, graph))
         self.stepping = True
 
 
 class GroupEngine(LLMEngine):
-    """The leader's engine: every eager step runs on all ranks (no CUDA graphs under tensor parallelism)."""
+    """The leader's engine: every step runs on all ranks, eager or replayed from their CUDA graphs."""
 
     def __init__(self, group: Group, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -176,12 +176,23 @@ class GroupEngine(LLMEngine):
         self.step_hook = group.step
 
     def enable_cuda_graphs(self) -> None:
-        raise NotImplementedError("CUDA graphs are not used under tensor parallelism")
+        """Every rank captures the same buckets at once: the forward run before each capture does its
+        all-reduces for real, so the ranks go through them together."""
+        with self.group._calls:
+            self.group.send_all(("graphs", self.graph_shape()))
+            super().enable_cuda_graphs()
+            self.group.recv_all()
 
     def _forward_eager(self, batch):
+        return self._on_all_ranks(super()._forward_eager, batch)
+
+    def _decode_with_graph(self, batch):
+        return self._on_all_ranks(super()._decode_with_graph, batch)
+
+    def _on_all_ranks(self, forward, batch):
         self.group.stepping = False
         try:
-            return super()._forward_eager(batch)
+            return forward(batch)
         except BaseException as e:
             if self.group.stepping:  # the workers are inside this forward: the ranks are out of step now
                 self.group.fatal("tp_step_failed", error=f"{type(e).__name__}: {e}")
@@ -283,7 +294,9 @@ def build_group(args: argparse.Namespace) -> Built:
                           max_waiting=args.max_waiting, max_model_len=max_model_len)
     engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device)
     if use_cuda and not args.enforce_eager:
-        log(logger, "cuda_graphs_off", reason="tensor parallelism runs eager steps (implies --enforce-eager)")
+        if attention_fn is None:
+            raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
+        engine.enable_cuda_graphs()
     engine.warm_up()
     group.call("warmed")
     if args.role == "shadow":
