@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
-from engine import make_checkpoint, write_byte_tokenizer  # noqa: E402  (bench/engine.py)
+from engine import cached_checkpoint  # noqa: E402  (bench/engine.py)
 
 
 def gpu_used_mib() -> int:
@@ -155,14 +155,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
-    ckpt = work / f"llama3-8b-shape-{args.layers}l"  # the name bench/tp_failover.py gives it too
-    ckpt.mkdir(parents=True, exist_ok=True)
-    if not (ckpt / "done").exists():
-        make_checkpoint(ckpt, args.layers)
-        (ckpt / "done").touch()
-    if not (ckpt / "tokenizer.json").exists():
-        write_byte_tokenizer(ckpt)
-    subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)
+    ckpt = cached_checkpoint(work, args.layers)
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     engine_args = ["--model", str(ckpt), "--backend", "cuda", "--socket-dir", sock, "--memory-service", "connect",
                    "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", "16", "--max-model-len", "2048",

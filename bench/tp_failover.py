@@ -96,6 +96,15 @@ class Group:
         self.proc.kill(sig)  # the whole process group: leader and workers
 
 
+def memory_services(backend: str, tp: int, sock: str) -> list[Proc]:
+    """One memory service per device (0..tp-1), listening."""
+    mems = [Proc(PY + ["memory-server", "--backend", backend, "--device", str(d), "--socket-dir", sock])
+            for d in range(tp)]
+    for m in mems:
+        m.wait_event("listening")
+    return mems
+
+
 def first_token_after(port: int, ids: list[int], t0: float) -> float:
     next(stream(port, ids, 1))
     return time.time() - t0
@@ -123,18 +132,15 @@ def main() -> None:
     tp = args.tensor_parallel
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
-    ckpt = work / ("tiny-llama" if args.cpu else f"llama3-8b-shape-{args.layers}l")
-    ckpt.mkdir(parents=True, exist_ok=True)
-    if not (ckpt / "done").exists():
-        if args.cpu:
-            make_tiny_checkpoint(ckpt)
-        else:
-            from engine import make_checkpoint  # bench/engine.py
+    if args.cpu:
+        ckpt = work / "tiny-llama"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        make_tiny_checkpoint(ckpt)
+    else:
+        from engine import cached_checkpoint  # bench/engine.py (imports torch's CUDA side)
 
-            make_checkpoint(ckpt, args.layers)
-        (ckpt / "done").touch()
+        ckpt = cached_checkpoint(work, args.layers)
     vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-    subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)  # page cache: both runs alike
     kv = args.kv_cache_memory or ("32MiB" if args.cpu else "8GiB")
 
     def engine_args(sock: str) -> list[str]:
@@ -143,19 +149,12 @@ def main() -> None:
                 "--max-model-len", "2048", "--standby-wait", "600", "--no-progress"] + (
                     ["--prefill-attention", args.prefill_attention] if args.prefill_attention else [])
 
-    def memory_services(sock: str) -> list[Proc]:
-        mems = [Proc(PY + ["memory-server", "--backend", backend, "--device", str(d), "--socket-dir", sock])
-                for d in range(tp)]
-        for m in mems:
-            m.wait_event("listening")
-        return mems
-
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     ports = [18200, 18201]
     probe = [1, 2, 3, 4, 5, 6, 7, 8]
     results: dict = {"device": "cpu (host backend, gloo)" if args.cpu else "cuda (NCCL)", "tensor_parallel": tp,
                      "kills": [], "kill_to_first_token_ms": [], "kill_to_active_ms": []}
-    mems = memory_services(sock)
+    mems = memory_services(backend, tp, sock)
     groups: dict[int, Group] = {}
     try:
         t0 = time.time()
@@ -229,7 +228,7 @@ def main() -> None:
     # Cold restart of the group: fresh memory services, weights from the disk (page cache).
     sock2 = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     t0 = time.time()
-    mems = memory_services(sock2)
+    mems = memory_services(backend, tp, sock2)
     try:
         cold = Group(ports[0], "primary", engine_args(sock2)).wait("serving")
         results["cold_restart_s"] = first_token_after(ports[0], probe, t0)
