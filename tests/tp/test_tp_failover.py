@@ -601,6 +601,8 @@ def test_up_relaunches_a_standby_group_after_a_kill(workdir, model_dir, prompts)
         sup.proc.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=120) == 0
         wait_until(lambda: all(gone(pid) for pid in regroup["ranks"].values()), "a rank outlived the node")
+        # Every group left on SIGTERM by itself (drained, then out without the interpreter's teardown).
+        assert not [l for l in sup.lines if _event(l).get("event") == "child_stop_timeout"], sup.lines[-20:]
     finally:
         if sup.proc.poll() is None:  # failed: leave no process of the node behind (each has its own group)
             sup.kill(signal.SIGKILL)

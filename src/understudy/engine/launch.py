@@ -304,4 +304,8 @@ def serve(args: argparse.Namespace) -> int:
     if built.memory_server is not None:
         built.memory_server.terminate()
         built.memory_server.wait(timeout=30)
+    if getattr(args, "tensor_parallel", 1) > 1:  # drained: the group's leader leaves as its ranks do
+        from .tp import exit_now
+
+        exit_now(exit_code)
     return exit_code

@@ -20,15 +20,17 @@ model (leader + workers, control channel, group failover) lives in tp_group.py a
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import select
 import socket
 import struct
+import sys
 import threading
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
@@ -42,6 +44,17 @@ COLUMN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_pro
           "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias")
 ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave the process at once, logs flushed, skipping the interpreter's teardown: a rank's peers may be
+    gone already, and tearing down NCCL communicators (and CUDA graphs holding their kernels) whose peers
+    are gone can block; the kernel releases our files, the failover lock and the memory sessions anyway."""
+    for handler in logging.getLogger("understudy").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from .launch import Built, open_kv, place
 from .lifecycle import Lifecycle
 from .server import Worker
 from .tokenizer import Tokenizer
-from .tp import Channel, check_shardable, join, make_store
+from .tp import Channel, check_shardable, exit_now, join, make_store
 
 logger = logging.getLogger("understudy.engine.tp_group")
 
@@ -127,10 +127,7 @@ class Group:
                     pass
             for hold in self.holds:
                 hold.release()
-            for handler in logging.getLogger("understudy").handlers:
-                handler.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_GROUP_LOST)
+            exit_now(EXIT_GROUP_LOST)
 
     def _close(self) -> None:
         self.closing = True

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from ..fds import lift
     from ..logs import log, setup_logging
-    from .tp import Channel
+    from .tp import Channel, exit_now
 
     # Lifted above the driver files CUDA will open: if we die, the leader hears it at once (fds.py).
     channel = Channel(socket.socket(fileno=lift(args.control_fd)))
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except EOFError:  # the leader closed the channel: it exited (normally or not), so do we, now: an
         # interpreter shutdown would first tear down NCCL and CUDA while our kv session still holds the pool
         # the next group's rank waits to adopt
-        for handler in logging.getLogger("understudy").handlers:
-            handler.flush()
-        os._exit(0)
+        exit_now(0)
     except BaseException as e:  # a failure of this rank ends the group (the leader sees us exit)
         logger.exception("tp_rank_failed")
         try:

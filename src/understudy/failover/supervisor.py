@@ -174,6 +174,8 @@ class Supervisor:
                 try:
                     child.proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
+                    log(logger, "child_stop_timeout", level=logging.WARNING, child=child.name, pid=child.proc.pid,
+                        note="no exit 60 s after SIGTERM: killed")
                     os.killpg(child.proc.pid, signal.SIGKILL)
                     child.proc.wait()
         self.state_file.unlink(missing_ok=True)
