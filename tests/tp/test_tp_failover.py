@@ -369,7 +369,7 @@ def run_streams_and_kill(node: Node, prompts, victim_pid: int) -> tuple[list[lis
     for t in threads:
         t.join(timeout=240)
     assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
+    assert not errors, (errors, "standby group's log:", standby.proc.lines[-40:])
     return got, resent
 
 
