@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
 from failover import stream  # noqa: E402  (bench/failover.py)
-from tp_failover import make_tiny_checkpoint, memory_services  # noqa: E402  (bench/tp_failover.py)
+from tp_failover import memory_services, prepare  # noqa: E402  (bench/tp_failover.py)
 
 
 def tokens_per_second(port: int, batch: int, tokens: int, vocab: int) -> float:
@@ -55,20 +54,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per request (default: 128)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (and reused)")
     args = ap.parse_args()
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)  # this host's GPUs are shared: NVLink multicast stays off
     batches = [int(b) for b in args.batches.split(",")]
-    backend, tp = ("host" if args.cpu else "cuda"), args.tensor_parallel
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
-    if args.cpu:
-        ckpt = work / "tiny-llama"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        make_tiny_checkpoint(ckpt)
-    else:
-        from engine import cached_checkpoint  # bench/engine.py
-
-        ckpt = cached_checkpoint(work, args.layers)
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    backend, ckpt, vocab = prepare(args)
+    tp = args.tensor_parallel
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     engine_args = ["--model", str(ckpt), "--backend", backend, "--socket-dir", sock, "--memory-service", "connect",
                    "--tensor-parallel", str(tp), "--kv-cache-memory", "32MiB" if args.cpu else "8GiB",

@@ -96,6 +96,25 @@ class Group:
         self.proc.kill(sig)  # the whole process group: leader and workers
 
 
+def prepare(args: argparse.Namespace) -> tuple[str, Path, int]:
+    """Environment and checkpoint of a TP bench (args: --cpu, --layers, --workdir):
+    (memory backend, checkpoint directory, vocabulary size)."""
+    # This host's GPUs are shared: NVLink multicast stays off (KINDS.md of the device machines).
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
+    if args.cpu:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        ckpt = work / "tiny-llama"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        make_tiny_checkpoint(ckpt)
+    else:
+        from engine import cached_checkpoint  # bench/engine.py (imports torch's CUDA side)
+
+        ckpt = cached_checkpoint(work, args.layers)
+    return ("host" if args.cpu else "cuda"), ckpt, json.loads((ckpt / "config.json").read_text())["vocab_size"]
+
+
 def memory_services(backend: str, tp: int, sock: str) -> list[Proc]:
     """One memory service per device (0..tp-1), listening."""
     mems = [Proc(PY + ["memory-server", "--backend", backend, "--device", str(d), "--socket-dir", sock])
@@ -123,24 +142,8 @@ def main() -> None:
     ap.add_argument("--prefill-attention", choices=["reference", "triton"], default=None,
                     help="the groups' --prefill-attention (default: theirs)")
     args = ap.parse_args()
-    # This host's GPUs are shared: NVLink multicast stays off (KINDS.md of the device machines).
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
-    if args.cpu:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-    backend = "host" if args.cpu else "cuda"
+    backend, ckpt, vocab = prepare(args)
     tp = args.tensor_parallel
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
-    if args.cpu:
-        ckpt = work / "tiny-llama"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        make_tiny_checkpoint(ckpt)
-    else:
-        from engine import cached_checkpoint  # bench/engine.py (imports torch's CUDA side)
-
-        ckpt = cached_checkpoint(work, args.layers)
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
     kv = args.kv_cache_memory or ("32MiB" if args.cpu else "8GiB")
 
     def engine_args(sock: str) -> list[str]:

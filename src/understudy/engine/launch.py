@@ -156,12 +156,11 @@ def build(args: argparse.Namespace) -> Built:
         return build_group(args)
 
     p = place(args)
-    model_path, config, dtype, path, use_cuda, backend, device = (
-        p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.backend, p.device)
-    mem_proc, lock, attention_fn = p.memory_server, p.lock, p.attention_fn
+    model_path, config, dtype, path, use_cuda, device = (
+        p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.device)
     t0 = time.perf_counter()
     model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
-                                                name=f"engine-{os.getpid()}", attention_fn=attention_fn)
+                                                name=f"engine-{os.getpid()}", attention_fn=p.attention_fn)
     max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
     if args.kv_cache_memory:
         budget = parse_size(args.kv_cache_memory)
@@ -172,29 +171,50 @@ def build(args: argparse.Namespace) -> Built:
         budget = 512 << 20
     spec = KVSpec.for_budget(config, budget, args.block_size, dtype)
     kv = open_kv(KVCache, args.role, path, spec, weights_client.backend)
-    spec = kv.spec
+    tokenizer, eos, limits = engine_limits(args, model_path, config, max_model_len)
+    engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
+    start_engine(args, engine, p)
+    return finish(args, engine, p, tokenizer, weights_client, stats, t0, {})
+
+
+def engine_limits(args: argparse.Namespace, model_path: Path, config,
+                  max_model_len: int) -> tuple[Tokenizer, tuple[int, ...], EngineLimits]:
+    """The tokenizer, the stop tokens (the model's and the tokenizer's) and the scheduler's limits."""
     tokenizer = Tokenizer.from_pretrained(model_path)
     eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_waiting=args.max_waiting, max_model_len=max_model_len)
-    engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
-    if use_cuda and not args.enforce_eager:
-        if attention_fn is None:
+    return tokenizer, eos, limits
+
+
+def start_engine(args: argparse.Namespace, engine: LLMEngine, p: Placement) -> None:
+    """CUDA graphs for decode steps (unless --enforce-eager), then the warm-up."""
+    if p.use_cuda and not args.enforce_eager:
+        if p.attention_fn is None:
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
         engine.enable_cuda_graphs()
     engine.warm_up()
+
+
+def finish(args: argparse.Namespace, engine: LLMEngine, p: Placement, tokenizer: Tokenizer, weights_client,
+           stats: dict, t0: float, info: dict) -> Built:
+    """A shadow parks its KV cache; the engine gets its HTTP worker and says it is ready (`info`: more
+    of what /health reports)."""
     if args.role == "shadow":
-        kv.park()
+        engine.kv.park()
+    model_path, spec = p.model_path, engine.kv.spec
+    max_model_len = engine.scheduler.max_model_len
     name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
-    info = {"role": args.role, "weights": stats["source"], "kv_blocks": spec.num_blocks,
-            "backend": backend, "pid": os.getpid()}
+    info = {"role": args.role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": p.backend,
+            "pid": os.getpid(), **info}
     worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
-                    max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[lock],
+                    max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[p.lock],
                     lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
                     standby_wait=args.standby_wait)
-    log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
-        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, kv_adopted=kv.adopted, **info)
-    return Built(worker, mem_proc, lock, path)
+    log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(p.dtype),
+        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size,
+        kv_adopted=engine.kv.adopted, **info)
+    return Built(worker, p.memory_server, p.lock, p.socket_path)
 
 
 def park_and_promote(built: Built) -> None:

@@ -39,13 +39,9 @@ from ..fds import lift_socket
 from ..logs import log
 from ..memory.tensors import dtype_name
 from . import weights
-from .async_engine import AsyncEngine
-from .engine import EngineLimits, LLMEngine
+from .engine import LLMEngine
 from .kv_cache import KVCache, KVSpec
-from .launch import Built, open_kv, place
-from .lifecycle import Lifecycle
-from .server import Worker
-from .tokenizer import Tokenizer
+from .launch import Built, engine_limits, finish, open_kv, place, start_engine
 from .tp import Channel, check_shardable, exit_now, join, make_store
 
 logger = logging.getLogger("understudy.engine.tp_group")
@@ -256,7 +252,7 @@ def build_group(args: argparse.Namespace) -> Built:
     p = place(args, ranks=size, check_config=shardable)
     model_path, config, dtype, path, use_cuda, backend, device = (
         p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.backend, p.device)
-    mem_proc, lock, attention_fn = p.memory_server, p.lock, p.attention_fn
+    lock, attention_fn = p.lock, p.attention_fn
     t0 = time.perf_counter()
     store = make_store(0, size)
     group = Group(size)
@@ -285,27 +281,10 @@ def build_group(args: argparse.Namespace) -> Built:
     replies = group.call("kv", asdict(spec), args.role)
     if args.role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
         kv._forget_blocks()
-    tokenizer = Tokenizer.from_pretrained(model_path)
-    eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_waiting=args.max_waiting, max_model_len=max_model_len)
+    tokenizer, eos, limits = engine_limits(args, model_path, config, max_model_len)
     engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device)
-    if use_cuda and not args.enforce_eager:
-        if attention_fn is None:
-            raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
-        engine.enable_cuda_graphs()
-    engine.warm_up()
+    start_engine(args, engine, p)  # every rank captures its graphs and warms up with the leader
     group.call("warmed")
-    if args.role == "shadow":
-        kv.park()
-    name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
-    info = {"role": args.role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": backend,
-            "pid": os.getpid(), "tensor_parallel": size, "rank_pids": [os.getpid(), *group.pids],
-            "rank_weights": [stats["source"], *(r["weights"] for r in loaded)]}
-    worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
-                    max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[lock],
-                    lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
-                    standby_wait=args.standby_wait)
-    log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(dtype),
-        max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size, kv_adopted=kv.adopted, **info)
-    return Built(worker, mem_proc, lock, path)
+    return finish(args, engine, p, tokenizer, weights_client, stats, t0, {
+        "tensor_parallel": size, "rank_pids": [os.getpid(), *group.pids],
+        "rank_weights": [stats["source"], *(r["weights"] for r in loaded)]})
