@@ -83,8 +83,11 @@ class Group:
         self.port = port
         self.proc = Proc(PY + ["serve", "--port", str(port), "--role", role, *engine_args])
 
-    def wait(self, event: str) -> "Group":
-        self.proc.wait_event(event)
+    def wait(self, *events: str) -> "Group":
+        """Until each of `events` was logged, in any order ("serving" comes once the port accepts)."""
+        for event in events:
+            if not any(e.get("event") == event for e in self.proc.events):
+                self.proc.wait_event(event)
         started = next(e for e in self.proc.events if e.get("event") == "tp_group_started")
         self.ranks = [started["ranks"][str(r)] for r in range(len(started["ranks"]))]
         return self
@@ -164,7 +167,7 @@ def main() -> None:
         groups[ports[0]] = Group(ports[0], "primary", engine_args(sock)).wait("serving")
         results["first_start_s"] = time.time() - t0
         before = None if args.cpu else gpu_used_mib()
-        groups[ports[1]] = Group(ports[1], "shadow", engine_args(sock)).wait("waiting_for_failover_lock")
+        groups[ports[1]] = Group(ports[1], "shadow", engine_args(sock)).wait("waiting_for_failover_lock", "serving")
         if before is not None:
             results["parked_group_MiB_per_gpu"] = [a - b for a, b in zip(gpu_used_mib(), before)][:tp]
             print(f"# parked standby group: {results['parked_group_MiB_per_gpu']} MiB of its own per GPU", flush=True)
@@ -209,7 +212,7 @@ def main() -> None:
             print(f"    lock taken {results['kills'][-1]['kill_to_lock_ms']:.1f} ms after the kill; steps after "
                   f"promotion: {describe_steps(steps)}; the same request later: "
                   f"{results['settled_first_token_ms'][-1]:.1f} ms", flush=True)
-            groups[active] = Group(active, "shadow", engine_args(sock)).wait("waiting_for_failover_lock")
+            groups[active] = Group(active, "shadow", engine_args(sock)).wait("waiting_for_failover_lock", "serving")
             active = standby
         stop_clients(clients, results, kill_times)
 
