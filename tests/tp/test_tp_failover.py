@@ -327,11 +327,15 @@ def run_streams_and_kill(node: Node, prompts, victim_pid: int) -> tuple[list[lis
     resent: list[dict | None] = [None] * n
     errors: list[BaseException] = []
     ready = threading.Semaphore(0)
+    # Every client is built before any request goes out (building one takes a while on a busy machine):
+    # otherwise a stream started early could end before the last one has its first tokens.
+    go = threading.Barrier(n)
 
     def stream(i: int) -> None:
         signalled = broken = False
         try:
             with httpx.Client(timeout=120) as http:
+                go.wait(timeout=60)
                 try:
                     with http.stream("POST", f"{active.url}/engine/generate", json=body(prompts[i], MAX_TOKENS)) as r:
                         assert r.status_code == 200, r.read()
