@@ -33,9 +33,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="weights and activations dtype (default auto: bfloat16 on CUDA, float32 on the CPU)")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: no CUDA graphs for decode steps (slower; for debugging)")
+                   help="CUDA: no CUDA graphs for decode steps, also in a --tensor-parallel group (slower; "
+                        "for debugging)")
     g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
-                   help="attention kernels: triton (paged decode kernel, CUDA only) or reference (plain torch); "
+                   help="attention kernels: triton (paged decode and prefill kernels, CUDA only) or reference "
+                        "(plain torch); "
                         "auto picks triton on CUDA")
     g.add_argument("--prefill-attention", choices=["reference", "triton"], default="triton",
                    help="with triton attention, how prefill and mixed batches attend: triton (default: one "
