@@ -41,6 +41,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
 
 from procs import ServerProcess, free_port, serve_process  # noqa: E402
+from streams import body, ndjson, streams_across, tokens_of  # noqa: E402
+from streams import event_of as _event  # noqa: E402
 
 from understudy.memory import read_status  # noqa: E402
 
@@ -60,30 +62,16 @@ TOPICS = ["a red kite", "the last train", "a lost key", "two rival bakers", "a c
           "an old library", "a broken compass", "the harvest fair", "a sleepy dragon"]
 
 
-def _event(line: str) -> dict:
-    try:
-        e = json.loads(line)
-    except ValueError:
-        return {}
-    return e if isinstance(e, dict) else {}
 
 
 def is_state(new: str):
     return lambda line: (e := _event(line)).get("event") == "state" and e.get("new") == new
 
 
-def body(token_ids: list[int], max_tokens: int) -> dict:
-    return {"token_ids": token_ids, "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
 
 
-def ndjson(r: httpx.Response) -> list[dict]:
-    assert r.status_code == 200, r.text
-    return [json.loads(l) for l in r.text.splitlines() if l]
 
 
-def tokens_of(lines: list[dict]) -> list[int]:
-    assert lines[-1]["finish_reason"] == "length" and all(l["error"] is None for l in lines), lines
-    return [t for l in lines for t in l["token_ids"]]
 
 
 def full_blocks(n_tokens: int) -> int:
@@ -463,42 +451,9 @@ def test_second_primary_is_refused_while_one_is_active(cluster):
 def test_memory_service_killed_under_load_engine_keeps_serving(cluster, prompts, reference):
     active = cluster.active
     picks = [8, 9, 10, 11, 12, 13]
-    got: dict[int, list[int]] = {i: [] for i in picks}
-    errors: list[BaseException] = []
-    ready = threading.Semaphore(0)
-
-    def stream(i: int) -> None:
-        signalled = False
-        try:
-            with httpx.stream("POST", f"{active.url}/engine/generate", json=body(prompts[i], MAX_TOKENS),
-                              timeout=120) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if line:
-                        out = json.loads(line)
-                        assert out["error"] is None, out
-                        got[i] += out["token_ids"]
-                        if len(got[i]) >= 2 and not signalled:
-                            signalled = True
-                            ready.release()
-                        if out["finish_reason"]:
-                            assert out["finish_reason"] == "length"
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        finally:
-            if not signalled:
-                ready.release()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in picks]
-    for t in threads:
-        t.start()
-    for _ in picks:
-        assert ready.acquire(timeout=120)
-    assert all(len(g) < MAX_TOKENS for g in got.values()), got
-    assert cluster.mem.kill(signal.SIGKILL) == -signal.SIGKILL
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    got = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
+                         lambda: cluster.mem.kill(signal.SIGKILL))
+    assert cluster.mem.proc.returncode == -signal.SIGKILL
     for i in picks:
         assert got[i] == reference[i], i
     # New requests, after the memory service is gone.

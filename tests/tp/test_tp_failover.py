@@ -48,6 +48,8 @@ sys.path.insert(0, str(HERE.parent))  # tests/, for procs.py
 sys.path.insert(0, str(HERE))
 
 from procs import LineProcess, ServerProcess, free_port, serve_process  # noqa: E402
+from streams import body, ndjson, streams_across, tokens_of  # noqa: E402
+from streams import event_of as _event  # noqa: E402
 from tiny_model import make_tiny_llama  # noqa: E402
 
 from understudy.fds import MAX_CEILING, TOP_SPAN  # noqa: E402
@@ -68,12 +70,6 @@ ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
 EXIT_GROUP_LOST = 4
 
 
-def _event(line: str) -> dict:
-    try:
-        e = json.loads(line)
-    except ValueError:
-        return {}
-    return e if isinstance(e, dict) else {}
 
 
 def logged(name: str, **fields):
@@ -85,18 +81,10 @@ def leader_state(new: str):
     return lambda line: (e := _event(line)).get("event") == "state" and e.get("new") == new and "tp_rank" not in e
 
 
-def body(token_ids: list[int], max_tokens: int) -> dict:
-    return {"token_ids": token_ids, "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
 
 
-def ndjson(r: httpx.Response) -> list[dict]:
-    assert r.status_code == 200, r.text
-    return [json.loads(l) for l in r.text.splitlines() if l]
 
 
-def tokens_of(lines: list[dict]) -> list[int]:
-    assert lines[-1]["finish_reason"] == "length" and all(l["error"] is None for l in lines), lines
-    return [t for l in lines for t in l["token_ids"]]
 
 
 def gone(pid: int) -> bool:
@@ -489,39 +477,9 @@ def test_memory_service_of_one_device_killed_and_restarted(node, prompts, refere
     KV with its prefix cache."""
     active = node.active
     picks = [1, 2, 3]
-    got: dict[int, list[int]] = {i: [] for i in picks}
-    errors: list[BaseException] = []
-    ready = threading.Semaphore(0)
-
-    def stream(i: int) -> None:
-        signalled = False
-        try:
-            with httpx.stream("POST", f"{active.url}/engine/generate", json=body(prompts[i], MAX_TOKENS),
-                              timeout=120) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if line:
-                        out = json.loads(line)
-                        assert out["error"] is None, out
-                        got[i] += out["token_ids"]
-                        if len(got[i]) >= 2 and not signalled:
-                            signalled = True
-                            ready.release()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        finally:
-            if not signalled:
-                ready.release()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in picks]
-    for t in threads:
-        t.start()
-    for _ in picks:
-        assert ready.acquire(timeout=120)
-    assert node.mems[1].kill(signal.SIGKILL) == -signal.SIGKILL
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    got = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
+                         lambda: node.mems[1].kill(signal.SIGKILL))
+    assert node.mems[1].proc.returncode == -signal.SIGKILL
     assert all(got[i] == reference[i] for i in picks)
     node.mems[1] = ServerProcess.start(BACKEND, node.dir, "--device", "1")
     recovered = active.wait_for(lambda l: logged("memory_service_recovered")(l) and _event(l).get("tp_rank") == 1)
