@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "tp"))
 from common import pinned_h2d_seconds  # noqa: E402
+from tiny_model import write_byte_tokenizer  # noqa: E402  (tests/tp/tiny_model.py: a byte-level BPE, no merges)
 
 GiB = 1 << 30
 
@@ -87,17 +89,6 @@ def cached_checkpoint(work: Path, layers: int) -> Path:
         (ckpt / "done").touch()
     subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)
     return ckpt
-
-
-def write_byte_tokenizer(d: Path) -> None:
-    """A byte-level BPE with no merges: enough for `understudy serve` to start on random weights."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(d / "tokenizer.json"))
 
 
 def bandwidths() -> tuple[float, float]:

@@ -40,36 +40,6 @@ from failover import (LoadClient, describe_steps, describe_streams, first_token_
                       steps_after, stop_clients, stream)
 
 
-def make_tiny_checkpoint(d: Path) -> None:
-    """A random Llama with 4 heads / 2 KV heads (divisible by 2), fp32, byte tokenizer: the CPU smoke model."""
-    import torch
-    from safetensors.torch import save_file
-
-    from engine import write_byte_tokenizer  # bench/engine.py
-
-    h, i, v, layers, heads, kv_heads = 64, 128, 256, 2, 4, 2
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": v, "hidden_size": h,
-           "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float32",
-           "hidden_act": "silu"}
-    (d / "config.json").write_text(json.dumps(cfg))
-    write_byte_tokenizer(d)
-    q, kv = heads * (h // heads), kv_heads * (h // heads)
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    gen = torch.Generator().manual_seed(0)
-    save_file({n: (1.0 + 0.2 * torch.randn(s, generator=gen)) if n.endswith("norm.weight")
-               else 0.2 * torch.randn(s, generator=gen) for n, s in shapes.items()},
-              str(d / "model.safetensors"), metadata={"format": "pt"})
-
-
 def gpu_used_mib() -> list[int]:
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout
@@ -108,9 +78,10 @@ def prepare(args: argparse.Namespace) -> tuple[str, Path, int]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
     if args.cpu:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        ckpt = work / "tiny-llama"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        make_tiny_checkpoint(ckpt)
+        sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "tp"))
+        from tiny_model import make_tiny_llama  # the tests' tiny Llama (4 heads / 2 KV heads divide by 2)
+
+        ckpt = make_tiny_llama(work / "tiny-llama", max_position_embeddings=4096)
     else:
         from engine import cached_checkpoint  # bench/engine.py (imports torch's CUDA side)
 
