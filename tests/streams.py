@@ -33,11 +33,18 @@ def tokens_of(lines: list[dict]) -> list[int]:
     return [t for l in lines for t in l["token_ids"]]
 
 
-def streams_across(url: str, prompts: dict[int, list[int]], max_tokens: int,
-                   event: Callable[[], None]) -> dict[int, list[int]]:
-    """Stream every prompt from `url`; once each stream has 2 tokens (and none has ended), run `event`
-    (a kill); return each stream's tokens, which must all have arrived without an error."""
+def streams_across(url: str, prompts: dict[int, list[int]], max_tokens: int, event: Callable[[], object], *,
+                   started: int = 2, resend_to: str | None = None,
+                   context: Callable[[], object] = lambda: None) -> tuple[dict[int, list[int]], dict[int, dict]]:
+    """Stream every prompt from `url`; once each stream has `started` tokens (and none has ended), run
+    `event` (a kill). Returns (each stream's tokens from `url`, what was resent).
+
+    With `resend_to`, a stream that breaks is resent there as a client would retry it: the prompt and
+    the tokens so far, for the rest of max_tokens; resent[i] holds that answer's tokens, cached and prompt
+    tokens and the resent length. Without it, every stream must end normally. Any error fails the test,
+    with `context()` (e.g. a log tail) in the message."""
     got: dict[int, list[int]] = {i: [] for i in prompts}
+    resent: dict[int, dict] = {}
     errors: list[BaseException] = []
     ready = threading.Semaphore(0)
     go = threading.Barrier(len(prompts))  # the requests go out together: none runs ahead of the others
@@ -47,18 +54,30 @@ def streams_across(url: str, prompts: dict[int, list[int]], max_tokens: int,
         try:
             with httpx.Client(timeout=120) as http:
                 go.wait(timeout=60)
-                with http.stream("POST", f"{url}/engine/generate", json=body(prompts[i], max_tokens)) as r:
-                    assert r.status_code == 200, r.read()
-                    for line in r.iter_lines():
-                        if line:
+                try:
+                    with http.stream("POST", f"{url}/engine/generate", json=body(prompts[i], max_tokens)) as r:
+                        assert r.status_code == 200, r.read()
+                        for line in r.iter_lines():
+                            if not line:
+                                continue
                             out = json.loads(line)
                             assert out["error"] is None, out
                             got[i] += out["token_ids"]
-                            if len(got[i]) >= 2 and not signalled:
+                            if len(got[i]) >= started and not signalled:
                                 signalled = True
                                 ready.release()
                             if out["finish_reason"]:
                                 assert out["finish_reason"] == "length", out
+                                return
+                    raise AssertionError(f"stream {i} ended without a finish_reason")
+                except httpx.TransportError:
+                    if resend_to is None:
+                        raise
+                resend = prompts[i] + got[i]
+                lines = ndjson(http.post(f"{resend_to}/engine/generate",
+                                         json=body(resend, max_tokens - len(got[i]))))
+                resent[i] = {"tokens": tokens_of(lines), "cached": lines[-1]["cached_tokens"],
+                             "prompt_tokens": lines[-1]["prompt_tokens"], "len": len(resend)}
         except BaseException as e:  # noqa: BLE001 - reported by the test thread
             errors.append(e)
         finally:
@@ -69,12 +88,12 @@ def streams_across(url: str, prompts: dict[int, list[int]], max_tokens: int,
     for t in threads:
         t.start()
     for _ in prompts:
-        assert ready.acquire(timeout=120), "the streams did not all start"
-    assert not errors, errors
-    assert all(len(g) < max_tokens for g in got.values()), got
+        assert ready.acquire(timeout=180), "the streams did not all start"
+    assert not errors, (errors, context())
+    assert all(len(g) < max_tokens for g in got.values()), {i: len(g) for i, g in got.items()}
     event()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=240)
     assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
-    return got
+    assert not errors, (errors, context())
+    return got, resent

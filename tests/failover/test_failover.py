@@ -25,7 +25,6 @@ awaited through their JSON log lines, streams through events.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import shutil
 import signal
@@ -224,63 +223,13 @@ def test_kill_active_engine_under_16_streams_and_resume_on_shadow(cluster, first
     primary = cluster.active
     shadow = cluster.parked_ok(first_shadow)
     n = len(prompts)
-    got: list[list[int]] = [[] for _ in range(n)]
-    broken = [False] * n
-    resent: list[dict | None] = [None] * n
-    errors: list[BaseException] = []
-    ready = threading.Semaphore(0)  # one release per stream that has FEW tokens (or failed before)
-
-    def stream(i: int) -> None:
-        signalled = False
-        try:
-            with httpx.Client(timeout=120) as http:
-                try:
-                    with http.stream("POST", f"{primary.url}/engine/generate",
-                                     json=body(prompts[i], MAX_TOKENS)) as r:
-                        assert r.status_code == 200, r.read()
-                        for line in r.iter_lines():
-                            if not line:
-                                continue
-                            out = json.loads(line)
-                            assert out["error"] is None, out
-                            got[i] += out["token_ids"]
-                            if len(got[i]) >= FEW and not signalled:
-                                signalled = True
-                                ready.release()
-                            if out["finish_reason"]:
-                                return  # finished before the kill: nothing to resend
-                except httpx.TransportError:
-                    broken[i] = True
-                if not broken[i]:
-                    raise AssertionError(f"stream {i} ended without a finish_reason")
-                # The client-side retry: the prompt and the tokens received so far, to the shadow
-                # (which holds the request until it is active).
-                resend = prompts[i] + got[i]
-                lines = ndjson(http.post(f"{shadow.url}/engine/generate",
-                                         json=body(resend, MAX_TOKENS - len(got[i]))))
-                resent[i] = {"tokens": tokens_of(lines), "cached": lines[-1]["cached_tokens"],
-                             "prompt_tokens": lines[-1]["prompt_tokens"], "len": len(resend)}
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
-        finally:
-            if not signalled:
-                ready.release()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for _ in range(n):
-        assert ready.acquire(timeout=120), "the streams did not all start"
-    assert not errors, errors
-    assert all(len(g) >= FEW for g in got)
-    cluster.kill_active()
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
-
+    # The client-side retry of a broken stream: the prompt and the tokens received so far, to the shadow
+    # (which holds the request until it is active).
+    got, resent = streams_across(primary.url, dict(enumerate(prompts)), MAX_TOKENS, cluster.kill_active,
+                                 started=FEW, resend_to=shadow.url)
     # Every stream broke off part-way (none could finish: all were mid-way at the kill)...
-    assert all(broken), broken
+    assert sorted(resent) == list(range(n)), sorted(resent)
+    got, resent = [got[i] for i in range(n)], [resent[i] for i in range(n)]
     assert all(FEW <= len(g) < MAX_TOKENS for g in got), [len(g) for g in got]
     # ...and, resumed on the shadow, ends exactly as the undisturbed run: no token lost or duplicated.
     for i in range(n):
@@ -451,8 +400,8 @@ def test_second_primary_is_refused_while_one_is_active(cluster):
 def test_memory_service_killed_under_load_engine_keeps_serving(cluster, prompts, reference):
     active = cluster.active
     picks = [8, 9, 10, 11, 12, 13]
-    got = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
-                         lambda: cluster.mem.kill(signal.SIGKILL))
+    got, _ = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
+                            lambda: cluster.mem.kill(signal.SIGKILL))
     assert cluster.mem.proc.returncode == -signal.SIGKILL
     for i in picks:
         assert got[i] == reference[i], i

@@ -310,59 +310,11 @@ def run_streams_and_kill(node: Node, prompts, victim_pid: int) -> tuple[list[lis
     """STREAMS streams on the active group; SIGKILL `victim_pid` once each has FEW tokens; every broken
     stream is resent (prompt + tokens so far) to the parked group. Returns (tokens before, resent results)."""
     active, standby = node.active, node.parked
-    n = len(prompts)
-    got: list[list[int]] = [[] for _ in range(n)]
-    resent: list[dict | None] = [None] * n
-    errors: list[BaseException] = []
-    ready = threading.Semaphore(0)
-    # Every client is built before any request goes out (building one takes a while on a busy machine):
-    # otherwise a stream started early could end before the last one has its first tokens.
-    go = threading.Barrier(n)
-
-    def stream(i: int) -> None:
-        signalled = broken = False
-        try:
-            with httpx.Client(timeout=120) as http:
-                go.wait(timeout=60)
-                try:
-                    with http.stream("POST", f"{active.url}/engine/generate", json=body(prompts[i], MAX_TOKENS)) as r:
-                        assert r.status_code == 200, r.read()
-                        for line in r.iter_lines():
-                            if not line:
-                                continue
-                            out = json.loads(line)
-                            assert out["error"] is None, out
-                            got[i] += out["token_ids"]
-                            if len(got[i]) >= FEW and not signalled:
-                                signalled = True
-                                ready.release()
-                            if out["finish_reason"]:
-                                return
-                except httpx.TransportError:
-                    broken = True
-                assert broken, f"stream {i} ended without a finish_reason"
-                resend = prompts[i] + got[i]
-                lines = ndjson(http.post(f"{standby.url}/engine/generate",
-                                         json=body(resend, MAX_TOKENS - len(got[i]))))
-                resent[i] = {"tokens": tokens_of(lines), "cached": lines[-1]["cached_tokens"], "len": len(resend)}
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
-        finally:
-            if not signalled:
-                ready.release()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for _ in range(n):
-        assert ready.acquire(timeout=180), "the streams did not all start"
-    assert not errors, errors
-    os.kill(victim_pid, signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=240)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, (errors, "standby group's log:", standby.proc.lines[-40:])
-    return got, resent
+    got, resent = streams_across(active.url, dict(enumerate(prompts)), MAX_TOKENS,
+                                 lambda: os.kill(victim_pid, signal.SIGKILL), started=FEW, resend_to=standby.url,
+                                 context=lambda: ("standby group's log:", standby.proc.lines[-40:]))
+    assert sorted(resent) == list(range(len(prompts))), sorted(resent)  # every stream broke off part-way
+    return [got[i] for i in range(len(prompts))], [resent[i] for i in range(len(prompts))]
 
 
 def check_takeover(node: Node, prompts, reference, got, resent, dead: Group) -> None:
@@ -477,8 +429,8 @@ def test_memory_service_of_one_device_killed_and_restarted(node, prompts, refere
     KV with its prefix cache."""
     active = node.active
     picks = [1, 2, 3]
-    got = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
-                         lambda: node.mems[1].kill(signal.SIGKILL))
+    got, _ = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
+                            lambda: node.mems[1].kill(signal.SIGKILL))
     assert node.mems[1].proc.returncode == -signal.SIGKILL
     assert all(got[i] == reference[i] for i in picks)
     node.mems[1] = ServerProcess.start(BACKEND, node.dir, "--device", "1")
