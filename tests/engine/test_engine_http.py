@@ -417,6 +417,19 @@ def test_metrics_and_health(engine_a):
     engine_a.assert_clean_log()
 
 
+
+def test_a_kv_budget_that_holds_no_block_is_refused_with_the_reason(mem, engine_a):
+    """Bad configuration gets one line that says what to change, not a traceback (a shadow: it takes no lock)."""
+    eng = Engine(mem.dir, *ENGINE_ARGS, "--role", "shadow", "--kv-cache-memory", "1KiB")
+    try:
+        rc = eng.proc.wait(timeout=120)
+        out = "\n".join(eng.proc.lines + eng.proc.other)
+        assert rc == 1 and "holds no block" in out and "raise --kv-cache-memory" in out, out
+        assert "Traceback" not in out, out
+    finally:
+        eng.close()
+
+
 # -- engine B: after A's SIGKILL, on the same memory server -----------------------------------------
 
 def test_restarted_engine_imports_weights_and_adopts_kv(mem, engine_b, paris):

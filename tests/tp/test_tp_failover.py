@@ -465,6 +465,21 @@ def test_tp1_engine_refuses_a_shard(node, workdir):
         eng.close()
 
 
+def test_a_group_that_cannot_start_says_why_and_leaves_no_rank(node):
+    """A group refused after its workers started (a KV budget that holds no block) exits with the reason and
+    takes its workers with it; as a shadow it takes no lock, so the node's groups are not disturbed."""
+    eng = Group(node.dir, node.model, "--role", "shadow", "--kv-cache-memory", "1KiB")
+    try:
+        started = eng.wait_for(logged("tp_group_started"), timeout=120)
+        rc = eng.proc.wait(timeout=120)
+        out = "\n".join(eng.proc.lines + eng.proc.other)
+        assert rc == 1 and "holds no block" in out and "raise --kv-cache-memory" in out, out
+        assert "Traceback" not in out, out
+        wait_until(lambda: all(gone(pid) for pid in started["ranks"].values()), "a rank outlived its group")
+    finally:
+        eng.close()
+
+
 # -- 7. understudy up --tensor-parallel 2 --shadows 1 ------------------------------------------------------
 
 def test_up_relaunches_a_standby_group_after_a_kill(workdir, model_dir, prompts):

@@ -148,33 +148,43 @@ def open_kv(cls: type[KVCache], role: str, path: str, spec: KVSpec, backend) -> 
 
 
 def build(args: argparse.Namespace) -> Built:
-    from ..cli import parse_size
-
     if getattr(args, "tensor_parallel", 1) > 1:  # a group of ranks, one process per device: tp_group.py
         from .tp_group import build_group
 
         return build_group(args)
 
     p = place(args)
-    model_path, config, dtype, path, use_cuda, device = (
-        p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.device)
+    model_path, config, dtype, path, device = p.model_path, p.config, p.dtype, p.socket_path, p.device
     t0 = time.perf_counter()
     model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=p.attention_fn)
     max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
-    if args.kv_cache_memory:
-        budget = parse_size(args.kv_cache_memory)
-    elif use_cuda:
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * args.gpu_memory_utilization) - (total - free) - (1 << 30)
-    else:
-        budget = 512 << 20
-    spec = KVSpec.for_budget(config, budget, args.block_size, dtype)
+    spec = kv_spec(args, config, p)
     kv = open_kv(KVCache, args.role, path, spec, weights_client.backend)
     tokenizer, eos, limits = engine_limits(args, model_path, config, max_model_len)
     engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
     start_engine(args, engine, p)
     return finish(args, engine, p, tokenizer, weights_client, stats, t0, {})
+
+
+def kv_spec(args: argparse.Namespace, config, p: Placement, ranks_memory: list[dict] = ()) -> KVSpec:
+    """The KV cache's shape: --kv-cache-memory bytes; else on CUDA what --gpu-memory-utilization leaves on
+    the fullest of the engine's devices (this one and, for a group, each other rank's `free` / `total`),
+    less 1 GiB for activations; 512 MiB on the CPU. `config`: this rank's share of the model."""
+    from ..cli import parse_size
+
+    if args.kv_cache_memory:
+        budget = parse_size(args.kv_cache_memory)
+    elif p.use_cuda:
+        free, total = torch.cuda.mem_get_info(p.device)
+        budget = min([int(total * args.gpu_memory_utilization) - (total - free)] + [
+            int(r["total"] * args.gpu_memory_utilization) - (r["total"] - r["free"]) for r in ranks_memory]) - (1 << 30)
+    else:
+        budget = 512 << 20
+    try:
+        return KVSpec.for_budget(config, budget, args.block_size, p.dtype)
+    except ValueError as e:
+        raise SystemExit(f"understudy serve: {e}: raise --kv-cache-memory (or --gpu-memory-utilization)") from None
 
 
 def engine_limits(args: argparse.Namespace, model_path: Path, config,
@@ -243,7 +253,14 @@ def park_and_promote(built: Built) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    built = build(args)
+    try:
+        built = build(args)
+    except BaseException as e:
+        if getattr(args, "tensor_parallel", 1) > 1:
+            from .tp_group import start_failed
+
+            start_failed(e)
+        raise
     app = create_app(built.worker)
     from .announce import registrations  # --register: discovery records that follow the lifecycle
 

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from typing import NoReturn
 from pathlib import Path
 
 import torch
@@ -40,8 +41,8 @@ from ..logs import log
 from ..memory.tensors import dtype_name
 from . import weights
 from .engine import LLMEngine
-from .kv_cache import KVCache, KVSpec
-from .launch import Built, engine_limits, finish, open_kv, place, start_engine
+from .kv_cache import KVCache
+from .launch import Built, engine_limits, finish, kv_spec, open_kv, place, start_engine
 from .tp import Channel, check_shardable, exit_now, join, make_store
 
 logger = logging.getLogger("understudy.engine.tp_group")
@@ -237,10 +238,18 @@ def _plan(args: argparse.Namespace, model_path: Path, backend: str, dtype: torch
             "log_format": getattr(args, "log_format", "json"), "log_level": getattr(args, "log_level", "info")}
 
 
+def start_failed(e: BaseException) -> NoReturn:
+    """A group that could not start leaves as its ranks do (tp.exit_now): its workers read EOF and exit."""
+    if isinstance(e, SystemExit):  # a refusal that says why (understudy serve: ...)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        exit_now(e.code if isinstance(e.code, int) else 1)
+    logger.error("tp_group_start_failed", exc_info=e)
+    exit_now(1)
+
+
 def build_group(args: argparse.Namespace) -> Built:
     """launch.build for --tensor-parallel N > 1: the leader's engine over a group of N ranks."""
-    from ..cli import parse_size
-
     size = args.tensor_parallel
 
     def shardable(config) -> None:
@@ -266,15 +275,8 @@ def build_group(args: argparse.Namespace) -> Built:
                                                 name=f"engine-{os.getpid()}", attention_fn=attention_fn, tp=tp)
     loaded = group.call("loaded?")
     max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
-    if args.kv_cache_memory:
-        budget = parse_size(args.kv_cache_memory)
-    elif use_cuda:  # the same number of blocks on every rank: what the fullest device allows
-        free, total = torch.cuda.mem_get_info(device)
-        budget = min([int(total * args.gpu_memory_utilization) - (total - free)] + [
-            int(r["total"] * args.gpu_memory_utilization) - (r["total"] - r["free"]) for r in loaded]) - (1 << 30)
-    else:
-        budget = 512 << 20
-    spec = KVSpec.for_budget(model.config, budget, args.block_size, dtype)  # model.config: this rank's share
+    # The same number of blocks on every rank: on CUDA the fullest device decides.
+    spec = kv_spec(args, model.config, p, ranks_memory=loaded if use_cuda else [])
     kv = open_kv(GroupKVCache, args.role, path, spec, weights_client.backend)
     spec = kv.spec
     kv.group = group
