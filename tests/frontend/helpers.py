@@ -24,6 +24,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
 
 from procs import LineProcess, ServerProcess, free_port, serve_process  # noqa: E402,F401  (ServerProcess: for the tests)
+from streams import event_of as event  # noqa: E402,F401  (event: for the tests)
 
 BACKEND = "host"  # CPU by design: the sizes assume float32 SmolLM2-135M
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512"]
@@ -32,12 +33,6 @@ REGISTRATION_TTL = "2"  # seconds: a SIGKILLed engine leaves the registries this
 MAX_REQUEST_BYTES = 32768
 
 
-def event(line: str) -> dict:
-    try:
-        e = json.loads(line)
-    except ValueError:
-        return {}
-    return e if isinstance(e, dict) else {}
 
 
 def is_event(name: str, **fields):
