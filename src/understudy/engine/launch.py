@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,16 +159,15 @@ def build(args: argparse.Namespace) -> Built:
     t0 = time.perf_counter()
     model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=p.attention_fn)
-    max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
     spec = kv_spec(args, config, p)
     kv = open_kv(KVCache, args.role, path, spec, weights_client.backend)
-    tokenizer, eos, limits = engine_limits(args, model_path, config, max_model_len)
+    tokenizer, eos, limits = engine_limits(args, model_path, config)
     engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
     start_engine(args, engine, p)
     return finish(args, engine, p, tokenizer, weights_client, stats, t0, {})
 
 
-def kv_spec(args: argparse.Namespace, config, p: Placement, ranks_memory: list[dict] = ()) -> KVSpec:
+def kv_spec(args: argparse.Namespace, config, p: Placement, ranks_memory: Sequence[dict] = ()) -> KVSpec:
     """The KV cache's shape: --kv-cache-memory bytes; else on CUDA what --gpu-memory-utilization leaves on
     the fullest of the engine's devices (this one and, for a group, each other rank's `free` / `total`),
     less 1 GiB for activations; 512 MiB on the CPU. `config`: this rank's share of the model."""
@@ -187,10 +187,12 @@ def kv_spec(args: argparse.Namespace, config, p: Placement, ranks_memory: list[d
         raise SystemExit(f"understudy serve: {e}: raise --kv-cache-memory (or --gpu-memory-utilization)") from None
 
 
-def engine_limits(args: argparse.Namespace, model_path: Path, config,
-                  max_model_len: int) -> tuple[Tokenizer, tuple[int, ...], EngineLimits]:
-    """The tokenizer, the stop tokens (the model's and the tokenizer's) and the scheduler's limits."""
+def engine_limits(args: argparse.Namespace, model_path: Path,
+                  config) -> tuple[Tokenizer, tuple[int, ...], EngineLimits]:
+    """The tokenizer, the stop tokens (the model's and the tokenizer's) and the scheduler's limits
+    (--max-model-len defaults to the model's, at most 32768)."""
     tokenizer = Tokenizer.from_pretrained(model_path)
+    max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
     eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_waiting=args.max_waiting, max_model_len=max_model_len)
@@ -251,16 +253,17 @@ def park_and_promote(built: Built) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if getattr(args, "tensor_parallel", 1) > 1:  # a group's leader leaves as its ranks do, however it ends
+        from .tp_group import as_leader
+
+        as_leader(_serve, args)
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    try:
-        built = build(args)
-    except BaseException as e:
-        if getattr(args, "tensor_parallel", 1) > 1:
-            from .tp_group import start_failed
-
-            start_failed(e)
-        raise
+    built = build(args)
     app = create_app(built.worker)
     from .announce import registrations  # --register: discovery records that follow the lifecycle
 
@@ -341,8 +344,4 @@ def serve(args: argparse.Namespace) -> int:
     if built.memory_server is not None:
         built.memory_server.terminate()
         built.memory_server.wait(timeout=30)
-    if getattr(args, "tensor_parallel", 1) > 1:  # drained: the group's leader leaves as its ranks do
-        from .tp import exit_now
-
-        exit_now(exit_code)
     return exit_code

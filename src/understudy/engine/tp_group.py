@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import NoReturn
+from typing import Callable, NoReturn
 from pathlib import Path
 
 import torch
@@ -238,14 +238,19 @@ def _plan(args: argparse.Namespace, model_path: Path, backend: str, dtype: torch
             "log_format": getattr(args, "log_format", "json"), "log_level": getattr(args, "log_level", "info")}
 
 
-def start_failed(e: BaseException) -> NoReturn:
-    """A group that could not start leaves as its ranks do (tp.exit_now): its workers read EOF and exit."""
-    if isinstance(e, SystemExit):  # a refusal that says why (understudy serve: ...)
+def as_leader(serve: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> NoReturn:
+    """Run `serve` as a group's leader, then leave as the ranks do (tp.exit_now), whether it drained, was
+    refused (one line that says why) or failed: its workers read EOF and exit."""
+    try:
+        code = serve(args)
+    except SystemExit as e:  # a refusal that says why (understudy serve: ...)
         if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
-        exit_now(e.code if isinstance(e.code, int) else 1)
-    logger.error("tp_group_start_failed", exc_info=e)
-    exit_now(1)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:  # noqa: BLE001 - logged, then the group ends
+        logger.error("tp_group_failed", exc_info=e)
+        code = 1
+    exit_now(code)
 
 
 def build_group(args: argparse.Namespace) -> Built:
@@ -259,8 +264,8 @@ def build_group(args: argparse.Namespace) -> Built:
             raise SystemExit(f"understudy serve: {e}") from None
 
     p = place(args, ranks=size, check_config=shardable)
-    model_path, config, dtype, path, use_cuda, backend, device = (
-        p.model_path, p.config, p.dtype, p.socket_path, p.use_cuda, p.backend, p.device)
+    model_path, config, dtype, path, backend, device = (
+        p.model_path, p.config, p.dtype, p.socket_path, p.backend, p.device)
     lock, attention_fn = p.lock, p.attention_fn
     t0 = time.perf_counter()
     store = make_store(0, size)
@@ -274,16 +279,15 @@ def build_group(args: argparse.Namespace) -> Built:
     model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=attention_fn, tp=tp)
     loaded = group.call("loaded?")
-    max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
     # The same number of blocks on every rank: on CUDA the fullest device decides.
-    spec = kv_spec(args, model.config, p, ranks_memory=loaded if use_cuda else [])
+    spec = kv_spec(args, model.config, p, ranks_memory=loaded)
     kv = open_kv(GroupKVCache, args.role, path, spec, weights_client.backend)
     spec = kv.spec
     kv.group = group
     replies = group.call("kv", asdict(spec), args.role)
     if args.role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
         kv._forget_blocks()
-    tokenizer, eos, limits = engine_limits(args, model_path, config, max_model_len)
+    tokenizer, eos, limits = engine_limits(args, model_path, config)
     engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device)
     start_engine(args, engine, p)  # every rank captures its graphs and warms up with the leader
     group.call("warmed")
