@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
-from failover import (LoadClient, describe_steps, describe_streams, first_token_ms,  # noqa: E402  (bench/failover.py)
-                      steps_after, stop_clients, stream)
+from failover import (LoadClient, describe_steps, describe_streams, first_token_after,  # noqa: E402  (bench/failover.py)
+                      steps_after, stop_clients)
 
 
 def gpu_used_mib() -> list[int]:
@@ -96,11 +96,6 @@ def memory_services(backend: str, tp: int, sock: str) -> list[Proc]:
     for m in mems:
         m.wait_event("listening")
     return mems
-
-
-def first_token_after(port: int, ids: list[int], t0: float) -> float:
-    next(stream(port, ids, 1))
-    return time.time() - t0
 
 
 def main() -> None:
@@ -164,7 +159,7 @@ def main() -> None:
             waiting.join(timeout=120)
             rc = dead.proc.p.wait(timeout=60)
             # The same request once the dead group is gone, under the same load: an ordinary first token.
-            results.setdefault("settled_first_token_ms", []).append(first_token_ms(standby, probe))
+            results.setdefault("settled_first_token_ms", []).append(first_token_after(standby, probe, time.time()) * 1e3)
             events = groups[standby].proc.events
             adopted = next((e for e in events if e.get("event") == "tp_group_adopted"), {})
             waking = next((e for e in events if e.get("event") == "state" and e.get("new") == "WAKING"), {})
