@@ -126,7 +126,7 @@ def safetensors_load(d: Path) -> float:
 
 def decode_rate(engine, batch: int, prompt_len: int, tokens: int) -> float:
     """Decode tokens/s: steps after every sequence has its first token, tokens counted per step."""
-    from understudy.engine.sampling import SamplingParams
+    from understudy.engine.core.sampling import SamplingParams
 
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -176,11 +176,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint (default: a temp dir)")
     args = ap.parse_args()
 
-    from understudy.engine import weights
-    from understudy.engine.engine import EngineLimits, LLMEngine
-    from understudy.engine.kv_cache import KVCache, KVSpec
-    from understudy.engine.loader import load_config
-    from understudy.engine.triton_attention import fast_attention
+    from understudy.engine.model import weights
+    from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
+    from understudy.engine.core.kv_cache import KVCache, KVSpec
+    from understudy.engine.model.loader import load_config
+    from understudy.engine.layers.triton_attention import fast_attention
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-engine-"))
     ckpt = work / "llama3-8b-shape"

@@ -173,8 +173,8 @@ def main() -> None:
         sampling = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
         text_body = {"prompt": PROMPT, "stream": True, **sampling}
         # The same prompt as token ids: what the frontend sends (the engine's tokenizer, one request).
-        from understudy.engine.default_model import default_model_path
-        from understudy.engine.tokenizer import Tokenizer
+        from understudy.common.default_model import default_model_path
+        from understudy.common.tokenizer import Tokenizer
 
         tok = Tokenizer.from_pretrained(args.model or default_model_path())
         prompt_ids = tok.encode(PROMPT)

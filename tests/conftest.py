@@ -39,7 +39,8 @@ def _tokenizer_future():
     import concurrent.futures
 
     def load():
-        from understudy.engine import Tokenizer, default_model_path
+        from understudy.common.tokenizer import Tokenizer
+        from understudy.common.default_model import default_model_path
 
         return Tokenizer.from_pretrained(default_model_path())
 

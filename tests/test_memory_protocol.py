@@ -29,7 +29,7 @@ from procs import BACKEND
 from procs import ServerProcess
 from understudy.memory import MemoryClient, TensorMeta, read_status
 from understudy.memory import protocol as p
-from understudy.memory.host import HostBackend
+from understudy.memory.backends.host import HostBackend
 
 MiB = 1 << 20
 REPLY_TIMEOUT = 10.0  # seconds a raw socket waits for a reply before the test fails

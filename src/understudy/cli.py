@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
-from .logs import setup_logging
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'8GiB', '512MiB', '1.5G' or a plain byte count."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8GiB, 512MiB or a byte count)")
-    unit = (m.group(2) or "b").lower()[0]
-    return int(float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
-
+from understudy.common.units import parse_size
+from understudy.logs import setup_logging
 
 def _octal(text: str) -> int:
     try:
@@ -80,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
     st.add_argument("--events", type=int, default=10, help="how many recent events to show (default: 10)")
 
-    from .engine.options import add_serve_arguments, positive_int
+    from understudy.engine.options import add_serve_arguments, positive_int
 
     sv = sub.add_parser("serve", help="run an inference engine with an OpenAI-compatible HTTP API",
                         description="Run an inference engine whose weights and KV cache live in the device's "
@@ -88,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(sv)
     _add_logging(sv)
 
-    from .frontend.options import add_frontend_arguments
+    from understudy.frontend.options import add_frontend_arguments
 
     fe = sub.add_parser("frontend", help="run the OpenAI frontend: routing, migration, load shedding over engines",
                         description="Run an OpenAI-compatible frontend that tokenises requests and streams them "
@@ -123,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after `--`: flags for `understudy serve` (model, KV size, ...)")
     _add_logging(up)
 
-    from .snapshot.options import add_snapshot_arguments
+    from understudy.snapshot.options import add_snapshot_arguments
 
     sn = sub.add_parser("snapshot", help="checkpoint a parked engine into an image, restore engines from it",
                         description="Snapshot and restore of engines (cuda-checkpoint + CRIU): the weights stay in "
@@ -152,17 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _node_status(args)
     if args.command == "snapshot":
-        from .snapshot.commands import run as snapshot
+        from understudy.snapshot.commands import run as snapshot
 
         setup_logging(args.log_format, args.log_level)
         return snapshot(args)
     if args.command == "frontend":
-        from .frontend.launch import run
+        from understudy.frontend.launch import run
 
         setup_logging(args.log_format, args.log_level)
         return run(args)
     if args.command == "serve":
-        from .engine.launch import serve
+        from understudy.engine.launch import serve
 
         setup_logging(args.log_format, args.log_level)
         return serve(args)
@@ -170,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _memory_server(args: argparse.Namespace) -> int:
-    from .memory.backend import get_backend
-    from .memory.paths import socket_path
-    from .memory.server import ServerError, run_server
+    from understudy.memory.backends import get_backend
+    from understudy.memory.paths import socket_path
+    from understudy.memory.server import ServerError, run_server
 
     setup_logging(args.log_format, args.log_level)
     backend = get_backend(args.backend, args.device)
@@ -190,8 +178,8 @@ def _memory_server(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .failover.supervisor import Supervisor
-    from .memory.paths import default_socket_dir
+    from understudy.node.supervisor import Supervisor
+    from understudy.memory.paths import default_socket_dir
 
     setup_logging(args.log_format, args.log_level)
     engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
@@ -204,8 +192,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _node_status(args: argparse.Namespace) -> int:
-    from .failover.supervisor import node_status
-    from .memory.paths import default_socket_dir
+    from understudy.node.supervisor import node_status
+    from understudy.memory.paths import default_socket_dir
 
     socket_dir = Path(args.socket_dir) if args.socket_dir else default_socket_dir()
     try:
@@ -228,8 +216,8 @@ def _node_status(args: argparse.Namespace) -> int:
 
 
 def _memory_status(args: argparse.Namespace) -> int:
-    from .memory.client import read_status
-    from .memory.paths import device_socket_path
+    from understudy.memory.client import read_status
+    from understudy.memory.paths import device_socket_path
 
     path = args.socket or device_socket_path(args.socket_dir, args.backend, args.device)
     try:

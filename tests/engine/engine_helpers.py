@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from understudy.engine import AttentionMetadata, CausalLM, ModelConfig
+from understudy.engine.layers.attention import AttentionMetadata
+from understudy.engine.model.decoder import CausalLM
+from understudy.engine.model.config import ModelConfig
 
 # Tiny random models of each family. Weights use a larger init than transformers'
 # default (0.02) so logits are peaked and greedy choices are not near-ties.

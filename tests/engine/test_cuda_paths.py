@@ -11,8 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("group,block_size,dtype", [(1, 16, torch.float32), (4, 16, torch.bfloat16),
                                                     (8, 32, torch.float16), (3, 16, torch.float32)])
 def test_triton_decode_matches_reference_attention(group, block_size, dtype):
-    from understudy.engine.attention import AttentionMetadata, reference_attention
-    from understudy.engine.triton_attention import fast_attention
+    from understudy.engine.layers.attention import AttentionMetadata, reference_attention
+    from understudy.engine.layers.triton_attention import fast_attention
 
     torch.manual_seed(0)
     hkv, d, num_blocks = 2, 64, 64
@@ -35,12 +35,12 @@ def test_triton_decode_matches_reference_attention(group, block_size, dtype):
 @pytest.mark.parametrize("prefill", ["reference", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_graphs_and_triton_give_the_reference_greedy_tokens(family, prefill, hf_model_dir):
-    from understudy.engine.engine import EngineLimits, LLMEngine
-    from understudy.engine.kv_cache import KVCache, KVSpec
-    from understudy.engine.loader import iter_weights, load_config
-    from understudy.engine.model import CausalLM
-    from understudy.engine.sampling import SamplingParams
-    from understudy.engine.triton_attention import attention_for
+    from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
+    from understudy.engine.core.kv_cache import KVCache, KVSpec
+    from understudy.engine.model.loader import iter_weights, load_config
+    from understudy.engine.model.decoder import CausalLM
+    from understudy.engine.core.sampling import SamplingParams
+    from understudy.engine.layers.triton_attention import attention_for
 
     from .engine_helpers import hf_greedy
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from understudy.engine.default_model import default_model_path
-from understudy.engine.engine import EngineLimits, LLMEngine
-from understudy.engine.kv_cache import KVCache, KVSpec
-from understudy.engine.loader import load_config, iter_weights
-from understudy.engine.model import CausalLM
-from understudy.engine.sampling import SamplingParams
-from understudy.engine.scheduler import QueueFull
-from understudy.engine.tokenizer import Tokenizer
+from understudy.common.default_model import default_model_path
+from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
+from understudy.engine.core.kv_cache import KVCache, KVSpec
+from understudy.engine.model.loader import load_config, iter_weights
+from understudy.engine.model.decoder import CausalLM
+from understudy.engine.core.sampling import SamplingParams
+from understudy.engine.core.scheduler import QueueFull
+from understudy.common.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 

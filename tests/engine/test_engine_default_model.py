@@ -3,14 +3,9 @@
 import pytest
 import torch
 
-from understudy.engine import (
-    DefaultModelMissing,
-    IncrementalDetokenizer,
-    Tokenizer,
-    default_model_path,
-    load_config,
-    load_model,
-)
+from understudy.common.default_model import DefaultModelMissing, default_model_path
+from understudy.common.tokenizer import IncrementalDetokenizer, Tokenizer
+from understudy.engine.model.loader import load_config, load_model
 
 from .engine_helpers import greedy_generate
 

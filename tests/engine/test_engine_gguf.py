@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from understudy.engine import UnsupportedModelError, iter_weights, load_config, load_model
+from understudy.engine.model.config import UnsupportedModelError
+from understudy.engine.model.loader import iter_weights, load_config, load_model
 
 from .engine_helpers import build_hf_model, greedy_generate, hf_greedy
 
@@ -121,7 +122,7 @@ def test_gguf_f32_matches_transformers(hf_model_dir, tmp_path, family):
     with torch.no_grad():
         expected_logits = hf(torch.tensor([PROMPT])).logits[0, -1]
     assert greedy_generate(ours, [PROMPT], 16) == [hf_greedy(hf, PROMPT, 16)]
-    from understudy.engine import AttentionMetadata
+    from understudy.engine.layers.attention import AttentionMetadata
 
     meta = AttentionMetadata.build([len(PROMPT)], [len(PROMPT)], [[0, 1, 2]], block_size=4)
     caches = [
@@ -181,7 +182,7 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 
 def test_rope_freqs_tensor_reproduces_llama3_frequencies(hf_model_dir, tmp_path):
-    from understudy.engine.model import rope_inv_freq
+    from understudy.engine.model.decoder import rope_inv_freq
 
     hf, hf_dir = hf_model_dir("llama")
     path = write_gguf(hf, "llama", tmp_path / "m.gguf")

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from understudy.engine import AttentionMetadata, load_config, load_model
+from understudy.engine.layers.attention import AttentionMetadata
+from understudy.engine.model.loader import load_config, load_model
 
 from .engine_helpers import greedy_generate, hf_greedy
 
@@ -84,7 +85,7 @@ def test_batch_of_different_lengths_matches_one_at_a_time(loaded, family):
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    from understudy.engine.loader import iter_weights, safetensors_files
+    from understudy.engine.model.loader import iter_weights, safetensors_files
 
     from .engine_helpers import build_hf_model
 

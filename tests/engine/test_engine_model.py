@@ -5,16 +5,10 @@ import json
 import pytest
 import torch
 
-from understudy.engine import (
-    AttentionMetadata,
-    CausalLM,
-    ModelConfig,
-    UnsupportedModelError,
-    iter_weights,
-    load_config,
-    load_model,
-    store_kv,
-)
+from understudy.engine.layers.attention import AttentionMetadata, store_kv
+from understudy.engine.model.decoder import CausalLM
+from understudy.engine.model.config import ModelConfig, UnsupportedModelError
+from understudy.engine.model.loader import iter_weights, load_config, load_model
 
 from .engine_helpers import PagedKV
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from understudy.engine import IncrementalDetokenizer, Tokenizer
+from understudy.common.tokenizer import IncrementalDetokenizer, Tokenizer
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from understudy.engine import weights
-from understudy.engine.loader import load_config
+from understudy.engine.model import weights
+from understudy.engine.model.loader import load_config
 from understudy.memory import read_status
 
 

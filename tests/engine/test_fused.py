@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from understudy.engine import fused
+from understudy.engine.layers import fused
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Tolerances of the Triton path against the reference: fp32 differs only in the order of
@@ -96,7 +96,7 @@ def test_engine_imports_and_runs_without_triton():
         "import sys; sys.modules['triton'] = None\n"  # any `import triton` now raises ImportError
         f"sys.path.insert(0, {str(src)!r})\n"
         "import torch\n"
-        "from understudy.engine import fused, model\n"
+        "from understudy.engine.layers import fused\nfrom understudy.engine.model import decoder as model\n"
         "assert not fused.triton_available()\n"
         "x = torch.randn(3, 8)\n"
         "assert fused.rms_norm(x, torch.ones(8), 1e-6).shape == (3, 8)\n"
@@ -137,7 +137,7 @@ def interpreted(monkeypatch):
     """fused's Triton launchers on CPU tensors, with the kernels interpreted."""
     if not INTERPRETING:
         pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_kernels_in_the_interpreter")
-    from understudy.engine import _fused_kernels
+    from understudy.engine.layers import _fused_kernels
 
     monkeypatch.setattr(fused, "_KERNELS", _fused_kernels)
     return _fused_kernels
@@ -201,7 +201,8 @@ def test_interpreted_silu_and_mul(interpreted, dtype, shape):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, hf_model_dir, family):
     """The whole forward with every fused op on the Triton path (wiring: residual stream, q/k norm)."""
-    from understudy.engine import AttentionMetadata, load_model
+    from understudy.engine.layers.attention import AttentionMetadata
+    from understudy.engine.model.loader import load_model
 
     _, path = hf_model_dir(family)
     model = load_model(path, dtype=torch.float32)
@@ -226,7 +227,7 @@ def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, hf_model_dir
 def _attention_case(dtype, group, block_size, q_lens, ctx, device="cpu", hkv=2, d=16):
     """Random caches, queries and new K/V for sequences with these new-token and context lengths (their
     blocks disjoint), and the metadata."""
-    from understudy.engine.attention import AttentionMetadata
+    from understudy.engine.layers.attention import AttentionMetadata
 
     per_seq = [-(-c // block_size) for c in ctx]
     perm = (torch.randperm(sum(per_seq) + 3) + 1).tolist()  # block 0 stays reserved
@@ -247,8 +248,8 @@ PREFILL_BATCHES = [([4, 1, 17, 30], [4, 20, 17, 100]), ([70, 3], [90, 200])]
 
 
 def _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cpu", d=16):
-    from understudy.engine.attention import reference_attention
-    from understudy.engine.triton_attention import fast_attention
+    from understudy.engine.layers.attention import reference_attention
+    from understudy.engine.layers.triton_attention import fast_attention
 
     torch.manual_seed(group * block_size + len(q_lens))
     q, k, v, kc, vc, meta = _attention_case(dtype, group, block_size, q_lens, ctx, device, d=d)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from understudy.discovery.records import EngineRecord, View
-from understudy.engine.params import SamplingParams
+from understudy.common.params import SamplingParams
 from understudy.frontend.metrics import FrontendMetrics
 from understudy.frontend.migration import EngineRefused, Generation, Policy, StreamFailed
 from understudy.frontend.pool import Pool

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_model import make_tiny_llama  # noqa: E402
 
-from understudy.engine import weights  # noqa: E402
-from understudy.engine.loader import load_config  # noqa: E402
-from understudy.engine.tp import TensorParallel, check_shardable, rank_config, shard_dim, shard_tensor  # noqa: E402
+from understudy.engine.model import weights  # noqa: E402
+from understudy.engine.model.loader import load_config  # noqa: E402
+from understudy.engine.model.sharding import TensorParallel, check_shardable, rank_config, shard_dim, shard_tensor  # noqa: E402
 
 
 def test_which_tensors_are_cut_and_along_which_dimension():

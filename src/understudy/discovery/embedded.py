@@ -18,7 +18,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .records import EngineRecord, View
+from understudy.discovery.records import EngineRecord, View
 
 MIN_TTL = 0.5
 

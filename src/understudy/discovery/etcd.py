@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..logs import log
-from .records import EngineRecord, View, decode, encode
+from understudy.logs import log
+from understudy.discovery.records import EngineRecord, View, decode, encode
 
 logger = logging.getLogger("understudy.discovery.etcd")
 

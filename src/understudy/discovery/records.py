@@ -8,7 +8,7 @@ from typing import Callable
 
 import msgspec
 
-from ..logs import log
+from understudy.logs import log
 
 logger = logging.getLogger("understudy.discovery")
 

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 
-from ..logs import log
-from .etcd import EtcdAddress, EtcdTarget
-from .records import EngineRecord
+from understudy.logs import log
+from understudy.discovery.etcd import EtcdAddress, EtcdTarget
+from understudy.discovery.records import EngineRecord
 
 logger = logging.getLogger("understudy.discovery.registration")
 

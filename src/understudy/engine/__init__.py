@@ -1,48 +1,17 @@
-"""The model layer of the inference engine.
+"""The inference engine: a compact continuous-batching engine whose weights and KV cache live in the
+memory service, and the HTTP serving process around it.
 
-config.py     ModelConfig: what the engine needs from a checkpoint's config
-attention.py  paged-KV attention over a flat batch (plain-torch reference path)
-model.py      one decoder implementation for Llama / Qwen2 / Qwen3
-loader.py     configs and streamed weights from HF safetensors dirs or GGUF files
-tokenizer.py  encode/decode, chat templates, streaming detokenization
-default_model.py  where the built-in SmolLM2-135M-Instruct GGUF lives
+Wings, each importing only those after it:
+
+    launch.py       `understudy serve`: one engine or a tensor-parallel group (build, serve)
+    parallel/       tensor-parallel groups: the leader (group), a worker rank (rank), their channel (comm)
+    serving/        the serving process: HTTP app, worker, control (sleep/wake/quiesce), bootstrap,
+                    promotion (the failover path), lifecycle, memory watch, discovery announcements
+    core/           the engine loop, scheduler, block manager, sequences, sampling, KV cache, CUDA graphs
+    model/          model configs, the decoder, loading and publishing weights, tensor-parallel sharding
+    layers/         attention (reference and Triton), fused Triton kernels
+    options.py      the flags of `understudy serve`
+
+Torch-free pieces shared with the frontend (OpenAI bodies, sampling params, tokenizer, detokenizer)
+live in understudy.common.
 """
-
-import importlib
-
-# Imported on first use (PEP 562): the frontend uses the tokenizer and the request models without
-# paying for torch, which the model layer needs.
-_HOMES = {
-    "AttentionFn": "attention", "AttentionMetadata": "attention", "reference_attention": "attention",
-    "store_kv": "attention", "SUPPORTED_MODEL_TYPES": "config", "ModelConfig": "config",
-    "UnsupportedModelError": "config", "DefaultModelMissing": "default_model",
-    "default_model_path": "default_model", "iter_weights": "loader", "load_config": "loader",
-    "load_model": "loader", "CausalLM": "model", "IncrementalDetokenizer": "tokenizer", "Tokenizer": "tokenizer",
-}
-
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "AttentionFn",
-    "AttentionMetadata",
-    "CausalLM",
-    "DefaultModelMissing",
-    "IncrementalDetokenizer",
-    "ModelConfig",
-    "SUPPORTED_MODEL_TYPES",
-    "Tokenizer",
-    "UnsupportedModelError",
-    "default_model_path",
-    "iter_weights",
-    "load_config",
-    "load_model",
-    "reference_attention",
-    "store_kv",
-]

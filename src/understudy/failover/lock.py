@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..fds import lift
+from understudy.fds import lift
 
 
 HOLDER_WIDTH = 11  # bytes of the lock file: a right-aligned pid (at most 10 digits) and a newline

@@ -23,19 +23,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..discovery.embedded import EmbeddedRegistry
-from ..discovery.records import View
-from ..engine.api import (BodyLimit, ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
-                          chat_prompt, collect_text, error, invalid_request, sse, sse_events)
-from ..engine.params import SamplingParams
-from ..engine.text import TextStream
-from ..engine.tokenizer import Tokenizer
-from ..logs import log
-from .health import HealthMonitor
-from .metrics import FrontendMetrics
-from .migration import EngineError, EngineRefused, Generation, Policy, StreamFailed
-from .pool import Pool
-from .router import AllBusy, NoEngine, Router, Thresholds
+from understudy.discovery.embedded import EmbeddedRegistry
+from understudy.discovery.records import View
+from understudy.common.api import BodyLimit, ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape, chat_prompt, collect_text, error, invalid_request, sse, sse_events
+from understudy.common.params import SamplingParams
+from understudy.common.text import TextStream
+from understudy.common.tokenizer import Tokenizer
+from understudy.logs import log
+from understudy.frontend.health import HealthMonitor
+from understudy.frontend.metrics import FrontendMetrics
+from understudy.frontend.migration import EngineError, EngineRefused, Generation, Policy, StreamFailed
+from understudy.frontend.pool import Pool
+from understudy.frontend.router import AllBusy, NoEngine, Router, Thresholds
 
 logger = logging.getLogger("understudy.frontend")
 

@@ -10,9 +10,9 @@ import time
 
 import httpx
 
-from ..logs import log
-from .metrics import FrontendMetrics
-from .pool import EngineState, Pool
+from understudy.logs import log
+from understudy.frontend.metrics import FrontendMetrics
+from understudy.frontend.pool import EngineState, Pool
 
 logger = logging.getLogger("understudy.frontend.health")
 

@@ -14,14 +14,14 @@ import signal
 import time
 from pathlib import Path
 
-from ..discovery.embedded import EmbeddedRegistry
-from ..discovery.etcd import EtcdAddress, EtcdView
-from ..engine.default_model import default_model_path
-from ..engine.tokenizer import Tokenizer
-from ..logs import log
-from .app import Frontend, create_app
-from .migration import Policy
-from .router import Thresholds
+from understudy.discovery.embedded import EmbeddedRegistry
+from understudy.discovery.etcd import EtcdAddress, EtcdView
+from understudy.common.default_model import default_model_path
+from understudy.common.tokenizer import Tokenizer
+from understudy.logs import log
+from understudy.frontend.app import Frontend, create_app
+from understudy.frontend.migration import Policy
+from understudy.frontend.router import Thresholds
 
 logger = logging.getLogger("understudy.frontend.launch")
 

@@ -8,10 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..engine.lifecycle import STATES
+from understudy.engine.serving.lifecycle import STATES
 
 if TYPE_CHECKING:
-    from .router import Router
+    from understudy.frontend.router import Router
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
 ENGINE_STATUSES = (*STATES, "UNREACHABLE", "UNHEALTHY")

@@ -21,11 +21,11 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from ..engine.params import SamplingParams
-from ..logs import log
-from .metrics import FrontendMetrics
-from .pool import EngineState
-from .router import AllBusy, NoEngine, Router
+from understudy.common.params import SamplingParams
+from understudy.logs import log
+from understudy.frontend.metrics import FrontendMetrics
+from understudy.frontend.pool import EngineState
+from understudy.frontend.router import AllBusy, NoEngine, Router
 
 logger = logging.getLogger("understudy.frontend.migration")
 

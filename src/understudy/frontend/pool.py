@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..discovery.records import EngineRecord, View
+from understudy.discovery.records import EngineRecord, View
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from .pool import EngineState, Pool
+from understudy.frontend.pool import EngineState, Pool
 
 # A broken request's preferred targets on its node: serving now, about to, parked (it holds the request
 # until promoted), parked but paused for a snapshot (the promotion waits for the resume).

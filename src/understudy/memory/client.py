@@ -19,9 +19,10 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..fds import lift_socket
-from . import protocol as p
-from .backend import Backend, get_backend
+from understudy.fds import lift_socket
+from understudy.memory import protocol as p
+from understudy.memory.backends.base import Backend
+from understudy.memory.backends import get_backend
 
 if TYPE_CHECKING:  # torch only where tensors are made: the memory service itself never imports it
     import torch
@@ -314,7 +315,7 @@ class MemoryClient:
     # -- tensors ---------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
         """A zero-copy tensor over the mapped bytes of tensor `name` of the layout."""
-        from .tensors import view
+        from understudy.memory.tensors import view
 
         meta = self.layout.tensors.get(name)
         if meta is None:
@@ -340,7 +341,7 @@ def _device_from_env(granted: p.Granted) -> int:
     """Our device ordinal for the server's device identity (CUDA_VISIBLE_DEVICES may differ)."""
     if granted.backend == "host":
         return int(granted.identity.rsplit("-", 1)[-1])
-    from .cuda import CudaBackend
+    from understudy.memory.backends.cuda import CudaBackend
 
     import torch
 

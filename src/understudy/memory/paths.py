@@ -21,6 +21,6 @@ def socket_path(socket_dir: str | os.PathLike | None, identity: str) -> Path:
 
 def device_socket_path(socket_dir: str | os.PathLike | None, backend: str, device: int) -> Path:
     """The socket of `device` for `backend`, asking the backend for the identity."""
-    from .backend import get_backend
+    from understudy.memory.backends import get_backend
 
     return socket_path(socket_dir, get_backend(backend, device).identity())

@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import msgspec
 
-from .backend import Backend, OutOfMemory
-from .protocol import Layout, TensorMeta
+from understudy.memory.backends.base import Backend, OutOfMemory
+from understudy.memory.protocol import Layout, TensorMeta
 
 # dtype names accepted in tensor metadata (torch's names without the prefix)
 DTYPES = {

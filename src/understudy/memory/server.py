@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..logs import log
-from . import protocol as p
-from .backend import Backend, BackendError
-from .pool import (MAX_ALLOCATION, Allocation, Allocator, Content, Events, Pool, PoolError, Session,
+from understudy.logs import log
+from understudy.memory import protocol as p
+from understudy.memory.backends.base import Backend, BackendError
+from understudy.memory.pool import (MAX_ALLOCATION, Allocation, Allocator, Content, Events, Pool, PoolError, Session,
                    validate_tensor, validate_extra)
 
 logger = logging.getLogger("understudy.memory.server")
@@ -136,7 +136,7 @@ class MemoryServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if self.metrics_port is not None:
-            from .metrics import serve_metrics
+            from understudy.memory.metrics import serve_metrics
 
             serve_metrics(self, loop, self.metrics_port)
             log(logger, "metrics", url=f"http://127.0.0.1:{self.metrics_port}/metrics")

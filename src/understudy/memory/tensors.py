@@ -12,8 +12,8 @@ from typing import Iterable, Mapping as MappingType
 import torch
 from tqdm import tqdm
 
-from .backend import Backend
-from .protocol import TensorMeta
+from understudy.memory.backends.base import Backend
+from understudy.memory.protocol import TensorMeta
 
 ALIGN = 256  # bytes; keeps every tensor aligned for vectorised kernels
 DEFAULT_CHUNK = 1 << 30

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from ..logs import log
-from . import criu as criu_mod
-from . import cuda_checkpoint
-from .identity import identity, params_from_serve_args, parse_serve_argv, serve_argv_of
-from .manifest import Manifest, criu_dir, image_bytes
+from understudy.logs import log
+from understudy.snapshot import criu as criu_mod
+from understudy.snapshot import cuda_checkpoint
+from understudy.snapshot.identity import identity, params_from_serve_args, parse_serve_argv, serve_argv_of
+from understudy.snapshot.manifest import Manifest, criu_dir, image_bytes
 
 logger = logging.getLogger("understudy.snapshot")
 

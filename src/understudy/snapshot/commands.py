@@ -7,12 +7,12 @@ import json
 import sys
 from dataclasses import asdict
 
-from .checkpoint import CheckpointFailed, checkpoint
-from .criu import CriuError
-from .cuda_checkpoint import CudaCheckpointError
-from .identity import IdentityMismatch, params_from_serve_argv
-from .manifest import list_images
-from .restore import RestoreFailed, restore
+from understudy.snapshot.checkpoint import CheckpointFailed, checkpoint
+from understudy.snapshot.criu import CriuError
+from understudy.snapshot.cuda_checkpoint import CudaCheckpointError
+from understudy.snapshot.identity import IdentityMismatch, params_from_serve_argv
+from understudy.snapshot.manifest import list_images
+from understudy.snapshot.restore import RestoreFailed, restore
 
 EXIT_FAILED, EXIT_MISMATCH = 1, 2
 
@@ -37,7 +37,7 @@ def _restore(args: argparse.Namespace) -> int:
     wanted = params_from_serve_argv(serve_args) if serve_args else None
     try:
         if args.identity:
-            from .manifest import Manifest
+            from understudy.snapshot.manifest import Manifest
 
             have = Manifest.read(args.dir).identity
             if have != args.identity:

@@ -35,14 +35,14 @@ class IdentityMismatch(ValueError):
 
 def parse_serve_argv(argv: list[str]):
     """The argparse namespace of `understudy serve ARGV` (ARGV without the `serve`)."""
-    from ..cli import build_parser
+    from understudy.cli import build_parser
 
     return build_parser().parse_args(["serve", *argv])
 
 
 def params_from_serve_args(args) -> dict[str, Any]:
     """The identity's fields from a parsed `serve` namespace."""
-    from ..engine.default_model import default_model_path
+    from understudy.common.default_model import default_model_path
 
     opts = dict(vars(args))
     model = opts.pop("model", None)
@@ -64,7 +64,7 @@ def params_from_serve_argv(argv: list[str]) -> dict[str, Any]:
 
 
 def _engine_version() -> str:
-    from .. import __version__
+    from understudy import __version__
 
     return f"understudy {__version__}"
 

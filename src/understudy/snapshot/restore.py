@@ -23,11 +23,11 @@ from pathlib import Path
 
 import httpx
 
-from ..logs import log
-from . import criu as criu_mod
-from . import cuda_checkpoint
-from .identity import IdentityMismatch, differences
-from .manifest import Manifest, criu_dir
+from understudy.logs import log
+from understudy.snapshot import criu as criu_mod
+from understudy.snapshot import cuda_checkpoint
+from understudy.snapshot.identity import IdentityMismatch, differences
+from understudy.snapshot.manifest import Manifest, criu_dir
 
 logger = logging.getLogger("understudy.snapshot")
 
@@ -65,7 +65,7 @@ def _port_taken(host: str, port: int) -> bool:
 def check(directory: str | os.PathLike, wanted: dict | None = None) -> Manifest:
     """The image's manifest if it can be restored here now (and is of the engine `wanted`: identity
     params); raises IdentityMismatch or RestoreFailed saying why not."""
-    from .identity import identity
+    from understudy.snapshot.identity import identity
 
     m = Manifest.read(directory)
     if m.phase != "Ready":

@@ -1,0 +1,269 @@
+"""Fused elementwise kernels for the decoder: RMSNorm (with the residual add), RoPE, SiLU*mul.
+
+Each function dispatches on the device of its input:
+  CUDA tensors  -> one Triton kernel each (when Triton is importable);
+  anything else -> the plain-torch reference, which is op for op what transformers
+                   does, so the CPU path keeps matching it bit for bit.
+
+A batch-1 decode step is bound by launches as much as by bytes: the reference
+RMSNorm is ~7 kernels, RoPE ~10 and SiLU*mul 2. The kernels here do each in one
+pass, reading every input once. They take no host syncs and branch only on
+shapes, so they can be captured in a CUDA graph (see cuda_graphs.py).
+
+Numerics of the Triton path, against the reference:
+  rms_norm / add_rms_norm: the same roundings (residual + x in the stream's dtype, normalize in fp32,
+    cast to x's dtype, then scale by the weight); only the order of the fp32 sum
+    differs.
+  apply_rope: cos/sin are computed inline in fp32 from the positions and the
+    inverse frequencies, and the rotation is done in fp32 with one rounding at the
+    end (transformers rounds cos/sin and each product to the model dtype first), so
+    it is at least as accurate; fp32 models agree to rounding.
+  silu_and_mul: SiLU in fp32, rounded to the gate's dtype (as torch does), times up.
+
+The kernels live in _fused_kernels.py, imported on the first CUDA call only: this
+module imports (and the CPU path runs) without Triton. Set UNDERSTUDY_FUSED_KERNELS=0 to send CUDA tensors to the reference
+path too (to compare, or to rule the kernels out).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_rms_norm",
+    "apply_rope",
+    "rms_norm",
+    "rope_cos_sin",
+    "rotate_half",
+    "set_enabled",
+    "silu_and_mul",
+    "triton_available",
+]
+
+_ENABLED = os.environ.get("UNDERSTUDY_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+_KERNELS: ModuleType | None = None  # _fused_kernels, imported on first use; tests swap in an interpreted copy
+_TRITON_OK: bool | None = None
+_MAX_NORM_COLS = 1 << 16  # rows wider than this go to the reference path (one row per program)
+
+
+def set_enabled(enabled: bool) -> None:
+    """Route CUDA tensors to the Triton kernels (True, the default) or to the reference path."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def triton_available() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:  # ImportError, or a broken install
+            _TRITON_OK = False
+        else:
+            _TRITON_OK = True
+    return _TRITON_OK
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.is_cuda and _ENABLED and triton_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference implementations (plain torch; exactly the ops transformers runs)
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalize in fp32 and scale after casting back, exactly as transformers does,
+    # so greedy outputs match it token for token.
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    residual = residual + x
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [T, 1, head_dim] in `dtype`, as transformers computes them (fp32, then cast)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # broadcast over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_with_cos_sin(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # HF layout: the two halves of each head form the rotated pairs (not interleaved pairs).
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_ref(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    cos, sin = rope_cos_sin(positions, inv_freq, q.dtype)
+    return rope_with_cos_sin(q, cos, sin), rope_with_cos_sin(k, cos, sin)
+
+
+def silu_and_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dimension of x (any leading shape)."""
+    if _use_triton(x) and x.shape[-1] <= _MAX_NORM_COLS:
+        return _rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(residual + x), residual + x): the residual stream's add fused into the norm."""
+    if _use_triton(x) and x.shape[-1] <= _MAX_NORM_COLS:
+        return _add_rms_norm_triton(x, residual, weight, eps)
+    return add_rms_norm_ref(x, residual, weight, eps)
+
+
+def apply_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] by their tokens' positions [T] (HF rotate_half layout).
+
+    inv_freq [D/2] fp32 on q's device. Returns new tensors; the inputs are not modified.
+    """
+    if _use_triton(q):
+        return _apply_rope_triton(q, k, positions, inv_freq)
+    return apply_rope_ref(q, k, positions, inv_freq)
+
+
+def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, elementwise (same shapes)."""
+    if _use_triton(gate):
+        return _silu_and_mul_triton(gate, up)
+    return silu_and_mul_ref(gate, up)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers for the Triton kernels in _fused_kernels.py (imported on first use: no Triton needed before)
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernels() -> ModuleType:
+    global _KERNELS
+    if _KERNELS is None:
+        from understudy.engine.layers import _fused_kernels
+
+        _KERNELS = _fused_kernels
+    return _KERNELS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _rows(x: Tensor) -> Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+    k = _kernels()
+    shape, n_cols = x.shape, x.shape[-1]
+    res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = torch.promote_types(res_dtype, weight.dtype)
+    x2 = _rows(x)
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    if residual is not None:
+        if residual.shape != shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(shape)}")
+        r2 = _rows(residual)
+        ro = torch.empty((n_rows, n_cols), dtype=res_dtype, device=x.device)
+    else:
+        r2 = ro = x2  # unused (HAS_RESIDUAL=False)
+    if weight.shape != (n_cols,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} != ({n_cols},)")
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    if n_rows:
+        block_n = _next_pow2(n_cols)
+        block_m = min(max(1, 2048 // block_n), _next_pow2(n_rows))  # several short rows (q/k heads) per program
+        tile = block_m * block_n
+        num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+        k.rms_norm[(_cdiv(n_rows, block_m),)](
+            x2, r2, weight, y, ro, n_rows, n_cols, x2.stride(0), r2.stride(0), y.stride(0), ro.stride(0), eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y.view(shape), (None if residual is None else ro.view(shape))
+
+
+def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _norm_launch(x, None, weight, eps)[0]
+
+
+def _add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, r = _norm_launch(x, residual, weight, eps)
+    assert r is not None
+    return y, r
+
+
+def _heads(x: Tensor) -> Tensor:
+    if x.dim() != 3:
+        raise ValueError(f"expected [tokens, heads, head_dim], got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _apply_rope_triton(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    kern = _kernels()
+    q, k = _heads(q), _heads(k)
+    T, n_q, D = q.shape
+    n_k = k.shape[1]
+    if k.shape[0] != T or k.shape[2] != D or D % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share tokens and an even head_dim")
+    half = D // 2
+    if inv_freq.shape != (half,):
+        raise ValueError(f"inv_freq shape {tuple(inv_freq.shape)} != ({half},)")
+    if positions.shape != (T,):
+        raise ValueError(f"positions shape {tuple(positions.shape)} != ({T},)")
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32)  # no-op when already so
+    positions = positions if positions.is_contiguous() else positions.contiguous()
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T:
+        block_d = _next_pow2(half)
+        block_h = min(max(1, 1024 // block_d), _next_pow2(max(n_q, n_k)))
+        heads_blocks = _cdiv(n_q, block_h) + _cdiv(n_k, block_h)
+        num_warps = 1 if block_h * block_d <= 256 else 2 if block_h * block_d <= 512 else 4
+        kern.rope[(T, heads_blocks)](
+            q, k, qo, ko, positions, inv_freq, n_q, n_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+            HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, PRECISE=kern.PRECISE_TRIG, num_warps=num_warps,
+        )
+    return qo, ko
+
+
+def _silu_and_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
+    kern = _kernels()
+    if gate.shape != up.shape:
+        raise ValueError(f"gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = gate.numel()
+    if n:
+        block = 1024
+        kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    return out

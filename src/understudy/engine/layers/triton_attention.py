@@ -1,0 +1,186 @@
+"""Paged attention in Triton, for the CUDA path (and its CUDA graphs).
+
+Decode: one program per (sequence, kv head). It loads the query heads that
+share the kv head (GQA), walks the sequence's context in tiles of TILE tokens,
+looking up each token's block in the block table, and keeps an online softmax.
+Reads only device tensors, so it can be captured in a CUDA graph.
+
+Prefill and mixed batches (unless `serve --prefill-attention reference`, which
+takes attention.reference_attention): one program per (sequence, kv head,
+tile of Q_ROWS // group query tokens), the same walk with a causal mask:
+query token j of a sequence with context c and q new tokens sits at position
+c - q + j and sees keys 0..c - q + j (its cached prefix and the new tokens up
+to itself). A step is one launch per layer and no host sync, where the
+reference path loops over sequences and syncs once per layer: that matters
+most for the first step after a failover, a short prefill over an adopted
+prefix. Both kernels are checked against the reference on a GPU
+(tests/engine/test_fused.py, test_cuda_paths.py); the prefill kernel also in
+Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from understudy.engine.layers.attention import AttentionFn, AttentionMetadata, reference_attention
+
+TILE = 64  # context tokens per iteration
+Q_ROWS = 64  # query rows (tokens x heads of a kv head) per prefill program
+
+
+@triton.jit
+def _attend_tile(q, K, V, table_row, kv_offset, tok, valid, visible, m, l, acc, scale, stride_kb, stride_ks, d,
+                 BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of context tokens `tok` (their blocks looked up in the sequence's block table) into the
+    online softmax (m, l, acc) of the rows of q; scores not `visible` to a row count for nothing."""
+    blk = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0)
+    off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks + kv_offset
+    k = tl.load(K + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, l, acc
+
+
+# A block table's row stride is its width, which changes from step to step: not a specialisation key, or
+# a width never seen in warm-up (a multiple of 16, say) would compile a new kernel inside a step.
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale,
+                  stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    ctx = tl.load(context_lens + seq)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    head_ok = g < GROUP
+    heads = kvh * GROUP + g
+    q = tl.load(Q + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(0, ctx, TILE_):
+        tok = start + tl.arange(0, TILE_)
+        valid = tok < ctx
+        m, l, acc = _attend_tile(q, K, V, block_tables + seq * stride_bt, kvh * stride_kh, tok, valid,
+                                 valid[None, :], m, l, acc, scale, stride_kb, stride_ks, d, BLOCK_SIZE, PRECISION)
+    out = acc / l[:, None]
+    tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+             mask=head_ok[:, None])
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                           context_lens: Tensor, scale: float) -> Tensor:
+    """q [B, Hq, D] (one token per sequence) over cached context -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    group = Hq // Hkv
+    out = torch.empty_like(q)
+    _paged_decode[(B, Hkv)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        HEAD_DIM=D, TILE_=TILE, PRECISION=_precision(q),
+    )
+    return out
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, scale,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    qt = tl.program_id(2)
+    q0 = tl.load(query_start + seq)
+    q_len = tl.load(query_start + seq + 1) - q0
+    ctx = tl.load(context_lens + seq)
+    r = tl.arange(0, Q_TILE * GROUP_PAD)  # row = (query token of this tile, head of this kv head)
+    j = qt * Q_TILE + r // GROUP_PAD
+    g = r % GROUP_PAD
+    row_ok = (j < q_len) & (g < GROUP)
+    pos = ctx - q_len + j  # each row's absolute position: it sees keys 0..pos
+    heads = kvh * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + (q0 + j)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m = tl.full([Q_TILE * GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([Q_TILE * GROUP_PAD], tl.float32)
+    acc = tl.zeros([Q_TILE * GROUP_PAD, HEAD_DIM], tl.float32)
+    # Keys past this tile's last query token are masked for every row; a tile past q_len has no work.
+    end = tl.where(qt * Q_TILE < q_len, tl.minimum(ctx, ctx - q_len + (qt + 1) * Q_TILE), 0)
+    start = 0
+    while start < end:  # not a range(): Triton's interpreter cannot take a loaded value as its bound
+        tok = start + tl.arange(0, TILE_)
+        valid = tok < end
+        # key 0 is visible to every row, so m is finite from the first tile on
+        m, l, acc = _attend_tile(q, K, V, block_tables + seq * stride_bt, kvh * stride_kh, tok, valid,
+                                 valid[None, :] & (tok[None, :] <= pos[:, None]), m, l, acc, scale,
+                                 stride_kb, stride_ks, d, BLOCK_SIZE, PRECISION)
+        start += TILE_
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l == 0 only in rows that are not stored
+    tl.store(Out + (q0 + j)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                            scale: float) -> Tensor:
+    """q [T, Hq, D] (each sequence's new tokens, its K/V already stored) over its cached context, causal."""
+    _, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    group = Hq // Hkv
+    group_pad = triton.next_power_of_2(group)
+    q_tile = max(1, Q_ROWS // group_pad)
+    out = torch.empty_like(q)
+    grid = (meta.num_seqs, Hkv, triton.cdiv(meta.max_query_len, q_tile))
+    _paged_prefill[grid](
+        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_=TILE,
+        PRECISION=_precision(q),
+    )
+    return out
+
+
+def _precision(q: Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact, like the reference
+
+
+def kernels_fit(head_dim: int, group: int) -> bool:
+    """Whether these kernels take this shape (tl.arange needs powers of two; tl.dot at least 16)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and group <= Q_ROWS
+
+
+def fast_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                   scale: float, *, prefill_kernel: bool = False) -> Tensor:
+    """Decode batches through the decode kernel; prefill and mixed batches through the prefill kernel
+    (`prefill_kernel`) or the reference path; a head shape the kernels do not take through the reference."""
+    if not kernels_fit(q.shape[-1], q.shape[1] // k_cache.shape[2]) or (
+            meta.max_query_len > 1 and not prefill_kernel):
+        return reference_attention(q, k, v, k_cache, v_cache, meta, scale)
+    # Every slot is valid here (eager steps have no padding; a graph's padded rows write into the
+    # reserved block 0): no host sync.
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if meta.max_query_len == 1:
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+
+
+def attention_for(prefill: str) -> AttentionFn:
+    """The CUDA attention of `serve --attention triton --prefill-attention reference|triton`."""
+    return functools.partial(fast_attention, prefill_kernel=True) if prefill == "triton" else fast_attention

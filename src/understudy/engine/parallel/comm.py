@@ -1,0 +1,106 @@
+"""How a tensor-parallel group's processes talk: the collectives' rendezvous (torch.distributed over a
+TCP store on loopback), the control channel between the leader and each worker, and `exit_now`, the
+way every rank leaves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import socket
+import struct
+import sys
+import threading
+from datetime import timedelta
+from typing import NoReturn
+
+import torch
+
+from understudy.engine.model.sharding import TensorParallel
+
+# Collectives of a step finish in milliseconds; a peer that stopped answering is detected through its
+# process (tp_group.py) long before this. It only bounds a rank that hangs without dying.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave the process at once, logs flushed, skipping the interpreter's teardown: a rank's peers may be
+    gone already, and tearing down NCCL communicators (and CUDA graphs holding their kernels) whose peers
+    are gone can block; the kernel releases our files, the failover lock and the memory sessions anyway."""
+    for handler in logging.getLogger("understudy").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def dist_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def make_store(rank: int, size: int, port: int = 0):
+    """The group's rendezvous: rank 0 hosts a TCP store on loopback (port 0: any free one, see
+    `store.port`), the other ranks connect to it."""
+    import torch.distributed as dist
+
+    # All ranks of a group are on this host: talk over loopback (gloo otherwise resolves the host name,
+    # which may name an interface the others cannot reach).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return dist.TCPStore("127.0.0.1", port, world_size=size, is_master=rank == 0, timeout=COLLECTIVE_TIMEOUT,
+                         wait_for_workers=False)
+
+
+def join(store, rank: int, size: int, device: torch.device) -> TensorParallel:
+    """init_process_group over `store` (blocks until every rank joined, on gloo)."""
+    import torch.distributed as dist
+
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(dist_backend(device), store=store, rank=rank, world_size=size,
+                            timeout=COLLECTIVE_TIMEOUT, **kwargs)
+
+    def all_reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+
+    return TensorParallel(rank, size, all_reduce)
+
+
+
+class Channel:
+    """Length-prefixed pickled messages over one end of a socketpair between the leader and a worker.
+
+    It carries each step's inputs (token ids, query / context lengths, block tables) and the few
+    requests of a group's life (KV, park, adopt). Its other job is liveness: a worker whose leader is
+    gone reads EOF and exits (on top of PR_SET_PDEATHSIG)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._send = threading.Lock()
+
+    def send(self, msg) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send:
+            self.sock.sendall(struct.pack("<Q", len(data)) + data)
+
+    def recv(self):
+        (n,) = struct.unpack("<Q", self._exactly(8))
+        return pickle.loads(self._exactly(n))
+
+    def _exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError("the other end of the group's control channel closed")
+            buf += chunk
+        return bytes(buf)
+
+    def wait_closed(self) -> None:
+        """Block until the other end is closed (its process exited or died), reading nothing."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLRDHUP)  # POLLHUP, POLLERR, POLLNVAL come anyway
+        while not poller.poll():
+            pass
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,31 @@
+"""What `understudy serve --register` publishes: this engine's discovery record, kept current."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from understudy.discovery.records import EngineRecord
+from understudy.discovery.registration import Registration, advertised_url
+
+
+def registrations(args, worker, lock_path: str) -> list[Registration]:
+    """One Registration per --register target; their records follow the worker's lifecycle."""
+    if not args.register:
+        return []
+    host = socket.gethostname()
+    ident = {"id": f"{host}-{args.port}-{os.getpid()}", "url": advertised_url(args.host, args.port, args.advertise_url),
+             "node": f"{host}:{lock_path}", "role": args.role, "pid": os.getpid(),
+             "registered_at": time.time()}
+
+    def record() -> EngineRecord:
+        return EngineRecord(**ident, model=worker.model_name, state=worker.state, routable=worker.routable,
+                            max_model_len=worker.max_model_len)
+
+    try:
+        regs = [Registration(url, record, args.registration_ttl) for url in args.register]
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"understudy serve: --register: {e}") from None
+    worker.lifecycle.on_change(lambda _state: [r.changed() for r in regs])
+    return regs

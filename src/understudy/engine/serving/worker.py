@@ -1,0 +1,49 @@
+"""The engine as the HTTP layer sees it: `Worker` (the engine thread, tokenizer, limits, lifecycle,
+memory sessions) and `NotActive`, the refusal of a request no active engine will take."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from understudy.common.tokenizer import Tokenizer
+from understudy.engine.core.async_engine import AsyncEngine
+from understudy.engine.serving.lifecycle import Lifecycle
+from understudy.memory.client import MemoryClient
+
+
+@dataclass
+class Worker:
+    """Everything the HTTP layer needs to know about the engine behind it."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    default_max_tokens: int = 256
+    max_request_bytes: int = 4 << 20
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle("ACTIVE"))
+    standby_wait: float = 30.0  # seconds a request sent to a standby waits for it to become active
+    info: dict[str, Any] = field(default_factory=dict)
+    # The weights session (its read lock keeps the layout ours); /engine/control/sleep and wake_up use it.
+    # The KV cache is the engine's: engine.engine.kv.
+    weights: MemoryClient | None = None
+    holds: list[Any] = field(default_factory=list)  # e.g. the failover lock: kept while we serve
+    # Ends the process with an exit code, once in-flight responses are sent (launch.serve wires uvicorn's
+    # shutdown in); None: os._exit.
+    exit_process: Callable[[int], None] | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def state(self) -> str:
+        return self.lifecycle.state
+
+    @property
+    def routable(self) -> bool:
+        return self.state == "ACTIVE"
+
+
+class NotActive(RuntimeError):
+    """The engine did not become active within the wait (a parked shadow, or draining)."""
+
