@@ -14,6 +14,13 @@ import time
 
 PY = [sys.executable, "-m", "understudy"]
 
+# The repository root, once for every bench script that imports this module: `python bench/x.py` puts only
+# bench/ on sys.path, and the scripts take the tests' helpers as the tests do (`from tests.helpers.tiny_model
+# import ...`).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(1, ROOT)
+
 
 class Proc:
     """A child in a process group of its own whose JSON log lines (stderr) are kept: `events` has them

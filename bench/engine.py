@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "tp"))
-from common import pinned_h2d_seconds  # noqa: E402
-from tiny_model import write_byte_tokenizer  # noqa: E402  (tests/tp/tiny_model.py: a byte-level BPE, no merges)
+from common import pinned_h2d_seconds  # noqa: E402  (also puts the repository root on sys.path)
+from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
 
@@ -176,11 +175,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint (default: a temp dir)")
     args = ap.parse_args()
 
-    from understudy.engine.model import weights
-    from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
-    from understudy.engine.core.kv_cache import KVCache, KVSpec
-    from understudy.engine.model.loader import load_config
-    from understudy.engine.layers.triton_attention import fast_attention
+    from understudy.engine.launch import build_engine
+    from understudy.engine.serve_config import DeviceOptions, KVOptions, ModelOptions, OutputOptions, ServeConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-engine-"))
     ckpt = work / "llama3-8b-shape"
@@ -199,45 +195,36 @@ def main() -> None:
     print(f"# pinned host->device {h2d:.1f} GB/s; device memory {hbm:.0f} GB/s (copy, read+write); "
           f"safetensors load_file(device='cuda') {nbytes / st_s / 1e9:.1f} GB/s ({st_s:.2f}s)", flush=True)
 
-    sock_dir = tempfile.mkdtemp(prefix="us-", dir="/tmp")
-    srv = subprocess.Popen([sys.executable, "-m", "understudy", "memory-server", "--backend", "cuda",
-                            "--socket-dir", sock_dir], stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in srv.stderr:
-        seen.append(line)
-        if '"listening"' in line:
-            sock = json.loads(line)["socket"]
-            break
-    else:
-        raise SystemExit("memory server did not start:\n" + "".join(seen[-20:]))
+    # The engine as `understudy serve` builds it (a memory service of its own that the weights are published
+    # into, a 16 GiB KV cache, CUDA graphs, warm-up), stepped here by hand instead of served over HTTP.
+    # Prefill attention: the reference one (only decode steps are timed).
+    config = ServeConfig(
+        model=ModelOptions(model=str(ckpt), dtype="bfloat16", prefill_attention="reference",
+                           max_model_len=args.prompt_len + args.tokens + 16),
+        device=DeviceOptions(backend="cuda", socket_dir=tempfile.mkdtemp(prefix="us-", dir="/tmp")),
+        kv=KVOptions(kv_cache_memory=16 * GiB, block_size=16, max_num_seqs=max(args.batches),
+                     max_num_batched_tokens=8192),
+        output=OutputOptions(no_progress=True))
+    t0 = time.perf_counter()
+    built = build_engine(config)
     try:
-        config = load_config(ckpt)
-        model, client, stats = weights.load(sock, ckpt, config, torch.bfloat16, progress=False,
-                                            attention_fn=fast_attention)
+        stats = built.weights_stats
         load_gbps = stats["GBps"]
         print(f"# understudy publish into the memory service: {load_gbps:.1f} GB/s ({stats['seconds']:.2f}s) = "
               f"{load_gbps / h2d:.0%} of pinned H2D, {load_gbps / (nbytes / st_s / 1e9):.2f}x safetensors",
               flush=True)
-        spec = KVSpec.for_budget(config, 16 * GiB, 16, torch.bfloat16)
-        kv = KVCache.from_memory_service(sock, spec)
-        engine = LLMEngine(model, kv, limits=EngineLimits(max_num_seqs=max(args.batches),
-                           max_num_batched_tokens=8192, max_model_len=args.prompt_len + args.tokens + 16),
-                           device="cuda")
-        t0 = time.perf_counter()
-        engine.enable_cuda_graphs()
-        print(f"# CUDA graphs captured in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"# engine built (memory service, weights, KV cache, CUDA graphs, warm-up) in "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+        engine = built.engine
         results = {}
         for b in args.batches:
             results[b] = {"understudy": decode_rate(engine, b, args.prompt_len, args.tokens)}
             print(f"batch {b:>4}: understudy {results[b]['understudy']:>9.1f} tok/s", flush=True)
         roofline = nbytes * results[args.batches[0]]["understudy"] / (hbm * 1e9)
-        kv.client.close()
-        client.close()
-        del engine, model, kv
-        torch.cuda.empty_cache()
     finally:
-        srv.terminate()
-        srv.wait()
+        built.close()  # the KV cache and weights sessions, the failover lock, the memory service
+    del engine, built
+    torch.cuda.empty_cache()
     if not args.no_hf:
         for b in args.batches:
             results[b]["transformers"] = hf_rate(ckpt, b, args.prompt_len, args.tokens)

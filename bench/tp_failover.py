@@ -78,8 +78,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, Path, int]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
     if args.cpu:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "tp"))
-        from tiny_model import make_tiny_llama  # the tests' tiny Llama (4 heads / 2 KV heads divide by 2)
+        from tests.helpers.tiny_model import make_tiny_llama  # the tests' tiny Llama (4 heads / 2 KV heads divide by 2)
 
         ckpt = make_tiny_llama(work / "tiny-llama", max_position_embeddings=4096)
     else:

@@ -6,14 +6,11 @@ the default `host` backend runs everywhere.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from procs import BACKEND, ServerProcess  # noqa: E402
+from tests.helpers.procs import BACKEND, ServerProcess
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ become top-level keys, so logs can be filtered with jq or a log pipeline.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -35,6 +36,14 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def add_logging_arguments(p: argparse.ArgumentParser) -> None:
+    """--log-format and --log-level (for setup_logging), as every long-running command takes them."""
+    p.add_argument("--log-format", choices=["json", "text"], default="json",
+                   help="json: one JSON object per line on stderr (default); text: for people")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the least severe level that is logged (default: info)")
 
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:

@@ -1,2 +1,2 @@
-# A package, so that this folder's conftest is imported as engine.conftest and never
-# shadows tests/conftest.py (which other tests import as plain `conftest`).
+# A package (like every folder of tests/), so that this folder's conftest is imported as
+# tests.engine.conftest and never shadows tests/conftest.py.

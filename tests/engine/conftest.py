@@ -12,9 +12,9 @@ _SRC = Path(__file__).resolve().parents[2] / "src"
 if str(_SRC) not in sys.path:
     sys.path.append(str(_SRC))
 
-import pytest  # noqa: E402
+import pytest
 
-from .engine_helpers import build_hf_model  # noqa: E402
+from tests.helpers.engine import build_hf_model
 
 
 @pytest.fixture(scope="session")

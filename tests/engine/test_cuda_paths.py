@@ -42,7 +42,7 @@ def test_graphs_and_triton_give_the_reference_greedy_tokens(family, prefill, hf_
     from understudy.engine.core.sampling import SamplingParams
     from understudy.engine.layers.triton_attention import attention_for
 
-    from .engine_helpers import hf_greedy
+    from tests.helpers.engine import hf_greedy
 
     hf, path = hf_model_dir(family)
     config = load_config(path)

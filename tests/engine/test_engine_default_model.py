@@ -7,7 +7,7 @@ from understudy.common.default_model import DefaultModelMissing, default_model_p
 from understudy.common.tokenizer import IncrementalDetokenizer, Tokenizer
 from understudy.engine.model.loader import load_config, load_model
 
-from .engine_helpers import greedy_generate
+from tests.helpers.engine import greedy_generate
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from understudy.engine.model.config import UnsupportedModelError
 from understudy.engine.model.loader import iter_weights, load_config, load_model
 
-from .engine_helpers import build_hf_model, greedy_generate, hf_greedy
+from tests.helpers.engine import build_hf_model, greedy_generate, hf_greedy
 
 PROMPT = [17, 200, 3, 99, 45, 45, 128, 7, 250, 31, 64]
 

@@ -6,7 +6,7 @@ import torch
 from understudy.engine.layers.attention import AttentionMetadata
 from understudy.engine.model.loader import load_config, load_model
 
-from .engine_helpers import greedy_generate, hf_greedy
+from tests.helpers.engine import greedy_generate, hf_greedy
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 NEW_TOKENS = 16
@@ -87,7 +87,7 @@ def test_batch_of_different_lengths_matches_one_at_a_time(loaded, family):
 def test_sharded_checkpoint_loads(tmp_path):
     from understudy.engine.model.loader import iter_weights, safetensors_files
 
-    from .engine_helpers import build_hf_model
+    from tests.helpers.engine import build_hf_model
 
     hf = build_hf_model("llama", seed=1)
     hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")

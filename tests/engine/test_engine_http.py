@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +24,7 @@ import httpx
 import openai
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
-
-from procs import ServerProcess, free_port, serve_process  # noqa: E402
+from tests.helpers.procs import ServerProcess, free_port, serve_process
 
 BACKEND = "host"  # CPU by design (UNDERSTUDY_TEST_BACKEND does not apply): the sizes below assume float32
 PARIS_PROMPT = "The capital of France is"
@@ -415,7 +412,6 @@ def test_metrics_and_health(engine_a):
     assert "understudy_engine_preemptions" in m
     assert engine_a.http.get("/health").status_code == 200 and engine_a.http.get("/live").status_code == 200
     engine_a.assert_clean_log()
-
 
 
 def test_a_kv_budget_that_holds_no_block_is_refused_with_the_reason(mem, engine_a):

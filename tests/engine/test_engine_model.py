@@ -10,7 +10,7 @@ from understudy.engine.model.decoder import CausalLM
 from understudy.engine.model.config import ModelConfig, UnsupportedModelError
 from understudy.engine.model.loader import iter_weights, load_config, load_model
 
-from .engine_helpers import PagedKV
+from tests.helpers.engine import PagedKV
 
 
 def test_meta_construction_then_streamed_load(hf_model_dir):

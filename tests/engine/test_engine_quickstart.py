@@ -9,11 +9,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
+from understudy.memory import read_status
 
-from procs import LineProcess, free_port  # noqa: E402
-
-from understudy.memory import read_status  # noqa: E402
+from tests.helpers.procs import LineProcess, free_port
 
 
 def test_serve_starts_its_own_memory_service_and_stops_it():

@@ -28,7 +28,6 @@ import concurrent.futures
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -37,13 +36,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
+from understudy.memory import read_status
 
-from procs import ServerProcess, free_port, serve_process  # noqa: E402
-from streams import body, ndjson, streams_across, tokens_of  # noqa: E402
-from streams import event_of as _event  # noqa: E402
-
-from understudy.memory import read_status  # noqa: E402
+from tests.helpers.procs import ServerProcess, free_port, serve_process
+from tests.helpers.streams import body, ndjson, streams_across, tokens_of
+from tests.helpers.streams import event_of as _event
 
 BACKEND = "host"  # CPU by design: the sizes below assume float32
 # 182 blocks of 16 tokens: the 16 streams' blocks and the cached blocks of the undisturbed run fit
@@ -61,16 +58,8 @@ TOPICS = ["a red kite", "the last train", "a lost key", "two rival bakers", "a c
           "an old library", "a broken compass", "the harvest fair", "a sleepy dragon"]
 
 
-
-
 def is_state(new: str):
     return lambda line: (e := _event(line)).get("event") == "state" and e.get("new") == new
-
-
-
-
-
-
 
 
 def full_blocks(n_tokens: int) -> int:

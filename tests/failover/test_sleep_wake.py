@@ -18,10 +18,10 @@ import httpx
 import pytest
 import torch
 
-from procs import ServerProcess
-
 from understudy.memory import MemoryClient, read_status
 from understudy.memory.tensors import publish_state_dict
+
+from tests.helpers.procs import ServerProcess
 
 from .test_failover import BACKEND, Engine, _event, body, full_blocks, is_state, tokens_of
 

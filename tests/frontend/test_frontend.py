@@ -39,8 +39,8 @@ import httpx
 import openai
 import pytest
 
-from .helpers import (BACKEND, Engine, Etcd, EtcdWatch, Frontend, ServerProcess, StubEngine, event, is_event,
-                      metric, wait_until)
+from tests.helpers.frontend import (BACKEND, Engine, Etcd, EtcdWatch, Frontend, ServerProcess, StubEngine, event, is_event,
+                                    metric, wait_until)
 
 PARIS = "The capital of France is"
 STORY = "set in a quiet village by the sea, where an old fisherman mended his nets every morning."

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import openai
 
-from .helpers import LineProcess, event, free_port, is_event, wait_until
+from tests.helpers.frontend import LineProcess, event, free_port, is_event, wait_until
 
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--no-progress", "--registration-ttl", "2"]
 

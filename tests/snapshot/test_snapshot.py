@@ -34,17 +34,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
-
-from procs import LineProcess, ServerProcess  # noqa: E402
-
-from understudy.memory import read_status  # noqa: E402
-from understudy.snapshot import criu  # noqa: E402
-from understudy.snapshot.identity import (  # noqa: E402
+from understudy.memory import read_status
+from understudy.snapshot import criu
+from understudy.snapshot.identity import (
     differences, identity, params_from_serve_argv, serve_argv_of)
-from understudy.snapshot.manifest import Manifest, criu_dir, find_ready, list_images  # noqa: E402
+from understudy.snapshot.manifest import Manifest, criu_dir, find_ready, list_images
 
-from failover.test_failover import BACKEND, Engine, _event, body, is_state, tokens_of  # noqa: E402
+from tests.helpers.procs import LineProcess, ServerProcess
+from tests.failover.test_failover import BACKEND, Engine, _event, body, is_state, tokens_of
 
 PR_SET_CHILD_SUBREAPER = 36
 MAX_TOKENS = 16

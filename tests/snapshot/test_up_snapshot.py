@@ -22,12 +22,10 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
+from understudy.snapshot.manifest import Manifest
 
-from procs import LineProcess  # noqa: E402
-
-from failover.test_supervisor import _event, _two_free_ports, logged  # noqa: E402
-from understudy.snapshot.manifest import Manifest  # noqa: E402
+from tests.helpers.procs import LineProcess
+from tests.node.test_supervisor import _event, _two_free_ports, logged
 
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--no-progress"]
 PROMPT = list(range(300, 364))

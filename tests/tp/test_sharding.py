@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_model import make_tiny_llama  # noqa: E402
+from understudy.engine.model import weights
+from understudy.engine.model.loader import load_config
+from understudy.engine.model.sharding import TensorParallel, check_shardable, rank_config, shard_dim, shard_tensor
 
-from understudy.engine.model import weights  # noqa: E402
-from understudy.engine.model.loader import load_config  # noqa: E402
-from understudy.engine.model.sharding import TensorParallel, check_shardable, rank_config, shard_dim, shard_tensor  # noqa: E402
+from tests.helpers.tiny_model import make_tiny_llama
 
 
 def test_which_tensors_are_cut_and_along_which_dimension():

@@ -43,17 +43,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/, for procs.py
-sys.path.insert(0, str(HERE))
+from understudy.fds import MAX_CEILING, TOP_SPAN
+from understudy.memory import read_status
 
-from procs import LineProcess, ServerProcess, free_port, serve_process  # noqa: E402
-from streams import body, ndjson, streams_across, tokens_of  # noqa: E402
-from streams import event_of as _event  # noqa: E402
-from tiny_model import make_tiny_llama  # noqa: E402
-
-from understudy.fds import MAX_CEILING, TOP_SPAN  # noqa: E402
-from understudy.memory import read_status  # noqa: E402
+from tests.helpers.procs import LineProcess, ServerProcess, free_port, serve_process
+from tests.helpers.streams import body, ndjson, streams_across, tokens_of
+from tests.helpers.streams import event_of as _event
+from tests.helpers.tiny_model import make_tiny_llama
 
 BACKEND = os.environ.get("UNDERSTUDY_TEST_BACKEND", "host")
 if BACKEND == "cuda":
@@ -70,8 +66,6 @@ ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
 EXIT_GROUP_LOST = 4
 
 
-
-
 def logged(name: str, **fields):
     return lambda line: (e := _event(line)).get("event") == name and all(e.get(k) == v for k, v in fields.items())
 
@@ -79,12 +73,6 @@ def logged(name: str, **fields):
 def leader_state(new: str):
     """A state line of the group's leader (workers' lines carry tp_rank)."""
     return lambda line: (e := _event(line)).get("event") == "state" and e.get("new") == new and "tp_rank" not in e
-
-
-
-
-
-
 
 
 def gone(pid: int) -> bool:

@@ -1,12 +1,15 @@
-"""`understudy serve`: from command-line options to a running worker.
+"""`understudy serve`: from a ServeConfig to a running worker.
 
 Finds (or starts) the device's memory service, gets the weights into it or
 imports them, takes the kv pool, builds the engine and serves HTTP.
+
+    built = build_engine(parse_serve_args(["--model", "/models/llama"]))  # what bench/ and tests use
+    built.engine.add_request("r1", [1, 2, 3], SamplingParams(max_tokens=8)); built.engine.step()
+    built.close()
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -19,6 +22,7 @@ import time
 from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.core.llm_engine import LLMEngine
 from understudy.engine.model import weights
+from understudy.engine.serve_config import ServeConfig
 from understudy.engine.serving.app import create_app
 from understudy.engine.serving.memory_watch import watch_memory_service
 from understudy.logs import log
@@ -29,43 +33,48 @@ from understudy.engine.serving.promotion import park_and_promote
 
 logger = logging.getLogger("understudy.engine.launch")
 
-def build(args: argparse.Namespace) -> Built:
-    if getattr(args, "tensor_parallel", 1) > 1:  # a group of ranks, one process per device: tp_group.py
+
+def build_engine(config: ServeConfig) -> Built:
+    """The engine (or a tensor-parallel group's leader) of `config`, warmed up and not yet serving: its
+    memory service found or started, weights loaded or imported, KV cache taken (a primary holds the
+    failover lock from here on). `built.engine` steps it by hand; `built.worker` is what HTTP serves."""
+    if config.device.tensor_parallel > 1:  # a group of ranks, one process per device: parallel/group.py
         from understudy.engine.parallel.group import build_group
 
-        return build_group(args)
+        return build_group(config)
 
-    p = place(args)
-    model_path, config, dtype, path, device = p.model_path, p.config, p.dtype, p.socket_path, p.device
+    p = place(config)
+    model_path, model_config, dtype, path, device = p.model_path, p.config, p.dtype, p.socket_path, p.device
     t0 = time.perf_counter()
-    model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
+    model, weights_client, stats = weights.load(path, model_path, model_config, dtype,
+                                                progress=not config.output.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=p.attention_fn)
-    spec = kv_spec(args, config, p)
-    kv = open_kv(KVCache, args.role, path, spec, weights_client.backend)
-    tokenizer, eos, limits = engine_limits(args, model_path, config)
+    spec = kv_spec(config, model_config, p)
+    kv = open_kv(KVCache, config.failover.role, path, spec, weights_client.backend)
+    tokenizer, eos, limits = engine_limits(config, model_path, model_config)
     engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
-    start_engine(args, engine, p)
-    return finish(args, engine, p, tokenizer, weights_client, stats, t0, {})
+    start_engine(config, engine, p)
+    return finish(config, engine, p, tokenizer, weights_client, stats, t0, {})
 
 
-def serve(args: argparse.Namespace) -> int:
-    if getattr(args, "tensor_parallel", 1) > 1:  # a group's leader leaves as its ranks do, however it ends
+def serve(config: ServeConfig) -> int:
+    if config.device.tensor_parallel > 1:  # a group's leader leaves as its ranks do, however it ends
         from understudy.engine.parallel.group import as_leader
 
-        as_leader(_serve, args)
-    return _serve(args)
+        as_leader(_serve, config)
+    return _serve(config)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(config: ServeConfig) -> int:
     import uvicorn
 
-    built = build(args)
+    built = build_engine(config)
     app = create_app(built.worker)
     from understudy.engine.serving.announce import (
         registrations,  # --register: discovery records that follow the lifecycle
     )
 
-    announced = registrations(args, built.worker, str(built.lock.path))
+    announced = registrations(config, built.worker, str(built.lock.path))
 
     @app.on_event("startup")
     async def _start_engine():
@@ -83,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
     def _restart_own_memory_service() -> None:
         """The memory service we started died: start the next one (on the loop's thread, see spawn)."""
         built.memory_server.wait()
-        built.memory_server = spawn_memory_service(built.worker.info["backend"], args.device, args.socket_dir)
+        built.memory_server = spawn_memory_service(built.worker.info["backend"], config.device.device,
+                                                   config.device.socket_dir)
         threading.Thread(target=shutil.copyfileobj, args=(built.memory_server.stderr, sys.stderr),
                          daemon=True).start()
         log(logger, "memory_service_started", pid=built.memory_server.pid, socket=built.socket_path)
@@ -96,8 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     # loop="asyncio": uvloop (picked when installed) opens an io_uring, which CRIU cannot dump, so an
     # engine on it could never be snapshotted (seen on the GPU machine: "Unknown shit 600 (anon_inode:[io_uring])").
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", loop="asyncio",
-                            timeout_graceful_shutdown=args.drain_timeout)
+    host, port = config.http.host, config.http.port
+    server_config = uvicorn.Config(app, host=host, port=port, log_level="warning", loop="asyncio",
+                                   timeout_graceful_shutdown=config.http.drain_timeout)
     # BUGFIX (tests/failover/test_failover.py::test_kill_active_engine_under_16_streams_and_resume_on_shadow):
     # "serving" was logged from the app's startup event, which uvicorn runs *before* it binds the listener,
     # so a client that waited for that line got "connection refused". It is now logged once the socket
@@ -106,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if not self.should_exit:
-                log(logger, "serving", url=f"http://{args.host}:{args.port}", model=built.worker.model_name,
+                log(logger, "serving", url=f"http://{host}:{port}", model=built.worker.model_name,
                     state=built.worker.state)
 
         def handle_exit(self, sig, frame):
@@ -115,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
             _drain()
             super().handle_exit(sig, frame)
 
-    server = _Server(config)
+    server = _Server(server_config)
     # BUGFIX (tests/engine/test_engine_http.py::test_sigterm_drains_inflight_stream_then_exits_0): after a
     # graceful shutdown uvicorn re-raises the signal it caught under the handler that was there before it;
     # with the default one, SIGTERM killed us (exit -15) after the drain, skipping the cleanup below. Our

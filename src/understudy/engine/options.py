@@ -1,10 +1,25 @@
-"""The flags of `understudy serve` (kept free of heavy imports so `--help` is instant)."""
+"""The flags of `understudy serve` and the one `ServeConfig` they make (kept free of heavy imports so
+`--help` is instant).
+
+    config = parse_serve_args(["--model", "/models/llama", "--kv-cache-memory", "8GiB"])
+    config.kv.kv_cache_memory  # 8589934592
+
+`understudy serve` adds the same flags to its subcommand (add_serve_arguments, logs.add_logging_arguments)
+and calls config_from_args on what it parsed; code that reads a serve command line (a node, a snapshot)
+calls parse_serve_args. Neither imports understudy.cli.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+from understudy.common.units import parse_size
+from understudy.engine.serve_config import DTYPE_NAMES, ConfigError, ServeConfig
+from understudy.logs import add_logging_arguments
+
+__all__ = ["DTYPE_NAMES", "ConfigError", "ServeConfig", "add_serve_arguments", "config_from_args",
+           "parse_serve_args", "positive_int", "serve_parser"]
 
 
 def _registry_url(text: str) -> str:
@@ -83,7 +98,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: use the device's memory service, starting one tied to this process if none runs; "
                         "connect: require a running one (what `understudy up` does)")
     g = p.add_argument_group("KV cache and batching")
-    g.add_argument("--kv-cache-memory", default=None,
+    g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="bytes for the paged KV cache, e.g. 8GiB (default: 512MiB on the CPU; on CUDA "
                         "--gpu-memory-utilization of the device minus what is in use)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
@@ -104,3 +119,33 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
+
+
+def config_from_args(ns: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of a namespace parsed with add_serve_arguments and the logging flags; raises
+    ConfigError (naming the flag) for values that cannot run together."""
+    groups = {}
+    for name, cls in ServeConfig.groups().items():
+        values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+        if "register" in values:
+            values["register"] = tuple(values["register"])
+        groups[name] = cls(**values)
+    return ServeConfig(**groups)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """A parser of `understudy serve`'s flags alone (what follows `serve` on its command line)."""
+    p = argparse.ArgumentParser(prog="understudy serve", description="The flags of `understudy serve`.")
+    add_serve_arguments(p)
+    add_logging_arguments(p)
+    return p
+
+
+def parse_serve_args(argv: list[str]) -> ServeConfig:
+    """The ServeConfig of `understudy serve ARGV` (ARGV without the `serve`); a bad flag or value exits 2
+    with `understudy serve: error: ...`, as the command would."""
+    p = serve_parser()
+    try:
+        return config_from_args(p.parse_args(argv))
+    except ConfigError as e:
+        p.error(str(e))

@@ -7,6 +7,9 @@ router.py     which engine takes a request; busy thresholds (changeable at run t
 health.py     polling engines' /health, canary requests to idle engines
 migration.py  one request's token stream across engines: resend prompt + tokens so far on failure
 metrics.py    Prometheus metrics (a registry per app)
-app.py        the FastAPI app: OpenAI endpoints, /health, /live, /metrics, admin and registry routes
+service.py    the Frontend: what the routes share (pool, router, metrics, HTTP client, tokenizer)
+app.py        the FastAPI app's skeleton: /health, /live, /v1/models, /metrics, error handling
+generate.py   the OpenAI routes: /v1/completions, /v1/chat/completions
+admin.py      run-time thresholds (/admin/thresholds) and the embedded registry's routes
 launch.py     from flags to a running server; SIGTERM drains
 """

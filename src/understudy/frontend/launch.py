@@ -19,9 +19,10 @@ from understudy.discovery.etcd import EtcdAddress, EtcdView
 from understudy.common.default_model import default_model_path
 from understudy.common.tokenizer import Tokenizer
 from understudy.logs import log
-from understudy.frontend.app import Frontend, create_app
+from understudy.frontend.app import create_app
 from understudy.frontend.migration import Policy
 from understudy.frontend.router import Thresholds
+from understudy.frontend.service import Frontend
 
 logger = logging.getLogger("understudy.frontend.launch")
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from understudy.engine.serving.lifecycle import STATES
+from understudy.common.states import STATES
 
 if TYPE_CHECKING:
     from understudy.frontend.router import Router

@@ -21,6 +21,7 @@ def __getattr__(name: str):
         return getattr(tensors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "Backend", "BackendError", "OutOfMemory", "get_backend",
     "LayoutChanged", "MemoryClient", "MemoryServiceError", "read_status",

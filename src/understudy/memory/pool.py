@@ -349,7 +349,7 @@ class Pool:
         if size <= 0:
             raise PoolError("bad_request", f"allocation size must be positive, got {size}")
         if size > MAX_ALLOCATION:
-            # BUGFIX (tests/test_memory_protocol.py::test_absurd_allocation_size_is_a_bad_request):
+            # BUGFIX (tests/memory/test_protocol.py::test_absurd_allocation_size_is_a_bad_request):
             # sizes past what the kernel's off_t holds used to fail as an `internal` error.
             raise PoolError("bad_request", f"allocation size {size} exceeds {MAX_ALLOCATION} bytes")
         size = self.allocator.backend.round_up(size)
@@ -365,7 +365,7 @@ class Pool:
         content = self.content_for(session)
         for name, meta in tensors.items():
             validate_tensor(name, meta, content)
-        # BUGFIX (tests/test_memory_protocol.py::test_unhashable_extra_is_refused_and_harms_nobody):
+        # BUGFIX (tests/memory/test_protocol.py::test_unhashable_extra_is_refused_and_harms_nobody):
         # `extra` used to be merged before the layout was hashed, so a non-str map key or a
         # deep nesting made every later hash (status, granted, commit) fail for every client.
         # Check it first, and merge into copies that replace the old ones only on success.

@@ -157,7 +157,7 @@ def encode(msg: msgspec.Struct) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-# BUGFIX (tests/test_memory_protocol.py::test_deeply_nested_body_is_a_bad_frame): msgspec raises
+# BUGFIX (tests/memory/test_protocol.py::test_deeply_nested_body_is_a_bad_frame): msgspec raises
 # RecursionError for deeply nested bodies; it is undecodable input too (bad_frame, not internal).
 def decode_request(body: bytes) -> Request:
     try:

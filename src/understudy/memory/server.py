@@ -32,7 +32,7 @@ from understudy.memory.pool import (MAX_ALLOCATION, Allocation, Allocator, Conte
 logger = logging.getLogger("understudy.memory.server")
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# BUGFIX (tests/test_memory_protocol.py::test_pipelined_requests_of_a_dead_peer_are_released):
+# BUGFIX (tests/memory/test_protocol.py::test_pipelined_requests_of_a_dead_peer_are_released):
 # the reader used to wait for room in a 16-frame queue, so while the worker waited on a lock
 # it stopped reading and never saw the peer hang up: a dead client kept its lock (or its place
 # among the waiting writers, blocking every new reader) forever. Now the reader never waits for

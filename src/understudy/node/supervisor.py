@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from understudy.engine.options import parse_serve_args
 from understudy.logs import log
 
 logger = logging.getLogger("understudy.node.supervisor")
@@ -185,11 +186,12 @@ class Supervisor:
 
 def frontend_flags(engine_args: list[str]) -> list[str]:
     """The engines' --model / --served-model-name, for the frontend (same tokenizer, same model name)."""
-    out, it = [], iter(engine_args)
-    for arg in it:
-        flag = arg.split("=", 1)[0]
-        if flag in ("--model", "--served-model-name"):
-            out += [arg] if "=" in arg else [arg, next(it, "")]
+    model = parse_serve_args(engine_args).model
+    out = []
+    if model.model is not None:
+        out += ["--model", model.model]
+    if model.served_model_name is not None:
+        out += ["--served-model-name", model.served_model_name]
     return out
 
 

@@ -7,5 +7,5 @@ cuda_checkpoint.py  cuCheckpointProcess* through cuda.bindings (a no-op for proc
 checkpoint.py       quiesce -> CUDA checkpoint -> CRIU dump -> resume; a failure leaves the engine serving
 restore.py          CRIU restore -> CUDA restore -> resume (reconnect, remap the weights, park)
 options.py, commands.py  `understudy snapshot checkpoint | restore | list`
-The engine's side (quiesce / resume) is engine/quiesce.py.
+The engine's side (quiesce / resume) is engine/serving/control.py.
 """

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import httpx
 
+from understudy.engine.options import parse_serve_args
+from understudy.engine.serve_config import ServeConfig
 from understudy.logs import log
 from understudy.snapshot import criu as criu_mod
 from understudy.snapshot import cuda_checkpoint
-from understudy.snapshot.identity import identity, params_from_serve_args, parse_serve_argv, serve_argv_of
+from understudy.snapshot.identity import identity, params_from_config, serve_argv_of
 from understudy.snapshot.manifest import Manifest, criu_dir, image_bytes
 
 logger = logging.getLogger("understudy.snapshot")
@@ -35,9 +37,9 @@ class CheckpointFailed(RuntimeError):
     pass
 
 
-def engine_url(args) -> str:
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    return f"http://{host}:{args.port}"
+def engine_url(config: ServeConfig) -> str:
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
+    return f"http://{host}:{config.http.port}"
 
 
 def locate(engine: str | None = None, pid: int | None = None) -> tuple[int, str]:
@@ -58,7 +60,7 @@ def locate(engine: str | None = None, pid: int | None = None) -> tuple[int, str]
             f"process {pid}'s session leader is outside its pid namespace (started through `docker exec` or "
             f"`kubectl exec`?): CRIU cannot dump it; start the engine in its own session (`setsid understudy "
             f"serve ...`, as `understudy up` does)")
-    return pid, engine.rstrip("/") if engine else engine_url(parse_serve_argv(serve_argv_of(pid)))
+    return pid, engine.rstrip("/") if engine else engine_url(parse_serve_args(serve_argv_of(pid)))
 
 
 def _control(url: str, action: str, **body) -> dict:
@@ -106,10 +108,10 @@ def checkpoint(directory: str | os.PathLike, *, engine: str | None = None, pid: 
     directory = Path(directory)
     pid, url = locate(engine, pid)
     argv = serve_argv_of(pid)
-    args = parse_serve_argv(argv)
-    params = params_from_serve_args(args)
+    config = parse_serve_args(argv)
+    params = params_from_config(config)
     manifest = Manifest(identity(params), params)
-    manifest.engine = {"pid": pid, "url": url, "host": args.host, "port": args.port, "argv": argv}
+    manifest.engine = {"pid": pid, "url": url, "host": config.http.host, "port": config.http.port, "argv": argv}
     manifest.write(directory)  # Pending: an unwritable directory fails here, before the engine is touched
     log(logger, "checkpoint_pending", dir=str(directory), identity=manifest.identity, pid=pid, url=url)
 

@@ -2,11 +2,12 @@
 
 In the identity: the model (its resolved path), the engine version, the tensor and pipeline
 parallel sizes (1 and 1: one engine per GPU), the dtype, the max model length, and every other
-`understudy serve` flag as `extra` (block size, attention kernels, CUDA graphs, batching limits,
-served model name, ...): all of them are baked into the process image. Not in it: replicas and roles
-(`--role`), placement (`--device`, `--host`, `--port`, socket and lock directories, discovery) and
-resources (`--kv-cache-memory`, `--gpu-memory-utilization`; a parked shadow takes the KV shape of the
-pool anyway), nor logging. The port is baked into the image all the same: restore checks it apart.
+`understudy serve` setting that ServeConfig marks as identity (engine/serve_config.py) as `extra`
+(block size, attention kernels, CUDA graphs, batching limits, served model name, ...): all of them are
+baked into the process image. Not in it: replicas and roles (`--role`), placement (`--device`, `--host`,
+`--port`, socket and lock directories, discovery) and resources (`--kv-cache-memory`,
+`--gpu-memory-utilization`; a parked shadow takes the KV shape of the pool anyway), nor output (logging,
+progress). The port is baked into the image all the same: restore checks it apart.
 
     params = params_from_serve_argv(["--model", "/models/llama", "--dtype", "bfloat16"])
     identity(params)  # 'e3b0c44298fc1c14'
@@ -19,48 +20,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-# `understudy serve` flags (argparse dests) that are not part of what an image is.
-NOT_IDENTITY = frozenset({
-    "command", "role",  # replicas and roles
-    "host", "port", "device", "socket_dir", "failover_dir", "memory_service",  # placement
-    "register", "advertise_url", "registration_ttl",  # discovery: placement too
-    "kv_cache_memory", "gpu_memory_utilization",  # resources
-    "log_format", "log_level", "no_progress",  # output
-})
+from understudy.engine.options import parse_serve_args
+from understudy.engine.serve_config import ServeConfig
 
 
 class IdentityMismatch(ValueError):
     """An image was asked to stand in for an engine it is not (its identity differs)."""
 
 
-def parse_serve_argv(argv: list[str]):
-    """The argparse namespace of `understudy serve ARGV` (ARGV without the `serve`)."""
-    from understudy.cli import build_parser
-
-    return build_parser().parse_args(["serve", *argv])
-
-
-def params_from_serve_args(args) -> dict[str, Any]:
-    """The identity's fields from a parsed `serve` namespace."""
+def params_from_config(config: ServeConfig) -> dict[str, Any]:
+    """The identity's fields from a serve configuration."""
     from understudy.common.default_model import default_model_path
 
-    opts = dict(vars(args))
-    model = opts.pop("model", None)
-    extra = {k: v for k, v in sorted(opts.items())
-             if k not in NOT_IDENTITY and k not in ("dtype", "max_model_len")}
+    values = config.identity_values()
+    model = values.pop("model")
+    dtype, max_model_len = values.pop("dtype"), values.pop("max_model_len")
     return {
         "model": str(Path(model).resolve()) if model else str(default_model_path().resolve()),
         "engine_version": _engine_version(),
         "tensor_parallel_size": 1,
         "pipeline_parallel_size": 1,
-        "dtype": opts.get("dtype"),
-        "max_model_len": opts.get("max_model_len"),
-        "extra": extra,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "extra": dict(sorted(values.items())),
     }
 
 
 def params_from_serve_argv(argv: list[str]) -> dict[str, Any]:
-    return params_from_serve_args(parse_serve_argv(argv))
+    """The identity's fields of `understudy serve ARGV` (ARGV without the `serve`)."""
+    return params_from_config(parse_serve_args(argv))
 
 
 def _engine_version() -> str:

@@ -29,7 +29,7 @@ def _now() -> str:
 @dataclass
 class Manifest:
     identity: str
-    params: dict[str, Any]  # what the identity is made of (identity.params_from_serve_args)
+    params: dict[str, Any]  # what the identity is made of (identity.params_from_config)
     phase: str = "Pending"
     message: str = ""
     created_at: str = field(default_factory=_now)

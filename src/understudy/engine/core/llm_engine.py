@@ -59,7 +59,7 @@ class LLMEngine:
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() ran
         # Tensor parallelism: called with each step's inputs just before the forward (graph: a decode step
         # replayed from the CUDA graphs), so that the group's other ranks run the same step
-        # (engine/tp_group.py). None on one device.
+        # (engine/parallel/group.py). None on one device.
         self.step_hook = None
         self.timed_steps = 0  # this many next steps log their phase timings (step_timing)
         self.steps = 0

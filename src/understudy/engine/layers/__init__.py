@@ -1,0 +1,2 @@
+"""The decoder's kernels: paged attention (plain-torch reference and Triton) and fused Triton elementwise ops.
+"""

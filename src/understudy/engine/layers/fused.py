@@ -8,7 +8,7 @@ Each function dispatches on the device of its input:
 A batch-1 decode step is bound by launches as much as by bytes: the reference
 RMSNorm is ~7 kernels, RoPE ~10 and SiLU*mul 2. The kernels here do each in one
 pass, reading every input once. They take no host syncs and branch only on
-shapes, so they can be captured in a CUDA graph (see cuda_graphs.py).
+shapes, so they can be captured in a CUDA graph (see engine/core/cuda_graphs.py).
 
 Numerics of the Triton path, against the reference:
   rms_norm / add_rms_norm: the same roundings (residual + x in the stream's dtype, normalize in fp32,

@@ -2,7 +2,7 @@
 
 One flat, frozen dataclass for every supported family. The differences between
 Llama, Qwen2 and Qwen3 are expressed as flags (`qkv_bias`, `qk_norm`, ...) so the
-model code has a single implementation; see model.py.
+model code has a single implementation; see decoder.py.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def row_parallel(linear: nn.Linear, x: Tensor, tp) -> Tensor:
-    """linear(x); under tensor parallelism (tp.py) x holds this rank's slice of the input features and
+    """linear(x); under tensor parallelism (model/sharding.py) x holds this rank's slice of the input features and
     linear.weight the matching columns: the partial products are summed across ranks, then the bias
     (replicated) is added once."""
     if tp is None:
@@ -109,7 +109,7 @@ def row_parallel(linear: nn.Linear, x: Tensor, tp) -> Tensor:
 
 
 class Attention(nn.Module):
-    tp = None  # tp.TensorParallel: this rank's share of the heads (engine/tp.py); None on one device
+    tp = None  # sharding.TensorParallel: this rank's share of the heads (model/sharding.py); None on one device
 
     def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
         super().__init__()

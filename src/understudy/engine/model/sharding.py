@@ -14,7 +14,7 @@ Attention heads never cross ranks: rank r holds query heads [r*H/N, (r+1)*H/N) a
 they read, so the paged KV cache of a rank holds only its KV heads (its own device's kv pool).
 After the last layer every rank holds the whole hidden state; only the leader computes logits.
 
-`TensorParallel` is the hook the model calls (`model.py`: `Attention.tp`, `MLP.tp`); the process
+`TensorParallel` is the hook the model calls (`model/decoder.py`: `Attention.tp`, `MLP.tp`); the process
 model (leader + workers, control channel, group failover) lives in engine/parallel/ (group.py, rank.py, comm.py).
 """
 

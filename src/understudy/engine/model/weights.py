@@ -78,7 +78,7 @@ class _StagedCopier:
 
 def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = None):
     """(tensors to copy byte for byte, an iterator over the ones to convert); under tensor parallelism
-    only this rank's shard of each tensor (tp.py)."""
+    only this rank's shard of each tensor (sharding.py)."""
     rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     if is_gguf(path):
         return {}, ((n, shard_tensor(n, t, rank, size)) for n, t in iter_weights(path, dtype))

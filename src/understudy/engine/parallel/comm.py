@@ -20,7 +20,7 @@ import torch
 from understudy.engine.model.sharding import TensorParallel
 
 # Collectives of a step finish in milliseconds; a peer that stopped answering is detected through its
-# process (tp_group.py) long before this. It only bounds a rank that hangs without dying.
+# process (parallel/group.py) long before this. It only bounds a rank that hangs without dying.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 
@@ -63,7 +63,6 @@ def join(store, rank: int, size: int, device: torch.device) -> TensorParallel:
         dist.all_reduce(t)
 
     return TensorParallel(rank, size, all_reduce)
-
 
 
 class Channel:

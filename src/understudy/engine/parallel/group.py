@@ -1,7 +1,7 @@
 """`understudy serve --tensor-parallel N`: the leader (rank 0) of a group of N ranks, one process per device.
 
 The leader is the engine the rest of understudy knows: HTTP server, scheduler, sampler, lifecycle,
-failover lock. It starts ranks 1..N-1 as worker processes (tp_worker.py) tied to it (PR_SET_PDEATHSIG
+failover lock. It starts ranks 1..N-1 as worker processes (parallel/rank.py) tied to it (PR_SET_PDEATHSIG
 and a control channel whose EOF ends them), each on device `--device + rank` with that device's
 memory service, where each rank publishes or imports its own shard and owns its device's kv pool.
 
@@ -20,7 +20,6 @@ their devices' kv pools (in parallel with its own) before going ACTIVE.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
@@ -41,6 +40,7 @@ from understudy.engine.core.llm_engine import LLMEngine
 from understudy.engine.model import weights
 from understudy.engine.model.sharding import check_shardable
 from understudy.engine.parallel.comm import Channel, exit_now, join, make_store
+from understudy.engine.serve_config import ServeConfig
 from understudy.engine.serving.bootstrap import (
     Built,
     engine_limits,
@@ -237,21 +237,22 @@ class GroupKVCache(KVCache):
         self.index.zero_()
 
 
-def _plan(args: argparse.Namespace, model_path: Path, backend: str, dtype: torch.dtype, attention: str,
+def _plan(config: ServeConfig, model_path: Path, backend: str, dtype: torch.dtype, attention: str,
           port: int) -> dict:
     """What a worker needs to become rank r (it adds its own rank)."""
-    return {"size": args.tensor_parallel, "port": port, "model": str(model_path), "dtype": dtype_name(dtype),
-            "backend": backend, "device0": args.device, "attention": attention,
-            "prefill_attention": args.prefill_attention, "socket_dir": args.socket_dir,
-            "memory_service": args.memory_service, "timeout": 600.0,
-            "log_format": getattr(args, "log_format", "json"), "log_level": getattr(args, "log_level", "info")}
+    d = config.device
+    return {"size": d.tensor_parallel, "port": port, "model": str(model_path), "dtype": dtype_name(dtype),
+            "backend": backend, "device0": d.device, "attention": attention,
+            "prefill_attention": config.model.prefill_attention, "socket_dir": d.socket_dir,
+            "memory_service": d.memory_service, "timeout": 600.0,
+            "log_format": config.output.log_format, "log_level": config.output.log_level}
 
 
-def as_leader(serve: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> NoReturn:
+def as_leader(serve: Callable[[ServeConfig], int], config: ServeConfig) -> NoReturn:
     """Run `serve` as a group's leader, then leave as the ranks do (tp.exit_now), whether it drained, was
     refused (one line that says why) or failed: its workers read EOF and exit."""
     try:
-        code = serve(args)
+        code = serve(config)
     except SystemExit as e:  # a refusal that says why (understudy serve: ...)
         if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
@@ -262,44 +263,46 @@ def as_leader(serve: Callable[[argparse.Namespace], int], args: argparse.Namespa
     exit_now(code)
 
 
-def build_group(args: argparse.Namespace) -> Built:
-    """launch.build for --tensor-parallel N > 1: the leader's engine over a group of N ranks."""
-    size = args.tensor_parallel
+def build_group(config: ServeConfig) -> Built:
+    """launch.build_engine for --tensor-parallel N > 1: the leader's engine over a group of N ranks."""
+    size = config.device.tensor_parallel
+    role = config.failover.role
 
-    def shardable(config) -> None:
+    def shardable(model_config) -> None:
         try:
-            check_shardable(config, size)
+            check_shardable(model_config, size)
         except ValueError as e:
             raise SystemExit(f"understudy serve: {e}") from None
 
-    p = place(args, ranks=size, check_config=shardable)
-    model_path, config, dtype, path, backend, device = (
+    p = place(config, ranks=size, check_config=shardable)
+    model_path, model_config, dtype, path, backend, device = (
         p.model_path, p.config, p.dtype, p.socket_path, p.backend, p.device)
     lock, attention_fn = p.lock, p.attention_fn
     t0 = time.perf_counter()
     store = make_store(0, size)
     group = Group(size)
     group.holds.append(lock)
-    group.start(_plan(args, model_path, backend, dtype, "reference" if attention_fn is None else "triton",
+    group.start(_plan(config, model_path, backend, dtype, "reference" if attention_fn is None else "triton",
                       store.port))
     log(logger, "tp_group_started", size=size, ranks={0: os.getpid(), **{w.rank: w.pid for w in group.workers}},
-        devices=list(range(args.device, args.device + size)), store_port=store.port)
+        devices=list(range(config.device.device, config.device.device + size)), store_port=store.port)
     tp = join(store, 0, size, device)  # every rank loads its shard meanwhile
-    model, weights_client, stats = weights.load(path, model_path, config, dtype, progress=not args.no_progress,
+    model, weights_client, stats = weights.load(path, model_path, model_config, dtype,
+                                                progress=not config.output.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=attention_fn, tp=tp)
     loaded = group.call("loaded?")
     # The same number of blocks on every rank: on CUDA the fullest device decides.
-    spec = kv_spec(args, model.config, p, ranks_memory=loaded)
-    kv = open_kv(GroupKVCache, args.role, path, spec, weights_client.backend)
+    spec = kv_spec(config, model.config, p, ranks_memory=loaded)
+    kv = open_kv(GroupKVCache, role, path, spec, weights_client.backend)
     spec = kv.spec
     kv.group = group
-    replies = group.call("kv", asdict(spec), args.role)
-    if args.role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
+    replies = group.call("kv", asdict(spec), role)
+    if role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
         kv._forget_blocks()
-    tokenizer, eos, limits = engine_limits(args, model_path, config)
+    tokenizer, eos, limits = engine_limits(config, model_path, model_config)
     engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device)
-    start_engine(args, engine, p)  # every rank captures its graphs and warms up with the leader
+    start_engine(config, engine, p)  # every rank captures its graphs and warms up with the leader
     group.call("warmed")
-    return finish(args, engine, p, tokenizer, weights_client, stats, t0, {
+    return finish(config, engine, p, tokenizer, weights_client, stats, t0, {
         "tensor_parallel": size, "rank_pids": [os.getpid(), *group.pids],
         "rank_weights": [stats["source"], *(r["weights"] for r in loaded)]})

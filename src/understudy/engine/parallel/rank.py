@@ -1,5 +1,5 @@
 """A worker rank (1..N-1) of a tensor-parallel group: `python -m understudy.engine.parallel.rank` (started by
-the group's leader, tp_group.py; not a command for people).
+the group's leader, parallel/group.py; not a command for people).
 
 It does what the leader asks over the control channel, in order:
     init      (first) device, memory service, torch.distributed, then publish or import its shard

@@ -8,15 +8,18 @@ import time
 
 from understudy.discovery.records import EngineRecord
 from understudy.discovery.registration import Registration, advertised_url
+from understudy.engine.serve_config import ServeConfig
 
 
-def registrations(args, worker, lock_path: str) -> list[Registration]:
+def registrations(config: ServeConfig, worker, lock_path: str) -> list[Registration]:
     """One Registration per --register target; their records follow the worker's lifecycle."""
-    if not args.register:
+    discovery, http = config.discovery, config.http
+    if not discovery.register:
         return []
     host = socket.gethostname()
-    ident = {"id": f"{host}-{args.port}-{os.getpid()}", "url": advertised_url(args.host, args.port, args.advertise_url),
-             "node": f"{host}:{lock_path}", "role": args.role, "pid": os.getpid(),
+    ident = {"id": f"{host}-{http.port}-{os.getpid()}",
+             "url": advertised_url(http.host, http.port, discovery.advertise_url),
+             "node": f"{host}:{lock_path}", "role": config.failover.role, "pid": os.getpid(),
              "registered_at": time.time()}
 
     def record() -> EngineRecord:
@@ -24,7 +27,7 @@ def registrations(args, worker, lock_path: str) -> list[Registration]:
                             max_model_len=worker.max_model_len)
 
     try:
-        regs = [Registration(url, record, args.registration_ttl) for url in args.register]
+        regs = [Registration(url, record, discovery.registration_ttl) for url in discovery.register]
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"understudy serve: --register: {e}") from None
     worker.lifecycle.on_change(lambda _state: [r.changed() for r in regs])

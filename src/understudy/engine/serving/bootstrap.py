@@ -7,7 +7,6 @@ HTTP app serves. A single engine (engine/launch.py) and a tensor-parallel group'
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
 import os
@@ -18,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from understudy.engine.core.async_engine import AsyncEngine
 from understudy.engine.core.kv_cache import KVCache, KVSpec
 from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
 from understudy.engine.model.loader import load_config
+from understudy.engine.serve_config import ServeConfig
 from understudy.engine.serving.lifecycle import Lifecycle
 from understudy.engine.serving.worker import Worker
 from understudy.failover.lock import FailoverLock, LockHeld
@@ -44,10 +44,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Built:
-    worker: Worker
-    memory_server: subprocess.Popen | None
+    """An engine built from a ServeConfig (launch.build_engine), warmed up, not serving yet."""
+
+    worker: Worker  # what the HTTP app serves (worker.engine: the AsyncEngine around `engine`)
+    memory_server: subprocess.Popen | None  # the memory service this process started, if it did
     lock: FailoverLock
     socket_path: str
+    weights_stats: dict = field(default_factory=dict)  # weights.load's: source (published, imported), seconds, ...
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine itself, to step by hand (bench/, tests) while the AsyncEngine is not started."""
+        return self.worker.engine.engine
+
+    def close(self) -> None:
+        """For a caller that stepped the engine by hand: let go of the KV cache and weights, the failover
+        lock and a memory service started for it (a tensor-parallel group's ranks end with this process)."""
+        if self.engine.kv.client is not None:
+            self.engine.kv.client.close()
+        if self.worker.weights is not None:
+            self.worker.weights.close()
+        self.lock.release()
+        if self.memory_server is not None:
+            self.memory_server.terminate()
+            self.memory_server.wait(timeout=30)
 
 
 def _pdeathsig() -> None:
@@ -103,38 +123,40 @@ class Placement:
     attention_fn: object  # the Triton paged attention, or None for the reference one
 
 
-def place(args: argparse.Namespace, ranks: int = 1, check_config=None) -> Placement:
+def place(config: ServeConfig, ranks: int = 1, check_config=None) -> Placement:
     """Device, model config, dtype, memory service and failover lock (taken now by a primary) of an
     engine whose ranks use devices --device .. --device + ranks - 1."""
-    model_path = Path(args.model) if args.model else default_model_path()
-    use_cuda = args.backend == "cuda" or (args.backend == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{args.device}" if use_cuda else "cpu")
+    m, d = config.model, config.device
+    model_path = Path(m.model) if m.model else default_model_path()
+    use_cuda = d.backend == "cuda" or (d.backend == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{d.device}" if use_cuda else "cpu")
     if use_cuda:
-        if torch.cuda.device_count() < args.device + ranks:
-            raise SystemExit(f"understudy serve: {ranks} ranks from --device {args.device} need "
-                             f"{args.device + ranks} GPUs; {torch.cuda.device_count()} are visible")
+        if torch.cuda.device_count() < d.device + ranks:
+            raise SystemExit(f"understudy serve: {ranks} ranks from --device {d.device} need "
+                             f"{d.device + ranks} GPUs; {torch.cuda.device_count()} are visible")
         torch.cuda.set_device(device)
-    config = load_config(model_path)
+    model_config = load_config(model_path)
     if check_config is not None:
-        check_config(config)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        (torch.float16 if config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
+        check_config(model_config)
+    dtype = DTYPES[m.dtype] if m.dtype != "auto" else (
+        (torch.float16 if model_config.dtype == torch.float16 else torch.bfloat16) if use_cuda else torch.float32)
     backend = "cuda" if use_cuda else "host"
-    path, mem_proc = ensure_memory_service(backend, args.device, args.socket_dir, args.memory_service)
+    path, mem_proc = ensure_memory_service(backend, d.device, d.socket_dir, d.memory_service)
     # One failover lock per device (a group's is its leader's): only leaders contend for it.
-    lock = FailoverLock.for_device(args.failover_dir or Path(path).parent, Path(path).stem.removeprefix("memory-"))
-    if args.role == "primary":
+    lock = FailoverLock.for_device(config.failover.failover_dir or Path(path).parent,
+                                   Path(path).stem.removeprefix("memory-"))
+    if config.failover.role == "primary":
         try:
             lock.try_acquire()
         except LockHeld as e:
             raise SystemExit(f"understudy serve: {e}: another engine is active on this device; "
                              f"start this one with --role shadow") from None
     attention_fn = None
-    if args.attention == "triton" or (args.attention == "auto" and use_cuda):
+    if m.attention == "triton" or (m.attention == "auto" and use_cuda):
         from understudy.engine.layers.triton_attention import attention_for
 
-        attention_fn = attention_for(args.prefill_attention)
-    return Placement(model_path, config, dtype, use_cuda, backend, device, path, mem_proc, lock, attention_fn)
+        attention_fn = attention_for(m.prefill_attention)
+    return Placement(model_path, model_config, dtype, use_cuda, backend, device, path, mem_proc, lock, attention_fn)
 
 
 def open_kv(cls: type[KVCache], role: str, path: str, spec: KVSpec, backend) -> KVCache:
@@ -146,63 +168,66 @@ def open_kv(cls: type[KVCache], role: str, path: str, spec: KVSpec, backend) -> 
     return cls.scratch(backend, KVSpec(**pooled) if pooled else spec)
 
 
-def kv_spec(args: argparse.Namespace, config, p: Placement, ranks_memory: Sequence[dict] = ()) -> KVSpec:
+def kv_spec(config: ServeConfig, model_config, p: Placement, ranks_memory: Sequence[dict] = ()) -> KVSpec:
     """The KV cache's shape: --kv-cache-memory bytes; else on CUDA what --gpu-memory-utilization leaves on
     the fullest of the engine's devices (this one and, for a group, each other rank's `free` / `total`),
-    less 1 GiB for activations; 512 MiB on the CPU. `config`: this rank's share of the model."""
-    from understudy.common.units import parse_size
-
-    if args.kv_cache_memory:
-        budget = parse_size(args.kv_cache_memory)
+    less 1 GiB for activations; 512 MiB on the CPU. `model_config`: this rank's share of the model."""
+    kv = config.kv
+    if kv.kv_cache_memory:
+        budget = kv.kv_cache_memory
     elif p.use_cuda:
         free, total = torch.cuda.mem_get_info(p.device)
-        budget = min([int(total * args.gpu_memory_utilization) - (total - free)] + [
-            int(r["total"] * args.gpu_memory_utilization) - (r["total"] - r["free"]) for r in ranks_memory]) - (1 << 30)
+        budget = min([int(total * kv.gpu_memory_utilization) - (total - free)] + [
+            int(r["total"] * kv.gpu_memory_utilization) - (r["total"] - r["free"]) for r in ranks_memory]) - (1 << 30)
     else:
         budget = 512 << 20
     try:
-        return KVSpec.for_budget(config, budget, args.block_size, p.dtype)
+        return KVSpec.for_budget(model_config, budget, kv.block_size, p.dtype)
     except ValueError as e:
         raise SystemExit(f"understudy serve: {e}: raise --kv-cache-memory (or --gpu-memory-utilization)") from None
 
 
-def engine_limits(args: argparse.Namespace, model_path: Path,
-                  config) -> tuple[Tokenizer, tuple[int, ...], EngineLimits]:
+def engine_limits(config: ServeConfig, model_path: Path,
+                  model_config) -> tuple[Tokenizer, tuple[int, ...], EngineLimits]:
     """The tokenizer, the stop tokens (the model's and the tokenizer's) and the scheduler's limits
     (--max-model-len defaults to the model's, at most 32768)."""
     tokenizer = Tokenizer.from_pretrained(model_path)
-    max_model_len = args.max_model_len or min(config.max_position_embeddings, 32768)
-    eos = tuple(config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    limits = EngineLimits(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_waiting=args.max_waiting, max_model_len=max_model_len)
+    max_model_len = config.model.max_model_len or min(model_config.max_position_embeddings, 32768)
+    eos = tuple(model_config.eos_token_ids) + (
+        (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    kv = config.kv
+    limits = EngineLimits(max_num_seqs=kv.max_num_seqs, max_num_batched_tokens=kv.max_num_batched_tokens,
+                          max_waiting=kv.max_waiting, max_model_len=max_model_len)
     return tokenizer, eos, limits
 
 
-def start_engine(args: argparse.Namespace, engine: LLMEngine, p: Placement) -> None:
+def start_engine(config: ServeConfig, engine: LLMEngine, p: Placement) -> None:
     """CUDA graphs for decode steps (unless --enforce-eager), then the warm-up."""
-    if p.use_cuda and not args.enforce_eager:
-        if p.attention_fn is None:
+    if p.use_cuda and not config.model.enforce_eager:
+        if p.attention_fn is None:  # --backend auto that found CUDA (with --backend cuda, ServeConfig said so)
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
         engine.enable_cuda_graphs()
     engine.warm_up()
 
 
-def finish(args: argparse.Namespace, engine: LLMEngine, p: Placement, tokenizer: Tokenizer, weights_client,
+def finish(config: ServeConfig, engine: LLMEngine, p: Placement, tokenizer: Tokenizer, weights_client,
            stats: dict, t0: float, info: dict) -> Built:
     """A shadow parks its KV cache; the engine gets its HTTP worker and says it is ready (`info`: more
     of what /health reports)."""
-    if args.role == "shadow":
+    role = config.failover.role
+    if role == "shadow":
         engine.kv.park()
     model_path, spec = p.model_path, engine.kv.spec
     max_model_len = engine.scheduler.max_model_len
-    name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
-    info = {"role": args.role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": p.backend,
+    name = config.model.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
+    info = {"role": role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": p.backend,
             "pid": os.getpid(), **info}
-    worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len, default_max_tokens=args.default_max_tokens,
-                    max_request_bytes=args.max_request_bytes, info=info, weights=weights_client, holds=[p.lock],
-                    lifecycle=Lifecycle("ACTIVE" if args.role == "primary" else "STANDBY"),
-                    standby_wait=args.standby_wait)
+    worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len,
+                    default_max_tokens=config.kv.default_max_tokens, max_request_bytes=config.http.max_request_bytes,
+                    info=info, weights=weights_client, holds=[p.lock],
+                    lifecycle=Lifecycle("ACTIVE" if role == "primary" else "STANDBY"),
+                    standby_wait=config.failover.standby_wait)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(p.dtype),
         max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size,
         kv_adopted=engine.kv.adopted, **info)
-    return Built(worker, p.memory_server, p.lock, p.socket_path)
+    return Built(worker, p.memory_server, p.lock, p.socket_path, stats)

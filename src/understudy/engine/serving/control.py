@@ -1,7 +1,10 @@
-"""Giving the device memory back and taking it again: sleep / wake_up, and quiesce / resume around a snapshot.
+"""Giving the device memory back and taking it again: the control routes, sleep / wake_up
+(POST /engine/control/sleep and /engine/control/wake_up), and quiesce / resume around a snapshot.
 
 `release_memory` and `restore_memory` are the one mechanism under all four routes (they run off the event
-loop while the engine thread is stopped); `remap` answers for wake_up and resume alike.
+loop while the engine thread is stopped); `remap` answers for wake_up and resume alike. One control call
+runs at a time (`app.state.control`, a lock that the memory watch takes too while it gives a restarted
+memory service our memory back): a repeated call sees the first one's result.
 
 Quiesce and resume (POST /engine/control/quiesce and /engine/control/resume):
 
@@ -161,12 +164,74 @@ def _start_memory_watch(app: FastAPI, worker: Worker) -> None:
         watch_memory_service(worker, worker.weights.socket_path, app.state.control))
 
 
+def add_control_routes(app: FastAPI, worker: Worker) -> None:
+    """sleep / wake_up, quiesce / resume, under one lock (app.state.control, shared with the memory watch)."""
+    app.state.control = asyncio.Lock()
+    add_sleep_routes(app, worker)
+    add_quiesce_routes(app, worker)
+
+
+def _conflict(message: str) -> JSONResponse:
+    return error(409, message, type_="conflict_error")
+
+
+def add_sleep_routes(app: FastAPI, worker: Worker) -> None:
+    control: asyncio.Lock = app.state.control
+
+    @app.post("/engine/control/sleep")
+    async def sleep():
+        """Unmap the weights and the KV cache, keeping their addresses, and leave both pools.
+
+        Only an ACTIVE engine sleeps (SLEEPING: 200, nothing to do; otherwise 409). Requests in flight
+        are neither aborted nor waited for: the answer is 409 and the engine stays active (drain it
+        first). Once asleep, new requests wait in _admit as on a standby (up to --standby-wait, then 503)."""
+        async with control:
+            if worker.state == "SLEEPING":
+                return {"state": "SLEEPING", "changed": False}
+            if worker.state != "ACTIVE":
+                return _conflict(f"engine is {worker.state}: only an active engine can sleep")
+            if worker.weights is None:  # not built by launch.build_engine: its weights are not ours to unmap
+                return _conflict("this engine's weights do not come from a memory service")
+            if worker.info.get("tensor_parallel", 1) > 1:  # only rank 0's memory would go (parallel/group.py)
+                return _conflict("sleep is not supported with --tensor-parallel")
+            if worker.engine.num_requests:
+                return _conflict(f"{worker.engine.num_requests} requests in flight: drain the engine, then "
+                                 f"retry (they are not aborted)")
+            t0 = time.perf_counter()
+            worker.lifecycle.set("SLEEPING")  # before any await: nothing is admitted from here on
+            await asyncio.to_thread(release_memory, worker)
+            seconds = round(time.perf_counter() - t0, 4)
+            log(logger, "asleep", seconds=seconds)
+            return {"state": "SLEEPING", "changed": True, "seconds": seconds}
+
+    @app.post("/engine/control/wake_up")
+    async def wake_up():
+        """Remap the weights and the KV cache at the addresses they had, and serve again.
+
+        SLEEPING -> ACTIVE (ACTIVE: 200, nothing to do; otherwise 409). The KV cache is adopted if the kv
+        pool still has our layout, else started afresh (it is a cache). Weights whose layout changed
+        while we slept cannot be used at our addresses: 409, state DEAD, and the process exits with code
+        3 once the answer is sent. A memory service that cannot be reached or locked: 503, still asleep."""
+        async with control:
+            if worker.state == "ACTIVE":
+                return {"state": "ACTIVE", "changed": False}
+            if worker.state != "SLEEPING":
+                return _conflict(f"engine is {worker.state}: only a sleeping engine wakes up")
+            t0 = time.perf_counter()
+            restored, refusal = await remap(worker, "wake up", "while the engine slept", "sleeping")
+            if refusal is not None:
+                return refusal
+            worker.engine.start()  # on this loop: it delivers the engine's outputs here
+            kv = worker.engine.engine.kv
+            seconds = round(time.perf_counter() - t0, 4)
+            worker.lifecycle.set("ACTIVE", kv_adopted=kv.adopted, restored_blocks=restored, seconds=seconds)
+            return {"state": "ACTIVE", "changed": True, "kv_adopted": kv.adopted, "restored_blocks": restored,
+                    "seconds": seconds}
+
+
 def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
     control: asyncio.Lock = app.state.control  # shared with sleep / wake_up and the memory watch
     quiesced: dict = {}  # while QUIESCED: the state to go back to, whether a memory watch ran
-
-    def _conflict(message: str):
-        return error(409, message, type_="conflict_error")
 
     @app.post("/engine/control/quiesce")
     async def quiesce():
@@ -177,7 +242,7 @@ def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
                 return {"state": "QUIESCED", "changed": False, "previous": quiesced.get("was"), "pid": os.getpid()}
             if worker.weights is None:
                 return _conflict("this engine's weights do not come from a memory service")
-            if worker.info.get("tensor_parallel", 1) > 1:  # a group is several processes (tp_group.py)
+            if worker.info.get("tensor_parallel", 1) > 1:  # a group is several processes (parallel/group.py)
                 return _conflict("quiesce (snapshots) is not supported with --tensor-parallel")
             t0 = time.perf_counter()
             was = worker.lifecycle.swap(QUIESCIBLE, "QUIESCED")  # atomic with a promotion's WAKING

@@ -1,9 +1,9 @@
-"""An engine's lifecycle: INIT -> STANDBY (parked shadow) -> WAKING -> ACTIVE -> DRAINING / DEAD.
+"""An engine's lifecycle: INIT -> STANDBY (parked shadow) -> WAKING -> ACTIVE -> DRAINING / DEAD, with
+ACTIVE <-> SLEEPING (sleep / wake_up) and STANDBY / SLEEPING <-> QUIESCED (a snapshot, serving/control.py).
 
-ACTIVE <-> SLEEPING on request (POST /engine/control/sleep and /wake_up): weights and KV unmapped,
-nothing admitted. Every transition is logged and counted; requests wait for ACTIVE (bounded).
-STANDBY / SLEEPING <-> QUIESCED around a snapshot (POST /engine/control/quiesce and /resume, see
-engine/quiesce.py): nothing mapped, no memory-service connection; a promotion waits for the resume."""
+common/states.py names the states and says what each means (torch-free: the frontend counts engines by
+them). Every transition is logged and counted; requests wait for ACTIVE (bounded); a promotion waits out
+a snapshot's QUIESCED."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import time
 from collections import Counter
 from typing import Callable
 
+from understudy.common.states import STATES
 from understudy.logs import log
 
 logger = logging.getLogger("understudy.engine.serving.lifecycle")
-
-STATES = ("INIT", "STANDBY", "WAKING", "ACTIVE", "SLEEPING", "QUIESCED", "DRAINING", "DEAD")
 
 
 class Lifecycle:

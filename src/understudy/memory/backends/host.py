@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Same as the CUDA minimum granularity, so sizes and offsets round the same way on both.
 HOST_GRANULARITY = 2 << 20
 
-# BUGFIX (tests/test_memory_security.py::test_a_reader_cannot_reopen_its_fd_writable_on_host):
+# BUGFIX (tests/memory/test_security.py::test_a_reader_cannot_reopen_its_fd_writable_on_host):
 # an O_RDONLY fd alone did not stop a reader: open("/proc/self/fd/N", O_RDWR) gave it a
 # writable fd of the same memfd (whose inode is mode 0777), and then a writable mapping
 # or a truncation (SIGBUS for every other reader). Seals are on the inode, so they hold
@@ -65,7 +65,7 @@ class HostBackend(Backend):
                 os.ftruncate(fd, size)
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)  # BUGFIX, see above
             except BaseException:
-                # BUGFIX (tests/test_memory_protocol.py::test_host_create_leaks_no_fd_on_failure):
+                # BUGFIX (tests/memory/test_protocol.py::test_host_create_leaks_no_fd_on_failure):
                 # a size the kernel refuses (e.g. >= 2**63), or ENOMEM retried every 50 ms, leaked this fd.
                 os.close(fd)
                 raise

@@ -22,10 +22,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from procs import BACKEND
-from procs import ServerProcess
 from understudy.memory import BackendError, MemoryClient, device_socket_path, read_status
 from understudy.memory import protocol as p
+
+from tests.helpers.procs import BACKEND
+from tests.helpers.procs import ServerProcess
 
 NOBODY = 65534
 GROUP = 4242  # a gid nobody belongs to unless a test says so

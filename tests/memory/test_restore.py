@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from procs import BACKEND, ServerProcess
 from understudy.memory import MemoryClient, MemoryServiceError, TensorMeta, read_status
 from understudy.memory import protocol as p
+
+from tests.helpers.procs import BACKEND, ServerProcess
 
 MiB = 1 << 20
 W_BYTES, KV_BYTES = 4 * MiB, 2 * MiB

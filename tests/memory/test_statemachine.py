@@ -25,11 +25,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from procs import BACKEND
-from procs import ServerProcess
 from understudy.memory import MemoryClient, MemoryServiceError, TensorMeta, read_status
 from understudy.memory import protocol as p
 from understudy.memory.pool import layout_hash
+
+from tests.helpers.procs import BACKEND
+from tests.helpers.procs import ServerProcess
 
 MiB = 1 << 20
 WAIT = 10.0  # seconds any reply or event may take before the test fails

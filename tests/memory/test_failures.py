@@ -7,8 +7,9 @@ import signal
 
 import pytest
 
-from procs import ServerProcess, actor
 from understudy.memory import MemoryClient, MemoryServiceError, read_status
+
+from tests.helpers.procs import ServerProcess, actor
 
 MiB = 1 << 20
 

@@ -21,18 +21,14 @@ from pathlib import Path
 import httpx
 import openai
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
-
-from procs import LineProcess, ServerProcess, free_port, serve_process  # noqa: E402,F401  (ServerProcess: for the tests)
-from streams import event_of as event  # noqa: E402,F401  (event: for the tests)
+from tests.helpers.procs import LineProcess, ServerProcess, free_port, serve_process  # noqa: F401  (ServerProcess: for the tests)
+from tests.helpers.streams import event_of as event  # noqa: F401  (event: for the tests)
 
 BACKEND = "host"  # CPU by design: the sizes assume float32 SmolLM2-135M
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512"]
 ENGINE_ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 REGISTRATION_TTL = "2"  # seconds: a SIGKILLed engine leaves the registries this long after its death
 MAX_REQUEST_BYTES = 32768
-
-
 
 
 def is_event(name: str, **fields):

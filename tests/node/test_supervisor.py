@@ -24,16 +24,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for procs.py
-
-from procs import LineProcess, free_port  # noqa: E402
-from streams import event_of as _event  # noqa: E402
+from tests.helpers.procs import LineProcess, free_port
+from tests.helpers.streams import event_of as _event
 
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--no-progress"]
 PROMPT = list(range(300, 364))  # 64 token ids: four full blocks of 16
 MAX_TOKENS = 12
-
-
 
 
 def logged(event: str, child: str | None = None, **fields):

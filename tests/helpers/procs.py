@@ -116,7 +116,7 @@ class ServerProcess(LineProcess):
 
 
 def actor(*args: str) -> LineProcess:
-    """Start tests/actors.py with these arguments."""
+    """Start tests/helpers/actors.py with these arguments."""
     return LineProcess([sys.executable, str(HERE / "actors.py"), *args])
 
 

@@ -25,11 +25,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from procs import BACKEND
-from procs import ServerProcess
 from understudy.memory import MemoryClient, TensorMeta, read_status
 from understudy.memory import protocol as p
 from understudy.memory.backends.host import HostBackend
+
+from tests.helpers.procs import BACKEND
+from tests.helpers.procs import ServerProcess
 
 MiB = 1 << 20
 REPLY_TIMEOUT = 10.0  # seconds a raw socket waits for a reply before the test fails

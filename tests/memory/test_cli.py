@@ -9,8 +9,9 @@ import urllib.request
 
 import torch
 
-from procs import ServerProcess
 from understudy.memory import MemoryClient, publish_state_dict
+
+from tests.helpers.procs import ServerProcess
 
 
 def _free_port() -> int:

@@ -1,0 +1,185 @@
+"""The configuration of `understudy serve`: one frozen `ServeConfig`, built once from argv and checked there.
+
+engine/options.py turns the flags into it (`parse_serve_args(argv)`, or `config_from_args(namespace)` for
+the `understudy` parser); everything below the CLI (launch, bootstrap, the tensor-parallel group,
+discovery announcements, snapshot identities) takes the config, never an argparse namespace.
+
+The groups follow the flag groups of `understudy serve --help`, and every field is named after its
+flag's argparse dest, so a flag is easy to find: `--kv-cache-memory 8GiB` is `config.kv.kv_cache_memory`
+(an int, 8 << 30). Each field says whether it is part of a snapshot's identity (snapshot/identity.py):
+what is baked into an engine's process image (model, dtype, kernels, batching limits, ...) is; replicas
+and roles, placement, discovery, resources and output are not.
+
+    config = ServeConfig(model=ModelOptions(model="/models/llama"), kv=KVOptions(kv_cache_memory=8 << 30))
+    config.identity_values()  # {'model': '/models/llama', 'served_model_name': None, 'dtype': 'auto', ...}
+
+Bad values (from argv or built in code) raise ConfigError naming the flag; `understudy serve` turns it
+into `understudy serve: error: ...` and exit 2. Checks that need the machine (is CUDA there, does the
+KV budget hold a block) stay where the machine is known (engine/serving/bootstrap.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A serve configuration that cannot run; the message names the flag."""
+
+
+def _field(default: Any = None, *, identity: bool, factory: Any = None) -> Any:
+    """A config field; `identity`: part of what a snapshot image of the engine is (snapshot/identity.py)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"identity": identity})
+    return field(default=default, metadata={"identity": identity})
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str | None = _field(None, identity=True)  # None: the built-in default model
+    served_model_name: str | None = _field(None, identity=True)
+    dtype: str = _field("auto", identity=True)  # auto or one of DTYPE_NAMES
+    enforce_eager: bool = _field(False, identity=True)
+    attention: str = _field("auto", identity=True)  # auto, reference, triton
+    prefill_attention: str = _field("triton", identity=True)  # reference, triton
+    max_model_len: int | None = _field(None, identity=True)  # None: the model's, at most 32768
+
+
+@dataclass(frozen=True)
+class FailoverOptions:
+    role: str = _field("primary", identity=False)  # primary, shadow
+    failover_dir: str | None = _field(None, identity=False)  # None: the memory service's socket directory
+    standby_wait: float = _field(30.0, identity=True)
+
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    register: tuple[str, ...] = _field(identity=False, factory=tuple)
+    advertise_url: str | None = _field(None, identity=False)
+    registration_ttl: float = _field(10.0, identity=False)
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """The device and its memory service."""
+
+    backend: str = _field("auto", identity=True)  # auto, host, cuda
+    device: int = _field(0, identity=False)
+    tensor_parallel: int = _field(1, identity=True)
+    socket_dir: str | None = _field(None, identity=False)
+    memory_service: str = _field("auto", identity=False)  # auto, connect
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """The KV cache and batching."""
+
+    kv_cache_memory: int | None = _field(None, identity=False)  # bytes; None: from gpu_memory_utilization
+    gpu_memory_utilization: float = _field(0.85, identity=False)
+    block_size: int = _field(16, identity=True)
+    max_num_seqs: int = _field(256, identity=True)
+    max_num_batched_tokens: int = _field(2048, identity=True)
+    max_waiting: int = _field(1024, identity=True)
+    default_max_tokens: int = _field(256, identity=True)
+
+
+@dataclass(frozen=True)
+class HTTPOptions:
+    host: str = _field("127.0.0.1", identity=False)
+    port: int = _field(8000, identity=False)
+    max_request_bytes: int = _field(4 << 20, identity=True)
+    drain_timeout: float = _field(30.0, identity=True)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Logs and the loading progress bar."""
+
+    log_format: str = _field("json", identity=False)  # json, text
+    log_level: str = _field("info", identity=False)  # debug, info, warning, error
+    no_progress: bool = _field(False, identity=False)
+
+
+CHOICES = {  # the flags with a fixed set of values (argparse checks them too; this is for configs built in code)
+    "dtype": ("auto", *DTYPE_NAMES), "attention": ("auto", "reference", "triton"),
+    "prefill_attention": ("reference", "triton"), "role": ("primary", "shadow"), "backend": ("auto", "host", "cuda"),
+    "memory_service": ("auto", "connect"), "log_format": ("json", "text"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    failover: FailoverOptions = field(default_factory=FailoverOptions)
+    discovery: DiscoveryOptions = field(default_factory=DiscoveryOptions)
+    device: DeviceOptions = field(default_factory=DeviceOptions)
+    kv: KVOptions = field(default_factory=KVOptions)
+    http: HTTPOptions = field(default_factory=HTTPOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @classmethod
+    def groups(cls) -> dict[str, type]:
+        """{group attribute: its options class}, in --help order."""
+        return {f.name: f.default_factory for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def identity_fields(cls) -> tuple[str, ...]:
+        """The fields (flag dests) that are part of a snapshot's identity."""
+        return tuple(f.name for group in cls.groups().values() for f in dataclasses.fields(group)
+                     if f.metadata["identity"])
+
+    def values(self) -> dict[str, Any]:
+        """Every field by its flag dest, e.g. {'model': None, ..., 'kv_cache_memory': 8589934592, ...}."""
+        return {f.name: getattr(g, f.name) for g in (getattr(self, name) for name in self.groups())
+                for f in dataclasses.fields(g)}
+
+    def identity_values(self) -> dict[str, Any]:
+        """{field: value} of the identity fields (snapshot/identity.py hashes them)."""
+        values = self.values()
+        return {name: values[name] for name in self.identity_fields()}
+
+
+_NAMES = [f.name for group in ServeConfig.groups().values() for f in dataclasses.fields(group)]
+assert len(_NAMES) == len(set(_NAMES)), "a field name (a flag dest) in two groups"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check(config: ServeConfig) -> None:
+    """Every check of a serve configuration that needs no machine, in one place; raises ConfigError."""
+    v = config.values()
+    for name, allowed in CHOICES.items():
+        if v[name] not in allowed:
+            raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}, not {v[name]!r}")
+
+    def at_least(name: str, low: float, unit: str = "") -> None:
+        if v[name] is not None and v[name] < low:
+            raise ConfigError(f"{_flag(name)} must be at least {low}{unit}, not {v[name]}")
+
+    for name in ("max_model_len", "tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                 "default_max_tokens", "max_request_bytes"):
+        at_least(name, 1)
+    for name in ("device", "max_waiting", "standby_wait", "drain_timeout"):
+        at_least(name, 0)
+    at_least("kv_cache_memory", 1, " byte")
+    if v["registration_ttl"] <= 0:
+        raise ConfigError(f"--registration-ttl must be more than 0 seconds, not {v['registration_ttl']}")
+    if not 0 < v["gpu_memory_utilization"] <= 1:
+        raise ConfigError(f"--gpu-memory-utilization must be a fraction in (0, 1], not {v['gpu_memory_utilization']}")
+    if not 0 <= v["port"] <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, not {v['port']}")
+    # On CUDA, decode steps run as CUDA graphs, which only the Triton attention can be captured in
+    # (with --backend auto, whether CUDA is used is known only at start: bootstrap.start_engine says it then).
+    if v["backend"] == "cuda" and v["attention"] == "reference" and not v["enforce_eager"]:
+        raise ConfigError("CUDA graphs need --attention triton (or --enforce-eager): --backend cuda with "
+                          "--attention reference")

@@ -1,0 +1,41 @@
+"""The frontend's operator routes: the busy thresholds, read and changed at run time (GET / POST
+/admin/thresholds), and, with embedded discovery, the engines' registry (/registry/engines, from
+discovery/embedded.py). Neither has authentication: bind the frontend where only trusted clients and
+engines reach it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+
+from understudy.common.api import error
+from understudy.discovery.embedded import EmbeddedRegistry
+from understudy.frontend.service import Frontend
+from understudy.logs import log
+
+logger = logging.getLogger("understudy.frontend")
+
+
+def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
+    if isinstance(fe.view, EmbeddedRegistry):
+        app.include_router(fe.view.routes())
+
+    @app.get("/admin/thresholds")
+    async def get_thresholds():
+        return fe.thresholds.as_dict()
+
+    @app.post("/admin/thresholds")
+    async def set_thresholds(request: Request):
+        """Change the busy thresholds: {"kv_usage": 0.9, "waiting": 8} (either or both)."""
+        try:
+            changes = json.loads(await request.body())
+            if not isinstance(changes, dict):
+                raise ValueError("the body must be a JSON object")
+            old = fe.thresholds.as_dict()
+            fe.thresholds.update(changes)
+        except ValueError as e:
+            return error(400, str(e))
+        log(logger, "thresholds_changed", old=old, new=fe.thresholds.as_dict())
+        return fe.thresholds.as_dict()

@@ -1,0 +1,36 @@
+"""The flags of `understudy up` (run a node) and `understudy status` (show it); no heavy imports."""
+
+from __future__ import annotations
+
+import argparse
+
+from understudy.engine.options import positive_int
+from understudy.logs import add_logging_arguments
+from understudy.memory.options import add_socket_location
+
+
+def add_up_arguments(up: argparse.ArgumentParser) -> None:
+    up.add_argument("--shadows", type=int, default=1, help="parked shadow engines (default: 1)")
+    up.add_argument("--port", type=int, default=8000,
+                    help="the first engine's port; engine i listens on port+i (default: 8000)")
+    add_socket_location(up)
+    up.add_argument("--snapshot-dir", default=None,
+                    help="restore shadows and replacements from Ready images in this directory when one matches "
+                         "(same engine identity and port, its pids free) and cold-start otherwise; a shadow that "
+                         "parks cold is checkpointed into DIR/<identity>-<port> for the next time (docs/snapshot.md)")
+    up.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                    help="every engine is a group of N ranks on devices --device ... --device+N-1 (one memory "
+                         "service per device is started); the active group and each shadow group fail over as a "
+                         "whole (docs/tensor-parallel.md) (default: 1)")
+    up.add_argument("--frontend-port", type=int, default=None,
+                    help="also run `understudy frontend` on this port, with every engine registered to it "
+                         "(default: none; docs/frontend.md)")
+    up.add_argument("engine_args", nargs=argparse.REMAINDER,
+                    help="after `--`: flags for `understudy serve` (model, KV size, ...)")
+    add_logging_arguments(up)
+
+
+def add_status_arguments(ns: argparse.ArgumentParser) -> None:
+    ns.add_argument("--socket-dir", default=None,
+                    help="the node's socket directory (default: $UNDERSTUDY_SOCKET_DIR or /tmp/understudy-$UID)")
+    ns.add_argument("--json", action="store_true", help="print the raw status as JSON")
