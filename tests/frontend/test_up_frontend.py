@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -18,24 +17,14 @@ from pathlib import Path
 import openai
 
 from tests.helpers.frontend import LineProcess, event, free_port, is_event, wait_until
+from tests.helpers.procs import two_free_ports
 
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--no-progress", "--registration-ttl", "2"]
 
 
-def _two_free_ports() -> int:
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-
-
 def test_up_runs_a_frontend_that_survives_the_active_engines_death():
     d = Path(tempfile.mkdtemp(prefix="us-upfe-", dir="/tmp"))
-    port, fport = _two_free_ports(), free_port()
+    port, fport = two_free_ports(), free_port()
     node = LineProcess([sys.executable, "-m", "understudy", "up", "--backend", "host", "--socket-dir", str(d),
                         "--port", str(port), "--shadows", "1", "--frontend-port", str(fport), "--", *ENGINE_ARGS],
                        env={"OMP_NUM_THREADS": "1"}, stream="stderr")

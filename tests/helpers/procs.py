@@ -128,6 +128,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_free_ports() -> int:
+    """A free port P whose neighbour P+1 is free too (`understudy up` puts engine i on port + i)."""
+    import socket
+
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
 def serve_process(socket_dir: Path, port: int, *extra: str, env: dict | None = None,
                   backend: str = BACKEND) -> LineProcess:
     """`understudy serve` against an existing memory service, JSON logs on stderr."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.procs import LineProcess, free_port
+from tests.helpers.procs import LineProcess, two_free_ports
 from tests.helpers.streams import event_of as _event
 
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--no-progress"]
@@ -40,23 +40,10 @@ def logged(event: str, child: str | None = None, **fields):
     return test
 
 
-def _two_free_ports() -> int:
-    import socket
-
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-
-
 class Node:
     def __init__(self, shadows: int = 1):
         self.dir = Path(tempfile.mkdtemp(prefix="us-up-", dir="/tmp"))
-        self.port = _two_free_ports()  # engine-i listens on port + i
+        self.port = two_free_ports()  # engine-i listens on port + i
         self.proc = LineProcess([sys.executable, "-m", "understudy", "up", "--backend", "host", "--socket-dir",
                                  str(self.dir), "--port", str(self.port), "--shadows", str(shadows), "--",
                                  *ENGINE_ARGS], env={"OMP_NUM_THREADS": "1"}, stream="stderr")

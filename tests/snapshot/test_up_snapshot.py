@@ -25,7 +25,8 @@ import httpx
 from understudy.snapshot.manifest import Manifest
 
 from tests.helpers.procs import LineProcess
-from tests.node.test_supervisor import _event, _two_free_ports, logged
+from tests.helpers.procs import two_free_ports
+from tests.node.test_supervisor import _event, logged
 
 ENGINE_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--no-progress"]
 PROMPT = list(range(300, 364))
@@ -46,7 +47,7 @@ def checkpoint_ready(port: int):
 def test_up_restores_a_replacement_from_the_image_of_its_port():
     d = Path(tempfile.mkdtemp(prefix="us-ups-", dir="/tmp"))
     images = d / "images"
-    port = _two_free_ports()
+    port = two_free_ports()
     up = LineProcess([sys.executable, "-m", "understudy", "up", "--backend", "host", "--socket-dir", str(d),
                       "--port", str(port), "--shadows", "1", "--snapshot-dir", str(images), "--", *ENGINE_ARGS],
                      env={"OMP_NUM_THREADS": "1"}, stream="stderr")

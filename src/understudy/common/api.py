@@ -6,6 +6,7 @@ before it reaches the engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -287,3 +288,30 @@ async def collect_text(first: TextItem, rest: AsyncIterator[TextItem]) -> TextIt
             return "".join(parts), reason, usage
         item = await rest.__anext__()
 
+
+class ClientGone(Exception):
+    """The client went away before its answer was ready (the work for it was cancelled)."""
+
+
+async def disconnected(request) -> None:
+    """Returns when the client goes away (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_gone(request, awaitable):
+    """The awaitable's result, or ClientGone (and the awaitable cancelled, and awaited until it has ended)
+    if the client leaves first."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})
+            raise ClientGone()
+    return work.result()

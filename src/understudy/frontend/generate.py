@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from understudy.common.api import (
     ChatCompletionRequest,
     ChatShape,
+    ClientGone,
     CompletionRequest,
     CompletionShape,
     chat_prompt,
@@ -29,6 +30,7 @@ from understudy.common.api import (
     error,
     sse,
     sse_events,
+    unless_gone,
 )
 from understudy.common.params import SamplingParams
 from understudy.common.text import TextStream
@@ -73,33 +75,6 @@ def add_generate_routes(app: FastAPI, fe: Frontend) -> None:
 
         return await _generate(fe, request, "chat", prompt, body.sampling(fe.default_max_tokens), shape.id,
                                body.stream, body.include_usage, shape.chunk, shape.final, t0, tokenizer)
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_gone(request: Request, awaitable):
-    """The awaitable's result, or _ClientGone (and the awaitable cancelled) if the client leaves first."""
-    work = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})
-            raise _ClientGone()
-    return work.result()
 
 
 class _Stream(StreamingResponse):
@@ -188,10 +163,10 @@ async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[
                 log(logger, "cancelled", request_id=rid, generated=len(gen.generated), engines=gen.engines)
 
     try:
-        first = await _unless_gone(request, items.__anext__())
+        first = await unless_gone(request, items.__anext__())
     except BaseException as e:
         await items.aclose()
-        if isinstance(e, _ClientGone):
+        if isinstance(e, ClientGone):
             finish("cancelled")
             return Response(status_code=499)
         counted = True  # each answer below counts itself
@@ -233,8 +208,8 @@ async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[
         return _Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     try:
-        text, reason, usage = await _unless_gone(request, collect_text(first, items))
-    except _ClientGone:
+        text, reason, usage = await unless_gone(request, collect_text(first, items))
+    except ClientGone:
         finish("cancelled")
         return Response(status_code=499)
     except (StreamFailed, NoEngine, AllBusy) as e:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from understudy.common.api import BodyLimit, error
+from understudy.common.api import BodyLimit, invalid_request
 from understudy.engine.serving.control import add_control_routes
 from understudy.engine.serving.generate import add_generate_routes
 from understudy.engine.serving.metrics import EngineMetrics
@@ -27,11 +27,7 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:]) or 'body'}: {e.get('msg')}"
-                            for e in exc.errors()[:5])
-        return error(400, message or "invalid request", param=param)
+        return invalid_request(exc.errors())
 
     app.add_middleware(BodyLimit, worker=worker)
 

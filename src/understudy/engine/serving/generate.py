@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from understudy.common.api import (
     ChatCompletionRequest,
     ChatShape,
+    ClientGone,
     CompletionRequest,
     CompletionShape,
     TokenGenerateRequest,
@@ -27,6 +28,7 @@ from understudy.common.api import (
     collect_text,
     error,
     sse_events,
+    unless_gone,
 )
 from understudy.common.text import TextStream
 from understudy.engine.core.scheduler import QueueFull
@@ -98,14 +100,6 @@ def _refusal(e: Exception) -> JSONResponse:
     if isinstance(e, QueueFull):
         return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
     return error(400, str(e))
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _tokens(worker: Worker, metrics: EngineMetrics, prompt: list[int], params, endpoint: str,
@@ -200,20 +194,13 @@ async def _generate(worker: Worker, metrics: EngineMetrics, request: Request, pr
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    work = asyncio.ensure_future(collect_text(first, rest))
-    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()  # the client left: stop computing for it
-            # BUGFIX (tests/engine/test_engine_http.py::test_nonstreaming_client_timeout_cancels_engine_work):
-            # `rest` is still running inside `work` until the cancellation lands; closing it before that
-            # raised "aclose(): asynchronous generator is already running" (a 500 and a traceback).
-            await asyncio.wait({work})
-        await rest.aclose()
-    if work.cancelled():
+        # BUGFIX (tests/engine/test_engine_http.py::test_nonstreaming_client_timeout_cancels_engine_work):
+        # `rest` runs inside the collecting task until its cancellation lands; closing it before that raised
+        # "aclose(): asynchronous generator is already running" (a 500). unless_gone awaits the cancelled task.
+        text, reason, usage = await unless_gone(request, collect_text(first, rest))
+    except ClientGone:  # the client left: the work for it is cancelled
         return Response(status_code=499)
-    text, reason, usage = work.result()
+    finally:
+        await rest.aclose()
     return JSONResponse(render_final(text, reason, usage))
