@@ -50,13 +50,12 @@ from understudy.engine.serving.bootstrap import (
     place,
     start_engine,
 )
+from understudy.failover import exit_codes
 from understudy.fds import lift_socket
 from understudy.logs import log
 from understudy.memory.tensors import dtype_name
 
 logger = logging.getLogger("understudy.engine.parallel.group")
-
-EXIT_GROUP_LOST = 4  # the leader's exit code when a rank of its group died
 
 
 class GroupError(RuntimeError):
@@ -133,7 +132,7 @@ class Group:
                     pass
             for hold in self.holds:
                 hold.release()
-            exit_now(EXIT_GROUP_LOST)
+            exit_now(exit_codes.GROUP_LOST)
 
     def _close(self) -> None:
         self.closing = True

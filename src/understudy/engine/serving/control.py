@@ -45,6 +45,7 @@ from starlette.background import BackgroundTask
 from understudy.common.api import error
 from understudy.engine.core.block_manager import BlockManager
 from understudy.engine.serving.worker import Worker
+from understudy.failover import exit_codes
 from understudy.logs import log
 from understudy.memory.client import LayoutChanged, MemoryServiceError
 
@@ -111,7 +112,7 @@ async def remap(worker: Worker, action: str, since: str, still: str) -> tuple[in
                               f"at the new one: exiting, start a new engine to serve the new weights",
                          type_="conflict_error")
         # After the answer is sent: the caller learns why before the process goes.
-        response.background = BackgroundTask(worker.exit_process or os._exit, 3)
+        response.background = BackgroundTask(worker.exit_process or os._exit, exit_codes.LAYOUT_CHANGED)
         return 0, response
     except (OSError, MemoryServiceError) as e:
         log(logger, event, logging.WARNING, reason=type(e).__name__, message=str(e))
@@ -256,7 +257,7 @@ def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
                 log(logger, "quiesce_failed", logging.ERROR, message=str(e))
                 worker.lifecycle.set("DEAD")
                 response = error(500, f"quiesce failed ({e}): the engine exits", type_="internal_error")
-                response.background = BackgroundTask(worker.exit_process or os._exit, 3)
+                response.background = BackgroundTask(worker.exit_process or os._exit, exit_codes.LAYOUT_CHANGED)
                 return response
             seconds = round(time.perf_counter() - t0, 4)
             log(logger, "quiesced", previous=was, seconds=seconds)
