@@ -194,8 +194,10 @@ class Node:
         engine_args = ["--model", str(model), "--kv-cache-memory", "32MiB", "--max-model-len", "512",
                        "--no-progress", "--register", register, "--registration-ttl", str(TTL),
                        "--standby-wait", "30"]
+        # Chaos kills what was just restarted, on purpose: that is not a crash loop, so no back-off grows.
         self.up = Proc([*PY, "up", "--shadows", "1", "--port", str(self.port), "--socket-dir",
-                        str(self.socket_dir), "--log-format", "json", "--", *engine_args],
+                        str(self.socket_dir), "--restart-reset-after", "0.5", "--log-format", "json", "--",
+                        *engine_args],
                        env={"UNDERSTUDY_FAULT_INJECTION": "1"})
         self.frontend_ports = [free_port(), free_port()]
         self.frontends: list[Proc | None] = [None, None]

@@ -1,6 +1,7 @@
 """Discovery in-process: the embedded registry's leases and HTTP routes, and an engine's Registration
 against a real embedded registry served by uvicorn (register, state updates, re-registration after the
-registry forgot it, deregistration). etcd is covered end to end in test_frontend.py.
+registry forgot it, deregistration). etcd is covered end to end in test_frontend.py, and with its
+faults in test_etcd_faults.py.
 
 Lease expiry is awaited as the registry's delete event, never by sleeping."""
 
@@ -40,7 +41,10 @@ def test_records_round_trip_and_addresses():
     a = EtcdAddress.parse("etcd://10.0.0.1:2379/prod")
     assert (a.host, a.port, a.prefix, a.key("x")) == ("10.0.0.1", 2379, "/prod", b"/prod/engines/x")
     assert EtcdAddress.parse("etcd://h").prefix == "/understudy" and EtcdAddress.parse("etcd://h").port == 2379
-    for bad in ("http://h:1", "etcd://"):
+    m = EtcdAddress.parse("etcd://10.0.0.1:2379,etcd-b,[::1]:2380/p")  # the members of one cluster
+    assert m.members == (("10.0.0.1", 2379), ("etcd-b", 2379), ("::1", 2380)) and (m.host, m.port) == ("10.0.0.1", 2379)
+    assert m.prefix == "/p" and m.where == "10.0.0.1:2379,etcd-b:2379,::1:2380"
+    for bad in ("http://h:1", "etcd://", "etcd://a:1,,b:2", "etcd://a:x"):
         with pytest.raises(ValueError):
             EtcdAddress.parse(bad)
     with pytest.raises(ValueError):

@@ -104,12 +104,14 @@ def test_identity_fields_are_what_snapshot_identity_uses():
     # each field changes the identity exactly when it is an identity field
     other = {"model": "/models/other", "served_model_name": "m", "dtype": "float16", "enforce_eager": True,
              "attention": "triton", "prefill_attention": "reference", "max_model_len": 256, "role": "shadow",
-             "failover_dir": "/x", "standby_wait": 1.0, "register": ("http://h:1",), "advertise_url": "http://h:2",
+             "failover_dir": "/x", "standby_wait": 1.0, "step_timeout": 5.0, "register": ("http://h:1",),
+             "advertise_url": "http://h:2",
              "registration_ttl": 3.0, "backend": "host", "device": 3, "tensor_parallel": 4, "socket_dir": "/y",
              "memory_service": "connect", "kv_cache_memory": 1 << 30, "gpu_memory_utilization": 0.5,
              "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 512, "max_waiting": 4,
              "default_max_tokens": 16, "host": "0.0.0.0", "port": 9, "max_request_bytes": 1024,
-             "drain_timeout": 1.0, "log_format": "text", "log_level": "debug", "no_progress": True}
+             "drain_timeout": 1.0, "timeout_keep_alive": 1.0, "header_timeout": 2.0, "max_header_bytes": 4096,
+             "limit_concurrency": 8, "log_format": "text", "log_level": "debug", "no_progress": True}
     base = ServeConfig()
     assert set(other) == set(base.values())
     ident = identity(params_from_config(base))

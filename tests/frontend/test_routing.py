@@ -210,3 +210,66 @@ def test_every_engine_refusing_is_all_busy_and_a_4xx_goes_to_the_client():
 
     *_, error, sent, _ = run(make_router(("a", "A", "ACTIVE")), invalid, [1], SamplingParams())
     assert isinstance(error, EngineRefused) and error.status == 400 and error.body["error"]["message"] == "too long"
+
+
+# -- stalls ---------------------------------------------------------------------------------------------
+
+class Stalling(httpx.AsyncByteStream):
+    """Lines, then nothing more (a hung engine: the connection stays open)."""
+
+    def __init__(self, lines: list[dict]):
+        self.lines = lines
+
+    async def __aiter__(self):
+        for line in self.lines:
+            yield (json.dumps(line) + "\n").encode()
+        await asyncio.sleep(3600)
+        yield b""
+
+
+def test_a_stalled_stream_moves_to_an_active_engine_and_its_engine_is_suspect_until_it_progresses():
+    # a1 hangs after two tokens; its node's standby a2 cannot be promoted while a1 holds the lock: b takes it.
+    r = make_router(("a1", "A", "ACTIVE"), ("a2", "A", "STANDBY"), ("b", "B", "ACTIVE"),
+                    b={"running": 2})  # the request starts on a1
+
+    async def engines(request, sent):
+        if request.url.host == "a1":
+            return httpx.Response(200, stream=Stalling([line([10]), line([11])]))
+        n = sent[-1][1]["sampling"]["max_tokens"]
+        return httpx.Response(200, content="".join(json.dumps(line([20 + i], "length" if i == n - 1 else None)) + "\n"
+                                                   for i in range(n)))
+
+    tokens, finish, gen, error, sent, metrics = run(r, engines, [1, 2, 3], SamplingParams(max_tokens=5),
+                                                    Policy(stream_timeout=30, stall_timeout=0.2))
+    assert error is None and (tokens, finish) == ([10, 11, 20, 21, 22], "length")
+    assert [h for h, _ in sent] == ["a1", "b"] and sent[1][1]["token_ids"] == [1, 2, 3, 10, 11]
+    assert counter(metrics, "understudy_frontend_migrations_total", reason="stalled") == 1
+    assert counter(metrics, "understudy_frontend_stalled_streams_total") == 1
+    a1 = r.pool.engines["a1"]
+    assert a1.status == "SUSPECT" and not a1.routable and a1.reachable and "0.2 s" in a1.suspect
+    assert r.pick().id == "b"
+    # Answering /health is not progress: its counts must move between two polls (or it must be idle).
+    busy = {"state": "ACTIVE", "routable": True, "running": 1, "waiting": 0, "kv_cache_usage": 0.5}
+    a1.polled_ok(busy)
+    a1.polled_ok(busy)
+    assert a1.status == "SUSPECT"
+    a1.polled_ok({**busy, "kv_cache_usage": 0.55})
+    assert a1.status == "ACTIVE" and a1.routable
+    a1.stalled("again")
+    a1.polled_ok({**busy, "running": 0})
+    assert a1.routable  # idle: nothing to make progress on
+
+
+def test_no_first_token_within_the_stream_timeout_is_a_retry_elsewhere():
+    r = make_router(("a", "A", "ACTIVE"), ("b", "B", "ACTIVE"), b={"running": 1})
+
+    async def engines(request, sent):
+        if request.url.host == "a":
+            return httpx.Response(200, stream=Stalling([]))
+        return httpx.Response(200, content=json.dumps(line([5], "stop")) + "\n")
+
+    tokens, finish, gen, error, sent, metrics = run(r, engines, [1], SamplingParams(max_tokens=4),
+                                                    Policy(stream_timeout=0.3, stall_timeout=0.05))
+    assert error is None and (tokens, finish) == ([5], "stop") and [h for h, _ in sent] == ["a", "b"]
+    assert counter(metrics, "understudy_frontend_retries_total") == 1 and gen.migrations == 0
+    assert r.pool.engines["a"].status == "SUSPECT" and "0.3 s" in r.pool.engines["a"].suspect  # the first-token bound

@@ -13,24 +13,30 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from understudy.common.params import SamplingParams
 
 MAX_STOP_STRINGS = 16
+# What torch.Generator.manual_seed takes: a seed outside it failed inside the engine.
+SEED = {"ge": -(1 << 63), "le": (1 << 64) - 1}
+# BUGFIX (tests/test_http_fuzz.py::test_bad_types_are_400s): pydantic's lax mode took what the schema
+# forbids (false or "5" for an integer, 1.0 for n, [false] as token ids, NaN / Infinity for floats) and
+# served it. Bodies are validated strictly now (an integer is still a valid float), as OpenAI does.
+STRICT = {"strict": True, "allow_inf_nan": False}
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **STRICT)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=-1)  # extension (vLLM has it too)
-    seed: int | None = None
+    seed: int | None = Field(default=None, **SEED)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)  # extension
     ignore_eos: bool = False  # extension
@@ -84,7 +90,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
@@ -94,6 +100,8 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if any(part.get("type") != "text" for part in content):
                 raise ValueError("only text content parts are supported")
+            if any(not isinstance(part.get("text", ""), str) for part in content):
+                raise ValueError("the `text` of a content part must be a string")
             content = "".join(part.get("text", "") for part in content)
         return {"role": self.role, "content": content or ""}
 
@@ -118,13 +126,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 class TokenSampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT)
 
     max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, **SEED)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     # Tokens already sampled with this seed by another engine (a migrated request resumes the stream).
@@ -134,11 +142,22 @@ class TokenSampling(BaseModel):
 class TokenGenerateRequest(BaseModel):
     """The frontend's request: token ids in, a stream of token ids out."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT)
 
     token_ids: list[int] = Field(min_length=1)
     sampling: TokenSampling = Field(default_factory=TokenSampling)
     request_id: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _offset_within_prompt(self):
+        """BUGFIX (tests/test_http_fuzz.py::test_seed_offset_beyond_the_prompt_is_400): the engine makes
+        seed_offset random draws (2.3 ms each for SmolLM2's vocabulary on a CPU) on its own thread before a
+        seeded request starts: a seed_offset of 10^6 held every request for 40 minutes. The draws were made
+        for tokens that are in the prompt now (a migration resends them), so there are fewer of them."""
+        if self.sampling.seed_offset >= len(self.token_ids):
+            raise ValueError(f"sampling.seed_offset ({self.sampling.seed_offset}) must be below the number of "
+                             f"token_ids ({len(self.token_ids)}): the tokens drawn elsewhere are in the prompt")
+        return self
 
     def params(self) -> SamplingParams:
         s = self.sampling
@@ -152,6 +171,64 @@ def error(status: int, message: str, type_: str = "invalid_request_error", param
     """An OpenAI-style error body."""
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
                         status_code=status, headers=headers)
+
+
+# -- what the OpenAPI schema (/openapi.json) says about errors ---------------------------------------
+
+ERROR_BODY = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "code": {"type": "integer"}}}}}
+_WHY = {400: "Invalid request: malformed JSON, a wrong or missing field (named in `param`), a value the server "
+             "cannot serve", 404: "Unknown model or resource", 409: "Conflicts with the current state",
+        413: "Request body above --max-request-bytes", 500: "The server failed (never for bad input)",
+        503: "Not serving now (overloaded, not active, draining): retry after `Retry-After` seconds"}
+
+
+def error_responses(*codes: int, ok_media: tuple[str, ...] = ()) -> dict:
+    """A route's `responses=` for FastAPI: these error statuses with OpenAI-style error bodies, and the
+    media types its 200 may have besides JSON (ok_media: "text/event-stream" for a stream)."""
+    out: dict = {code: {"description": _WHY[code], "content": {"application/json": {"schema": ERROR_BODY}}}
+                 for code in codes}
+    if ok_media:
+        out[200] = {"content": {media: {} for media in ok_media}}  # a stream: no one JSON schema
+    return out
+
+
+def document_validation_as_400(app) -> None:
+    """Validation failures are answered 400 (invalid_request), never FastAPI's 422: the app's OpenAPI
+    schema says so (a client, or a schema-driven fuzzer, can trust the listed statuses)."""
+    make = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = make()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    responses = op.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses.setdefault("400", error_responses(400)[400])
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def openai_http_errors(app) -> None:
+    """Errors Starlette or FastAPI raise themselves (a body that is not UTF-8, an unknown path, a wrong
+    method) in the OpenAI shape too, not as {"detail": ...}.
+
+    BUGFIX (tests/test_http_fuzz.py::test_non_utf8_body_is_an_openai_400): a body that is not UTF-8 got
+    {"detail": "There was an error parsing the body"}, which no OpenAI client can read."""
+    from starlette.exceptions import HTTPException
+
+    types = {404: "not_found_error", 405: "invalid_request_error"}
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), type_=types.get(exc.status_code, "invalid_request_error"),
+                     headers=getattr(exc, "headers", None))
 
 
 def invalid_request(errors: list[dict]) -> JSONResponse:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this sample greedily.
+# BUGFIX (tests/test_http_fuzz.py::test_tiny_temperature_and_top_p_do_not_kill_the_engine): temperature=1e-300
+# is 0 in float32, and the logits divided by it gave NaN probabilities: torch.multinomial raised inside the
+# step and the engine died (a query of death).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -33,4 +39,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1

@@ -12,8 +12,8 @@ SLEEPING  ACTIVE <-> SLEEPING on request (POST /engine/control/sleep and /wake_u
 QUIESCED  STANDBY / SLEEPING <-> QUIESCED around a snapshot (POST /engine/control/quiesce and /resume):
           nothing mapped, no memory-service connection; a promotion waits for the resume
 DRAINING  SIGTERM: finishing in-flight requests, admitting none
-DEAD      cannot serve any more (a failed promotion or quiesce, weights whose layout changed under it);
-          the process exits
+DEAD      cannot serve any more (a failed promotion or quiesce, weights whose layout changed under it, a step
+          that raised or hung, a device marked faulty); the process exits
 """
 
 from __future__ import annotations

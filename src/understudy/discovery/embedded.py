@@ -11,9 +11,11 @@ A record whose keep-alives stop expires after its TTL (a timer per record, no sw
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
+import httpx
 import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -21,6 +23,51 @@ from fastapi.responses import JSONResponse
 from understudy.discovery.records import EngineRecord, View
 
 MIN_TTL = 0.5
+
+# POST /registry/engines's body, for /openapi.json (parse_registration checks it).
+_STR = {"type": "string"}
+REGISTRATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["record"],
+    "properties": {
+        "record": {"type": "object", "required": ["id", "url", "model", "node"],
+                   "properties": {"id": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}, "url": _STR,
+                                  "model": _STR, "node": _STR, "role": _STR, "state": _STR,
+                                  "routable": {"type": "boolean"},
+                                  "max_model_len": {"type": "integer"}, "pid": {"type": "integer"},
+                                  "registered_at": {"type": "number"}, "ttl": {"type": "number"}}},
+        "ttl": {"type": "number"}}}}}}}
+_ERROR = {"application/json": {"schema": {"type": "object", "required": ["error"]}}}
+
+
+def parse_registration(raw: bytes) -> tuple[EngineRecord, float]:
+    """The record and TTL of a registration body; ValueError saying what is wrong.
+
+    BUGFIX (tests/test_http_fuzz.py::test_registry_refuses_what_would_break_the_frontend): `"ttl": "nan"`
+    was taken (float("nan"); a string, or true, passed for a number too) and answered with a NaN, which is
+    not JSON: a 500. A record URL httpx cannot parse ("http://h:abc") raised httpx.InvalidURL, which is
+    no HTTPError, in that record's health poller and ended it; an id with a "/" could never be
+    deregistered. All are 400s now. (msgspec's JSON reader refuses NaN and Infinity literals itself.)"""
+    try:
+        body = msgspec.json.decode(raw)
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        record = msgspec.convert(body["record"], EngineRecord)
+    except KeyError as e:
+        raise ValueError(f"missing {e}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(str(e)) from None
+    ttl = body.get("ttl", 10.0)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl):
+        raise ValueError(f"ttl must be a finite number of seconds, got {ttl!r}")
+    if not record.id or "/" in record.id:  # an id with a slash could never be deregistered (DELETE .../{id})
+        raise ValueError(f"record.id must be a non-empty string without '/', got {record.id!r}")
+    try:
+        url = httpx.URL(record.url)
+    except (httpx.InvalidURL, TypeError, ValueError) as e:
+        raise ValueError(f"record.url is not a URL: {e}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"record.url must be an http(s) URL, got {record.url!r}")
+    return record, float(ttl)
 
 
 class EmbeddedRegistry(View):
@@ -78,25 +125,24 @@ class EmbeddedRegistry(View):
             return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                            "code": status}}, status_code=status)
 
-        @router.post("/engines")
+        @router.post("/engines", openapi_extra=REGISTRATION_BODY,
+                     responses={400: {"description": "Invalid registration", "content": _ERROR},
+                                413: {"description": "Body above --max-request-bytes", "content": _ERROR}})
         async def register(request: Request):
             try:
-                body = msgspec.json.decode(await request.body())
-                record = msgspec.convert(body["record"], EngineRecord)
-                ttl = float(body.get("ttl", 10.0))
-            except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, ValueError) as e:
+                record, ttl = parse_registration(await request.body())
+            except ValueError as e:
                 return _bad(f"invalid registration: {e}")
-            if not record.url.startswith(("http://", "https://")):
-                return _bad(f"record.url must be an http(s) URL, got {record.url!r}")
             return {"id": record.id, "ttl": self.register(record, ttl)}
 
-        @router.put("/engines/{engine_id}/keepalive")
+        @router.put("/engines/{engine_id}/keepalive",
+                    responses={404: {"description": "No lease: register again", "content": _ERROR}})
         async def keepalive(engine_id: str):
             if not self.keepalive(engine_id):
                 return _bad(f"no lease for engine {engine_id!r} (expired or never registered)", 404)
             return {"id": engine_id, "ttl": self._leases[engine_id][0]}
 
-        @router.delete("/engines/{engine_id}")
+        @router.delete("/engines/{engine_id}", responses={404: {"description": "No such engine", "content": _ERROR}})
         async def deregister(engine_id: str):
             if not self.deregister(engine_id):
                 return _bad(f"no engine {engine_id!r}", 404)

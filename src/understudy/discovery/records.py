@@ -26,6 +26,9 @@ class EngineRecord(msgspec.Struct, kw_only=True):
     max_model_len: int = 0
     pid: int = 0
     registered_at: float = msgspec.field(default_factory=time.time)
+    # Seconds the record outlives the engine's last keep-alive (its --registration-ttl; 0: not said).
+    # An engine that lost its registry registers again within a third of it once the registry is back.
+    ttl: float = 0.0
 
 
 def encode(record: EngineRecord) -> bytes:

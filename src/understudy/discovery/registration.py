@@ -100,7 +100,7 @@ class Registration:
             try:
                 if not self.registered or self._changed.is_set():
                     self._changed.clear()
-                    record = self.record()
+                    record = msgspec.structs.replace(self.record(), ttl=self.ttl)
                     await self.target.register(record, self.ttl)
                     if not self.registered:
                         log(logger, "registered", target=self.target_url, id=record.id, url=record.url,

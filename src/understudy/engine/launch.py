@@ -19,11 +19,13 @@ import sys
 import threading
 import time
 
+from understudy.common.http_server import HTTPLimits, server_limits
 from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.core.llm_engine import LLMEngine
 from understudy.engine.model import weights
 from understudy.engine.serve_config import ServeConfig
 from understudy.engine.serving.app import create_app
+from understudy.engine.serving.faults import install_injection
 from understudy.engine.serving.memory_watch import watch_memory_service
 from understudy.logs import log
 
@@ -79,6 +81,7 @@ def _serve(config: ServeConfig) -> int:
     @app.on_event("startup")
     async def _start_engine():
         built.worker.lifecycle.bind(asyncio.get_running_loop())
+        built.worker.faults.start(asyncio.get_running_loop())  # a failed or hung step ends us (faults.py)
         built.worker.engine.start()
         for registration in announced:
             await registration.start()
@@ -107,8 +110,11 @@ def _serve(config: ServeConfig) -> int:
     # loop="asyncio": uvloop (picked when installed) opens an io_uring, which CRIU cannot dump, so an
     # engine on it could never be snapshotted (seen on the GPU machine: "Unknown shit 600 (anon_inode:[io_uring])").
     host, port = config.http.host, config.http.port
+    h = config.http  # slow / silent / oversized-header clients are bounded (common/http_server.py)
+    limits = HTTPLimits(timeout_keep_alive=h.timeout_keep_alive, header_timeout=h.header_timeout,
+                        max_header_bytes=h.max_header_bytes, limit_concurrency=h.limit_concurrency)
     server_config = uvicorn.Config(app, host=host, port=port, log_level="warning", loop="asyncio",
-                                   timeout_graceful_shutdown=config.http.drain_timeout)
+                                   timeout_graceful_shutdown=config.http.drain_timeout, **server_limits(limits))
     # BUGFIX (tests/failover/test_failover.py::test_kill_active_engine_under_16_streams_and_resume_on_shadow):
     # "serving" was logged from the app's startup event, which uvicorn runs *before* it binds the listener,
     # so a client that waited for that line got "connection refused". It is now logged once the socket
@@ -149,6 +155,7 @@ def _serve(config: ServeConfig) -> int:
     built.worker.exit_process = _exit
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _drain)
+    install_injection(built.worker)  # UNDERSTUDY_FAULT_INJECTION=1 only: SIGUSR1/SIGUSR2/SIGURG arm a fault
     server.run()
     if built.memory_server is not None:
         built.memory_server.terminate()

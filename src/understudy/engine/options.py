@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from understudy.common.http_server import add_http_limit_arguments
 from understudy.common.units import parse_size
 from understudy.engine.serve_config import DTYPE_NAMES, ConfigError, ServeConfig
 from understudy.logs import add_logging_arguments
@@ -70,6 +71,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--standby-wait", type=float, default=30.0,
                    help="seconds a request sent to a standby engine waits for it to become active before a 503 "
                         "(default: 30)")
+    g.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                   help="the watchdog: a step (one forward of the batch) running longer than this ends the "
+                        "process with exit code 6, so the shadow takes over; /live answers 503 from half of it "
+                        "(or sooner, see docs/failover.md). Must exceed the longest legitimate step, a prefill "
+                        "chunk of --max-num-batched-tokens tokens late in a long context; never counted during "
+                        "start-up, warm-up, graph capture, standby, sleep or idle. 0: no watchdog (default: 60 "
+                        "on CUDA, 600 on the CPU)")
     g = p.add_argument_group("discovery")
     g.add_argument("--register", action="append", default=[], metavar="URL", type=_registry_url,
                    help="announce this engine to a frontend's embedded registry (http://HOST:PORT of "
@@ -118,6 +126,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413 (default: 4194304)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
+    add_http_limit_arguments(g)  # --timeout-keep-alive, --header-timeout, --max-header-bytes, --limit-concurrency
     g.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
 
 

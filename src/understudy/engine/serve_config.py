@@ -21,8 +21,11 @@ KV budget hold a block) stay where the machine is known (engine/serving/bootstra
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
+
+from understudy.common.http_server import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_HEADER_BYTES, DEFAULT_TIMEOUT_KEEP_ALIVE
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -54,6 +57,8 @@ class FailoverOptions:
     role: str = _field("primary", identity=False)  # primary, shadow
     failover_dir: str | None = _field(None, identity=False)  # None: the memory service's socket directory
     standby_wait: float = _field(30.0, identity=True)
+    # seconds; None: 60 on CUDA, 600 on the CPU; 0: no watchdog (engine/serving/faults.py)
+    step_timeout: float | None = _field(None, identity=False)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ class HTTPOptions:
     port: int = _field(8000, identity=False)
     max_request_bytes: int = _field(4 << 20, identity=True)
     drain_timeout: float = _field(30.0, identity=True)
+    # Connection bounds (common/http_server.py): in a snapshot's image with the server they configure.
+    timeout_keep_alive: float = _field(DEFAULT_TIMEOUT_KEEP_ALIVE, identity=True)
+    header_timeout: float = _field(DEFAULT_HEADER_TIMEOUT, identity=True)
+    max_header_bytes: int = _field(DEFAULT_MAX_HEADER_BYTES, identity=True)
+    limit_concurrency: int | None = _field(None, identity=True)  # None: no limit
 
 
 @dataclass(frozen=True)
@@ -167,13 +177,20 @@ def check(config: ServeConfig) -> None:
             raise ConfigError(f"{_flag(name)} must be at least {low}{unit}, not {v[name]}")
 
     for name in ("max_model_len", "tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                 "default_max_tokens", "max_request_bytes"):
+                 "default_max_tokens", "max_request_bytes", "max_header_bytes", "limit_concurrency"):
         at_least(name, 1)
-    for name in ("device", "max_waiting", "standby_wait", "drain_timeout"):
+    for name in ("timeout_keep_alive", "header_timeout"):
+        if not 0 < v[name] < float("inf"):
+            raise ConfigError(f"{_flag(name)} must be a number of seconds above 0, not {v[name]}")
+    for name in ("device", "max_waiting", "standby_wait", "drain_timeout", "step_timeout"):
         at_least(name, 0)
     at_least("kv_cache_memory", 1, " byte")
     if v["registration_ttl"] <= 0:
         raise ConfigError(f"--registration-ttl must be more than 0 seconds, not {v['registration_ttl']}")
+    for url in v["register"]:  # before any weight is loaded: an engine that could never register fails now
+        if url.startswith("etcd://") and importlib.util.find_spec("aetcd") is None:
+            raise ConfigError(f"--register {url} needs the aetcd package, which is not installed (pip install "
+                              f"'understudy[etcd]', or pip install aetcd)")
     if not 0 < v["gpu_memory_utilization"] <= 1:
         raise ConfigError(f"--gpu-memory-utilization must be a fraction in (0, 1], not {v['gpu_memory_utilization']}")
     if not 0 <= v["port"] <= 65535:

@@ -10,12 +10,19 @@ import logging
 
 from fastapi import FastAPI, Request
 
-from understudy.common.api import error
+from understudy.common.api import error, error_responses
 from understudy.discovery.embedded import EmbeddedRegistry
 from understudy.frontend.service import Frontend
 from understudy.logs import log
 
 logger = logging.getLogger("understudy.frontend")
+
+
+# The body of POST /admin/thresholds (read by hand: Thresholds.update validates it), for /openapi.json.
+THRESHOLDS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "additionalProperties": False,
+    "properties": {"kv_usage": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                   "waiting": {"type": "integer", "minimum": 1}}}}}}}
 
 
 def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
@@ -26,7 +33,7 @@ def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
     async def get_thresholds():
         return fe.thresholds.as_dict()
 
-    @app.post("/admin/thresholds")
+    @app.post("/admin/thresholds", responses=error_responses(400, 413), openapi_extra=THRESHOLDS_BODY)
     async def set_thresholds(request: Request):
         """Change the busy thresholds: {"kv_usage": 0.9, "waiting": 8} (either or both)."""
         try:

@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from understudy.common.api import BodyLimit, invalid_request
+from understudy.common.api import (BodyLimit, document_validation_as_400, error_responses, invalid_request,
+                                   openai_http_errors)
 from understudy.frontend.admin import add_admin_routes
 from understudy.frontend.generate import add_generate_routes
 from understudy.frontend.service import Frontend
@@ -30,12 +31,15 @@ def create_app(fe: Frontend) -> FastAPI:
         return invalid_request(exc.errors())
 
     app.add_middleware(BodyLimit, worker=fe)
+    document_validation_as_400(app)
+    openai_http_errors(app)
 
     @app.get("/live")
     async def live():
         return {"status": "alive"}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not ready (no active engine, draining, loading): "
+                                                        "`reason` says why"}})
     async def health():
         active = fe.router.active()
         reason = ("draining" if fe.draining else "loading the tokenizer" if not fe.tokenizer_ready
@@ -46,7 +50,7 @@ def create_app(fe: Frontend) -> FastAPI:
                 "engines": [e.describe(fe.router.busy(e)) for e in fe.pool]}
         return JSONResponse(body, status_code=200 if reason is None else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=error_responses(ok_media=("text/plain",)))
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -28,6 +28,7 @@ from understudy.common.api import (
     chat_prompt,
     collect_text,
     error,
+    error_responses,
     sse,
     sse_events,
     unless_gone,
@@ -49,18 +50,23 @@ logger = logging.getLogger("understudy.frontend")
 
 
 def add_generate_routes(app: FastAPI, fe: Frontend) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions",
+              responses=error_responses(400, 404, 413, 500, 503, ok_media=("text/event-stream",)))
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
         refused, tokenizer = await _prepare(fe, "completions", body.model)
         if refused is not None:
             return refused
         prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        if not prompt:  # "" encodes to no token (the engine would name its own field, token_ids)
+            fe.metrics.requests.labels("completions", "invalid").inc()
+            return error(400, "the prompt is empty", param="prompt")
         shape = CompletionShape(fe.model_name)
         return await _generate(fe, request, "completions", prompt, body.sampling(fe.default_max_tokens), shape.id,
                                body.stream, body.include_usage, shape.chunk, shape.final, t0, tokenizer)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses=error_responses(400, 404, 413, 500, 503, ok_media=("text/event-stream",)))
     async def chat(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         refused, tokenizer = await _prepare(fe, "chat", body.model)

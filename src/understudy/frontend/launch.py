@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+from understudy.common.http_server import limits_from_args, server_limits
 from understudy.discovery.embedded import EmbeddedRegistry
 from understudy.discovery.etcd import EtcdAddress, EtcdView
 from understudy.common.default_model import default_model_path
@@ -32,6 +33,8 @@ def build(args: argparse.Namespace) -> Frontend:
         raise SystemExit("understudy frontend: --migration-limit must be 0 or more")
     if args.busy_waiting < 1:
         raise SystemExit("understudy frontend: --busy-waiting must be 1 or more")
+    if not args.stream_timeout > 0 or args.stall_timeout < 0:
+        raise SystemExit("understudy frontend: --stream-timeout must be more than 0 and --stall-timeout 0 or more")
     model_path = Path(args.model) if args.model else default_model_path()
     if not model_path.exists():
         raise SystemExit(f"understudy frontend: no model at {model_path}")
@@ -51,7 +54,8 @@ def build(args: argparse.Namespace) -> Frontend:
         return tokenizer
 
     return Frontend(model_name=name, view=view, discovery=args.discovery,
-                    policy=Policy(args.migration_limit, args.migration_max_seq_len, args.stream_timeout),
+                    policy=Policy(args.migration_limit, args.migration_max_seq_len, args.stream_timeout,
+                                  args.stall_timeout),
                     thresholds=Thresholds(args.busy_kv_usage, args.busy_waiting),
                     default_max_tokens=args.default_max_tokens, max_request_bytes=args.max_request_bytes,
                     retry_after=args.retry_after, health_interval=args.health_interval,
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         log(logger, "stopped")
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.drain_timeout)
+                            timeout_graceful_shutdown=args.drain_timeout,
+                            **server_limits(limits_from_args(args)))  # slow clients are bounded
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):

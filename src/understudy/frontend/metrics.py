@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from understudy.frontend.router import Router
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24)
-ENGINE_STATUSES = (*STATES, "UNREACHABLE", "UNHEALTHY")
+ENGINE_STATUSES = (*STATES, "UNREACHABLE", "UNHEALTHY", "SUSPECT")
 
 
 class FrontendMetrics:
@@ -29,7 +29,8 @@ class FrontendMetrics:
                              "Time between tokens of one answer (a migration's gap included)",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.migrations = Counter("understudy_frontend_migrations", "Requests resent to another engine, by why "
-                                  "(stream_broken, unreachable, refused)", ["reason"], registry=r)
+                                  "(stream_broken, unreachable, refused, stalled, engine_failed)", ["reason"],
+                                  registry=r)
         self.migration_failures = Counter("understudy_frontend_migration_failures", "Broken requests that could "
                                           "not move (disabled, limit, max_seq_len, no_engine)", ["reason"],
                                           registry=r)
@@ -41,6 +42,8 @@ class FrontendMetrics:
                                   "draining)", ["reason"], registry=r)
         self.retries = Counter("understudy_frontend_retries", "Requests sent to another engine before any token, "
                                "because one was unreachable or refused with 503", registry=r)
+        self.stalls = Counter("understudy_frontend_stalled_streams", "Streams that got no token from their engine "
+                              "for --stall-timeout (--stream-timeout before the first)", registry=r)
         self.canaries = Counter("understudy_frontend_canaries", "Canary requests by result", ["result"], registry=r)
         self.inflight = Gauge("understudy_frontend_inflight_requests", "Requests being answered", registry=r)
 
@@ -54,7 +57,8 @@ class _EngineCollector(Collector):
 
     def collect(self):
         by_status = GaugeMetricFamily("understudy_frontend_engines", "Engines known through discovery, by state "
-                                      "(UNREACHABLE / UNHEALTHY when polls / canaries fail)", labels=["state"])
+                                      "(UNREACHABLE / UNHEALTHY when polls / canaries fail, SUSPECT after a "
+                                      "stalled stream)", labels=["state"])
         engines = list(self.router.pool)
         for status in ENGINE_STATUSES:
             by_status.add_metric([status], sum(e.status == status for e in engines))

@@ -1,7 +1,8 @@
 """One request's tokens, from whichever engine can give them.
 
 The frontend sends token ids to an engine (`POST /engine/generate`) and reads one NDJSON line per
-step. When the stream breaks (the engine died, the connection dropped, no token for --stream-timeout)
+step. When the stream breaks (the engine died, the connection dropped, no first token for
+--stream-timeout, no next token for --stall-timeout: a hung engine, which is then suspect)
 the request is resent to another engine as prompt + the tokens generated so far, with max_tokens
 reduced by what was generated and the seeded sampler advanced past the tokens already drawn
 (`seed_offset`), so greedy and seeded answers continue exactly as if nothing happened: the client sees
@@ -12,6 +13,7 @@ refusing (503) engine is simply replaced by another.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -34,7 +36,8 @@ logger = logging.getLogger("understudy.frontend.migration")
 class Policy:
     limit: int = 3  # migrations per request (0: none)
     max_seq_len: int | None = None  # prompt + generated above this: not migrated
-    stream_timeout: float = 120.0  # seconds without a line from the engine: broken
+    stream_timeout: float = 120.0  # seconds to the first token of an engine: broken (stalled) after that
+    stall_timeout: float = 10.0  # seconds between two tokens of an engine: stalled after that (0: stream_timeout)
 
 
 @dataclass
@@ -69,6 +72,34 @@ class _Broken(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+class _Expired(Exception):
+    """_within's time ran out."""
+
+
+async def _within(awaitable, seconds: float):
+    """`await awaitable`, or _Expired after `seconds`: asyncio.timeout's way (cancel this task at the
+    deadline, turn that cancellation into an exception), with no task per call and on Python 3.10 too."""
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(max(0.0, seconds), expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired or (hasattr(task, "cancelling") and task.cancelling() > 1):
+            raise  # cancelled from outside (the client went away) as well
+        if hasattr(task, "uncancel"):
+            task.uncancel()
+        raise _Expired() from None
+    finally:
+        handle.cancel()
 
 
 class Generation:
@@ -112,6 +143,8 @@ class Generation:
                 exclude.add(engine.id)
                 if broken.reason == "refused":
                     engine.poke.set()  # re-read its state: it may be busy or not active
+                elif broken.reason == "stalled":
+                    engine.stalled(str(broken))  # it answers (maybe) but makes no progress: no new work
                 else:
                     engine.unreachable()
                 if not accepted:
@@ -130,7 +163,7 @@ class Generation:
             if broken.reason == "refused":
                 raise AllBusy("every engine refused the request (overloaded or not active)") from None
         # The engine died before answering: its node's shadow (held until promoted) or a busy engine.
-        return self.router.pick_for_migration(failed.node, exclude)
+        return self.router.pick_for_migration(failed.node, exclude, hung=broken.reason == "stalled")
 
     def _migrate(self, failed: EngineState, broken: _Broken, exclude: set[str]) -> EngineState:
         seq_len = len(self.prompt) + len(self.generated)
@@ -144,7 +177,7 @@ class Generation:
         target = None
         if refusal is None:
             try:
-                target = self.router.pick_for_migration(failed.node, exclude)
+                target = self.router.pick_for_migration(failed.node, exclude, hung=broken.reason == "stalled")
             except NoEngine:
                 refusal = "no_engine"
         if refusal is not None:
@@ -165,12 +198,19 @@ class Generation:
         """One engine's part of the answer. Failures become _Broken (or EngineRefused / EngineError)."""
         self.engines.append(engine.id)
         engine.inflight += 1
-        timeout = httpx.Timeout(self.policy.stream_timeout, connect=5.0)
+        # The headers within --stream-timeout (httpx); the lines within _within's bounds (below), so a
+        # stall is told from a dropped connection.
+        timeout = httpx.Timeout(self.policy.stream_timeout + 1.0, connect=5.0)
+        first, stall = self.policy.stream_timeout, self.policy.stall_timeout or self.policy.stream_timeout
+        last, tokens = time.monotonic(), 0  # when this engine last sent a token; how many it sent
         try:
             async with self.http.stream("POST", f"{engine.url}/engine/generate", json=self._body(),
                                         timeout=timeout) as r:
                 if r.status_code == 503:
-                    raise _Broken("refused", f"HTTP 503: {(await r.aread())[:300]!r}")
+                    detail = f"HTTP 503: {(await r.aread())[:300]!r}"
+                    if r.headers.get("x-understudy-failure"):  # the engine failed (engine/serving/faults.py):
+                        raise _Broken("engine_failed", detail)  # gone like a dead one, not busy
+                    raise _Broken("refused", detail)
                 if 400 <= r.status_code < 500:
                     raw = await r.aread()
                     try:
@@ -181,13 +221,29 @@ class Generation:
                     raise EngineRefused(r.status_code, body)
                 if r.status_code != 200:
                     raise _Broken("stream_broken", f"HTTP {r.status_code}")
-                async for line in r.aiter_lines():
+                lines = r.aiter_lines()
+                while True:
+                    bound = stall if tokens else first
+                    try:
+                        line = await _within(lines.__anext__(), last + bound - time.monotonic())
+                    except StopAsyncIteration:
+                        break
+                    except _Expired:
+                        self.metrics.stalls.inc()
+                        log(logger, "stream_stalled", logging.WARNING, request_id=self.request_id, engine=engine.id,
+                            seconds=bound, tokens_from_engine=tokens, generated=len(self.generated))
+                        raise _Broken("stalled", f"no token from the engine for {bound:g} s (after {tokens} "
+                                                 f"from it)") from None
                     if not line.strip():
                         continue
                     out = json.loads(line)
                     if out.get("error"):
                         raise EngineError(out["error"])
                     ids = out.get("token_ids") or []
+                    if ids or out.get("finish_reason"):
+                        last, tokens = time.monotonic(), tokens + len(ids)
+                        if engine.suspect is not None:
+                            engine.progressed("token")
                     self.generated += ids
                     if self.cached_tokens is None:
                         self.cached_tokens = int(out.get("cached_tokens") or 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from understudy.common.http_server import add_http_limit_arguments
+
 
 def _fraction(text: str) -> float:
     value = float(text)
@@ -20,6 +22,7 @@ def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413 (default: 4194304)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before exiting (default: 30)")
+    add_http_limit_arguments(g)  # --timeout-keep-alive, --header-timeout, --max-header-bytes, --limit-concurrency
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="the model directory or .gguf file whose tokenizer and chat template the frontend uses; "
@@ -52,8 +55,13 @@ def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not migrate requests whose prompt + generated tokens exceed this many tokens "
                         "(their re-prefill would cost too much) (default: no limit)")
     g.add_argument("--stream-timeout", type=float, default=120.0,
-                   help="seconds without a token from an engine (first token included) before its stream "
-                        "counts as broken (default: 120)")
+                   help="seconds an engine may take to send the first token of a request (its prefill, a wait "
+                        "in its queue) before the stream counts as broken (default: 120)")
+    g.add_argument("--stall-timeout", type=float, default=10.0,
+                   help="seconds without a token from an engine once it has sent one: the stream is stalled "
+                        "(a hung engine), moves to another engine with prompt + tokens so far, and the engine "
+                        "is suspect (no new work) until it shows progress again; 0: only --stream-timeout "
+                        "(default: 10)")
     g = p.add_argument_group("health")
     g.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between polls of each engine's /health (default: 1)")

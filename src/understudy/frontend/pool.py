@@ -2,17 +2,23 @@
 
 State comes from two sources, the newest wins: the record (pushed by the engine at once when its
 lifecycle changes) and /health (polled). An engine is not routable before its first good poll, after
-a failed poll or a broken connection (until a poll succeeds again) and while canaries fail.
+a failed poll or a broken connection (until a poll succeeds again), while canaries fail, and while it is
+*suspect*: a stream on it stalled (no token for --stall-timeout) until it shows progress again (a token
+on any of our streams from it, or polls that find it idle or its counts moving).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from understudy.discovery.records import EngineRecord, View
+from understudy.logs import log
+
+logger = logging.getLogger("understudy.frontend.pool")
 
 
 @dataclass(eq=False)
@@ -29,6 +35,8 @@ class EngineState:
     last_used: float = 0.0  # monotonic time our last request there ended (canaries go to idle engines)
     poke: asyncio.Event = field(default_factory=asyncio.Event)  # poll now
     removed: bool = False
+    suspect: str | None = None  # why a stream on it stalled; None: not suspect
+    suspect_counts: tuple | None = None  # (running, waiting, kv usage) at the first poll after the stall
 
     def __post_init__(self) -> None:
         self.state, self.routable_flag = self.record.state, self.record.routable
@@ -48,7 +56,8 @@ class EngineState:
     @property
     def routable(self) -> bool:
         """Takes new work."""
-        return self.polled and self.reachable and self.healthy and self.state == "ACTIVE" and self.routable_flag
+        return (self.polled and self.reachable and self.healthy and self.suspect is None and self.state == "ACTIVE"
+                and self.routable_flag)
 
     @property
     def running(self) -> int:
@@ -74,6 +83,8 @@ class EngineState:
             return "UNREACHABLE"
         if not self.healthy:
             return "UNHEALTHY"
+        if self.suspect is not None:
+            return "SUSPECT"
         return self.state
 
     def unreachable(self) -> None:
@@ -81,18 +92,42 @@ class EngineState:
         self.reachable = False
         self.poke.set()
 
+    def stalled(self, reason: str) -> None:
+        """A stream on it got no token for too long: no new work until it shows progress."""
+        if self.suspect is None:
+            log(logger, "engine_suspect", logging.WARNING, id=self.id, url=self.url, reason=reason)
+        self.suspect, self.suspect_counts = reason, None
+        self.poke.set()
+
+    def progressed(self, how: str) -> None:
+        """It sent a token, or its polls show it working (or idle): not suspect any more."""
+        if self.suspect is not None:
+            log(logger, "engine_suspect_cleared", id=self.id, url=self.url, how=how)
+            self.suspect = self.suspect_counts = None
+
     def polled_ok(self, body: dict[str, Any]) -> None:
         self.health = body
         self.state = body.get("state", self.state)
         self.routable_flag = bool(body.get("routable", self.state == "ACTIVE"))
         self.inflight_at_poll = self.inflight
         self.polled = self.reachable = True
+        if self.suspect is not None:
+            # Answering is not enough (a stuck engine thread does not stop the HTTP loop): it must be idle
+            # (nothing to make progress on) or its counts must move between two polls after the stall.
+            counts = (self.running, self.waiting, self.kv_usage)
+            if counts[:2] == (0, 0):
+                self.progressed("idle")
+            elif self.suspect_counts is None:
+                self.suspect_counts = counts
+            elif counts != self.suspect_counts:
+                self.progressed("counts moved")
 
     def describe(self, busy: bool) -> dict[str, Any]:
         return {"id": self.id, "url": self.url, "node": self.node, "role": self.record.role, "pid": self.record.pid,
                 "state": self.state, "status": self.status, "routable": self.routable, "busy": busy,
                 "running": self.running, "waiting": self.waiting, "kv_cache_usage": self.kv_usage,
-                "inflight": self.inflight, "healthy": self.healthy, "reachable": self.reachable}
+                "inflight": self.inflight, "healthy": self.healthy, "reachable": self.reachable,
+                "suspect": self.suspect}
 
 
 class Pool:

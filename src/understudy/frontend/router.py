@@ -5,7 +5,9 @@ usage or queue depth (from the last poll) at or above the thresholds, which can 
 When every active engine is busy the request is shed (503 + Retry-After). A broken request goes first
 to an engine of the same node (the shadow that takes over the dead engine's KV cache and prefixes;
 a standby holds the request until it is promoted), then to any active engine, busy or not: it was
-admitted already, shedding it now would lose the client's answer.
+admitted already, shedding it now would lose the client's answer. A request whose engine stalled (hung,
+not dead: it still holds its node's failover lock, so the node's standby cannot take over until something
+kills it) goes to an active engine first: its node's promoted shadow, else any; only then to a standby.
 """
 
 from __future__ import annotations
@@ -77,11 +79,15 @@ class Router:
         least = min(e.load for e in free)
         return random.choice([e for e in free if e.load == least])  # spread ties
 
-    def pick_for_migration(self, node: str, exclude: set[str]) -> EngineState:
+    def pick_for_migration(self, node: str, exclude: set[str], hung: bool = False) -> EngineState:
         """Where a broken request goes: its node's next engine (active, waking or standby), else any
-        active engine, preferring one that is not busy."""
+        active engine, preferring one that is not busy. `hung`: the failed engine stalled rather than
+        died, so its node's standby may never be promoted: active engines anywhere come before it."""
         same = [e for e in self.pool if e.node == node and e.id not in exclude and e.reachable and e.healthy
-                and e.state in WAKING_ORDER and self._serves(e)]
+                and e.suspect is None and e.state in WAKING_ORDER and self._serves(e)]
+        if hung:
+            same = [e for e in same if e.state == "ACTIVE" and e.routable_flag] or (
+                [] if any(e.id not in exclude for e in self.active()) else same)
         if same:
             return min(same, key=lambda e: (WAKING_ORDER[e.state], e.load))
         candidates = [e for e in self.active() if e.id not in exclude]

@@ -25,6 +25,23 @@ def add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--frontend-port", type=int, default=None,
                     help="also run `understudy frontend` on this port, with every engine registered to it "
                          "(default: none; docs/frontend.md)")
+    g = up.add_argument_group("hangs and restarts")
+    g.add_argument("--probe-interval", type=float, default=0.25,
+                   help="seconds between GET /live probes of each serving engine (0: no probing) (default: 0.25)")
+    g.add_argument("--probe-timeout", type=float, default=0.5,
+                   help="the longest one probe waits for its answer, in seconds (default: 0.5)")
+    g.add_argument("--hang-timeout", type=float, default=1.0,
+                   help="an engine whose /live answers no probe with 200 for this many seconds (two probes "
+                        "missed at least) is hung: its process group is SIGKILLed and the shadow takes over "
+                        "(default: 1)")
+    g.add_argument("--restart-delay", type=float, default=0.5,
+                   help="seconds before a dead child is restarted; doubled for every further death soon after "
+                        "a start (default: 0.5)")
+    g.add_argument("--restart-delay-max", type=float, default=30.0,
+                   help="the longest restart delay, in seconds (default: 30)")
+    g.add_argument("--restart-reset-after", type=float, default=10.0,
+                   help="a child that stayed up this many seconds is restarted after --restart-delay again "
+                        "(default: 10)")
     up.add_argument("engine_args", nargs=argparse.REMAINDER,
                     help="after `--`: flags for `understudy serve` (model, KV size, ...)")
     add_logging_arguments(up)

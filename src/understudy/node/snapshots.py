@@ -87,6 +87,11 @@ class NodeSnapshots:
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
+    @property
+    def making(self) -> set[int]:
+        """The ports whose engine is being checkpointed now (quiesced, then frozen by CRIU: not probed)."""
+        return self._making
+
     def image_for(self, port: int) -> Path | None:
         """A Ready image of this node's engine for `port` that can be restored now, or None (logged why)."""
         image = find_ready(self.root, self.identity, port)

@@ -3,6 +3,11 @@
 Requests and aborts go to the engine thread through a queue and take effect
 between steps; each step's tokens come back to the request's asyncio queue.
 The thread sleeps on the queue when there is no work (no polling).
+
+A step that raises ends the engine, not only its thread: `on_failure` (serving/faults.FailFast) is called
+on the engine thread and takes the process down; every request still waiting for tokens gets EngineDead.
+`step_started` says, without a lock, since when the engine thread has been inside one step (the
+watchdog's and /live's only input).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +28,33 @@ from understudy.engine.core.sampling import SamplingParams
 
 logger = logging.getLogger("understudy.engine")
 
+_DEAD = object()  # put into every open stream when the engine fails
+
+
+class EngineDead(RuntimeError):
+    """The engine failed (a step raised, or it hung): it takes no request and finishes none. `exit`: how
+    the process ends (failover/exit_codes.NAMES: step_error, watchdog, device_fault)."""
+
+    def __init__(self, reason: str | None, exit: str | None = None):
+        super().__init__(reason or "the engine failed")
+        self.exit = exit or "step_error"
+
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.Future]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.last_step_s = 0.0
+        self.step_started = 0.0  # time.monotonic() when the running step began; 0.0 between steps
+        self.failure: str | None = None  # why the engine failed, once it has
+        self.failure_exit: str | None = None  # and how the process ends (serving/faults.FailFast sets both)
+        # Called on the engine thread with the exception a step raised (serving/faults.FailFast.step_failed:
+        # it ends the process). Without it the thread ends and the open requests get EngineDead.
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -49,21 +71,42 @@ class AsyncEngine:
     def num_requests(self) -> int:
         return len(self._streams)
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def step_seconds(self) -> float:
+        """How long the engine thread has been inside its current step (0.0 between steps). Lock-free."""
+        started = self.step_started
+        return time.monotonic() - started if started else 0.0
+
+    def fail_all(self, reason: str) -> None:
+        """On the loop: the engine is dead; every request gets EngineDead, now and from now on."""
+        self.failure = reason
+        for stream, accepted in list(self._streams.values()):
+            _settle(accepted, EngineDead(self.failure, self.failure_exit))
+            stream.put_nowait(_DEAD)
+
     async def generate(self, prompt: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
         """Stream a request's tokens. Leaving the iterator early aborts the request.
 
-        Raises ValueError (bad request), QueueFull (shed load) before the first token."""
+        Raises ValueError (bad request), QueueFull (shed load) before the first token; EngineDead when the
+        engine failed (before or after the first token)."""
+        if self.failure is not None:
+            raise EngineDead(self.failure, self.failure_exit)
         rid = request_id or f"req-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         accepted = self._loop.create_future()
-        self._streams[rid] = stream
+        self._streams[rid] = (stream, accepted)
         self._commands.put(("add", rid, prompt, params, accepted))
         finished = False
         try:
             await accepted  # raises what add_request raised
             while True:
-                out: StepOutput = await stream.get()
+                out = await stream.get()
+                if out is _DEAD:
+                    raise EngineDead(self.failure, self.failure_exit)
                 finished = out.finish_reason is not None
                 yield out
                 if finished:
@@ -92,7 +135,18 @@ class AsyncEngine:
         torch.cuda.synchronize(device)
 
     def _run(self) -> None:
-        self._prime()
+        try:
+            self._prime()
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - a failed step (or prime) ends the engine, not just this thread
+            if self.on_failure is not None:
+                self.on_failure(e)  # classifies, sets failure / failure_exit, ends the process
+            else:
+                self.failure = f"{type(e).__name__}: {e}"
+                logger.error("engine_failed", exc_info=e)
+                self._loop.call_soon_threadsafe(self.fail_all, self.failure)
+
+    def _serve(self) -> None:
         while True:
             # Block for a command only when idle; otherwise take what is there and step.
             try:
@@ -109,7 +163,9 @@ class AsyncEngine:
                     cmd = None
             if self.engine.has_work:
                 t0 = time.perf_counter()
-                outputs = self.engine.step()
+                self.step_started = time.monotonic()
+                outputs = self.engine.step()  # stays set if it raises: the step never ended
+                self.step_started = 0.0
                 self.last_step_s = time.perf_counter() - t0
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
@@ -128,9 +184,9 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out)
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                entry[0].put_nowait(out)
 
 
 def _settle(fut: asyncio.Future, error: Exception | None) -> None:

@@ -19,7 +19,7 @@ from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.model.decoder import CausalLM
 from understudy.engine.core.sampling import SamplingParams, sample, skip_draws
 from understudy.engine.core.scheduler import Scheduler
-from understudy.engine.core.sequence import Sequence, Status
+from understudy.engine.core.sequence import Sequence
 
 logger = logging.getLogger("understudy.engine")
 
@@ -28,11 +28,11 @@ logger = logging.getLogger("understudy.engine")
 class StepOutput:
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # stop, length, abort, error
+    finish_reason: str | None = None  # stop, length, abort
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None
+    error: str | None = None  # on the wire for the frontend; a failed step fails the whole engine instead
 
 
 @dataclass
@@ -62,6 +62,8 @@ class LLMEngine:
         # (engine/parallel/group.py). None on one device.
         self.step_hook = None
         self.timed_steps = 0  # this many next steps log their phase timings (step_timing)
+        self.fault_hook = None  # called inside the next forwards, after the step went to a group's ranks (injection)
+        self.slowest_step_s = 0.0  # the longest step that completed (warm-up included): /live's bound grows with it
         self.steps = 0
         self.generated_tokens = 0
         self.prompt_tokens_computed = 0
@@ -97,17 +99,28 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def abandon(self) -> None:
+        """The engine failed and its process is about to exit: let go of what must not wait for that (a
+        tensor-parallel group ends its other ranks here). Called from any thread; nothing for one device."""
+
     def warm_up(self, prompt_lens: tuple[int, ...] = (1, 5, 16, 64, 300)) -> None:
         """Run eager prefills of a few sizes and decodes once, so that the first real requests pay
         no first-call costs (kernel compilation, library heuristics, allocator growth). The blocks
         it used are forgotten and the sealed-block index cleared afterwards."""
         if self.kv.adopted:
             return  # the blocks hold someone's cache: don't write over it
-        for n in prompt_lens:
-            if self.blocks.blocks_needed(n + 2) <= self.blocks.capacity and n + 2 <= self.scheduler.max_model_len:
-                self.generate([[1] * n, [2] * max(1, n // 2)], SamplingParams(max_tokens=3, temperature=0,
-                                                                              ignore_eos=True))
+        sizes = [n for n in prompt_lens
+                 if self.blocks.blocks_needed(n + 2) <= self.blocks.capacity and n + 2 <= self.scheduler.max_model_len]
+        for n in sizes:
+            self.generate([[1] * n, [2] * max(1, n // 2)], SamplingParams(max_tokens=3, temperature=0,
+                                                                          ignore_eos=True))
         if self.device.type == "cuda":
+            # The passes above compiled kernels: time the largest one again, compiled and with tokens no cached
+            # prefix holds, so that /live's bound (serving/faults.live_bound) follows a real step's time.
+            if sizes:
+                self.slowest_step_s = 0.0
+                self.generate([[6] * max(sizes), [7] * max(1, max(sizes) // 2)],
+                              SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # a parked shadow keeps as little GPU memory of its own as it can
             # ...but the allocator keeps what a small step needs (tens of MiB): the first step after a
@@ -143,21 +156,20 @@ class LLMEngine:
         if not batch:
             return []
         self.steps += 1
-        try:
-            t1 = time.perf_counter()
-            graph = self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch)
-            if graph:
-                sample_rows = list(range(len(batch)))
-                logits = self._decode_with_graph(batch)
-            else:
-                sample_rows, logits = self._forward_eager(batch)
-            t2 = time.perf_counter()
-            sampled = sample(logits, [batch[i][0].params for i in sample_rows],
-                             [batch[i][0].generator for i in sample_rows]) if sample_rows else []
-        except Exception as e:  # fail this batch's requests, keep the engine alive
-            logger.exception("step_failed")
-            return [self._fail(seq, f"{type(e).__name__}: {e}") for seq, _ in batch]
+        # An exception from here on is not caught: after a failed forward the KV cache, the sequences and
+        # (on CUDA) the context cannot be trusted, so the engine fails as a whole (AsyncEngine.on_failure).
+        t1 = time.perf_counter()
+        graph = self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch)
+        if graph:
+            sample_rows = list(range(len(batch)))
+            logits = self._decode_with_graph(batch)
+        else:
+            sample_rows, logits = self._forward_eager(batch)
+        t2 = time.perf_counter()
+        sampled = sample(logits, [batch[i][0].params for i in sample_rows],
+                         [batch[i][0].generator for i in sample_rows]) if sample_rows else []
         outputs = self._advance(batch, sample_rows, sampled)
+        self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - t0)
         if self.timed_steps > 0:  # e.g. the first steps after a promotion: where does the time go?
             self.timed_steps -= 1
             t3 = time.perf_counter()
@@ -175,6 +187,8 @@ class LLMEngine:
             tables.append(seq.block_table)
         if self.step_hook is not None:
             self.step_hook(ids, [1] * len(ids), ctx, tables, graph=True)
+        if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
+            self.fault_hook()
         return self.graphs.run(ids, ctx, tables)
 
     def _forward_eager(self, batch: list[tuple[Sequence, int]]) -> tuple[list[int], torch.Tensor]:
@@ -196,6 +210,8 @@ class LLMEngine:
         rows = logits_at if sample_rows else logits_at.new_zeros(1)  # mid-prompt chunks only: a throwaway row
         if self.step_hook is not None:
             self.step_hook(input_ids, query_lens, context_lens, tables, graph=False)
+        if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
+            self.fault_hook()
         return sample_rows, self.model(ids, meta.positions(), meta, self.kv.layers, rows)
 
     def _advance(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], sampled: list[int]) -> list[StepOutput]:
@@ -225,13 +241,6 @@ class LLMEngine:
         if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.scheduler.max_model_len:
             return "length"
         return None
-
-    def _fail(self, seq: Sequence, error: str) -> StepOutput:
-        if seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq, "error")
-        self.sequences.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, [], "error", len(seq.prompt), seq.num_cached_prompt, len(seq.output),
-                          error=error)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion (offline use and tests)."""

@@ -45,8 +45,10 @@ def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     if (top_p < 1).any():
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
+        # drop a token when the tokens before it already reach top_p (the first always stays: a top_p
+        # that is 0 in float32, e.g. 1e-300, dropped every token and the step died on NaN probabilities)
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p[:, None]
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return logits.softmax(dim=-1)

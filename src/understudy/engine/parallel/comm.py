@@ -4,13 +4,11 @@ way every rank leaves."""
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import select
 import socket
 import struct
-import sys
 import threading
 from datetime import timedelta
 from typing import NoReturn
@@ -18,6 +16,7 @@ from typing import NoReturn
 import torch
 
 from understudy.engine.model.sharding import TensorParallel
+from understudy.failover import faults
 
 # Collectives of a step finish in milliseconds; a peer that stopped answering is detected through its
 # process (parallel/group.py) long before this. It only bounds a rank that hangs without dying.
@@ -27,12 +26,9 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 def exit_now(code: int) -> NoReturn:
     """Leave the process at once, logs flushed, skipping the interpreter's teardown: a rank's peers may be
     gone already, and tearing down NCCL communicators (and CUDA graphs holding their kernels) whose peers
-    are gone can block; the kernel releases our files, the failover lock and the memory sessions anyway."""
-    for handler in logging.getLogger("understudy").handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    are gone can block; the kernel releases our files, the failover lock and the memory sessions anyway
+    (failover/faults.exit_now)."""
+    faults.exit_now(code)
 
 
 def dist_backend(device: torch.device) -> str:

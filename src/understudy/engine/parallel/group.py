@@ -12,7 +12,9 @@ layers sum across ranks (gloo on the CPU, NCCL on CUDA). Only the leader compute
 Failure: a group with a dead rank is wedged (its next collective never completes), so any rank dying
 ends the whole group. The leader watches every worker's control channel, which hangs up the moment the
 worker dies; then it kills the others, lets go of the failover lock and exits (exit code 4). A dead
-leader's channels hang up as fast, and its workers exit (and PR_SET_PDEATHSIG kills them anyway).
+leader's channels hang up as fast, and its workers exit (and PR_SET_PDEATHSIG kills them anyway). A step
+that fails on the leader (or hangs: the watchdog) fails it as it fails one engine (serving/faults.py, exit
+code 5, 6 or 7), and the leader kills its workers first (GroupEngine.abandon).
 A standby group (`--role shadow`) imports every rank's shard read-only and warms up on scratch KV;
 only its leader waits on the node's failover lock and, once it has it, tells its workers to adopt
 their devices' kv pools (in parallel with its own) before going ACTIVE.
@@ -119,17 +121,23 @@ class Group:
         if not self.closing:
             self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=worker.proc.poll())
 
+    def abandon(self) -> None:
+        """The group ends: kill every worker now (their kv sessions go with them). Their channels hanging up
+        is expected from here on."""
+        self.closing = True
+        for w in self.workers:
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def fatal(self, event: str, **fields) -> None:
         """The group is wedged: kill every worker, let go of the failover lock and exit now."""
         with self._fatal:
             self.closing = True
             log(logger, event, logging.ERROR, **fields,
                 note="a tensor-parallel group with a dead rank cannot go on: the whole group exits")
-            for w in self.workers:
-                try:
-                    os.kill(w.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            self.abandon()
             for hold in self.holds:
                 hold.release()
             exit_now(exit_codes.GROUP_LOST)
@@ -191,13 +199,19 @@ class GroupEngine(LLMEngine):
     def _decode_with_graph(self, batch):
         return self._on_all_ranks(super()._decode_with_graph, batch)
 
+    def abandon(self) -> None:
+        """A failed leader (serving/faults.py): the whole group ends with it, now."""
+        self.group.abandon()
+
     def _on_all_ranks(self, forward, batch):
         self.group.stepping = False
         try:
             return forward(batch)
         except BaseException as e:
             if self.group.stepping:  # the workers are inside this forward: the ranks are out of step now
-                self.group.fatal("tp_step_failed", error=f"{type(e).__name__}: {e}")
+                log(logger, "tp_step_failed", logging.ERROR, error=f"{type(e).__name__}: {e}",
+                    note="the workers are inside this step: the whole group ends")
+                self.group.abandon()  # then the leader fails as one engine does (serving/faults.py)
             raise
         finally:
             self.group.stepping = False

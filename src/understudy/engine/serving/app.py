@@ -12,8 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from understudy.common.api import BodyLimit, invalid_request
+from understudy.common.api import (BodyLimit, document_validation_as_400, error_responses, invalid_request,
+                                   openai_http_errors)
 from understudy.engine.serving.control import add_control_routes
+from understudy.engine.serving.faults import liveness
 from understudy.engine.serving.generate import add_generate_routes
 from understudy.engine.serving.metrics import EngineMetrics
 from understudy.engine.serving.worker import Worker
@@ -30,12 +32,16 @@ def create_app(worker: Worker) -> FastAPI:
         return invalid_request(exc.errors())
 
     app.add_middleware(BodyLimit, worker=worker)
+    document_validation_as_400(app)
+    openai_http_errors(app)
 
-    @app.get("/live")
+    @app.get("/live", responses={503: {"description": "The engine thread is stuck inside one step "
+                                                      "(serving/faults.py): the body says for how long"}})
     async def live():
-        return {"status": "alive"}
+        ok, body = liveness(worker)  # no lock: reads when the running step began
+        return body if ok else JSONResponse(body, status_code=503)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not serving (DRAINING, DEAD, ...): the body says why"}})
     async def health():
         body = {"status": "ok" if worker.state in ("ACTIVE", "STANDBY", "WAKING", "SLEEPING", "QUIESCED")
                 else "unavailable",
@@ -45,9 +51,11 @@ def create_app(worker: Worker) -> FastAPI:
                 "waiting": len(worker.engine.engine.scheduler.waiting),
                 "kv_cache_usage": round(worker.engine.engine.blocks.usage, 4),
                 "kv_adopted": worker.engine.engine.kv.adopted, **worker.info}
+        if worker.failure is not None:  # DEAD after a fault: why (serving/faults.py)
+            body["reason"] = worker.failure
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=error_responses(ok_media=("text/plain",)))
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

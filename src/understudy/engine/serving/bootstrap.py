@@ -29,8 +29,11 @@ from understudy.engine.core.kv_cache import KVCache, KVSpec
 from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
 from understudy.engine.model.loader import load_config
 from understudy.engine.serve_config import ServeConfig
+from understudy.engine.serving.faults import DEFAULT_STEP_TIMEOUT, FailFast, live_bound
 from understudy.engine.serving.lifecycle import Lifecycle
 from understudy.engine.serving.worker import Worker
+from understudy.failover import exit_codes
+from understudy.failover.faults import read_marker
 from understudy.failover.lock import FailoverLock, LockHeld
 from understudy.logs import log
 from understudy.memory import read_status
@@ -145,6 +148,7 @@ def place(config: ServeConfig, ranks: int = 1, check_config=None) -> Placement:
     # One failover lock per device (a group's is its leader's): only leaders contend for it.
     lock = FailoverLock.for_device(config.failover.failover_dir or Path(path).parent,
                                    Path(path).stem.removeprefix("memory-"))
+    refuse_faulty_device(lock)
     if config.failover.role == "primary":
         try:
             lock.try_acquire()
@@ -157,6 +161,18 @@ def place(config: ServeConfig, ranks: int = 1, check_config=None) -> Placement:
 
         attention_fn = attention_for(m.prefill_attention)
     return Placement(model_path, model_config, dtype, use_cuda, backend, device, path, mem_proc, lock, attention_fn)
+
+
+def refuse_faulty_device(lock: FailoverLock) -> None:
+    """An engine does not start on a device marked faulty (failover/faults.py): exit DEVICE_FAULT, naming
+    the marker to remove once the device is fixed."""
+    marker = read_marker(lock.path)
+    if marker is None:
+        return
+    log(logger, "device_faulty", logging.ERROR, **marker)
+    print(f"understudy serve: the device is marked faulty since {marker.get('time_utc', '?')} "
+          f"({marker.get('reason')}); remove {marker['path']} once it is fixed", file=sys.stderr)
+    raise SystemExit(exit_codes.DEVICE_FAULT)
 
 
 def open_kv(cls: type[KVCache], role: str, path: str, spec: KVSpec, backend) -> KVCache:
@@ -210,6 +226,14 @@ def start_engine(config: ServeConfig, engine: LLMEngine, p: Placement) -> None:
     engine.warm_up()
 
 
+def step_timeout(config: ServeConfig, p: Placement) -> float:
+    """--step-timeout, or its default for the device: 60 s on CUDA, 600 s on the CPU (a 2048-token prefill
+    step of the default model takes ~20 s on one CPU thread)."""
+    if config.failover.step_timeout is not None:
+        return config.failover.step_timeout
+    return DEFAULT_STEP_TIMEOUT["cuda" if p.use_cuda else "cpu"]
+
+
 def finish(config: ServeConfig, engine: LLMEngine, p: Placement, tokenizer: Tokenizer, weights_client,
            stats: dict, t0: float, info: dict) -> Built:
     """A shadow parks its KV cache; the engine gets its HTTP worker and says it is ready (`info`: more
@@ -226,8 +250,11 @@ def finish(config: ServeConfig, engine: LLMEngine, p: Placement, tokenizer: Toke
                     default_max_tokens=config.kv.default_max_tokens, max_request_bytes=config.http.max_request_bytes,
                     info=info, weights=weights_client, holds=[p.lock],
                     lifecycle=Lifecycle("ACTIVE" if role == "primary" else "STANDBY"),
-                    standby_wait=config.failover.standby_wait)
+                    standby_wait=config.failover.standby_wait, step_timeout=step_timeout(config, p))
+    worker.faults = FailFast(worker, p.lock)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(p.dtype),
         max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size,
-        kv_adopted=engine.kv.adopted, **info)
+        kv_adopted=engine.kv.adopted, step_timeout_s=worker.step_timeout,
+        live_bound_s=round(live_bound(worker.step_timeout, engine.slowest_step_s), 3),
+        slowest_warm_up_step_s=round(engine.slowest_step_s, 4), **info)
     return Built(worker, p.memory_server, p.lock, p.socket_path, stats)

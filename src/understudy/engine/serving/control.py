@@ -39,10 +39,10 @@ import time
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from understudy.common.api import error
+from understudy.common.api import STRICT, error, error_responses
 from understudy.engine.core.block_manager import BlockManager
 from understudy.engine.serving.worker import Worker
 from understudy.failover import exit_codes
@@ -53,6 +53,7 @@ logger = logging.getLogger("understudy.engine.serving.control")
 
 QUIESCIBLE = ("STANDBY", "SLEEPING")
 WAKE_TIMEOUT = 30.0  # seconds wake_up waits for the pools (a republishing writer, another KV owner): then 503
+MAX_ACTIVATE_WAIT = 3600.0  # resume's `timeout`: a longer (or infinite) wait is refused, not held open
 
 
 def release_memory(worker: Worker) -> None:
@@ -121,8 +122,10 @@ async def remap(worker: Worker, action: str, since: str, still: str) -> tuple[in
 
 
 class ResumeRequest(BaseModel):
+    model_config = ConfigDict(**STRICT)  # false is not a number of seconds
+
     activate: bool = False  # wait until the engine is ACTIVE (it took the failover lock)
-    timeout: float = Field(default=30.0, ge=0)  # seconds `activate` waits
+    timeout: float = Field(default=30.0, ge=0, le=MAX_ACTIVATE_WAIT)  # seconds `activate` waits
 
 
 def _trim_heap() -> None:
@@ -179,7 +182,7 @@ def _conflict(message: str) -> JSONResponse:
 def add_sleep_routes(app: FastAPI, worker: Worker) -> None:
     control: asyncio.Lock = app.state.control
 
-    @app.post("/engine/control/sleep")
+    @app.post("/engine/control/sleep", responses=error_responses(409))
     async def sleep():
         """Unmap the weights and the KV cache, keeping their addresses, and leave both pools.
 
@@ -205,7 +208,7 @@ def add_sleep_routes(app: FastAPI, worker: Worker) -> None:
             log(logger, "asleep", seconds=seconds)
             return {"state": "SLEEPING", "changed": True, "seconds": seconds}
 
-    @app.post("/engine/control/wake_up")
+    @app.post("/engine/control/wake_up", responses=error_responses(409, 503))
     async def wake_up():
         """Remap the weights and the KV cache at the addresses they had, and serve again.
 
@@ -234,7 +237,7 @@ def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
     control: asyncio.Lock = app.state.control  # shared with sleep / wake_up and the memory watch
     quiesced: dict = {}  # while QUIESCED: the state to go back to, whether a memory watch ran
 
-    @app.post("/engine/control/quiesce")
+    @app.post("/engine/control/quiesce", responses=error_responses(409, 500))
     async def quiesce():
         """Unmap the weights (keeping their addresses) and close every memory-service connection, for a
         snapshot. STANDBY or SLEEPING -> QUIESCED (QUIESCED: 200, nothing to do; otherwise 409)."""
@@ -263,7 +266,7 @@ def add_quiesce_routes(app: FastAPI, worker: Worker) -> None:
             log(logger, "quiesced", previous=was, seconds=seconds)
             return {"state": "QUIESCED", "changed": True, "previous": was, "pid": os.getpid(), "seconds": seconds}
 
-    @app.post("/engine/control/resume")
+    @app.post("/engine/control/resume", responses=error_responses(400, 409, 413, 503))
     async def resume(body: ResumeRequest | None = None):
         """Reconnect to the memory service, remap the weights at the same addresses and go back to the
         state before quiesce (after a checkpoint, or in a restored process). With activate: wait until

@@ -4,7 +4,9 @@ and the token-level stream the frontend uses (POST /engine/generate).
 Text lives only here: prompts are tokenised, tokens are detokenised incrementally and stop strings are
 matched on the text. A request is held until the engine is ACTIVE (bounded) and checked against it before
 the 200, so refusals keep their status codes (400, 404, 503 + Retry-After). A client that goes away
-cancels its request in the engine at once (its KV blocks are freed).
+cancels its request in the engine at once (its KV blocks are freed). When the engine fails
+(serving/faults.py), a request not yet answered gets 503 + Retry-After, a token stream ends without its
+final line (the frontend migrates it) and an SSE stream gets an error event.
 """
 
 from __future__ import annotations
@@ -27,26 +29,32 @@ from understudy.common.api import (
     chat_prompt,
     collect_text,
     error,
+    error_responses,
+    sse,
     sse_events,
     unless_gone,
 )
 from understudy.common.text import TextStream
+from understudy.engine.core.async_engine import EngineDead
 from understudy.engine.core.scheduler import QueueFull
 from understudy.engine.serving.metrics import EngineMetrics
 from understudy.engine.serving.worker import NotActive, Worker
 
 
 def add_generate_routes(app: FastAPI, worker: Worker, metrics: EngineMetrics) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=error_responses(400, 404, 413, 503, ok_media=("text/event-stream",)))
     async def completions(body: CompletionRequest, request: Request):
         if (bad := _check_model(worker, body.model)) is not None:
             return bad
         prompt = body.prompt if isinstance(body.prompt, list) else worker.tokenizer.encode(body.prompt)
+        if not prompt:  # "" encodes to no token
+            return error(400, "the prompt is empty", param="prompt")
         shape = CompletionShape(worker.model_name)
         return await _generate(worker, metrics, request, prompt, body.sampling(worker.default_max_tokens),
                                "completions", body.stream, shape.chunk, shape.final, body.include_usage)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses=error_responses(400, 404, 413, 503, ok_media=("text/event-stream",)))
     async def chat(body: ChatCompletionRequest, request: Request):
         if (bad := _check_model(worker, body.model)) is not None:
             return bad
@@ -59,7 +67,7 @@ def add_generate_routes(app: FastAPI, worker: Worker, metrics: EngineMetrics) ->
         return await _generate(worker, metrics, request, prompt, body.sampling(worker.default_max_tokens), "chat",
                                body.stream, shape.chunk, shape.final, body.include_usage)
 
-    @app.post("/engine/generate")
+    @app.post("/engine/generate", responses=error_responses(400, 413, 503, ok_media=("application/x-ndjson",)))
     async def generate_tokens(body: TokenGenerateRequest):
         """Token ids in, newline-delimited JSON out: {"token_ids": [...], "finish_reason": ...} per step."""
         params = body.params()
@@ -67,7 +75,7 @@ def add_generate_routes(app: FastAPI, worker: Worker, metrics: EngineMetrics) ->
             await _admit(worker, params, len(body.token_ids))
             stream = _tokens(worker, metrics, body.token_ids, params, "tokens")
             first = await stream.__anext__()
-        except (NotActive, QueueFull, ValueError) as e:
+        except (NotActive, QueueFull, ValueError, EngineDead) as e:
             return _refusal(e)
 
         async def lines():
@@ -79,11 +87,17 @@ def add_generate_routes(app: FastAPI, worker: Worker, metrics: EngineMetrics) ->
                                       "error": out.error}) + "\n"
                     if out.finish_reason:
                         return
-                    out = await stream.__anext__()
+                    try:
+                        out = await stream.__anext__()
+                    except EngineDead:  # ended without a final line: the frontend migrates the request
+                        return
             finally:
                 await stream.aclose()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+FAILURE_HEADER = "X-Understudy-Failure"  # on the 503s of an engine that failed: how it ends (exit_codes.NAMES)
 
 
 def _check_model(worker: Worker, name: str | None) -> JSONResponse | None:
@@ -97,6 +111,10 @@ def _refusal(e: Exception) -> JSONResponse:
     """A request refused before its first token: not active or overloaded (retry later), or invalid."""
     if isinstance(e, NotActive):
         return error(503, str(e), type_="unavailable_error", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDead):  # the engine failed (serving/faults.py): another engine can take it; the
+        # header tells a frontend that this engine is gone (not busy): step_error, watchdog or device_fault
+        return error(503, f"engine failed: {e}", type_="unavailable_error",
+                     headers={"Retry-After": "1", FAILURE_HEADER: e.exit})
     if isinstance(e, QueueFull):
         return error(503, f"engine overloaded: {e}", type_="overloaded_error", headers={"Retry-After": "1"})
     return error(400, str(e))
@@ -160,6 +178,8 @@ async def _text(worker: Worker, metrics: EngineMetrics, prompt: list[int], param
 async def _admit(worker: Worker, params, prompt_len: int) -> None:
     """Hold a request until the engine is active (bounded), then check it can ever run."""
     if not await worker.lifecycle.wait_active(worker.standby_wait):
+        if worker.failure is not None:  # DEAD after a fault (e.g. a shadow refusing a faulty device)
+            raise EngineDead(worker.failure, worker.engine.failure_exit)
         raise NotActive(f"engine is {worker.state}, not active")
     params.validate()
     worker.engine.engine.scheduler.check_fits(prompt_len, params.max_tokens)
@@ -182,13 +202,16 @@ async def _generate(worker: Worker, metrics: EngineMetrics, request: Request, pr
                     endpoint: str, streaming: bool, render_chunk, render_final, include_usage: bool):
     try:
         first, rest = await _start(worker, metrics, prompt, params, endpoint)
-    except (NotActive, QueueFull, ValueError) as e:
+    except (NotActive, QueueFull, ValueError, EngineDead) as e:
         return _refusal(e)
     if streaming:
         async def events():
             try:
                 async for event in sse_events(first, rest, render_chunk, include_usage):
                     yield event
+            except EngineDead as e:  # after the 200: the error goes in the stream (the openai client raises it)
+                yield sse({"error": {"message": f"engine failed: {e}", "type": "unavailable_error", "param": None,
+                                     "code": 503}})
             finally:
                 await rest.aclose()
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -201,6 +224,8 @@ async def _generate(worker: Worker, metrics: EngineMetrics, request: Request, pr
         text, reason, usage = await unless_gone(request, collect_text(first, rest))
     except ClientGone:  # the client left: the work for it is cancelled
         return Response(status_code=499)
+    except EngineDead as e:  # nothing was sent yet: retry it elsewhere
+        return _refusal(e)
     finally:
         await rest.aclose()
     return JSONResponse(render_final(text, reason, usage))

@@ -19,6 +19,8 @@ from understudy.logs import log
 
 logger = logging.getLogger("understudy.engine.serving.lifecycle")
 
+_SETTLED = ("ACTIVE", "DRAINING", "DEAD")  # a request waiting for ACTIVE stops waiting in these
+
 
 class Lifecycle:
     def __init__(self, state: str = "INIT"):
@@ -39,8 +41,8 @@ class Lifecycle:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the HTTP server's loop, so requests can await ACTIVE."""
         self._loop = loop
-        self._active = asyncio.Event()
-        if self.state == "ACTIVE":
+        self._active = asyncio.Event()  # set while the state is ACTIVE or final (DRAINING, DEAD): no more waiting
+        if self.state in _SETTLED:
             self._active.set()
 
     def set(self, state: str, **fields) -> None:
@@ -72,7 +74,7 @@ class Lifecycle:
             self.set(state, **fields)
 
     def _sync_event(self) -> None:
-        if self.state == "ACTIVE":
+        if self.state in _SETTLED:  # held requests go on, or are refused at once when the engine is ending
             self._active.set()
         else:
             self._active.clear()

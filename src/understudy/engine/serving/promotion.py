@@ -27,7 +27,12 @@ then dropped the scratch mapping (KVCache.park, via serving/bootstrap.finish) an
     shadow (node/supervisor.Supervisor.run).
 
 A promotion that fails (the pool cannot be adopted) marks the engine DEAD and ends it with SIGTERM, so
-the next shadow in line gets the lock.
+the next shadow in line gets the lock. A shadow that gets the lock of a device marked faulty (the active
+engine died of a device fault, failover/faults.py) does not wake: DEAD ("device fault"), exit 7
+(serving/faults.FailFast.device_faulted); so does every shadow after it.
+
+The active engine need not die of a kill: a step that raises or hangs (serving/faults.py) releases the lock
+and the kv pool itself and exits within a second; from step 2 on the path is the same.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import signal
 import time
 
 from understudy.engine.serving.bootstrap import Built
+from understudy.failover.faults import read_marker
 from understudy.logs import log
 
 logger = logging.getLogger("understudy.engine.serving.promotion")
@@ -50,6 +56,10 @@ def park_and_promote(built: Built) -> None:
     log(logger, "waiting_for_failover_lock", lock=str(built.lock.path), holder=built.lock.holder())
     built.lock.acquire()  # the kernel wakes us the moment the active engine's process dies
     t0 = time.perf_counter()
+    if (marker := read_marker(built.lock.path)) is not None:  # it died of a device fault: we cannot help
+        log(logger, "device_faulty", logging.ERROR, **marker)
+        worker.faults.device_faulted(marker)  # DEAD, lock released, exit DEVICE_FAULT
+        return
     worker.lifecycle.set_unquiesced("WAKING")  # a snapshot in progress (QUIESCED) first resumes us
     try:
         kv_s = engine.kv.adopt(built.socket_path, name=f"engine-{os.getpid()}")

@@ -34,6 +34,9 @@ class Worker:
     # shutdown in); None: os._exit.
     exit_process: Callable[[int], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    step_timeout: float = 60.0  # --step-timeout: the watchdog's bound on one step (0: off); /live's derives from it
+    failure: str | None = None  # why the engine is DEAD after a fault (/health says it); serving/faults.py sets it
+    faults: Any = None  # serving/faults.FailFast once built (bootstrap.finish)
 
     @property
     def state(self) -> str:
