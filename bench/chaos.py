@@ -56,6 +56,7 @@ KINDS = ("kill_active", "kill_shadow", "kill_memory", "kill_frontend", "stop_act
          "etcd_member", "etcd_leader", "partition")
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "Hello, world", "1 2 3 4 5",
            "To be or not to be", "A long time ago", "It was a dark and stormy night"]
+ACTIVE_FAULTS = ("kill_active", "stop_active", "step_error", "hang_step")  # the shadow must take over
 TTL = 2.0  # the engines' --registration-ttl
 
 
@@ -379,14 +380,22 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not whole before fault {n + 1}: {why}")
                 time.sleep(0.1)
-            t0 = time.monotonic()
+            victim = node.engines().get("ACTIVE", {}).get("pid")
+            seen = len(node.up.events)
+            t0, wall0 = time.monotonic(), time.time()
             after = inject(node, kind, rng)
             if after is not None:
                 after()
             wait_whole(node, probe, args.recover_timeout)
             t1 = time.monotonic()
-            faults.append({"kind": kind, "t0": t0, "t1": t1, "recover_s": t1 - t0})
-            print(f"fault {n + 1:3d} {kind:14s} whole again after {t1 - t0:6.2f} s", flush=True)
+            # Served again: another engine went ACTIVE (its own log line's clock), for faults of the active one.
+            promoted = [e["ts"] - wall0 for e in node.up.events[seen:] if e.get("event") == "state"
+                        and e.get("new") == "ACTIVE" and e.get("child_pid") != victim]
+            active_s = min(promoted) if kind in ACTIVE_FAULTS and promoted else None
+            faults.append({"kind": kind, "t0": t0, "t1": t1, "recover_s": t1 - t0, "active_s": active_s})
+            print(f"fault {n + 1:3d} {kind:14s} whole again after {t1 - t0:6.2f} s"
+                  + (f", another engine ACTIVE after {active_s * 1000:7.1f} ms" if active_s is not None else ""),
+                  flush=True)
         load.stop.set()
         for t in threads:
             t.join(timeout=120)
@@ -400,8 +409,11 @@ def main() -> int:
     print(f"\nbaseline (no fault, {args.baseline_s:.0f} s): {len(base)} requests, "
           f"latency p50 {pct([o.end - o.start for o in base], 0.5) * 1000:.0f} ms, "
           f"failed {sum(not o.ok for o in base)}, changed {sum(o.changed for o in base)}")
+    print("requests: those that overlapped a fault; retried: answered after a retryable error (a 503 +")
+    print("Retry-After, a dead frontend) on the other frontend; whole: fault -> node whole again (a new parked")
+    print("shadow included); active: fault -> another engine ACTIVE (the shadow took over)")
     print(f"{'fault':14s} {'count':>5s} {'requests':>8s} {'failed':>6s} {'changed':>7s} {'retried':>7s} "
-          f"{'whole p50':>9s} {'max':>7s}")
+          f"{'whole p50':>9s} {'max':>7s} {'active p50':>10s} {'max':>9s}")
     rows = {}
     for kind in args.kinds:
         fs = [f for f in faults if f["kind"] == kind]
@@ -409,10 +421,14 @@ def main() -> int:
         row = {"count": len(fs), "requests": len(hit), "failed": sum(not o.ok for o in hit),
                "changed": sum(o.changed for o in hit), "retried": sum(o.retries > 0 for o in hit),
                "whole_p50_s": pct([f["recover_s"] for f in fs], 0.5),
-               "whole_max_s": max((f["recover_s"] for f in fs), default=float("nan"))}
+               "whole_max_s": max((f["recover_s"] for f in fs), default=float("nan")),
+               "active_p50_ms": pct([f["active_s"] * 1000 for f in fs if f["active_s"] is not None], 0.5),
+               "active_max_ms": max((f["active_s"] * 1000 for f in fs if f["active_s"] is not None),
+                                    default=float("nan"))}
         rows[kind] = row
         print(f"{kind:14s} {row['count']:5d} {row['requests']:8d} {row['failed']:6d} {row['changed']:7d} "
-              f"{row['retried']:7d} {row['whole_p50_s']:8.2f}s {row['whole_max_s']:6.2f}s")
+              f"{row['retried']:7d} {row['whole_p50_s']:8.2f}s {row['whole_max_s']:6.2f}s "
+              f"{row['active_p50_ms']:8.0f}ms {row['active_max_ms']:7.0f}ms")
     total = load.outcomes
     failed = [o for o in total if not o.ok]
     print(f"all: {len(faults)} faults, {len(total)} requests, {len(failed)} failed, "
