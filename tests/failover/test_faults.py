@@ -33,7 +33,6 @@ import json
 import shutil
 import signal
 import tempfile
-import threading
 from pathlib import Path
 
 import httpx
@@ -46,8 +45,8 @@ from understudy.failover.lock import FailoverLock
 
 from tests.helpers.frontend import (BACKEND, ENGINE_ARGS, ENGINE_ENV, REGISTRATION_TTL, Frontend, Proc, ServerProcess,
                                     is_event, wait_until)
-from tests.helpers.procs import free_port, serve_process
-from tests.helpers.streams import body
+from tests.helpers.procs import free_port, gone, serve_process
+from tests.helpers.streams import Streams, body
 
 STORY = "set in a quiet village by the sea, where an old fisherman mended his nets every morning."
 TOPICS = ["a red kite", "the last train", "a lost key", "two rival bakers"]
@@ -164,15 +163,6 @@ def reference(frontend, device) -> list[str]:
                              TOPICS))
 
 
-def gone(pid: int) -> bool:
-    """Dead (or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def prompt(topic: str) -> str:
     return f"Write a short story about {topic}, {STORY}"
 
@@ -186,32 +176,9 @@ def create(client: openai.OpenAI, model: str, text: str, **kw):
 
 def test_step_error_fails_fast_and_streams_migrate_to_the_shadow(frontend, device, reference):
     active, shadow = device.primary, device.shadows[0]
-    got: list[list[str]] = [[] for _ in TOPICS]
-    finish: list[str | None] = [None] * len(TOPICS)
-    errors: list[BaseException] = []
-    started = threading.Semaphore(0)
-
-    def stream(i: int) -> None:
-        signalled = False
-        try:
-            for c in create(frontend.client, active.model, prompt(TOPICS[i]), stream=True):
-                got[i].append(c.choices[0].text)
-                finish[i] = c.choices[0].finish_reason
-                if len(got[i]) >= FEW and not signalled:
-                    signalled = True
-                    started.release()
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
-        finally:
-            if not signalled:
-                started.release()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(TOPICS))]
-    for t in threads:
-        t.start()
-    for _ in threads:
-        assert started.acquire(timeout=120), "the streams did not start"
-    assert not errors, errors
+    streams = Streams([lambda t=t: create(frontend.client, active.model, prompt(t), stream=True) for t in TOPICS],
+                      few=FEW)
+    got, finish = streams.got, streams.finish
     assert all(len(g) < MAX_TOKENS for g in got), [len(g) for g in got]
     active.inject(signal.SIGUSR1)  # the next step raises
 
@@ -232,9 +199,7 @@ def test_step_error_fails_fast_and_streams_migrate_to_the_shadow(frontend, devic
     # The shadow took over; every stream went on there and ended as the undisturbed run did.
     shadow.state_is("ACTIVE")
     park_next(device)  # for test 2 (it warms up meanwhile)
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads) and not errors, errors
+    streams.join()
     for i in range(len(TOPICS)):
         assert "".join(got[i]) == reference[i], (i, got[i], reference[i])
         assert finish[i] == "length"

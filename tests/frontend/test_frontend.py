@@ -32,7 +32,6 @@ import concurrent.futures
 import shutil
 import signal
 import tempfile
-import threading
 from pathlib import Path
 
 import httpx
@@ -41,6 +40,7 @@ import pytest
 
 from tests.helpers.frontend import (BACKEND, Engine, Etcd, EtcdWatch, Frontend, ServerProcess, StubEngine, event, is_event,
                                     metric, wait_until)
+from tests.helpers.streams import Streams
 
 PARIS = "The capital of France is"
 STORY = "set in a quiet village by the sea, where an old fisherman mended his nets every morning."
@@ -256,38 +256,13 @@ def test_kill_mid_stream_migrates_to_the_promoted_shadow_with_no_token_lost(fron
                                   range(len(prompts))))
     before = frontend.metrics()
 
-    got: list[list[str]] = [[] for _ in prompts]
-    finish: list[str | None] = [None] * len(prompts)
-    errors: list[BaseException] = []
-    started = threading.Semaphore(0)
-
-    def stream(i: int) -> None:
-        signalled = False
-        try:
-            for c in create(frontend.client, model, prompts[i], stream=True, **kws[i]):
-                got[i].append(c.choices[0].text)
-                finish[i] = c.choices[0].finish_reason
-                if len(got[i]) >= FEW and not signalled:
-                    signalled = True
-                    started.release()
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
-        finally:
-            if not signalled:
-                started.release()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for _ in threads:
-        assert started.acquire(timeout=120), "the streams did not start"
-    assert not errors, errors
+    streams = Streams([lambda i=i: create(frontend.client, model, prompts[i], stream=True, **kws[i])
+                       for i in range(len(prompts))], few=FEW)
+    got, finish = streams.got, streams.finish
     on_a1 = a1.health()["running"]
     assert on_a1 >= 1 and all(len(g) < MAX_TOKENS for g in got), (on_a1, [len(g) for g in got])
     a1.kill(signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads) and not errors, errors
+    streams.join()
 
     # Every answer is the undisturbed one: nothing lost, nothing repeated (the seeded one too).
     for i in range(len(prompts)):

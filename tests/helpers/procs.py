@@ -120,6 +120,15 @@ def actor(*args: str) -> LineProcess:
     return LineProcess([sys.executable, str(HERE / "actors.py"), *args])
 
 
+def gone(pid: int) -> bool:
+    """Dead (or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def free_port() -> int:
     import socket
 

@@ -97,3 +97,45 @@ def streams_across(url: str, prompts: dict[int, list[int]], max_tokens: int, eve
     assert not any(t.is_alive() for t in threads)
     assert not errors, (errors, context())
     return got, resent
+
+
+class Streams:
+    """OpenAI streams, each on its own thread, collecting its chunks' text and finish reason.
+
+        streams = Streams([lambda: create(client, model, p, stream=True) for p in prompts], few=3)
+        ...                            # every stream has `few` chunks (or ended) here: do the fault
+        streams.join()                 # then got / finish / errors hold what each stream saw
+    """
+
+    def __init__(self, starts: list[Callable[[], object]], few: int, timeout: float = 120.0):
+        self.got: list[list[str]] = [[] for _ in starts]
+        self.finish: list[str | None] = [None] * len(starts)
+        self.errors: list[BaseException] = []
+        started = threading.Semaphore(0)
+
+        def stream(i: int) -> None:
+            signalled = False
+            try:
+                for c in starts[i]():
+                    self.got[i].append(c.choices[0].text)
+                    self.finish[i] = c.choices[0].finish_reason
+                    if len(self.got[i]) >= few and not signalled:
+                        signalled = True
+                        started.release()
+            except BaseException as e:  # noqa: BLE001 - reported by the test thread
+                self.errors.append(e)
+            finally:
+                if not signalled:
+                    started.release()
+
+        self.threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(starts))]
+        for t in self.threads:
+            t.start()
+        for _ in self.threads:
+            assert started.acquire(timeout=timeout), "the streams did not start"
+        assert not self.errors, self.errors
+
+    def join(self, timeout: float = 180.0) -> None:
+        for t in self.threads:
+            t.join(timeout=timeout)
+        assert not any(t.is_alive() for t in self.threads) and not self.errors, self.errors

@@ -46,7 +46,7 @@ import pytest
 from understudy.fds import MAX_CEILING, TOP_SPAN
 from understudy.memory import read_status
 
-from tests.helpers.procs import LineProcess, ServerProcess, free_port, serve_process
+from tests.helpers.procs import LineProcess, ServerProcess, free_port, gone, serve_process
 from tests.helpers.streams import body, ndjson, streams_across, tokens_of
 from tests.helpers.streams import event_of as _event
 from tests.helpers.tiny_model import make_tiny_llama
@@ -73,15 +73,6 @@ def logged(name: str, **fields):
 def leader_state(new: str):
     """A state line of the group's leader (workers' lines carry tp_rank)."""
     return lambda line: (e := _event(line)).get("event") == "state" and e.get("new") == new and "tp_rank" not in e
-
-
-def gone(pid: int) -> bool:
-    """Dead (or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def await_line(proc: LineProcess, predicate, start: int = 0, timeout: float = 120.0) -> tuple[int, dict]:
