@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from understudy.common.units import parse_size
+from understudy.common.units import parse_size, positive_int
 
 DEFAULT_TIMEOUT_KEEP_ALIVE = 5.0
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -47,16 +47,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _size(text: str) -> int:
     value = parse_size(text)
     if value < 1:
@@ -77,7 +67,7 @@ def add_http_limit_arguments(g) -> None:
     g.add_argument("--max-header-bytes", type=_size, default=DEFAULT_MAX_HEADER_BYTES, metavar="BYTES",
                    help="largest request line + headers, e.g. 64KiB; a larger head gets 431 and the connection "
                         f"is closed (default: {DEFAULT_MAX_HEADER_BYTES})")
-    g.add_argument("--limit-concurrency", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--limit-concurrency", type=positive_int, default=None, metavar="N",
                    help="answer 503 to new requests while N connections or requests are open (idle "
                         "keep-alive connections count; /health and /live too): sheds load before memory or "
                         "file descriptors run out (default: no limit)")

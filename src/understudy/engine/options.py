@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 
 from understudy.common.http_server import add_http_limit_arguments
-from understudy.common.units import parse_size
+from understudy.common.units import parse_size, positive_int
 from understudy.engine.serve_config import DTYPE_NAMES, ConfigError, ServeConfig
 from understudy.logs import add_logging_arguments
 
@@ -28,16 +28,6 @@ def _registry_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not a registry: {text!r} (a frontend's http://HOST:PORT or "
                                          f"etcd://HOST:PORT)")
     return text
-
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-    return n
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from understudy.engine.options import positive_int
+from understudy.common.units import positive_int
 from understudy.logs import add_logging_arguments
 from understudy.memory.options import add_socket_location
 
