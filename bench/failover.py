@@ -10,6 +10,7 @@ Prints, measured in the same run, over the kills:
 
     python bench/failover.py                    # Llama-3-8B shape, 10 kills
     python bench/failover.py --layers 4 --kills 3
+    python bench/failover.py --plot failover.png  # also: tokens of every stream over time, kills marked
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
+from understudy.common.auth import admin_headers  # noqa: E402
 from engine import cached_checkpoint  # noqa: E402  (bench/engine.py)
 
 
@@ -41,7 +43,8 @@ def gpu_used_mib() -> int:
 # One pooled client for every request of the benchmark (httpx clients are thread-safe): a client made per
 # request builds an SSL context each time, which cost the load clients 100-300 ms per resend on this
 # 2-core machine and put that into the "resumed" times.
-HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                    headers=admin_headers())  # /engine/generate needs the node's admin token
 
 
 def stream(port: int, ids: list[int], max_tokens: int, timeout: float = 600):
@@ -79,6 +82,7 @@ class LoadClient(threading.Thread):
         self.resumed: list[float] = []  # when a broken stream's next token came
         self.requests = 0
         self.errors: list[str] = []  # why streams broke
+        self.token_times: list[float] = []  # when each token of any of its streams came (time.time()): --plot
 
     def run(self) -> None:
         import random
@@ -99,6 +103,7 @@ class LoadClient(threading.Thread):
                             broken = False
                         last = now
                         got.append(tok)
+                        self.token_times.append(now)
                 except (httpx.HTTPError, json.JSONDecodeError) as e:
                     self.broke.append(time.time())
                     crossed = broken = True
@@ -147,6 +152,52 @@ def describe_steps(steps: list[dict]) -> str:
                      f", ended {s['ended_after_active_ms']} ms after ACTIVE)" for s in steps)
 
 
+def plot_streams(path: str, clients: list[LoadClient], kills: list[float], actives: list[float] = (),
+                 memory_kill: float | None = None) -> None:
+    """Tokens received by every load client over time, one line each, with the kills (and when the shadow was
+    ACTIVE) marked: the whole run above, the first kill close up below, where a failover is the short flat
+    step of every line between the kill and the next token (the streams resent and resumed on the shadow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    t0 = min([t for c in clients for t in c.token_times[:1]] + kills)
+    fig, (whole, close) = plt.subplots(2, 1, figsize=(10, 7.5), dpi=120, height_ratios=(3, 2))
+    for i, c in enumerate(clients):
+        whole.step([t - t0 for t in c.token_times], range(1, len(c.token_times) + 1), where="post", lw=1.2,
+                   label=f"client {i}")
+    for k, t in enumerate(kills):
+        whole.axvline(t - t0, color="red", ls="--", lw=0.9, label="SIGKILL of the active engine" if k == 0 else None)
+    if memory_kill is not None:
+        whole.axvline(memory_kill - t0, color="purple", ls=":", lw=1.2, label="SIGKILL of the memory service")
+    whole.set(xlabel="seconds", ylabel="tokens received",
+              title=f"{len(clients)} streaming clients across {len(kills)} kills of the active engine")
+    whole.grid(alpha=0.3)
+    whole.legend(loc="upper left", fontsize=8)
+
+    # Close up on the first kill: from as long before it as the longest wait after it for a client's next
+    # token, to three such waits after it.
+    kill = kills[0]
+    waits = [next((t for t in c.token_times if t > kill), kill) - kill for c in clients]
+    span = max(max(waits), 0.005)
+    lo, hi = kill - span, kill + 3 * span
+    for i, c in enumerate(clients):
+        times = [t for t in c.token_times if lo <= t <= hi]
+        close.step([(t - kill) * 1e3 for t in [lo] + times], range(len(times) + 1), where="post", lw=1.2,
+                   label=f"client {i}")
+    close.axvline(0, color="red", ls="--", lw=0.9, label="SIGKILL")
+    if actives:
+        close.axvline((actives[0] - kill) * 1e3, color="green", ls=":", lw=1.2, label="shadow ACTIVE")
+    close.set(xlabel="ms from the first kill", ylabel="tokens since the window's start",
+              title="the first kill, close up")
+    close.grid(alpha=0.3)
+    close.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def first_token_after(port: int, ids: list[int], t0: float) -> float:
     """Seconds from t0 (a time.time()) until a new request's first token."""
     next(stream(port, ids, 1))
@@ -162,7 +213,14 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", default="8GiB")
     ap.add_argument("--prefill-attention", choices=["reference", "triton"], default=None,
                     help="the engines' --prefill-attention (default: theirs)")
+    ap.add_argument("--plot", metavar="FILE.png", default=None,
+                    help="also draw the tokens of every load client over time with the kills marked (matplotlib)")
     args = ap.parse_args()
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked now, not after the whole run)
+        except ImportError:
+            ap.error("--plot needs matplotlib: python -m pip install matplotlib")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
     ckpt = cached_checkpoint(work, args.layers)
@@ -225,7 +283,7 @@ def main() -> None:
             active = standby
         # The memory service dies under load and a new one starts: the engines give it back what they
         # map (16 GB of weights, the KV) without reading the disk; a new shadow then imports from it.
-        t_kill = time.time()
+        t_kill = memory_kill = time.time()
         memory.kill()
         memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock])
         memory.wait_event("listening")
@@ -237,6 +295,10 @@ def main() -> None:
         procs[standby].wait_event("memory_service_recovered", timeout=120)
         print(f"memory service killed and restarted: engines recovered {results['memory_restart']}", flush=True)
         stop_clients(clients, results, kill_times)
+        if args.plot:
+            actives = [k + ms / 1e3 for k, ms in zip(kill_times, results["kill_to_active_ms"])]
+            plot_streams(args.plot, clients, kill_times, actives, memory_kill)
+            print(f"plot: {args.plot}", flush=True)
         for p in procs.values():
             p.kill(signal.SIGTERM)
     finally:

@@ -11,6 +11,9 @@ on one device's memory service, fault injection by signals (UNDERSTUDY_FAULT_INJ
 import json, os, signal, subprocess, sys, time, tempfile, threading
 from pathlib import Path
 import httpx
+from understudy.common.auth import admin_headers
+
+ADMIN = admin_headers()  # /engine/generate needs the node's admin token
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "src")]
 os.environ["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), ROOT, os.environ.get("PYTHONPATH", "")])
@@ -63,13 +66,13 @@ ready = a.wait("engine_ready"); a.wait("serving")
 print("engine_ready:", {k: ready[k] for k in ("seconds", "step_timeout_s", "live_bound_s", "slowest_warm_up_step_s")})
 s1 = engine("shadow", "--step-timeout", "4"); s1.wait("waiting_for_failover_lock")
 print("shadow ready:", {k: s1.ev("engine_ready")[k] for k in ("step_timeout_s", "live_bound_s", "slowest_warm_up_step_s")})
-ref = httpx.post(f"{a.url}/engine/generate", json=body(300), timeout=60).text.splitlines()
+ref = httpx.post(f"{a.url}/engine/generate", headers=ADMIN, json=body(300), timeout=60).text.splitlines()
 ref = [t for l in ref for t in json.loads(l)["token_ids"]]
 
 # 1. step error mid-stream
 got = []
 def stream():
-    with httpx.stream("POST", f"{a.url}/engine/generate", json=body(300), timeout=60) as r:
+    with httpx.stream("POST", f"{a.url}/engine/generate", headers=ADMIN, json=body(300), timeout=60) as r:
         for l in r.iter_lines():
             if l: got.extend(json.loads(l)["token_ids"])
 t = threading.Thread(target=stream); t.start()
@@ -80,14 +83,14 @@ print("1. exit", a.p.wait(30), "tokens before", len(got), "failed:", a.wait("eng
 inj, ex = a.wait("fault_injected")["ts"], a.wait("exiting")["ts"]
 act = s1.wait("state", new="ACTIVE")
 print(f"   fault -> lock released {a.wait('failover_lock_released')['after_s']} s, exit logged {ex - inj:.4f} s, shadow ACTIVE {act['ts'] - inj:.4f} s (switch {act['switch_s']})")
-rest = httpx.post(f"{s1.url}/engine/generate", json={**body(300 - len(got)), "token_ids": [1, 2, 3, 4, 5] + got}, timeout=60).text.splitlines()
+rest = httpx.post(f"{s1.url}/engine/generate", headers=ADMIN, json={**body(300 - len(got)), "token_ids": [1, 2, 3, 4, 5] + got}, timeout=60).text.splitlines()
 rest = [tok for l in rest for tok in json.loads(l)["token_ids"]]
 print("   resumed output identical:", got + rest == ref)
 
 # 2. hang -> /live 503 -> watchdog
 s2 = engine("shadow"); s2.wait("waiting_for_failover_lock")
 s1.p.send_signal(signal.SIGURG); s1.wait("fault_armed")
-th = threading.Thread(target=lambda: print("   queued request:", httpx.post(f"{s1.url}/engine/generate", json=body(4), timeout=60).status_code)); th.start()
+th = threading.Thread(target=lambda: print("   queued request:", httpx.post(f"{s1.url}/engine/generate", headers=ADMIN, json=body(4), timeout=60).status_code)); th.start()
 s1.wait("fault_injected"); t0 = time.monotonic(); stuck = None
 while stuck is None:
     r = httpx.get(f"{s1.url}/live", timeout=5)
@@ -100,7 +103,7 @@ print("   next shadow:", s2.wait("state", new="ACTIVE")["new"])
 # 3. device fault -> marker -> the next shadow refuses
 s3 = engine("shadow"); s3.wait("waiting_for_failover_lock")
 s2.p.send_signal(signal.SIGUSR2); s2.wait("fault_armed")
-r = httpx.post(f"{s2.url}/engine/generate", json=body(4), timeout=60)
+r = httpx.post(f"{s2.url}/engine/generate", headers=ADMIN, json=body(4), timeout=60)
 print("3. request:", r.status_code, r.headers.get("x-understudy-failure"), "exit", s2.p.wait(30))
 print("   marker:", next(D.glob("device-*.fault")).read_text().strip()[:200])
 print("   shadow:", s3.wait("state", new="DEAD")["reason"], "exit", s3.p.wait(30))

@@ -31,6 +31,7 @@ import threading
 import time
 
 import httpx
+from understudy.common.auth import admin_headers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PY, Proc, free_port  # noqa: E402  (bench/common.py)
@@ -85,7 +86,7 @@ def serve_stub(port: int, model: str, frontend: str) -> None:
     async def register():
         record = {"id": f"stub-{port}", "url": f"http://127.0.0.1:{port}", "model": model, "node": "stub",
                   "state": "ACTIVE", "routable": True}
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=admin_headers()) as http:
             (await http.post(f"{frontend}/registry/engines", json={"record": record, "ttl": 3600})).raise_for_status()
         print(json.dumps({"event": "serving"}), file=sys.stderr, flush=True)
 
@@ -184,7 +185,7 @@ def main() -> None:
                  "tokens": (f"{eng}/engine/generate", {"token_ids": prompt_ids, "sampling": sampling})}
         print(f"# model {ready['model']}, backend {backend}; {args.requests} rounds x {args.max_tokens} tokens "
               f"(greedy, prompt {len(prompt_ids)} tokens)", flush=True)
-        with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=None)) as http:
+        with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=None), headers=admin_headers()) as http:
             for path, (url, body) in paths.items():  # warm-up: connections, caches, first-call costs
                 timed_stream(http, path, url, body)
             for c in args.concurrency:

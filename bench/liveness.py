@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Proc, free_port  # noqa: E402  (bench/common.py)
 
+from understudy.common.auth import admin_headers  # noqa: E402
 from understudy.node.supervisor import LiveProber, Probing, _get_live  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -250,7 +251,7 @@ def main() -> None:
                                "sampling": {"max_tokens": 900, "temperature": 0, "ignore_eos": True}})
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
             try:
-                c.request("POST", "/engine/generate", body, {"content-type": "application/json"})
+                c.request("POST", "/engine/generate", body, {"content-type": "application/json", **admin_headers()})
                 r = c.getresponse()
                 while not stop.is_set() and r.readline():
                     pass

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from understudy.common.auth import admin_headers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
@@ -149,7 +150,7 @@ def main() -> None:
         os.killpg(primary.p.pid, signal.SIGKILL)
         primary.p.wait()
         active = restored.wait_event("state", new="ACTIVE")
-        r = httpx.post(f"http://127.0.0.1:{ports[1]}/engine/generate", timeout=300, json={
+        r = httpx.post(f"http://127.0.0.1:{ports[1]}/engine/generate", timeout=300, headers=admin_headers(), json={
             "token_ids": [1, 2, 3, 4], "sampling": {"max_tokens": 4, "temperature": 0, "ignore_eos": True}})
         assert r.status_code == 200 and r.text.count("token_ids") == 4, r.text
         results["restored_takeover_ms"] = (active["ts"] - t_kill) * 1e3

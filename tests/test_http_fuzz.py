@@ -41,6 +41,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from understudy.common.auth import admin_headers
+
 from tests.helpers.frontend import Engine, Frontend, ServerProcess, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -112,7 +114,7 @@ def schemathesis(stack: Stack, base: str, tmp_path: Path, *select: str) -> subpr
     argv = [*SCHEMATHESIS, "run", f"{base}/openapi.json", *select, "--checks", CHECKS, "--phases",
             "examples,coverage,fuzzing", "--max-examples", str(FUZZ_EXAMPLES), *seed, "--workers", "1",
             "--request-timeout", str(HANG_S), "--max-response-time", str(HANG_S), "--suppress-health-check", "all",
-            "--no-color"]
+            "--no-color", "--header", f"Authorization: {admin_headers()['Authorization']}"]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS), "UNDERSTUDY_FUZZ_BASE": base,
            "UNDERSTUDY_FUZZ_MODEL": stack.model, "UNDERSTUDY_FUZZ_MAX_TOKENS": str(MAX_TOKENS),
            "UNDERSTUDY_FUZZ_MAX_MODEL_LEN": str(MAX_MODEL_LEN), "UNDERSTUDY_FUZZ_KEEP_ENGINE": stack.engine_id}
@@ -166,8 +168,9 @@ def test_still_serving_after_the_fuzzing(stack):
 
 def _post(base: str, path: str, body, **kw) -> httpx.Response:
     if isinstance(body, (bytes, str)):
-        return httpx.post(f"{base}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
-    return httpx.post(f"{base}{path}", json=body, timeout=60, **kw)
+        return httpx.post(f"{base}{path}", content=body, headers={"content-type": "application/json",
+                                                                  **admin_headers()}, timeout=60)
+    return httpx.post(f"{base}{path}", json=body, timeout=60, headers=admin_headers(), **kw)
 
 
 def _is_400(r: httpx.Response, param: str | None = "?") -> dict:
@@ -200,11 +203,12 @@ def test_the_sampler_never_draws_from_nan():
 
     from understudy.common.params import SamplingParams
     from understudy.engine.core.sampling import sample
+    from understudy.engine.core.sequence import Sequence
 
     logits = torch.randn(4, 50)
     params = [SamplingParams(temperature=1e-300), SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-46, top_k=3),
               SamplingParams(temperature=1e-38, top_p=0.5)]
-    out = sample(logits, params, [None] * 4)
+    out = sample(logits, [Sequence(str(i), [1], p, seed=i) for i, p in enumerate(params)]).token_ids.tolist()
     assert out[0] == int(logits[0].argmax()) and out[1] == int(logits[1].argmax())  # top_p ~0: the top token
     assert out[2] == int(logits[2].argmax()) and out[3] == int(logits[3].argmax())
 
@@ -234,7 +238,7 @@ def test_bad_types_are_400s(stack, app):
 
 def test_engine_only_bodies_are_strict_too(stack):
     base = stack.engine.url
-    _is_400(_post(base, "/engine/generate", {"token_ids": [1, 2], "sampling": {"seed_offset": False}}))
+    _is_400(_post(base, "/engine/generate", {"token_ids": [1, 2], "sampling": {"resumed_tokens": False}}))
     _is_400(_post(base, "/engine/generate", {"token_ids": [True]}))
     _is_400(_post(base, "/engine/control/resume", {"timeout": False}), param="timeout")
     # An unbounded wait held the connection for as long as it said (resume of a sleeping engine).
@@ -242,16 +246,17 @@ def test_engine_only_bodies_are_strict_too(stack):
     assert _post(base, "/engine/control/resume", {"activate": True, "timeout": 1}).json()["state"] == "ACTIVE"
 
 
-def test_seed_offset_beyond_the_prompt_is_400(stack):
-    """The engine made seed_offset random draws (2.3 ms each on a CPU) on its thread before the request
-    started: {"seed_offset": 1000000} held every request for 40 minutes."""
+def test_resumed_tokens_beyond_the_prompt_is_400(stack):
+    """The engine once made seed_offset (now resumed_tokens) random draws (2.3 ms each on a CPU) on its thread
+    before the request started: {"seed_offset": 1000000} held every request for 40 minutes. The resumed
+    tokens are the prompt's tail, so there are fewer of them than token_ids."""
     base = stack.engine.url
     t0 = time.monotonic()
     err = _is_400(_post(base, "/engine/generate", {"token_ids": [1, 2, 3],
-                                                   "sampling": {"seed": 1, "seed_offset": 1_000_000}}))
-    assert "seed_offset" in err["message"] and time.monotonic() - t0 < 5
-    _is_400(_post(base, "/engine/generate", {"token_ids": [1, 2, 3], "sampling": {"seed": 1, "seed_offset": 3}}))
-    r = _post(base, "/engine/generate", {"token_ids": [1, 2, 3], "sampling": {"seed": 1, "seed_offset": 2,
+                                                   "sampling": {"seed": 1, "resumed_tokens": 1_000_000}}))
+    assert "resumed_tokens" in err["message"] and time.monotonic() - t0 < 5
+    _is_400(_post(base, "/engine/generate", {"token_ids": [1, 2, 3], "sampling": {"seed": 1, "resumed_tokens": 3}}))
+    r = _post(base, "/engine/generate", {"token_ids": [1, 2, 3], "sampling": {"seed": 1, "resumed_tokens": 2,
                                                                                "max_tokens": 1}})
     assert r.status_code == 200, r.text
 

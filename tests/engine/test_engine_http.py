@@ -24,6 +24,8 @@ import httpx
 import openai
 import pytest
 
+from understudy.common.auth import admin_headers
+
 from tests.helpers.procs import ServerProcess, free_port, serve_process
 
 BACKEND = "host"  # CPU by design (UNDERSTUDY_TEST_BACKEND does not apply): the sizes below assume float32
@@ -54,7 +56,7 @@ class Engine:
         self.serving = json.loads(self.proc.wait_line(lambda l: '"event": "serving"' in l, timeout=180))
         self.model = self.serving["model"]
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=admin_headers())
         return self
 
     def event(self, name: str) -> dict:
@@ -262,8 +264,8 @@ def test_invalid_payloads_get_openai_errors(engine_a):
     assert "prompt" in bad(post, body={"model": m, "max_tokens": 4}).body["message"]  # missing prompt
     assert bad(c.completions.create, model=m, prompt="x", max_tokens=0).param == "max_tokens"
     assert bad(c.completions.create, model=m, prompt="x", temperature=-1).param == "temperature"
-    assert bad(c.completions.create, model=m, prompt="x", n=2).param == "n"
-    bad(c.completions.create, model=m, prompt="x", echo=True)  # unsupported: refused, not ignored
+    assert bad(c.completions.create, model=m, prompt="x", n=1000).param == "n"  # above 64 choices
+    assert bad(c.completions.create, model=m, prompt="x", suffix="!").param == "suffix"  # refused, not ignored
     bad(c.completions.create, model=m, prompt="x", stop=[f"s{i}" for i in range(17)])
     bad(c.completions.create, model=m, prompt=[])
     bad(c.completions.create, model=m, prompt=[1, 10**7])  # token id outside the vocabulary

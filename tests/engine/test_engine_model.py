@@ -111,14 +111,14 @@ BASE = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layer
 
 
 def test_unsupported_model_type_names_the_supported_ones(tmp_path):
-    path = _write_config(tmp_path, model_type="mixtral", architectures=["MixtralForCausalLM"], **BASE)
-    with pytest.raises(UnsupportedModelError, match=r"'mixtral'.*llama, qwen2, qwen3.*LlamaForCausalLM"):
+    path = _write_config(tmp_path, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], **BASE)
+    with pytest.raises(UnsupportedModelError, match=r"'deepseek_v3'.*llama, qwen2, qwen3.*LlamaForCausalLM"):
         load_config(path)
 
 
 def test_unsupported_rope_scaling_is_rejected(tmp_path):
-    path = _write_config(tmp_path, model_type="llama", rope_scaling={"type": "yarn", "factor": 4.0}, **BASE)
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    path = _write_config(tmp_path, model_type="llama", rope_scaling={"type": "mrope", "factor": 4.0}, **BASE)
+    with pytest.raises(UnsupportedModelError, match="mrope"):
         load_config(path)
 
 

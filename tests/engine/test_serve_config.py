@@ -102,7 +102,7 @@ def test_identity_fields_are_what_snapshot_identity_uses():
                          "register", "advertise_url", "registration_ttl", "kv_cache_memory",
                          "gpu_memory_utilization", "log_format", "log_level", "no_progress"}
     # each field changes the identity exactly when it is an identity field
-    other = {"model": "/models/other", "served_model_name": "m", "dtype": "float16", "enforce_eager": True,
+    other = {"model": "/models/other", "served_model_name": ("m",), "dtype": "float16", "enforce_eager": True,
              "attention": "triton", "prefill_attention": "reference", "max_model_len": 256, "role": "shadow",
              "failover_dir": "/x", "standby_wait": 1.0, "step_timeout": 5.0, "register": ("http://h:1",),
              "advertise_url": "http://h:2",
@@ -111,14 +111,19 @@ def test_identity_fields_are_what_snapshot_identity_uses():
              "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 512, "max_waiting": 4,
              "default_max_tokens": 16, "host": "0.0.0.0", "port": 9, "max_request_bytes": 1024,
              "drain_timeout": 1.0, "timeout_keep_alive": 1.0, "header_timeout": 2.0, "max_header_bytes": 4096,
-             "limit_concurrency": 8, "log_format": "text", "log_level": "debug", "no_progress": True}
+             "limit_concurrency": 8, "log_format": "text", "log_level": "debug", "no_progress": True,
+             "quantization": "fp8", "kv_cache_dtype": "fp8", "seed": 7, "chat_template": "{{ messages }}",
+             "generation_config": "vllm", "tool_call_parser": "hermes", "reasoning_parser": "qwen3",
+             "enable_auto_tool_choice": True, "api_key": ("k",), "admin_token_file": "/t",
+             "allowed_origins": ("*",), "allowed_methods": ("GET",), "allowed_headers": ("X",)}
+    companions = {"enable_auto_tool_choice": {"tool_call_parser": "hermes"}}  # it needs a parser
     base = ServeConfig()
     assert set(other) == set(base.values())
     ident = identity(params_from_config(base))
     for group in ServeConfig.groups():
         for f in dataclasses.fields(getattr(base, group)):
-            changed = dataclasses.replace(base, **{group: dataclasses.replace(getattr(base, group),
-                                                                                **{f.name: other[f.name]})})
+            changes = {f.name: other[f.name], **companions.get(f.name, {})}
+            changed = dataclasses.replace(base, **{group: dataclasses.replace(getattr(base, group), **changes)})
             assert (identity(params_from_config(changed)) != ident) == (f.name in fields), f.name
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from understudy.common.auth import admin_headers
 from understudy.memory import read_status
 
 from tests.helpers.procs import ServerProcess, free_port, serve_process
@@ -74,7 +75,7 @@ class Engine:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = serve_process(socket_dir, self.port, *ENGINE_ARGS, *extra, env=ENGINE_ENV, backend=BACKEND)
-        self.http = httpx.Client(base_url=self.url, timeout=120)
+        self.http = httpx.Client(base_url=self.url, timeout=120, headers=admin_headers())
 
     @property
     def pid(self) -> int:
@@ -273,7 +274,7 @@ def test_request_held_by_standby_is_answered_after_promotion(cluster, prompts, r
         try:
             t0 = time.monotonic()
             result["lines"] = ndjson(httpx.post(f"{shadow.url}/engine/generate", json=body(prompts[i], MAX_TOKENS),
-                                                timeout=120))
+                                                timeout=120, headers=admin_headers()))
             result["t"] = time.monotonic() - t0
         except BaseException as e:  # noqa: BLE001
             result["error"] = e

@@ -39,6 +39,7 @@ import httpx
 import openai
 import pytest
 
+from understudy.common.auth import admin_headers
 from understudy.failover import exit_codes
 from understudy.failover.faults import marker_path, read_marker
 from understudy.failover.lock import FailoverLock
@@ -64,7 +65,7 @@ class Engine(Proc):
         env = {**ENGINE_ENV, "UNDERSTUDY_FAULT_INJECTION": "1", "UNDERSTUDY_FAULT_LINGER_S": linger}
         self.proc = serve_process(socket_dir, self.port, *ENGINE_ARGS, "--register", frontend.url,
                                   "--registration-ttl", REGISTRATION_TTL, *extra, env=env, backend=BACKEND)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=admin_headers())
 
     def wait_serving(self) -> "Engine":
         self.model = self.wait_for(is_event("serving"), timeout=240)["model"]
@@ -298,7 +299,8 @@ def test_step_error_inside_a_group_step_ends_every_rank_with_exit_5(tmp_path_fac
         group.wait_line(is_event("serving"), timeout=180)
         group.proc.send_signal(signal.SIGUSR1)
         group.wait_line(is_event("fault_armed"))
-        r = httpx.post(f"http://127.0.0.1:{port}/engine/generate", json=body([1, 2, 3, 4], 8), timeout=60)
+        r = httpx.post(f"http://127.0.0.1:{port}/engine/generate", json=body([1, 2, 3, 4], 8), timeout=60,
+                       headers=admin_headers())
         assert r.status_code == 503 and r.headers["x-understudy-failure"] == "step_error", r.text
         assert group.wait() == exit_codes.STEP_ERROR
         lines = [json.loads(l) for l in group.lines if l.startswith("{")]

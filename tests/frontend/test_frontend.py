@@ -220,7 +220,8 @@ def test_malformed_and_oversized_bodies_get_openai_errors(frontend, cluster):
                          400)["message"]
     assert err(post(json={"max_tokens": 3}), 400)["param"] == "prompt"
     assert err(post(json={"prompt": "Hi", "temperature": "hot"}), 400)["param"] == "temperature"
-    assert err(post(json={"prompt": "Hi", "n": 2}), 400)["param"] == "n"
+    assert err(post(json={"prompt": "Hi", "n": 1000}), 400)["param"] == "n"  # above 64 choices
+    assert err(post(json={"prompt": "Hi", "suffix": "!"}), 400)["param"] == "suffix"  # refused, not ignored
     assert err(frontend.http.post("/v1/chat/completions", json={"messages": []}), 400)["param"] == "messages"
     assert err(post(json={"prompt": "Hi", "model": "gpt-4"}), 404, "not_found_error")["param"] == "model"
     # Too long for the engines' context: the engine's own 400, passed on.

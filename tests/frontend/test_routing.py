@@ -147,9 +147,9 @@ def test_a_broken_stream_resumes_on_the_same_nodes_shadow_with_prompt_plus_token
     assert tokens == [10, 11, 12, 20, 21, 22, 23, 24] and gen.generated == tokens
     assert [host for host, _ in sent] == ["a1", "a2"] and gen.engines == ["a1", "a2"]
     first, resent = sent[0][1], sent[1][1]
-    assert first["token_ids"] == [1, 2, 3] and first["sampling"]["seed_offset"] == 0
+    assert first["token_ids"] == [1, 2, 3] and first["sampling"]["resumed_tokens"] == 0
     assert resent["token_ids"] == [1, 2, 3, 10, 11, 12]
-    assert resent["sampling"] == {**first["sampling"], "max_tokens": 5, "seed_offset": 3}
+    assert resent["sampling"] == {**first["sampling"], "max_tokens": 5, "resumed_tokens": 3}
     assert gen.migrations == 1
     assert counter(metrics, "understudy_frontend_migrations_total", reason="stream_broken") == 1
     assert counter(metrics, "understudy_frontend_migrated_tokens_total") == 6

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import openai
 
+from understudy.common.auth import admin_headers
+
 from tests.helpers.procs import LineProcess, ServerProcess, free_port, serve_process  # noqa: F401  (ServerProcess: for the tests)
 from tests.helpers.streams import event_of as event  # noqa: F401  (event: for the tests)
 
@@ -94,7 +96,7 @@ class Engine(Proc):
         reg = [a for url in register for a in ("--register", url)]
         self.proc = serve_process(socket_dir, self.port, *ENGINE_ARGS, *reg, "--registration-ttl", REGISTRATION_TTL,
                                   *extra, env=ENGINE_ENV, backend=BACKEND)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=admin_headers())
 
     def wait_serving(self) -> "Engine":
         self.serving = self.wait_for(is_event("serving"), timeout=240)
@@ -128,7 +130,7 @@ class Frontend(Proc):
                                  "--health-interval", "0.2", "--max-request-bytes", str(MAX_REQUEST_BYTES),
                                  "--log-format", "json", *extra], stream="stderr")
         self.wait_for(is_event("serving"), timeout=60)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=admin_headers())
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def health(self) -> tuple[int, dict]:

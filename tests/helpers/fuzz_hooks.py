@@ -13,6 +13,8 @@ from urllib.parse import quote
 import httpx
 import schemathesis
 
+from understudy.common.auth import admin_headers
+
 MODEL = os.environ.get("UNDERSTUDY_FUZZ_MODEL", "")
 MAX_TOKENS = int(os.environ.get("UNDERSTUDY_FUZZ_MAX_TOKENS", "4"))
 MAX_MODEL_LEN = int(os.environ.get("UNDERSTUDY_FUZZ_MAX_MODEL_LEN", "512"))
@@ -56,7 +58,7 @@ def after_call(context, case, response):
 
 def _engine_active() -> None:
     """A sleeping engine is woken, a quiesced one resumed: the next case finds it ACTIVE."""
-    with httpx.Client(base_url=BASE, timeout=30) as http:
+    with httpx.Client(base_url=BASE, timeout=30, headers=admin_headers()) as http:
         state = http.get("/health").json()["state"]
         if state == "SLEEPING":
             r = http.post("/engine/control/wake_up")
@@ -71,7 +73,7 @@ def _engine_active() -> None:
 def _frontend_as_before() -> None:
     """The thresholds back to the flags' values; every fuzzed registration gone (the real engine's stays:
     its id cannot be guessed)."""
-    with httpx.Client(base_url=BASE, timeout=30) as http:
+    with httpx.Client(base_url=BASE, timeout=30, headers=admin_headers()) as http:
         assert http.post("/admin/thresholds", json=THRESHOLDS).status_code == 200
         for lease in http.get("/registry/engines").json()["engines"]:
             if lease["record"]["id"] != KEEP_ENGINE:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from understudy.common.auth import admin_headers
+
 from tests.helpers.procs import LineProcess, two_free_ports
 from tests.helpers.streams import event_of
 
@@ -64,7 +66,7 @@ class Node:
 
     def generate(self, child: str) -> tuple[list[int], int]:
         port = self.status()[child]["port"]
-        r = httpx.post(f"http://127.0.0.1:{port}/engine/generate", timeout=120, json={
+        r = httpx.post(f"http://127.0.0.1:{port}/engine/generate", timeout=120, headers=admin_headers(), json={
             "token_ids": PROMPT, "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}})
         assert r.status_code == 200, r.text
         lines = [json.loads(l) for l in r.text.splitlines() if l]

@@ -8,6 +8,8 @@ from typing import Callable
 
 import httpx
 
+from understudy.common.auth import admin_headers
+
 
 def event_of(line: str) -> dict:
     """A JSON log line as a dict ({} for anything else)."""
@@ -52,7 +54,7 @@ def streams_across(url: str, prompts: dict[int, list[int]], max_tokens: int, eve
     def stream(i: int) -> None:
         signalled = False
         try:
-            with httpx.Client(timeout=120) as http:
+            with httpx.Client(timeout=120, headers=admin_headers()) as http:
                 go.wait(timeout=60)
                 try:
                     with http.stream("POST", f"{url}/engine/generate", json=body(prompts[i], max_tokens)) as r:

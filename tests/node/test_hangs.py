@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from understudy.common.auth import admin_headers
+
 from tests.helpers.node import PROMPT, Node, logged
 
 
@@ -75,7 +77,8 @@ def test_device_fault_marks_the_device_unhealthy_and_stops_engine_restarts(node)
     os.kill(pid, signal.SIGUSR2)  # the next step fails with a device error
     node.wait(logged("fault_armed", active))
     try:  # the step that fails: the request gets an error or a broken stream
-        httpx.post(f"http://127.0.0.1:{kids[active]['port']}/engine/generate", timeout=60, json={
+        httpx.post(f"http://127.0.0.1:{kids[active]['port']}/engine/generate", timeout=60,
+                   headers=admin_headers(), json={
             "token_ids": PROMPT, "sampling": {"max_tokens": 4, "temperature": 0}})
     except httpx.HTTPError:
         pass

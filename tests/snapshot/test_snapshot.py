@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from understudy.common.auth import admin_headers
 from understudy.memory import read_status
 from understudy.snapshot import criu
 from understudy.snapshot.identity import (
@@ -54,7 +55,7 @@ def snapshot(*args: str) -> subprocess.CompletedProcess:
 
 
 def generate_all(engine_url: str) -> list[list[int]]:
-    with httpx.Client(base_url=engine_url, timeout=120) as http:
+    with httpx.Client(base_url=engine_url, timeout=120, headers=admin_headers()) as http:
         out = []
         for p in PROMPTS:
             r = http.post("/engine/generate", json=body(p, MAX_TOKENS))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from understudy.common.auth import admin_headers
 from understudy.snapshot.manifest import Manifest
 
 from tests.helpers.procs import LineProcess
@@ -34,7 +35,7 @@ MAX_TOKENS = 12
 
 
 def generate(port: int) -> list[int]:
-    r = httpx.post(f"http://127.0.0.1:{port}/engine/generate", timeout=120, json={
+    r = httpx.post(f"http://127.0.0.1:{port}/engine/generate", timeout=120, headers=admin_headers(), json={
         "token_ids": PROMPT, "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}})
     assert r.status_code == 200, r.text
     return [t for line in r.text.splitlines() if line for t in json.loads(line)["token_ids"]]

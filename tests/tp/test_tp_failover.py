@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from understudy.common.auth import admin_headers
 from understudy.fds import MAX_CEILING, TOP_SPAN
 from understudy.memory import read_status
 
@@ -107,7 +108,7 @@ class Group:
             self.proc = LineProcess([sys.executable, "-m", "understudy", "serve", "--backend", BACKEND,
                                      "--socket-dir", str(socket_dir), "--port", str(self.port), "--log-format",
                                      "json", "--no-progress", *args], env=ENGINE_ENV, stream="stderr")
-        self.http = httpx.Client(base_url=self.url, timeout=120)
+        self.http = httpx.Client(base_url=self.url, timeout=120, headers=admin_headers())
         self.ranks: list[int] = []
 
     @property
@@ -488,7 +489,7 @@ def test_up_relaunches_a_standby_group_after_a_kill(workdir, model_dir, prompts)
         state = json.loads((sock / "node.json").read_text())
         assert [c["name"] for c in state["children"]][:2] == ["memory", "memory-1"], state
         url0, url1 = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
-        first = ndjson(httpx.post(f"{url0}/engine/generate", json=body(prompts[1], 8), timeout=120))
+        first = ndjson(httpx.post(f"{url0}/engine/generate", json=body(prompts[1], 8), timeout=120, headers=admin_headers()))
         # SIGKILL the active group's worker: the group exits, the standby group takes over and a new
         # standby group is started on the dead group's port, where it parks.
         worker = started["ranks"]["1"]
@@ -504,7 +505,7 @@ def test_up_relaunches_a_standby_group_after_a_kill(workdir, model_dir, prompts)
         h = httpx.get(f"{url0}/health", timeout=10).json()
         assert (h["state"], h["tensor_parallel"], h["rank_pids"]) == (
             "STANDBY", 2, [regroup["ranks"]["0"], regroup["ranks"]["1"]]), h
-        again = ndjson(httpx.post(f"{url1}/engine/generate", json=body(prompts[1], 8), timeout=120))
+        again = ndjson(httpx.post(f"{url1}/engine/generate", json=body(prompts[1], 8), timeout=120, headers=admin_headers()))
         assert tokens_of(again) == tokens_of(first)
         sup.proc.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=120) == 0

@@ -1,14 +1,10 @@
-"""Token ids -> text for streamed answers: incremental detokenization and stop strings.
+"""Stop strings in streamed text (common/openai_serving.py cuts every choice with it).
 
 Shared by the engine's OpenAI endpoints and the frontend (which detokenises what engines send),
 so both cut the same text at the same place. Free of torch.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
-
-from understudy.common.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class StopMatcher:
@@ -35,15 +31,3 @@ class StopMatcher:
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out):]
         return out, False
-
-
-class TextStream:
-    """The text of a growing completion: push token ids, get (text to emit, stop string hit)."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], stops: tuple[str, ...]):
-        self.detok = IncrementalDetokenizer(tokenizer, prompt)
-        self.stops = StopMatcher(stops)
-
-    def push(self, token_ids: Sequence[int], final: bool) -> tuple[str, bool]:
-        text = self.detok.push(token_ids) + (self.detok.flush() if final else "")
-        return self.stops.push(text, final)

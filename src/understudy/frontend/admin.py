@@ -1,7 +1,6 @@
 """The frontend's operator routes: the busy thresholds, read and changed at run time (GET / POST
 /admin/thresholds), and, with embedded discovery, the engines' registry (/registry/engines, from
-discovery/embedded.py). Neither has authentication: bind the frontend where only trusted clients and
-engines reach it."""
+discovery/embedded.py). Both need the admin token (common/auth.py): engines registering send it."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Here: validation errors as 400s (counted as invalid), the body limit, /live, /health, /v1/models and
 /metrics. generate.py holds the OpenAI routes (/v1/completions, /v1/chat/completions); admin.py the
 run-time thresholds (/admin/thresholds) and, with embedded discovery, the engines' registry
-(/registry/engines). service.py holds the Frontend they all share.
+(/registry/engines); common/service_routes.py /tokenize, /detokenize and /version. service.py holds the
+Frontend they all share; common/auth.py says who may call which route.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from understudy.common.api import (BodyLimit, document_validation_as_400, error_responses, invalid_request,
                                    openai_http_errors)
+from understudy.common.auth import install_middleware
+from understudy.common.service_routes import add_service_routes
 from understudy.frontend.admin import add_admin_routes
 from understudy.frontend.generate import add_generate_routes
 from understudy.frontend.service import Frontend
@@ -31,6 +34,7 @@ def create_app(fe: Frontend) -> FastAPI:
         return invalid_request(exc.errors())
 
     app.add_middleware(BodyLimit, worker=fe)
+    install_middleware(app, fe.access, fe.cors)  # keys, request ids, CORS
     document_validation_as_400(app)
     openai_http_errors(app)
 
@@ -57,9 +61,11 @@ def create_app(fe: Frontend) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         lens = [e.record.max_model_len for e in fe.pool if e.record.model == fe.model_name]
-        return {"object": "list", "data": [{"id": fe.model_name, "object": "model", "created": fe.created,
-                                            "owned_by": "understudy", "max_model_len": max(lens, default=None)}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": fe.created,
+                                            "owned_by": "understudy", "max_model_len": max(lens, default=None)}
+                                           for name in fe.openai.served_model_names]}
 
     add_admin_routes(app, fe)
     add_generate_routes(app, fe)
+    add_service_routes(app, fe.tokenizer, lambda: fe.openai, lambda: fe.max_model_len)  # /tokenize, ...
     return app

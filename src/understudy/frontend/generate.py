@@ -1,10 +1,10 @@
 """The frontend's generation routes: OpenAI completions and chat (POST /v1/completions,
 /v1/chat/completions), streaming and not.
 
-Text lives here: prompts are tokenised with the model's tokenizer and chat template, engines get and
-return token ids (migration.Generation carries a request across engines), answers are detokenised
-incrementally with stop strings applied (the engine's own code for both, common/api.py and
-common/text.py). A request is answered 200 only once an engine produced its first token, so refusals
+Engines get and return token ids (migration.Generation carries each choice across engines); the text-level
+work (fields -> SamplingParams, chat template, detokenization, stop strings, logprobs, n choices, tool calls,
+reasoning) is common/openai_serving.py's, the engine's own code, and its state lives here, so it continues
+over a migration. A request is answered 200 only once an engine produced its first token, so refusals
 keep their status codes (400, 404, 503 + Retry-After).
 """
 
@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+import uuid
+from dataclasses import replace
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from understudy.common.api import (
     ChatCompletionRequest,
-    ChatShape,
     ClientGone,
     CompletionRequest,
-    CompletionShape,
-    chat_prompt,
-    collect_text,
     error,
     error_responses,
     sse,
-    sse_events,
     unless_gone,
 )
-from understudy.common.params import SamplingParams
-from understudy.common.text import TextStream
-from understudy.common.tokenizer import Tokenizer
+from understudy.common.openai_serving import Answer, Choice, FieldError, Piece, log_ignored
 from understudy.frontend.migration import (
     EngineError,
     EngineRefused,
@@ -53,34 +49,12 @@ def add_generate_routes(app: FastAPI, fe: Frontend) -> None:
     @app.post("/v1/completions",
               responses=error_responses(400, 404, 413, 500, 503, ok_media=("text/event-stream",)))
     async def completions(body: CompletionRequest, request: Request):
-        t0 = time.perf_counter()
-        refused, tokenizer = await _prepare(fe, "completions", body.model)
-        if refused is not None:
-            return refused
-        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
-        if not prompt:  # "" encodes to no token (the engine would name its own field, token_ids)
-            fe.metrics.requests.labels("completions", "invalid").inc()
-            return error(400, "the prompt is empty", param="prompt")
-        shape = CompletionShape(fe.model_name)
-        return await _generate(fe, request, "completions", prompt, body.sampling(fe.default_max_tokens), shape.id,
-                               body.stream, body.include_usage, shape.chunk, shape.final, t0, tokenizer)
+        return await _answer(fe, request, body, "completions")
 
     @app.post("/v1/chat/completions",
               responses=error_responses(400, 404, 413, 500, 503, ok_media=("text/event-stream",)))
     async def chat(body: ChatCompletionRequest, request: Request):
-        t0 = time.perf_counter()
-        refused, tokenizer = await _prepare(fe, "chat", body.model)
-        if refused is not None:
-            return refused
-        try:
-            prompt = chat_prompt(tokenizer, body)
-        except ValueError as e:
-            fe.metrics.requests.labels("chat", "invalid").inc()
-            return error(400, str(e), param="messages")
-        shape = ChatShape(fe.model_name)
-
-        return await _generate(fe, request, "chat", prompt, body.sampling(fe.default_max_tokens), shape.id,
-                               body.stream, body.include_usage, shape.chunk, shape.final, t0, tokenizer)
+        return await _answer(fe, request, body, "chat")
 
 
 class _Stream(StreamingResponse):
@@ -96,10 +70,12 @@ class _Stream(StreamingResponse):
 
 
 def _check_model(fe: Frontend, name: str | None) -> JSONResponse | None:
-    if name and name != fe.model_name:
-        return error(404, f"model {name!r} does not exist; this frontend serves {fe.model_name!r}",
+    if not fe.openai.serves(name):
+        return error(404, f"model {name!r} does not exist; this frontend serves "
+                          f"{', '.join(map(repr, fe.openai.served_model_names))}",
                      param="model", type_="not_found_error")
     return None
+
 
 
 def _unavailable(fe: Frontend, endpoint: str, reason: str, message: str) -> JSONResponse:
@@ -109,50 +85,47 @@ def _unavailable(fe: Frontend, endpoint: str, reason: str, message: str) -> JSON
     return error(503, message, type_=type_, headers={"Retry-After": str(fe.retry_after)})
 
 
-async def _prepare(fe: Frontend, endpoint: str, model: str | None) -> tuple[JSONResponse | None, Tokenizer | None]:
-    if (bad := _check_model(fe, model)) is not None:
-        fe.metrics.requests.labels(endpoint, "invalid").inc()
-        return bad, None
+def _source(fe: Frontend, rid: str, t0: float, gens: list[Generation]):
+    """Tokens for one choice from the engines (openai_serving.Source): a Generation, which migrates."""
+    async def source(choice: Choice) -> AsyncIterator[Piece]:
+        params = choice.params
+        if params.seed is None:  # a seed of our own, so that a migrated stream continues the same random draws
+            params = replace(params, seed=random.getrandbits(63))
+        gen = Generation(fe.http, fe.router, fe.metrics, fe.policy, choice.prompt, params,
+                         rid if choice.index == 0 else f"{rid}-{choice.index}")
+        gens.append(gen)
+        last = None
+        async with aclosing(gen.stream()) as chunks:
+            async for c in chunks:
+                now = time.perf_counter()
+                if c.token_ids:
+                    (fe.metrics.ttft.observe(now - t0) if last is None else fe.metrics.itl.observe(now - last))
+                    last = now
+                yield Piece(c.token_ids, c.finish_reason, c.prompt_tokens, c.cached_tokens, c.logprobs,
+                            c.prompt_logprobs)
+    return source
+
+
+async def _answer(fe: Frontend, request: Request, body, endpoint: str):
+    """An OpenAI completions or chat request: the text-level work is common/openai_serving.py's."""
+    t0 = time.perf_counter()
+    metrics = fe.metrics
+    if (bad := _check_model(fe, body.model)) is not None:
+        metrics.requests.labels(endpoint, "invalid").inc()
+        return bad
     if fe.draining:
-        return _unavailable(fe, endpoint, "draining", "the frontend is shutting down"), None
-    return None, await fe.tokenizer()
-
-
-async def _items(fe: Frontend, gen: Generation, tokenizer: Tokenizer, t0: float,
-                 outcome: dict) -> AsyncIterator[tuple]:
-    """(text delta, finish reason, usage) triples with stop strings applied, with latency metrics."""
-    metrics = fe.metrics
-    text = TextStream(tokenizer, gen.prompt, gen.params.stop)
-    n_prompt = len(gen.prompt)
-    usage: dict[str, Any] = {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}
-    last = None
-    async with aclosing(gen.stream()) as chunks:
-        async for c in chunks:
-            now = time.perf_counter()
-            if c.token_ids:
-                (metrics.ttft.observe(now - t0) if last is None else metrics.itl.observe(now - last))
-                last = now
-            usage.update(completion_tokens=len(gen.generated), total_tokens=n_prompt + len(gen.generated),
-                         prompt_tokens_details={"cached_tokens": c.cached_tokens})
-            emit, hit = text.push(c.token_ids, final=c.finish_reason is not None)
-            if hit:
-                outcome["value"] = "stop"
-                yield emit, "stop", usage
-                return  # closing the generation closes the engine's stream: it stops computing
-            if c.finish_reason:
-                outcome["value"] = c.finish_reason
-            yield emit, c.finish_reason, usage
-            if c.finish_reason:
-                return
-
-
-async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[int], params: SamplingParams,
-                    rid: str, streaming: bool, include_usage: bool, render_chunk, render_final, t0: float,
-                    tokenizer: Tokenizer):
-    metrics = fe.metrics
-    gen = Generation(fe.http, fe.router, metrics, fe.policy, prompt, params, rid)
-    outcome: dict = {"value": None}
-    items = _items(fe, gen, tokenizer, t0, outcome)
+        return _unavailable(fe, endpoint, "draining", "the frontend is shutting down")
+    tokenizer = await fe.tokenizer()
+    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    log_ignored(body, rid)
+    build = Answer.chat_completions if endpoint == "chat" else Answer.completions
+    try:
+        # max_model_len None: an omitted max_tokens is left to the engine, which knows its KV cache too
+        answer = build(body, tokenizer, fe.openai, None, rid, fe.default_max_tokens)
+    except FieldError as e:
+        metrics.requests.labels(endpoint, "invalid").inc()
+        return error(400, str(e), param=e.param)
+    gens: list[Generation] = []
     metrics.inflight.inc()
     fe.inflight.add(rid)
     counted = False
@@ -166,12 +139,16 @@ async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[
             metrics.requests.labels(endpoint, value).inc()
             if value == "cancelled":
                 metrics.cancellations.labels(endpoint).inc()
-                log(logger, "cancelled", request_id=rid, generated=len(gen.generated), engines=gen.engines)
+                log(logger, "cancelled", request_id=rid, generated=sum(len(g.generated) for g in gens),
+                    engines=[e for g in gens for e in g.engines])
+
+    def outcome() -> str:
+        return answer.choices[0].finish_reason or "stop"
 
     try:
-        first = await unless_gone(request, items.__anext__())
+        await unless_gone(request, answer.start(_source(fe, rid, t0, gens)))
     except BaseException as e:
-        await items.aclose()
+        await answer.aclose()
         if isinstance(e, ClientGone):
             finish("cancelled")
             return Response(status_code=499)
@@ -193,12 +170,12 @@ async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[
             return error(500, f"the engine failed the request: {e}", type_="server_error")
         raise
 
-    if streaming:
+    if body.stream:
         async def events():
             try:
-                async for event in sse_events(first, items, render_chunk, include_usage):
+                async for event in answer.events():
                     yield event
-                finish(outcome["value"] or "stop")
+                finish(outcome())
             except (StreamFailed, EngineError, NoEngine, AllBusy) as e:
                 # After the 200: the error goes in the stream (the openai client raises it).
                 kind = "error" if isinstance(e, EngineError) else "failed"
@@ -209,12 +186,12 @@ async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[
                 finish("cancelled")
                 raise
             finally:
-                await items.aclose()
+                await answer.aclose()
                 finish("error")  # anything not counted above
         return _Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     try:
-        text, reason, usage = await unless_gone(request, collect_text(first, items))
+        whole = await unless_gone(request, answer.whole())
     except ClientGone:
         finish("cancelled")
         return Response(status_code=499)
@@ -225,6 +202,6 @@ async def _generate(fe: Frontend, request: Request, endpoint: str, prompt: list[
         finish("error")
         return error(500, f"the engine failed the request: {e}", type_="server_error")
     finally:
-        await items.aclose()
-    finish(outcome["value"] or reason)
-    return JSONResponse(render_final(text, reason, usage))
+        await answer.aclose()
+    finish(outcome())
+    return JSONResponse(whole)

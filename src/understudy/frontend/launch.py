@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import signal
 import time
 from pathlib import Path
 
+from understudy.common.auth import Access, cors_of
 from understudy.common.http_server import limits_from_args, server_limits
+from understudy.common.openai_options import OpenAIOptions, read_chat_template, sampling_defaults
 from understudy.discovery.embedded import EmbeddedRegistry
 from understudy.discovery.etcd import EtcdAddress, EtcdView
 from understudy.common.default_model import default_model_path
@@ -35,10 +38,29 @@ def build(args: argparse.Namespace) -> Frontend:
         raise SystemExit("understudy frontend: --busy-waiting must be 1 or more")
     if not args.stream_timeout > 0 or args.stall_timeout < 0:
         raise SystemExit("understudy frontend: --stream-timeout must be more than 0 and --stall-timeout 0 or more")
-    model_path = Path(args.model) if args.model else default_model_path()
+    model_tag = getattr(args, "model_tag", None)
+    if model_tag is not None and args.model is not None and model_tag != args.model:
+        raise SystemExit(f"understudy frontend: two models: MODEL {model_tag} and --model {args.model} (give one)")
+    model = model_tag or args.model
+    model_path = Path(model) if model else default_model_path()
     if not model_path.exists():
         raise SystemExit(f"understudy frontend: no model at {model_path}")
-    name = args.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
+    names = tuple(args.served_model_name) or (model_path.stem if model_path.is_file() else model_path.name,)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("understudy frontend: --enable-auto-tool-choice needs --tool-call-parser")
+    try:
+        chat_template = read_chat_template(args.chat_template)
+        openai = OpenAIOptions(
+            served_model_names=names, max_model_len=args.max_model_len,  # None: the engines' (fe.max_model_len)
+            sampling_defaults=sampling_defaults(args.generation_config, model_path, args.seed),
+            tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+            enable_auto_tool_choice=args.enable_auto_tool_choice, chat_template=chat_template)
+        access = Access.from_flags(args.api_key, args.admin_token_file)
+    except ValueError as e:
+        raise SystemExit(f"understudy frontend: {e}") from None
+    if args.seed is not None:  # --seed: also the process's generator
+        random.seed(args.seed)
+    name = names[0]
     if args.discovery == "embedded":
         view = EmbeddedRegistry(max_ttl=args.registry_max_ttl)
     else:
@@ -49,7 +71,7 @@ def build(args: argparse.Namespace) -> Frontend:
 
     def load_tokenizer() -> Tokenizer:
         t0 = time.perf_counter()
-        tokenizer = Tokenizer.from_pretrained(model_path)
+        tokenizer = Tokenizer.from_pretrained(model_path, chat_template=chat_template)
         log(logger, "tokenizer_ready", model=name, seconds=round(time.perf_counter() - t0, 3))
         return tokenizer
 
@@ -60,7 +82,8 @@ def build(args: argparse.Namespace) -> Frontend:
                     default_max_tokens=args.default_max_tokens, max_request_bytes=args.max_request_bytes,
                     retry_after=args.retry_after, health_interval=args.health_interval,
                     health_timeout=args.health_timeout, canary_interval=args.canary_interval,
-                    canary_timeout=args.canary_timeout, load_tokenizer=load_tokenizer)
+                    canary_timeout=args.canary_timeout, load_tokenizer=load_tokenizer, openai=openai,
+                    access=access, cors=cors_of(args))
 
 
 def run(args: argparse.Namespace) -> int:

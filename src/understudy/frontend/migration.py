@@ -4,9 +4,11 @@ The frontend sends token ids to an engine (`POST /engine/generate`) and reads on
 step. When the stream breaks (the engine died, the connection dropped, no first token for
 --stream-timeout, no next token for --stall-timeout: a hung engine, which is then suspect)
 the request is resent to another engine as prompt + the tokens generated so far, with max_tokens
-reduced by what was generated and the seeded sampler advanced past the tokens already drawn
-(`seed_offset`), so greedy and seeded answers continue exactly as if nothing happened: the client sees
-no lost and no duplicated token. The engine of the same node comes first (a promoted shadow finds
+reduced by what was generated, every other sampling field as it was, and `resumed_tokens` saying how many
+of the prompt's tokens are its own output (the seeded sampler draws by output position; penalties, min_tokens
+and the grammar count them as output), so greedy and seeded answers continue exactly as if nothing happened:
+the client sees no lost and no duplicated token, and no logprob twice. Each choice of an n > 1 request is a
+Generation of its own and migrates on its own. The engine of the same node comes first (a promoted shadow finds
 the prefix in the KV cache it adopted). Before any engine accepted the request, an unreachable or
 refusing (503) engine is simply replaced by another.
 """
@@ -18,12 +20,13 @@ import json
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 import httpx
 
-from understudy.common.params import SamplingParams
+from understudy.common.api import TokenSampling, logprobs_from_wire
+from understudy.common.params import SamplingParams, TokenLogprob
 from understudy.logs import log
 from understudy.frontend.metrics import FrontendMetrics
 from understudy.frontend.pool import EngineState
@@ -46,6 +49,8 @@ class Chunk:
     finish_reason: str | None
     prompt_tokens: int
     cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, on the first chunk, when asked
 
 
 class EngineRefused(Exception):
@@ -111,13 +116,16 @@ class Generation:
         self.migrations = 0
         self.cached_tokens: int | None = None  # what the first engine found of the prompt in its cache
         self.engines: list[str] = []  # ids of the engines that served it, in order
+        self.got_prompt_logprobs = False
 
     def _body(self) -> dict[str, Any]:
-        p, n = self.params, len(self.generated)
+        """Every sampling field; on a resend the tokens so far are resumed output (penalties, min_tokens, the
+        grammar and the seeded sampler count them), and the prompt's logprobs, already sent, are not asked again."""
+        n, max_tokens = len(self.generated), self.params.max_tokens
+        params = replace(self.params, max_tokens=None if max_tokens is None else max_tokens - n, resumed_tokens=n,
+                         prompt_logprobs=None if self.got_prompt_logprobs else self.params.prompt_logprobs)
         return {"token_ids": self.prompt + self.generated, "request_id": self.request_id,
-                "sampling": {"max_tokens": p.max_tokens - n, "temperature": p.temperature, "top_p": p.top_p,
-                             "top_k": p.top_k, "seed": p.seed, "stop_token_ids": list(p.stop_token_ids),
-                             "ignore_eos": p.ignore_eos, "seed_offset": n if p.seed is not None else 0}}
+                "sampling": TokenSampling.of(params)}
 
     async def stream(self) -> AsyncIterator[Chunk]:
         """Chunks until one has a finish_reason. Raises NoEngine / AllBusy (nothing accepted it),
@@ -126,7 +134,8 @@ class Generation:
         accepted = False  # an engine answered 200: from here on a failure is a migration
         engine = self.router.pick()
         while True:
-            if len(self.generated) >= self.params.max_tokens:  # the break came right after the last token
+            if (self.generated and self.params.max_tokens is not None
+                    and len(self.generated) >= self.params.max_tokens):  # broke right after the last token
                 yield Chunk([], "length", len(self.prompt), self.cached_tokens or 0)
                 return
             try:
@@ -247,7 +256,10 @@ class Generation:
                     self.generated += ids
                     if self.cached_tokens is None:
                         self.cached_tokens = int(out.get("cached_tokens") or 0)
-                    yield Chunk(ids, out.get("finish_reason"), len(self.prompt), self.cached_tokens)
+                    prompt_logprobs = logprobs_from_wire(out.get("prompt_logprobs"))
+                    self.got_prompt_logprobs = self.got_prompt_logprobs or prompt_logprobs is not None
+                    yield Chunk(ids, out.get("finish_reason"), len(self.prompt), self.cached_tokens,
+                                logprobs_from_wire(out.get("logprobs")), prompt_logprobs)
         except httpx.ConnectError as e:
             raise _Broken("unreachable", f"{type(e).__name__}: {e}") from None
         except (httpx.TransportError, ValueError) as e:  # dropped, reset, timed out; a torn line

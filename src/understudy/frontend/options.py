@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from understudy.common.auth import add_access_arguments
 from understudy.common.http_server import add_http_limit_arguments
+from understudy.common.openai_options import add_api_arguments, add_model_argument
+from understudy.common.units import parse_token_count
 
 
 def _fraction(text: str) -> float:
@@ -23,14 +26,25 @@ def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before exiting (default: 30)")
     add_http_limit_arguments(g)  # --timeout-keep-alive, --header-timeout, --max-header-bytes, --limit-concurrency
+    add_access_arguments(p.add_argument_group("access (docs/frontend.md#access)"))
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="the model directory or .gguf file whose tokenizer and chat template the frontend uses; "
-                        "must be what the engines serve (default: SmolLM2-135M-Instruct, like `serve`)")
-    g.add_argument("--served-model-name", default=None,
-                   help="the model name clients use and engines must report (default: from --model, like `serve`)")
-    g.add_argument("--default-max-tokens", type=int, default=256,
-                   help="max_tokens of requests that do not say (default: 256)")
+    add_model_argument(g)
+    g.description = ("the model whose tokenizer, chat template and generation_config.json the frontend uses: "
+                     "what the engines serve, with the same --served-model-name")
+    g.add_argument("--served-model-name", action="extend", nargs="+", default=[], metavar="NAME",
+                   help="the model names clients use: responses carry the first, a request may name any; engines "
+                        "must report the first (their own first --served-model-name) (default: from --model, like "
+                        "`serve`)")
+    g.add_argument("--max-model-len", type=parse_token_count, default=None,
+                   help="longest prompt + completion in tokens, as the engines' (32k = 32000, 32K = 32768) "
+                        "(default: the model's config, at most 32768, like `serve`)")
+    g.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens of requests that do not say, at most the rest of the context "
+                        "(default: the rest of the context, as OpenAI and vLLM)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="the seed of requests that give none, as `serve --seed` (give the engines' value) "
+                        "(default: none: a random seed per request)")
+    add_api_arguments(p.add_argument_group("OpenAI API"))
     g = p.add_argument_group("discovery")
     g.add_argument("--discovery", default="embedded",
                    help="where engines are found: 'embedded' (engines register here with `serve --register "

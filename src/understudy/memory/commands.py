@@ -24,7 +24,7 @@ def memory_server(args: argparse.Namespace) -> int:
     path = socket_path(args.socket_dir, backend.identity())
     try:
         run_server(backend, path, socket_mode=mode, socket_group=args.socket_group, limit_bytes=args.max_bytes,
-                   metrics_port=args.metrics_port)
+                   metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     except ServerError as e:
         print(f"understudy memory-server: {e}", file=sys.stderr)
         return 1

@@ -41,7 +41,10 @@ def add_memory_server_arguments(ms: argparse.ArgumentParser) -> None:
                     help="budget for all allocations of this server, e.g. 60GiB (default: whatever the device "
                          "has); requests beyond it wait like out-of-memory ones")
     ms.add_argument("--metrics-port", type=int, default=None,
-                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (default: off)")
+                    help="serve Prometheus metrics on --metrics-host:PORT/metrics (default: off)")
+    ms.add_argument("--metrics-host", default="127.0.0.1",
+                    help="address of the metrics listener, e.g. 0.0.0.0 for a Prometheus outside the pod or "
+                         "node (default: 127.0.0.1)")
     add_logging_arguments(ms)
 
 

@@ -67,11 +67,12 @@ class ServerError(RuntimeError):
 
 class MemoryServer:
     def __init__(self, backend: Backend, socket_path: str | os.PathLike, *, socket_mode: int = 0o600,
-                 socket_group: str | None = None, limit_bytes: int | None = None, metrics_port: int | None = None):
+                 socket_group: str | None = None, limit_bytes: int | None = None, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1"):
         self.backend = backend
         self.path = Path(socket_path)
         self.socket_mode = socket_mode
-        self.metrics_port = metrics_port
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
         self.group_id = _group_id(socket_group) if socket_group else None
         self.events = Events()
         self.events.subscribers.append(
@@ -138,8 +139,8 @@ class MemoryServer:
         if self.metrics_port is not None:
             from understudy.memory.metrics import serve_metrics
 
-            serve_metrics(self, loop, self.metrics_port)
-            log(logger, "metrics", url=f"http://127.0.0.1:{self.metrics_port}/metrics")
+            serve_metrics(self, loop, self.metrics_port, self.metrics_host)
+            log(logger, "metrics", url=f"http://{self.metrics_host}:{self.metrics_port}/metrics")
         log(logger, "listening", socket=str(self.path), backend=self.backend.name,
             identity=self.backend.identity(), pid=os.getpid(), mode=oct(self.socket_mode))
         accept = asyncio.create_task(self._accept_loop())

@@ -14,11 +14,16 @@ def add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=int, default=8000,
                     help="the first engine's port; engine i listens on port+i (default: 8000)")
     add_socket_location(up)
+    up.add_argument("--memory-service", choices=["own", "connect"], default="own",
+                    help="own: start a memory service per device and restart it when it dies; connect: use the "
+                         "ones already running in --socket-dir, started and restarted by someone else (systemd's "
+                         "understudy-memory@N units: restarting `up` then keeps the weights resident) "
+                         "(default: own)")
     up.add_argument("--snapshot-dir", default=None,
                     help="restore shadows and replacements from Ready images in this directory when one matches "
                          "(same engine identity and port, its pids free) and cold-start otherwise; a shadow that "
                          "parks cold is checkpointed into DIR/<identity>-<port> for the next time (docs/snapshot.md)")
-    up.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+    up.add_argument("--tensor-parallel", "--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
                     help="every engine is a group of N ranks on devices --device ... --device+N-1 (one memory "
                          "service per device is started); the active group and each shadow group fail over as a "
                          "whole (docs/tensor-parallel.md) (default: 1)")

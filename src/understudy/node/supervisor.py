@@ -136,7 +136,7 @@ class Supervisor:
     def __init__(self, *, socket_dir: Path, backend: str, device: int, port: int, shadows: int,
                  engine_args: list[str], restart_delay: float = 0.5, snapshot_dir: Path | None = None,
                  frontend_port: int | None = None, tensor_parallel: int = 1, backoff: Backoff | None = None,
-                 probing: Probing | None = None):
+                 probing: Probing | None = None, own_memory: bool = True):
         self.socket_dir = socket_dir
         self.engine_args = engine_args
         self.backoff = backoff or Backoff(first=restart_delay)
@@ -148,13 +148,13 @@ class Supervisor:
         self.device = {"devices": list(range(device, device + tensor_parallel)), "healthy": True, "reason": None,
                        "since": None}
         py = [sys.executable, "-m", "understudy"]
-        self.memory = Child("memory", py + ["memory-server", "--backend", backend, "--device", str(device),
-                                            "--socket-dir", str(socket_dir)])
         # --tensor-parallel N: a memory service per device of the group; each engine is a group's leader
         # (one process tree: its ranks die with it), so a child entry is a whole group (docs/tensor-parallel.md).
-        self.memories = [self.memory] + [
-            Child(f"memory-{k}", py + ["memory-server", "--backend", backend, "--device", str(device + k),
-                                       "--socket-dir", str(socket_dir)]) for k in range(1, tensor_parallel)]
+        # --memory-service connect: none; someone else (systemd) runs and restarts them.
+        self.memories = [
+            Child("memory" if k == 0 else f"memory-{k}",
+                  py + ["memory-server", "--backend", backend, "--device", str(device + k), "--socket-dir",
+                        str(socket_dir)]) for k in range(tensor_parallel)] if own_memory else []
         if tensor_parallel > 1:
             if snapshot_dir is not None:
                 raise SystemExit("understudy up: --snapshot-dir is not supported with --tensor-parallel (a group "
@@ -398,13 +398,33 @@ class Supervisor:
 
 
 def frontend_flags(engine_args: list[str]) -> list[str]:
-    """The engines' --model / --served-model-name, for the frontend (same tokenizer, same model name)."""
-    model = parse_serve_args(engine_args).model
+    """The engines' flags that the frontend needs too: the model (same tokenizer, same names, same context),
+    what the OpenAI routes do (chat template, sampling defaults, parsers) and access (the same API keys
+    and admin token, CORS)."""
+    config = parse_serve_args(engine_args)
+    model, api, access = config.model, config.api, config.access
     out = []
     if model.model is not None:
         out += ["--model", model.model]
-    if model.served_model_name is not None:
-        out += ["--served-model-name", model.served_model_name]
+    if model.served_model_name:
+        out += ["--served-model-name", *model.served_model_name]
+    for flag, number in (("--max-model-len", model.max_model_len), ("--seed", model.seed)):
+        if number is not None:
+            out += [flag, str(number)]
+    for flag, value in (("--chat-template", api.chat_template), ("--tool-call-parser", api.tool_call_parser),
+                        ("--reasoning-parser", api.reasoning_parser),
+                        ("--admin-token-file", access.admin_token_file)):
+        if value is not None:
+            out += [flag, value]
+    if api.generation_config != "auto":
+        out += ["--generation-config", api.generation_config]
+    if api.enable_auto_tool_choice:
+        out += ["--enable-auto-tool-choice"]
+    for flag, values in (("--api-key", access.api_key), ("--allowed-origins", access.allowed_origins),
+                         ("--allowed-methods", access.allowed_methods),
+                         ("--allowed-headers", access.allowed_headers)):
+        for value in values:
+            out += [flag, value]
     return out
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from understudy.common.auth import admin_headers
 from understudy.engine.options import parse_serve_args
 from understudy.engine.serve_config import ServeConfig
 from understudy.logs import log
@@ -63,10 +64,11 @@ def locate(engine: str | None = None, pid: int | None = None) -> tuple[int, str]
     return pid, engine.rstrip("/") if engine else engine_url(parse_serve_args(serve_argv_of(pid)))
 
 
-def _control(url: str, action: str, **body) -> dict:
-    # Connection: close, so the engine holds no connection from us when CRIU dumps it.
-    r = httpx.post(f"{url}/engine/control/{action}", json=body or None, headers={"Connection": "close"},
-                   timeout=HTTP_TIMEOUT)
+def _control(url: str, action: str, token_file: str | None, **body) -> dict:
+    # Connection: close, so the engine holds no connection from us when CRIU dumps it. The control routes
+    # need the admin token (common/auth.py): the engine's --admin-token-file, or the node's default.
+    r = httpx.post(f"{url}/engine/control/{action}", json=body or None,
+                   headers={"Connection": "close", **admin_headers(token_file)}, timeout=HTTP_TIMEOUT)
     data = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"text": r.text}
     if r.status_code != 200:
         message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else None
@@ -110,6 +112,7 @@ def checkpoint(directory: str | os.PathLike, *, engine: str | None = None, pid: 
     argv = serve_argv_of(pid)
     config = parse_serve_args(argv)
     params = params_from_config(config)
+    token_file = config.access.admin_token_file
     manifest = Manifest(identity(params), params)
     manifest.engine = {"pid": pid, "url": url, "host": config.http.host, "port": config.http.port, "argv": argv}
     manifest.write(directory)  # Pending: an unwritable directory fails here, before the engine is touched
@@ -131,7 +134,7 @@ def checkpoint(directory: str | os.PathLike, *, engine: str | None = None, pid: 
                    f"as `understudy up` does)")
     t0 = time.perf_counter()
     try:
-        quiesced = _control(url, "quiesce")
+        quiesced = _control(url, "quiesce", token_file)
     except (CheckpointFailed, httpx.HTTPError) as e:
         raise fail(f"the engine could not be quiesced, nothing was dumped: {e}") from None
     t_quiesce = time.perf_counter() - t0
@@ -153,14 +156,14 @@ def checkpoint(directory: str | os.PathLike, *, engine: str | None = None, pid: 
                                                      external=ttys, criu=criu), 3)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-        undone = _undo(pid, url, cuda_locked)
+        undone = _undo(pid, url, cuda_locked, token_file)
         raise fail(f"checkpoint failed while the engine was quiesced: {error}; {undone}") from None
     if cuda_locked:
         t = time.perf_counter()
         cuda_checkpoint.restore(pid)
         timings["cuda_restore_s"] = round(time.perf_counter() - t, 3)
     try:
-        resumed = _control(url, "resume")
+        resumed = _control(url, "resume", token_file)
     except (CheckpointFailed, httpx.HTTPError) as e:
         raise fail(f"the image was written but the engine did not resume: {e}") from None
     timings["total_s"] = round(time.perf_counter() - t0, 3)
@@ -172,7 +175,7 @@ def checkpoint(directory: str | os.PathLike, *, engine: str | None = None, pid: 
     return manifest
 
 
-def _undo(pid: int, url: str, cuda_locked: bool) -> str:
+def _undo(pid: int, url: str, cuda_locked: bool, token_file: str | None) -> str:
     """After a failure: give the engine its CUDA state back and resume it. What happened, in words."""
     notes = []
     if cuda_locked:
@@ -181,7 +184,7 @@ def _undo(pid: int, url: str, cuda_locked: bool) -> str:
         except Exception as e:  # the engine cannot run CUDA work: it must not claim to serve
             notes.append(f"CUDA restore failed ({e})")
     try:
-        resumed = _control(url, "resume")
+        resumed = _control(url, "resume", token_file)
         notes.append(f"the engine resumed ({resumed['state']}) and serves")
     except (CheckpointFailed, httpx.HTTPError) as e:
         notes.append(f"the engine did not resume: {e}")

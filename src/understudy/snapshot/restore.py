@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from understudy.common.auth import admin_headers
+from understudy.engine.options import parse_serve_args
 from understudy.logs import log
 from understudy.snapshot import criu as criu_mod
 from understudy.snapshot import cuda_checkpoint
@@ -94,13 +96,13 @@ def _inherit(stdio: dict[str, str]) -> tuple[dict[int, str], list[int]]:
     return inherit, dups
 
 
-def _resume(url: str, activate: bool, timeout: float) -> dict:
+def _resume(url: str, activate: bool, timeout: float, token_file: str | None) -> dict:
     """POST resume to the restored engine (its listener was restored: connecting works at once)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             r = httpx.post(f"{url}/engine/control/resume", json={"activate": activate, "timeout": timeout},
-                           headers={"Connection": "close"}, timeout=timeout + 30)
+                           headers={"Connection": "close", **admin_headers(token_file)}, timeout=timeout + 30)
             break
         except httpx.TransportError as e:
             if time.monotonic() > deadline:
@@ -132,7 +134,9 @@ def restore(directory: str | os.PathLike, *, wanted: dict | None = None, activat
         if m.engine.get("cuda"):
             cuda_checkpoint.restore(pid)
         t_cuda = time.perf_counter() - t0 - t_criu
-        resumed = _resume(m.engine["url"], activate, timeout)
+        # the control routes need the admin token (common/auth.py): the engine's --admin-token-file
+        token_file = parse_serve_args(m.engine["argv"]).access.admin_token_file if m.engine.get("argv") else None
+        resumed = _resume(m.engine["url"], activate, timeout, token_file)
     except BaseException:
         _kill(pid)  # a half-restored engine must not linger with the image's pids and port
         raise

@@ -63,7 +63,7 @@ class BlockManager:
         self.refs[block] = 1
         return block
 
-    def _hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
+    def hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
         """The sequence's chained block hashes, extended to its full blocks up to `upto_tokens`.
 
         Each hash is computed once; callers read the first upto_tokens // block_size entries."""
@@ -78,7 +78,7 @@ class BlockManager:
         At least one token is always left to compute, so there are logits to sample from."""
         assert not seq.block_table
         self.prefix_queries += seq.num_tokens
-        hashes = self._hashes(seq, seq.num_tokens - 1)
+        hashes = self.hashes(seq, seq.num_tokens - 1)
         for h in hashes[:(seq.num_tokens - 1) // self.block_size]:
             block = self.by_hash.get(h)
             if block is None:
@@ -105,7 +105,7 @@ class BlockManager:
         """Register the blocks that became full; returns (block, hash) of the newly sealed."""
         sealed = []
         full = seq.num_computed // self.block_size
-        hashes = self._hashes(seq, seq.num_computed)
+        hashes = self.hashes(seq, seq.num_computed)
         for i in range(seq.num_sealed, full):
             block, h = seq.block_table[i], hashes[i]
             if self.hash_of[block] is None and h not in self.by_hash:

@@ -7,8 +7,9 @@ safe: AsyncEngine drives it from one thread.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +18,8 @@ from understudy.engine.layers.attention import AttentionMetadata
 from understudy.engine.core.block_manager import BlockManager
 from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.model.decoder import CausalLM
-from understudy.engine.core.sampling import SamplingParams, sample, skip_draws
+from understudy.common.params import TokenLogprob
+from understudy.engine.core.sampling import LogprobTensors, SamplingParams, sample, to_host, token_logprobs
 from understudy.engine.core.scheduler import Scheduler
 from understudy.engine.core.sequence import Sequence
 
@@ -33,6 +35,20 @@ class StepOutput:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # on the wire for the frontend; a failed step fails the whole engine instead
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs is set
+    # On the first output of a request that asked for them: one per prompt token, entry 0 None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class LogitRows:
+    """Which rows of a forward's logits are for what. A row is a position; its logits give the next token."""
+
+    sample: list[int] = field(default_factory=list)  # batch indices whose next token is sampled in this step
+    sample_at: list[int] = field(default_factory=list)  # their logits rows
+    # (batch index, first logits row, count): rows that score the prompt's next tokens (prompt_logprobs)
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    prefill_only: list[int] = field(default_factory=list)  # batch indices that finished their prompt, max_tokens 0
 
 
 @dataclass
@@ -45,7 +61,7 @@ class EngineLimits:
 
 class LLMEngine:
     def __init__(self, model: CausalLM, kv: KVCache, *, eos_token_ids: tuple[int, ...] = (),
-                 limits: EngineLimits | None = None, device: torch.device | str = "cpu"):
+                 limits: EngineLimits | None = None, device: torch.device | str = "cpu", constraints=None):
         limits = limits or EngineLimits()
         self.model = model
         self.kv = kv
@@ -57,6 +73,8 @@ class LLMEngine:
                                    max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() ran
+        # The grammar engine of structured requests (engine/core/constraints.py); None: they are refused.
+        self.constraints = constraints
         # Tensor parallelism: called with each step's inputs just before the forward (graph: a decode step
         # replayed from the CUDA graphs), so that the group's other ranks run the same step
         # (engine/parallel/group.py). None on one device.
@@ -78,11 +96,17 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, list(prompt), params)
-        if params.seed is not None:
-            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
-            if params.seed_offset and not params.greedy:  # a migrated request: resume its random stream
-                skip_draws(seq.generator, params.seed_offset, vocab, self.device)
+        params.check_vocab(vocab)
+        if params.resumed_tokens >= len(prompt):
+            raise ValueError(f"resumed_tokens ({params.resumed_tokens}) must be below the prompt's length "
+                             f"({len(prompt)}): the resumed tokens are the prompt's tail")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, list(prompt), params, seed=seed)
+        if params.structured is not None:
+            if self.constraints is None:
+                raise ValueError("structured output (response_format / guided decoding) is not available: "
+                                 "this engine has no grammar engine")
+            self.constraints.start(seq)  # ValueError on a bad schema / regex / grammar
         self.scheduler.add(seq)
         self.sequences[request_id] = seq
         return seq
@@ -161,14 +185,22 @@ class LLMEngine:
         t1 = time.perf_counter()
         graph = self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch)
         if graph:
-            sample_rows = list(range(len(batch)))
+            rows = self._logit_rows(batch, graph=True)
             logits = self._decode_with_graph(batch)
         else:
-            sample_rows, logits = self._forward_eager(batch)
+            rows, logits = self._forward_eager(batch)
         t2 = time.perf_counter()
-        sampled = sample(logits, [batch[i][0].params for i in sample_rows],
-                         [batch[i][0].generator for i in sample_rows]) if sample_rows else []
-        outputs = self._advance(batch, sample_rows, sampled)
+        # The forward is launched (on CUDA it runs while the host goes on): now the grammar bitmasks.
+        seqs = [batch[i][0] for i in rows.sample]
+        bitmask = self.constraints.bitmask(seqs) if self.constraints is not None and seqs else None
+        sampled = None
+        if seqs:
+            at = rows.sample_at
+            sampled = sample(logits if at == list(range(logits.shape[0])) else logits[at], seqs,
+                             eos_token_ids=self.eos_token_ids, bitmask=bitmask)
+        prompt_lp = self._prompt_logprobs(batch, rows, logits) if rows.prompt_spans else None
+        tokens, logprobs, prompt_entries = self._to_host(sampled, prompt_lp, rows, batch)
+        outputs = self._advance(batch, rows, tokens, logprobs, prompt_entries)
         self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - t0)
         if self.timed_steps > 0:  # e.g. the first steps after a promotion: where does the time go?
             self.timed_steps -= 1
@@ -191,30 +223,100 @@ class LLMEngine:
             self.fault_hook()
         return self.graphs.run(ids, ctx, tables)
 
-    def _forward_eager(self, batch: list[tuple[Sequence, int]]) -> tuple[list[int], torch.Tensor]:
+    def _logit_rows(self, batch: list[tuple[Sequence, int]], graph: bool) -> LogitRows:
+        """The positions whose logits this step needs: each sequence's last one when it samples, and all of a
+        prompt chunk's when its request asked for prompt_logprobs. A graph computes one row per sequence."""
+        rows = LogitRows()
+        flat = 0  # the first position of this sequence's chunk among the step's tokens
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            scored = max(0, min(start + n, len(seq.prompt) - 1) - start) if seq.scoring_prompt else 0
+            if scored:
+                rows.prompt_spans.append((i, i if graph else flat, scored))
+            if start + n == seq.num_tokens:  # its last known token is in this step
+                if seq.params.max_tokens == 0:
+                    rows.prefill_only.append(i)  # scoring only (prompt_logprobs): nothing to sample
+                else:
+                    rows.sample.append(i)
+                    rows.sample_at.append(i if graph else flat + n - 1)
+            flat += n
+        return rows
+
+    def _forward_eager(self, batch: list[tuple[Sequence, int]]) -> tuple[LogitRows, torch.Tensor]:
         bs = self.kv.spec.block_size
         input_ids: list[int] = []
-        query_lens, context_lens, tables, sample_rows = [], [], [], []
-        for i, (seq, n) in enumerate(batch):
+        query_lens, context_lens, tables = [], [], []
+        for seq, n in batch:
             start = seq.num_computed
             input_ids += seq.token_slice(start, start + n)
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(seq.block_table)
-            if start + n == seq.num_tokens:
-                sample_rows.append(i)  # its last known token is in this step: sample the next one
+        rows = self._logit_rows(batch, graph=False)
+        # The logits rows: each prompt span's, then the sampled ones (sample_at / prompt_spans are renumbered).
+        positions = [first + j for _, first, count in rows.prompt_spans for j in range(count)]
+        spans, at = [], 0
+        for i, first, count in rows.prompt_spans:
+            spans.append((i, at, count))
+            at += count
+        rows.prompt_spans = spans
+        positions += rows.sample_at
+        rows.sample_at = list(range(at, at + len(rows.sample_at)))
         meta = AttentionMetadata.build(query_lens, context_lens, tables, bs, device=self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        logits_at = torch.tensor([meta.query_start_loc_host[i + 1] - 1 for i in sample_rows], dtype=torch.long,
-                                 device=self.device)
-        rows = logits_at if sample_rows else logits_at.new_zeros(1)  # mid-prompt chunks only: a throwaway row
+        logits_at = torch.tensor(positions or [0], dtype=torch.long, device=self.device)  # [0]: a throwaway row
         if self.step_hook is not None:
             self.step_hook(input_ids, query_lens, context_lens, tables, graph=False)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
-        return sample_rows, self.model(ids, meta.positions(), meta, self.kv.layers, rows)
+        return rows, self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
 
-    def _advance(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], sampled: list[int]) -> list[StepOutput]:
+    def _prompt_logprobs(self, batch: list[tuple[Sequence, int]], rows: LogitRows, logits: torch.Tensor):
+        """The prompt tokens this step's chunks predict, their logprobs (still on the device) and each
+        row's top-k size."""
+        at, next_tokens, ks = [], [], []
+        for i, first, count in rows.prompt_spans:
+            seq = batch[i][0]
+            at += range(first, first + count)
+            next_tokens += seq.prompt[seq.num_computed + 1:seq.num_computed + 1 + count]
+            ks += [seq.params.prompt_logprobs] * count
+        raw = logits[torch.tensor(at, device=logits.device)].float().log_softmax(-1)
+        return token_logprobs(raw, torch.tensor(next_tokens, device=logits.device), max(ks)), next_tokens, ks
+
+    def _to_host(self, sampled, prompt_lp, rows: LogitRows, batch) -> tuple[list[int], dict, list]:
+        """Everything the step produced, on the host with one synchronisation: the sampled ids, their
+        logprobs {batch index: TokenLogprob} and the prompt logprob entries (in prompt_spans order)."""
+        parts = []
+        if sampled is not None:
+            parts.append(sampled.token_ids)
+            if sampled.logprobs is not None:
+                parts += sampled.logprobs.tensors()
+        if prompt_lp is not None:
+            parts += prompt_lp[0].tensors()
+        host = iter(to_host(*parts))
+        tokens, logprobs, prompt_entries = [], {}, []
+        if sampled is not None:
+            tokens = next(host).tolist()
+            if sampled.logprobs is not None:
+                lp = LogprobTensors(*(next(host) for _ in range(4)))
+                lp_rows = [rows.sample[r] for r in sampled.logprob_rows]
+                entries = lp.entries([tokens[r] for r in sampled.logprob_rows],
+                                     [batch[i][0].params.logprobs for i in lp_rows])
+                logprobs = dict(zip(lp_rows, entries))
+        if prompt_lp is not None:
+            lp = LogprobTensors(*(next(host) for _ in range(4)))
+            prompt_entries = lp.entries(*prompt_lp[1:])
+        return tokens, logprobs, prompt_entries
+
+    def _advance(self, batch: list[tuple[Sequence, int]], rows: LogitRows, sampled: list[int],
+                 logprobs: dict[int, TokenLogprob], prompt_entries: list[TokenLogprob]) -> list[StepOutput]:
+        entries = iter(prompt_entries)
+        for i, _, count in rows.prompt_spans:  # accumulate, skipping what a preempted earlier pass scored
+            seq = batch[i][0]
+            for j in range(seq.num_computed + 1, seq.num_computed + 1 + count):
+                entry = next(entries)
+                if j == len(seq.prompt_logprobs):
+                    seq.prompt_logprobs.append(entry)
         for seq, n in batch:
             if seq.num_computed < len(seq.prompt):
                 self.prompt_tokens_computed += min(n, len(seq.prompt) - seq.num_computed)
@@ -222,17 +324,28 @@ class LLMEngine:
             self.blocks.seal(seq)
         self.kv.write_index(self.blocks.take_index_updates())  # after this step's K/V writes
         outputs = []
-        for i, token in zip(sample_rows, sampled):
+        for i in rows.prefill_only:  # max_tokens 0: the prompt is scored, the request is done
+            seq = batch[i][0]
+            self._finish(seq, "length")
+            outputs.append(StepOutput(seq.request_id, [], "length", len(seq.prompt), seq.num_cached_prompt, 0,
+                                      prompt_logprobs=list(seq.prompt_logprobs)))
+        for i, token in zip(rows.sample, sampled):
             seq = batch[i][0]
             seq.output.append(token)
             self.generated_tokens += 1
-            reason = self._finish_reason(seq, token)
+            completed = seq.matcher is not None and self.constraints.accept(seq, token)
+            reason = "stop" if completed else self._finish_reason(seq, token)
             if reason:
-                self.scheduler.finish(seq, reason)
-                self.sequences.pop(seq.request_id, None)
+                self._finish(seq, reason)
+            first = len(seq.output) == 1 and seq.wants_prompt_logprobs
             outputs.append(StepOutput(seq.request_id, [token], reason, len(seq.prompt), seq.num_cached_prompt,
-                                      len(seq.output)))
+                                      len(seq.output), logprobs=[logprobs[i]] if i in logprobs else None,
+                                      prompt_logprobs=list(seq.prompt_logprobs) if first else None))
         return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sequences.pop(seq.request_id, None)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -5,6 +5,12 @@ token, an unfinished prefill continues with a chunk), then waiting sequences
 are admitted while budget, sequence slots and KV blocks last. When the cache
 runs out, the most recently admitted sequence is preempted: its blocks are
 freed and it waits to be recomputed (its sealed blocks usually stay cached).
+
+A waiting sequence whose leading prompt blocks a running prefill is computing
+right now (n > 1 choices, identical prompts arriving together) waits until they
+are sealed, then finds them in the prefix cache instead of computing them again.
+Later waiting sequences go ahead of it meanwhile; the prefill it waits for runs
+every step, so the wait ends.
 """
 
 from __future__ import annotations
@@ -77,22 +83,47 @@ class Scheduler:
             else:
                 batch.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        at = 0  # the waiting sequence considered next (those before it are deferred)
+        prefilling = [s for s in self.running if s.num_computed < len(s.prompt)]
+        while at < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[at]
             if not seq.block_table:
-                self.blocks.match_prefix(seq)
+                if self._prefix_in_flight(seq, prefilling):
+                    at += 1
+                    continue
+                if not seq.scoring_prompt:  # scoring the prompt needs every position computed
+                    self.blocks.match_prefix(seq)
             n = min(seq.num_pending, budget)
             if not self.blocks.reserve(seq, n):
                 # Wait for running sequences to free blocks; don't pin cached ones meanwhile.
                 self.blocks.release(seq)
                 seq.num_computed = 0
                 break
-            self.waiting.popleft()
+            del self.waiting[at]
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if seq.num_computed < len(seq.prompt):
+                prefilling.append(seq)
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _prefix_in_flight(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
+        """Whether a running sequence's prefill is computing blocks this one would find cached once sealed."""
+        if seq.scoring_prompt:
+            return False
+        shareable = (seq.num_tokens - 1) // self.blocks.block_size  # what match_prefix may share
+        if shareable == 0:
+            return False
+        mine = self.blocks.hashes(seq, shareable * self.blocks.block_size)
+        for other in prefilling:  # (past its prompt, a sequence has sealed every full prompt block)
+            theirs = self.blocks.hashes(other, len(other.prompt))
+            if not theirs or theirs[0] != mine[0]:
+                continue
+            common = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            if other.num_sealed < common:
+                return True
+        return False
 
     def _preempt_latest(self, batch: list[tuple[Sequence, int]], keep: Sequence) -> Sequence | None:
         for victim in reversed(self.running):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from understudy.engine.core.sampling import SamplingParams
+from understudy.common.params import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -32,7 +32,36 @@ class Sequence:
     finish_reason: str | None = None  # stop, length, abort, error
     error: str | None = None
     arrival: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
+    seed: int = 0  # the sampler's noise is a pure function of (seed, output position, token id)
+    matcher: object | None = None  # the grammar state of a structured request (engine/core/constraints.py)
+    # Entry j: token j of the prompt given tokens before it (entry 0 is None); filled during prefill
+    # when params.prompt_logprobs is set, chunk by chunk.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
+    _prompt_on_device: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens so far, the resumed ones (generated elsewhere, now in the prompt) included."""
+        return self.params.resumed_tokens + len(self.output)
+
+    def generated_slice(self) -> tuple[int, int]:
+        """Where the resumed tokens start in the prompt and how many output tokens follow them."""
+        return len(self.prompt) - self.params.resumed_tokens, len(self.output)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """It asked for prompt_logprobs and some prompt positions are not scored yet."""
+        return self.wants_prompt_logprobs and len(self.prompt_logprobs) < len(self.prompt)
+
+    def prompt_tensor(self, device: torch.device) -> torch.Tensor:
+        """The prompt as an int64 tensor on the device, made once (the penalties read it every step)."""
+        if self._prompt_on_device is None or self._prompt_on_device.device != device:
+            self._prompt_on_device = torch.tensor(self.prompt, dtype=torch.long, device=device)
+        return self._prompt_on_device
 
     @property
     def tokens(self) -> list[int]:

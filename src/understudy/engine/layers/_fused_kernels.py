@@ -25,8 +25,9 @@ PRECISE_TRIG = libdevice is not None and os.environ.get("TRITON_INTERPRET", "0")
 
 @triton.jit
 def rms_norm(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, stride_ro, eps,
-             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Y = W * rmsnorm(X [+ R]) over BLOCK_M rows; with R, also RO = X + R (the new residual)."""
+             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = False):
+    """Y = W * rmsnorm(X [+ R]) over BLOCK_M rows; with R, also RO = X + R (the new residual).
+    OFFSET (Gemma): Y = rmsnorm(X) * (1 + W), all in fp32."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -40,9 +41,12 @@ def rms_norm(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, strid
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=1) / n_cols
     rstd = tl.rsqrt(var + eps)
-    normed = (xf * rstd[:, None]).to(x.dtype)  # cast back before scaling, as transformers does
     w = tl.load(W + cols, mask=col_ok, other=0.0)
-    y = w.to(tl.float32)[None, :] * normed.to(tl.float32)
+    if OFFSET:
+        y = xf * rstd[:, None] * (1.0 + w.to(tl.float32)[None, :])
+    else:
+        normed = (xf * rstd[:, None]).to(x.dtype)  # cast back before scaling, as transformers does
+        y = w.to(tl.float32)[None, :] * normed.to(tl.float32)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -61,24 +65,25 @@ def _rope_heads(X, O, t, h0, n_heads, stride_xt, stride_xh, stride_ot, stride_oh
 
 
 @triton.jit
-def rope(Q, K, QO, KO, POS, INV_FREQ, n_q_heads, n_k_heads,
+def rope(Q, K, QO, KO, POS, INV_FREQ, stride_ft, mscale, n_q_heads, n_k_heads,
          stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
          HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISE: tl.constexpr):
-    """Grid (tokens, q head blocks + k head blocks). cos/sin come from the position, in fp32."""
+    """Grid (tokens, q head blocks + k head blocks). cos/sin come from the position, in fp32, times mscale.
+    INV_FREQ is one row for all tokens (stride_ft 0) or one per token; dims past 2 * HALF are not written."""
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HALF
     pos = tl.load(POS + t).to(tl.float32)
-    freqs = pos * tl.load(INV_FREQ + d, mask=d_ok, other=0.0)
+    freqs = pos * tl.load(INV_FREQ + t * stride_ft + d, mask=d_ok, other=0.0)
     if PRECISE:
         cos = libdevice.cos(freqs)
         sin = libdevice.sin(freqs)
     else:
         cos = tl.cos(freqs)
         sin = tl.sin(freqs)
-    cos = cos[None, :]
-    sin = sin[None, :]
+    cos = cos[None, :] * mscale
+    sin = sin[None, :] * mscale
     q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
     if hb < q_blocks:
         _rope_heads(Q, QO, t, hb * BLOCK_H, n_q_heads, stride_qt, stride_qh, stride_qot, stride_qoh,
@@ -89,11 +94,17 @@ def rope(Q, K, QO, KO, POS, INV_FREQ, n_q_heads, n_k_heads,
 
 
 @triton.jit
-def silu_mul(G, U, O, n, BLOCK: tl.constexpr):
-    """O = silu(G) * U over n contiguous elements."""
+def silu_mul(G, U, O, n, BLOCK: tl.constexpr, GELU: tl.constexpr = False):
+    """O = silu(G) * U over n contiguous elements; GELU: gelu_tanh(G) * U (Gemma)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty)  # silu(gate), rounded to its dtype like torch
+    if GELU:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) * (g + 0.044715 g^3)
+        e = tl.exp(-2.0 * tl.abs(inner))  # tanh without overflow
+        tanh = tl.where(inner >= 0, (1.0 - e) / (1.0 + e), (e - 1.0) / (1.0 + e))
+        act = (0.5 * g * (1.0 + tanh)).to(G.dtype.element_ty)
+    else:
+        act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty)  # silu(gate), rounded to its dtype like torch
     tl.store(O + offs, (act.to(tl.float32) * u).to(O.dtype.element_ty), mask=ok)

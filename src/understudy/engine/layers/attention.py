@@ -90,13 +90,37 @@ class AttentionMetadata:
         )
 
 
-# (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, metadata, scale) -> out [T, Hq, D].
-# Must store k/v into the caches at metadata.slot_mapping, then attend causally over
-# each sequence's whole cached context. It must not allocate or replace the caches.
-AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, AttentionMetadata, float], Tensor]
+# (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, metadata, scale, *, k_scale, v_scale)
+# -> out [T, Hq, D]. Must store k/v into the caches at metadata.slot_mapping, then attend causally over
+# each sequence's whole cached context. It must not allocate or replace the caches. An FP8 cache
+# (`--kv-cache-dtype fp8`) holds k / k_scale and v / v_scale in float8_e4m3fn (to_cache, from_cache).
+AttentionFn = Callable[..., Tensor]
+
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = float(torch.finfo(FP8_KV).max)
 
 
-def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def to_cache(x: Tensor, cache_dtype: torch.dtype, scale: float) -> Tensor:
+    """Keys or values as the cache stores them: FP8 caches hold x / scale, saturated at +-448."""
+    if cache_dtype != FP8_KV:
+        return x.to(cache_dtype)
+    return (x.float() / scale).clamp(-FP8_KV_MAX, FP8_KV_MAX).to(cache_dtype)
+
+
+def from_cache(x: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+    """Cached keys or values back in the compute dtype (FP8: times the layer's scale)."""
+    if x.dtype != FP8_KV:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
+
+def as_bytes(cache: Tensor) -> Tensor:
+    """An FP8 cache as uint8, for the copies torch does not implement on float8 (index_copy_, index_select)."""
+    return cache.view(torch.uint8) if cache.dtype == FP8_KV else cache
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Scatter this step's keys/values into their cache slots, in place."""
     # .view (not .reshape) so a non-contiguous cache fails loudly instead of writing into a copy.
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
@@ -104,8 +128,8 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     if (slot_mapping < 0).any():  # padding tokens (e.g. from a fixed-size CUDA graph batch)
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_flat.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_flat.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    as_bytes(k_flat).index_copy_(0, slot_mapping, as_bytes(to_cache(k, k_cache.dtype, k_scale)))
+    as_bytes(v_flat).index_copy_(0, slot_mapping, as_bytes(to_cache(v, v_cache.dtype, v_scale)))
 
 
 def reference_attention(
@@ -116,8 +140,13 @@ def reference_attention(
     v_cache: Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    k_scale: float = 1.0,  # FP8 caches: what each stored key / value is multiplied by when read
+    v_scale: float = 1.0,
+    sliding_window: int | None = None,  # a query sees only the last `sliding_window` keys, itself included
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
 ) -> Tensor:
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     starts = meta.query_start_loc_host
@@ -127,13 +156,24 @@ def reference_attention(
         n_blocks = -(-ctx // block_size)
         blocks = meta.block_tables[i, :n_blocks].long()
         # Gather the sequence's blocks into one contiguous [ctx, Hkv, D] run.
-        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].to(q.dtype)
-        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].to(q.dtype)
+        keys = from_cache(as_bytes(k_cache).index_select(0, blocks).view(k_cache.dtype).flatten(0, 1)[:ctx],
+                          q.dtype, k_scale)
+        values = from_cache(as_bytes(v_cache).index_select(0, blocks).view(v_cache.dtype).flatten(0, 1)[:ctx],
+                            q.dtype, v_scale)
         mask = None
-        if q_len > 1:
-            # Query j sits at absolute position ctx - q_len + j and may see keys 0..that position.
-            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+        if q_len > 1 or sliding_window is not None:
+            # Query j sits at absolute position ctx - q_len + j and may see keys 0..that position
+            # (with a window, only the last sliding_window of them).
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+            key_pos = torch.arange(ctx, device=q.device)[None, :]
+            mask = key_pos <= q_pos
+            if sliding_window is not None:
+                mask &= key_pos > q_pos - sliding_window
+        if softcap is not None:
+            o = _softcapped_attention(q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                      mask, scale, softcap)
+            out[start:end] = o.transpose(0, 1)
+            continue
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1),  # [Hq, q_len, D]
             keys.transpose(0, 1),  # [Hkv, ctx, D]
@@ -144,3 +184,14 @@ def reference_attention(
         )
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
+    """Attention with soft-capped scores (q [Hq, n, D], k/v [Hkv, ctx, D]), op for op as transformers' eager
+    Gemma 2 attention (SDPA has no soft-cap)."""
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    scores = torch.tanh(torch.matmul(q, k.transpose(1, 2)) * scale / cap) * cap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

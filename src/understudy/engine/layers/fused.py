@@ -36,6 +36,7 @@ from torch import Tensor
 __all__ = [
     "add_rms_norm",
     "apply_rope",
+    "gelu_tanh_and_mul",
     "rms_norm",
     "rope_cos_sin",
     "rotate_half",
@@ -92,11 +93,22 @@ def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) ->
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin [T, 1, head_dim] in `dtype`, as transformers computes them (fp32, then cast)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+def offset_rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Gemma's RMSNorm: scale by (1 + weight), all in fp32, one cast at the end (as transformers does).
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype,
+                 mscale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos/sin [T, 1, rotary_dim] in `dtype`, as transformers computes them (fp32, scaled, then cast).
+    inv_freq is [rotary_dim/2], or [T, rotary_dim/2] when each token has its own."""
+    freqs = positions.float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # broadcast over heads
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if mscale != 1.0:  # yarn / longrope attention factor
+        cos, sin = cos * mscale, sin * mscale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -109,13 +121,23 @@ def rope_with_cos_sin(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def apply_rope_ref(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    cos, sin = rope_cos_sin(positions, inv_freq, q.dtype)
-    return rope_with_cos_sin(q, cos, sin), rope_with_cos_sin(k, cos, sin)
+def apply_rope_ref(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor,
+                   mscale: float = 1.0) -> tuple[Tensor, Tensor]:
+    cos, sin = rope_cos_sin(positions, inv_freq, q.dtype, mscale)
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return rope_with_cos_sin(q, cos, sin), rope_with_cos_sin(k, cos, sin)
+    # partial rotary: only the first `rot` dims of each head turn
+    return (torch.cat((rope_with_cos_sin(q[..., :rot], cos, sin), q[..., rot:]), dim=-1),
+            torch.cat((rope_with_cos_sin(k[..., :rot], cos, sin), k[..., rot:]), dim=-1))
 
 
 def silu_and_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def gelu_tanh_and_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,28 +145,35 @@ def silu_and_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dimension of x (any leading shape)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: bool = False) -> Tensor:
+    """RMSNorm over the last dimension of x (any leading shape); `offset`: Gemma's, scaled by (1 + weight)."""
     if _use_triton(x) and x.shape[-1] <= _MAX_NORM_COLS:
-        return _rms_norm_triton(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
+        return _rms_norm_triton(x, weight, eps, offset)
+    return offset_rms_norm_ref(x, weight, eps) if offset else rms_norm_ref(x, weight, eps)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 offset: bool = False) -> tuple[Tensor, Tensor]:
     """(rms_norm(residual + x), residual + x): the residual stream's add fused into the norm."""
     if _use_triton(x) and x.shape[-1] <= _MAX_NORM_COLS:
-        return _add_rms_norm_triton(x, residual, weight, eps)
+        return _add_rms_norm_triton(x, residual, weight, eps, offset)
+    if offset:
+        residual = residual + x
+        return offset_rms_norm_ref(residual, weight, eps), residual
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
-def apply_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+def apply_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor,
+               mscale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by their tokens' positions [T] (HF rotate_half layout).
 
-    inv_freq [D/2] fp32 on q's device. Returns new tensors; the inputs are not modified.
+    inv_freq fp32 on q's device: [R/2], or [T, R/2] per token (length-dependent RoPE, model/rope.py); the
+    first R <= D dims of each head turn (partial rotary), the rest pass through. cos and sin are scaled by
+    `mscale` (yarn / longrope). Returns new tensors; the inputs are not modified.
     """
     if _use_triton(q):
-        return _apply_rope_triton(q, k, positions, inv_freq)
-    return apply_rope_ref(q, k, positions, inv_freq)
+        return _apply_rope_triton(q, k, positions, inv_freq, mscale)
+    return apply_rope_ref(q, k, positions, inv_freq, mscale)
 
 
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
@@ -152,6 +181,13 @@ def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     if _use_triton(gate):
         return _silu_and_mul_triton(gate, up)
     return silu_and_mul_ref(gate, up)
+
+
+def gelu_tanh_and_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up (Gemma's MLP), elementwise (same shapes)."""
+    if _use_triton(gate):
+        return _silu_and_mul_triton(gate, up, gelu=True)
+    return gelu_tanh_and_mul_ref(gate, up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +217,8 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                 offset: bool = False) -> tuple[Tensor, Tensor | None]:
     k = _kernels()
     shape, n_cols = x.shape, x.shape[-1]
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -206,17 +243,18 @@ def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
         num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8 if tile <= 8192 else 16
         k.rms_norm[(_cdiv(n_rows, block_m),)](
             x2, r2, weight, y, ro, n_rows, n_cols, x2.stride(0), r2.stride(0), y.stride(0), ro.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, OFFSET=offset, num_warps=num_warps,
         )
     return y.view(shape), (None if residual is None else ro.view(shape))
 
 
-def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return _norm_launch(x, None, weight, eps)[0]
+def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float, offset: bool = False) -> Tensor:
+    return _norm_launch(x, None, weight, eps, offset)[0]
 
 
-def _add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    y, r = _norm_launch(x, residual, weight, eps)
+def _add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                         offset: bool = False) -> tuple[Tensor, Tensor]:
+    y, r = _norm_launch(x, residual, weight, eps, offset)
     assert r is not None
     return y, r
 
@@ -227,36 +265,38 @@ def _heads(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _apply_rope_triton(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+def _apply_rope_triton(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor,
+                       mscale: float = 1.0) -> tuple[Tensor, Tensor]:
     kern = _kernels()
     q, k = _heads(q), _heads(k)
     T, n_q, D = q.shape
     n_k = k.shape[1]
     if k.shape[0] != T or k.shape[2] != D or D % 2:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share tokens and an even head_dim")
-    half = D // 2
-    if inv_freq.shape != (half,):
-        raise ValueError(f"inv_freq shape {tuple(inv_freq.shape)} != ({half},)")
+    half = inv_freq.shape[-1]  # pairs that turn; D // 2 unless partial rotary
+    if 2 * half > D or inv_freq.shape not in ((half,), (T, half)):
+        raise ValueError(f"inv_freq shape {tuple(inv_freq.shape)} is neither (R/2,) nor ({T}, R/2) with R <= {D}")
     if positions.shape != (T,):
         raise ValueError(f"positions shape {tuple(positions.shape)} != ({T},)")
-    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32)  # no-op when already so
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # no-op when already so
     positions = positions if positions.is_contiguous() else positions.contiguous()
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    partial = 2 * half < D  # the kernel writes the turning dims only: the others are copied first
+    qo = q.clone() if partial else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = k.clone() if partial else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T:
         block_d = _next_pow2(half)
         block_h = min(max(1, 1024 // block_d), _next_pow2(max(n_q, n_k)))
         heads_blocks = _cdiv(n_q, block_h) + _cdiv(n_k, block_h)
         num_warps = 1 if block_h * block_d <= 256 else 2 if block_h * block_d <= 512 else 4
         kern.rope[(T, heads_blocks)](
-            q, k, qo, ko, positions, inv_freq, n_q, n_k,
+            q, k, qo, ko, positions, inv_freq, inv_freq.stride(0) if inv_freq.dim() == 2 else 0, mscale, n_q, n_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
             HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, PRECISE=kern.PRECISE_TRIG, num_warps=num_warps,
         )
     return qo, ko
 
 
-def _silu_and_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
+def _silu_and_mul_triton(gate: Tensor, up: Tensor, gelu: bool = False) -> Tensor:
     kern = _kernels()
     if gate.shape != up.shape:
         raise ValueError(f"gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
@@ -265,5 +305,5 @@ def _silu_and_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
     n = gate.numel()
     if n:
         block = 1024
-        kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+        kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, BLOCK=block, GELU=gelu, num_warps=4)
     return out

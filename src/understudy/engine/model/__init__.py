@@ -1,4 +1,4 @@
-"""Models: what a checkpoint says (config), the one decoder for Llama / Qwen2 / Qwen3, reading checkpoints
-(loader, fast_load), publishing to and importing from the memory service (weights), and what is
-per-rank about a model under tensor parallelism (sharding).
+"""Models: what a checkpoint says (config; each family's flags: families), the one decoder for every family
+(decoder; RoPE variants: rope), reading checkpoints (loader, fast_load), publishing to and importing from
+the memory service (weights), and what is per-rank about a model under tensor parallelism (sharding).
 """

@@ -14,9 +14,16 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+from understudy.engine.model.families import UnsupportedFamilyFeature, family_fields
+from understudy.engine.model.quantization import Quantization, UnsupportedQuantization
+from understudy.engine.model.quantization import from_hf_dict as quantization_from_hf_dict
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "MixtralForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "Phi3ForCausalLM")
+# Implemented in model/rope.py. "su" (Phi-3's old name for longrope) is read as longrope.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors", "yarn", "dynamic", "longrope")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -59,9 +66,29 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before RoPE
     dtype: torch.dtype  # the checkpoint's dtype; the engine may run in another one
+    # Family flags (model/families.py); the defaults are Llama's.
+    hidden_act: str = "silu"  # the MLP's activation: "silu", or "gelu_pytorch_tanh" (Gemma)
+    sliding_window: int | None = None  # keys a query of a sliding layer sees, itself included (Mistral, Gemma)
+    sliding_layers: tuple[int, ...] = ()  # the layers that use sliding_window; the others attend to everything
+    attn_logit_softcap: float | None = None  # Gemma 2: attention scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma 2/3: the same on the logits
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar^-0.5, not head_dim's
+    norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), in fp32
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and the MLP too (pre/post_feedforward)
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden_size) (rounded to the model's dtype)
+    local_rope_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (unscaled)
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj, one matrix each, as in the checkpoint
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns only this fraction of each head
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architectures: tuple[str, ...] = field(default=())
+    quantization: Quantization | None = None  # FP8 weights (model/quantization.py); None: unquantized
+    # Mixture of experts (Qwen3-MoE, Mixtral; model/experts.py): num_experts 0 means a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1 (Mixtral always)
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the sparse block; the others are dense
 
     @property
     def q_size(self) -> int:
@@ -71,25 +98,37 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of a layer, None if it attends to its whole context."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise unsupported(f"model_type {model_type!r} (architectures {d.get('architectures')}) is not supported")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise unsupported(f"hidden_act {act!r} is not supported (only 'silu')")
-        if d.get("use_sliding_window"):
-            raise unsupported("sliding-window attention (use_sliding_window=true) is not supported")
+        try:
+            family = family_fields(d, model_type)
+        except UnsupportedFamilyFeature as e:
+            raise UnsupportedModelError(f"{model_type}: {e}") from None
 
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         # transformers>=5 folds rope_theta into rope_parameters; older files have both keys at top level.
         rope_params = d.get("rope_parameters") or {}
+        rope_params = rope_params.get("full_attention", rope_params)  # Gemma 3: per layer type (families.py)
         rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        rope_scaling = normalize_rope_scaling(d.get("rope_scaling") or rope_params)
+        rope_scaling = normalize_rope_scaling(d.get("rope_scaling") or rope_params, d)
 
-        if model_type == "llama":
+        if model_type in ("llama", "gemma2", "gemma3_text"):
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
         elif model_type == "qwen2":
             qkv_bias, o_bias = True, False  # hard-wired in Qwen2, not in config.json
@@ -117,11 +156,14 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             dtype=_DTYPES[dtype_name],
+            **family,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=_as_ids(d.get("eos_token_id")),
             architectures=tuple(d.get("architectures") or ()),
+            quantization=_quantization(d),
+            **_mixture_of_experts(d, model_type),
         )
 
     @classmethod
@@ -140,19 +182,26 @@ class ModelConfig:
         return config
 
 
-def normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Return None for plain RoPE, else a dict whose "rope_type" we implement."""
+def normalize_rope_scaling(raw: dict[str, Any] | None, hf: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Return None for plain RoPE, else a dict whose "rope_type" we implement. `hf`, the whole config.json,
+    supplies original_max_position_embeddings where a file keeps it at top level (Phi-3)."""
     if not raw:
         return None
     rope_type = raw.get("rope_type") or raw.get("type") or "default"
+    if rope_type == "su" or (rope_type == "yarn" and (hf or {}).get("model_type") == "phi3"):
+        rope_type = "longrope"  # transformers reads Phi-3's "su" and "yarn" so
     if rope_type == "default":
         return None
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    out = {k: v for k, v in raw.items() if k not in ("type", "rope_theta")}
+    out = {k: v for k, v in raw.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
     out["rope_type"] = rope_type
+    if rope_type in ("yarn", "longrope") and "original_max_position_embeddings" not in out and hf:
+        old_len = hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        if old_len:
+            out["original_max_position_embeddings"] = old_len
     missing = [k for k in _ROPE_REQUIRED_KEYS.get(rope_type, ()) if k not in out]
     if missing:
         raise UnsupportedModelError(f"rope scaling {rope_type!r} is missing {', '.join(missing)}")
@@ -163,7 +212,45 @@ _ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "freq_factors": ("factors",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "dynamic": ("factor",),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
+
+
+def _quantization(d: dict[str, Any]) -> Quantization | None:
+    try:
+        return quantization_from_hf_dict(d)
+    except UnsupportedQuantization as e:  # refused now, never a KeyError on a packed tensor at load
+        raise UnsupportedModelError(str(e)) from None
+
+
+def _mixture_of_experts(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE or Mixtral config.json ({} for a dense model).
+
+    Qwen3-MoE: the sparse block replaces the MLP of every decoder_sparse_step-th layer not listed in
+    mlp_only_layers (those keep a dense MLP of intermediate_size); the top-k probabilities are renormalized
+    when norm_topk_prob is set. Mixtral: every layer, experts of intermediate_size, always renormalized.
+    """
+    if model_type not in ("qwen3_moe", "mixtral"):
+        return {}
+    # transformers>=5 writes num_local_experts for both; Qwen's own files say num_experts.
+    experts = d.get("num_experts") or d.get("num_local_experts")
+    if not experts or not d.get("num_experts_per_tok"):
+        raise UnsupportedModelError(f"{model_type} config.json lacks num_experts / num_experts_per_tok")
+    if d.get("quantization_config"):  # refused here, not as an unknown *.weight_scale tensor at load
+        raise UnsupportedModelError(f"quantized {model_type} checkpoints are not supported: the experts load "
+                                    f"from bf16/fp16/fp32 weights only (--quantization fp8 quantizes the rest)")
+    layers = range(d["num_hidden_layers"])
+    if model_type == "mixtral":
+        if d.get("sliding_window"):
+            raise UnsupportedModelError("Mixtral with sliding_window set is not supported")
+        return dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                    moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, moe_layers=tuple(layers))
+    step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
+    return dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d.get("norm_topk_prob")),
+                moe_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0))
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

@@ -1,8 +1,11 @@
-"""One decoder-only transformer for the Llama, Qwen2 and Qwen3 families.
+"""One decoder-only transformer for every supported family (Llama, Qwen, Mistral, Gemma 2/3, Phi-3, MoE).
 
-The families differ only in details that ModelConfig turns into flags:
+The families differ only in details that ModelConfig turns into flags (model/families.py):
   Qwen2: bias on q/k/v projections.  Qwen3: RMSNorm on each q/k head (q_norm/k_norm),
-  explicit head_dim.  Llama 3.1: "llama3" RoPE frequency scaling.
+  explicit head_dim.  Llama 3.1: "llama3" RoPE frequency scaling (all RoPE variants: model/rope.py).
+  Mistral: sliding-window layers.  Gemma: (1 + weight) norms, also after attention and the MLP,
+  scaled embeddings, GELU, soft-capped scores and logits, local / global layers.  Phi-3: fused
+  qkv_proj and gate_up_proj (kept fused, as in the checkpoint), partial rotary.
 Module names equal the Hugging Face checkpoint names, so weights load by name.
 
 The elementwise work between the matmuls goes through fused.py: on CUDA each of
@@ -19,24 +22,26 @@ the model on the meta device and attach weights with `load_weights` (or
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from understudy.engine.layers import fused
+from understudy.engine.layers import fused, quant
 from understudy.engine.layers.attention import AttentionFn, AttentionMetadata, reference_attention
 from understudy.engine.model.config import ModelConfig
+from understudy.engine.model.rope import RotaryEmbedding, attention_factor, rope_inv_freq  # noqa: F401 (re-export)
+from understudy.engine.model.experts import ExpertSlice, SparseMoE, checkpoint_target
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
         self.eps = eps
+        self.offset = offset  # Gemma: scale by (1 + weight) (fused.offset_rms_norm_ref)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -46,55 +51,8 @@ class RMSNorm(nn.Module):
         so greedy outputs match it token for token (fused.rms_norm_ref).
         """
         if residual is None:
-            return fused.rms_norm(x, self.weight, self.eps)
-        return fused.add_rms_norm(x, residual, self.weight, self.eps)
-
-
-def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Per-pair rotation frequencies (fp32, CPU), with the configured scaling applied."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    kind = scaling["rope_type"]
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: per-pair divisors
-        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
-    if kind == "llama3":
-        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"unknown rope_type {kind!r}")  # config.py rejects these earlier
-
-
-class RotaryEmbedding(nn.Module):
-    """The rotation frequencies, per device; the rotation itself is fused.apply_rope.
-
-    The frequencies are a plain attribute, not a buffer: the model is built on the
-    meta device and a buffer would stay there, since checkpoints don't carry it.
-    """
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self._inv_freq = rope_inv_freq(config)
-        self._per_device: dict[torch.device, Tensor] = {}
-
-    def inv_freq(self, device: torch.device) -> Tensor:
-        """[head_dim/2] fp32 on `device` (copied there once, before any graph capture)."""
-        inv_freq = self._per_device.get(device)
-        if inv_freq is None:
-            inv_freq = self._per_device[device] = self._inv_freq.to(device)
-        return inv_freq
+            return fused.rms_norm(x, self.weight, self.eps, self.offset)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
 
 def row_parallel(linear: nn.Linear, x: Tensor, tp) -> Tensor:
@@ -110,34 +68,53 @@ def row_parallel(linear: nn.Linear, x: Tensor, tp) -> Tensor:
 
 class Attention(nn.Module):
     tp = None  # sharding.TensorParallel: this rank's share of the heads (model/sharding.py); None on one device
+    # An FP8 KV cache holds k / k_scale and v / v_scale: the checkpoint's per-layer scales, published with the
+    # weights (model/weights.py, set_kv_scales), else 1.0.
+    k_scale = 1.0
+    v_scale = 1.0
 
-    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
+    def __init__(self, config: ModelConfig, attention_fn: AttentionFn, index: int = 0):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = config.head_dim**-0.5
+        self.scale = config.attention_scale
+        self.sliding_window = config.layer_window(index)
+        self.softcap = config.attn_logit_softcap
+        # Gemma 3's sliding layers rotate with their own (unscaled) base: DecoderModel hands them its local RoPE
+        self.local_rope = self.sliding_window is not None and config.local_rope_theta is not None
+        self.mscale = 1.0 if self.local_rope else attention_factor(config.rope_scaling, config.max_position_embeddings)
         self.attention_fn = attention_fn
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: q, k and v rows of one matrix, as the checkpoint stores them
+            self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_offset)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                              self.num_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = fused.apply_rope(q, k, positions, inv_freq)
-        out = self.attention_fn(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        q, k = fused.apply_rope(q, k, positions, inv_freq, self.mscale)
+        out = self.attention_fn(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, k_scale=self.k_scale,
+                                v_scale=self.v_scale, sliding_window=self.sliding_window, softcap=self.softcap)
         return row_parallel(self.o_proj, out.reshape(T, -1), self.tp)
 
 
@@ -147,21 +124,36 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: gate rows, then up rows, in one matrix
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act_and_mul = fused.gelu_tanh_and_mul if config.hidden_act == "gelu_pytorch_tanh" else fused.silu_and_mul
 
     def forward(self, x: Tensor) -> Tensor:
-        return row_parallel(self.down_proj, fused.silu_and_mul(self.gate_proj(x), self.up_proj(x)), self.tp)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return row_parallel(self.down_proj, self.act_and_mul(gate, up), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
+    def __init__(self, config: ModelConfig, attention_fn: AttentionFn, index: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, attention_fn)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        h, eps, offset = config.hidden_size, config.rms_norm_eps, config.norm_offset
+        self.input_layernorm = RMSNorm(h, eps, offset)
+        self.self_attn = Attention(config, attention_fn, index)
+        self.post_attention_layernorm = RMSNorm(h, eps, offset)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:  # Gemma: post_attention_layernorm normalizes the attention output instead
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, offset)
+        # mixture-of-experts models: the sparse block where the config says (model/experts.py)
+        self.mlp = SparseMoE(config) if index in config.moe_layers else MLP(config)
 
     def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, inv_freq: Tensor,
                 meta: AttentionMetadata, kv_cache: KVCache) -> tuple[Tensor, Tensor]:
@@ -169,13 +161,17 @@ class DecoderLayer(nn.Module):
 
         residual None (the first layer) means x is the whole hidden state. Each residual
         add happens inside the following norm, so a layer is: add+norm, q/k/v, RoPE,
-        attention, o_proj, add+norm, gate/up, SiLU*mul, down.
+        attention, o_proj, add+norm, gate/up, SiLU*mul, down. With sandwich norms (Gemma) the
+        attention and MLP outputs are normalized too before they join the stream.
         """
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, positions, inv_freq, meta, kv_cache)
+        if self.sandwich:
+            h, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(h), residual)
+            return self.post_feedforward_layernorm(self.mlp(h)), residual
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -186,18 +182,31 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, attention_fn) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, attention_fn, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.rotary_emb = RotaryEmbedding(config)
+        # Gemma 3's sliding layers: their own RoPE base, no scaling
+        self.local_rotary_emb = (None if config.local_rope_theta is None
+                                 else RotaryEmbedding(config, config.local_rope_theta, None))
+        self.embed_scale = config.embed_scale
 
     def forward(
         self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVCache]
     ) -> Tensor:
         x = self.embed_tokens(input_ids)
-        inv_freq = self.rotary_emb.inv_freq(positions.device)  # shared by all layers
+        if self.embed_scale != 1.0:  # Gemma: the scale rounded to the model's dtype first, as transformers does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        # each token's sequence length, for RoPE variants whose frequencies depend on it (model/rope.py)
+        seq_lens = None
+        if self.rotary_emb.by_length:
+            seq_lens = torch.repeat_interleave(meta.context_lens, meta.query_start_loc.diff(),
+                                               output_size=positions.shape[0])
+        inv_freq = self.rotary_emb.inv_freq(positions.device, seq_lens)  # shared by all layers
+        local = None if self.local_rotary_emb is None else self.local_rotary_emb.inv_freq(positions.device)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, inv_freq, meta, kv_cache)
+            freqs = local if layer.self_attn.local_rope else inv_freq
+            x, residual = layer(x, residual, positions, freqs, meta, kv_cache)
         # final norm is applied only to the rows that need logits
         return x if residual is None else residual + x
 
@@ -212,6 +221,8 @@ class CausalLM(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        if config.quantization is not None:  # FP8 projections (layers/quant.py)
+            quant.install(self, config.quantization)
 
     @torch.inference_mode()
     def forward(
@@ -228,7 +239,14 @@ class CausalLM(nn.Module):
             logits_indices = meta.last_token_indices()
         hidden = self.model.norm(hidden[logits_indices])
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2/3
+
+    def set_kv_scales(self, scales: Sequence[Sequence[float]] | None) -> None:
+        """Each layer's FP8 KV-cache [k_scale, v_scale] (quant.kv_scales; None: 1.0 everywhere)."""
+        for layer, (k, v) in zip(self.model.layers, scales or [(1.0, 1.0)] * len(self.model.layers), strict=True):
+            layer.self_attn.k_scale, layer.self_attn.v_scale = float(k), float(v)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]], device: torch.device | str | None = None) -> None:
         """Attach checkpoint tensors by name, one at a time (nothing is copied twice).
@@ -238,19 +256,48 @@ class CausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        filled: dict[str, int] = {}  # stacked expert tensors: elements copied in so far
         for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # old checkpoints saved it; we recompute it
+            if name.endswith("rotary_emb.inv_freq") or quant.is_kv_scale(name):
+                continue  # old checkpoints saved it; we recompute it. KV-cache scales: quant.read_kv_scales
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # some tied checkpoints still store a copy
+            target = checkpoint_target(name)  # MoE: an expert's matrix is a slice of a stacked tensor
+            if isinstance(target, ExpertSlice):
+                self._fill_expert(params, name, target, tensor, device, filled)
+                continue
+            name = target
             if name not in params:
                 raise KeyError(f"checkpoint has weight {name!r} that the model does not expect")
+            tensor = quant.fit(name, tensor, tuple(params[name].shape), params[name].dtype)  # FP8 weights, scales
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
             module_name, _, leaf = name.rpartition(".")
             param = nn.Parameter(tensor if device is None else tensor.to(device), requires_grad=False)
             setattr(self.get_submodule(module_name), leaf, param)
             loaded.add(name)
+        loaded.update(n for n, count in filled.items() if count == params[n].numel())
         missing = sorted(set(params) - loaded)
         if missing:
             raise KeyError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
+
+    def _fill_expert(self, params: dict[str, Tensor], name: str, target: ExpertSlice, tensor: Tensor,
+                     device, filled: dict[str, int]) -> None:
+        """Copy one expert's checkpoint matrix into its slice of the stacked parameter (made on first use)."""
+        stacked = params.get(target.param)
+        if stacked is None:
+            raise KeyError(f"checkpoint has weight {name!r} that the model does not expect")
+        if stacked.is_meta:
+            stacked = nn.Parameter(torch.empty(stacked.shape, dtype=tensor.dtype, device=device or tensor.device),
+                                   requires_grad=False)
+            module_name, _, leaf = target.param.rpartition(".")
+            setattr(self.get_submodule(module_name), leaf, stacked)
+            params[target.param] = stacked
+        try:
+            dst = target.of(stacked)
+        except IndexError:
+            raise KeyError(f"checkpoint has weight {name!r} of an expert the model does not have") from None
+        if tuple(tensor.shape) != tuple(dst.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        filled[target.param] = filled.get(target.param, 0) + dst.numel()

@@ -20,10 +20,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from understudy.engine.layers import quant
 from understudy.engine.layers.attention import AttentionFn, reference_attention
 from understudy.common.gguf_file import gguf_field, open_gguf  # noqa: F401  (loader's callers use them from here)
-from understudy.engine.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError, normalize_rope_scaling, unsupported
+from understudy.engine.model.config import ModelConfig, UnsupportedModelError, normalize_rope_scaling
 from understudy.engine.model.decoder import CausalLM
+from understudy.engine.model.quantization import with_quantization
 
 PathLike = str | os.PathLike
 
@@ -43,7 +45,8 @@ def iter_weights(path: PathLike, dtype: torch.dtype | None = None) -> Iterator[t
     """Yield (hf_name, tensor) for every weight, on the CPU, cast to `dtype` when given.
 
     Without `dtype`, safetensors keep their stored dtype and GGUF tensors come out
-    in float32 (quantized types are dequantized).
+    in float32 (quantized types are dequantized). FP8 weights and their scales keep
+    their stored dtype in any case (the model says what it keeps them in: quant.fit).
     """
     if is_gguf(path):
         yield from iter_gguf_weights(path, dtype)
@@ -56,14 +59,34 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     attention_fn: AttentionFn = reference_attention,
+    quantization: str | None = None,
 ) -> CausalLM:
-    """Build the model on the meta device and stream the checkpoint into it."""
-    config = load_config(path)
+    """Build the model on the meta device and stream the checkpoint into it; `quantization` "fp8":
+    an unquantized checkpoint's linears quantized to FP8 as they load (what `serve --quantization fp8`
+    does when it publishes)."""
+    config = with_quantization(load_config(path), quantization)
     dtype = dtype or config.dtype
     with torch.device("meta"):
-        model = CausalLM(config, attention_fn)
-    model.load_weights(iter_weights(path, dtype), device=device)
+        model = quant.cast_model(CausalLM(config, attention_fn), dtype)
+    weights = iter_weights(path, dtype)
+    if config.quantization is not None and config.quantization.online:
+        weights = quant.quantize_online(model, weights)
+    model.load_weights(weights, device=device)
+    model.set_kv_scales(read_kv_scales(path, config.num_hidden_layers))
     return model.eval()
+
+
+def read_kv_scales(path: PathLike, num_layers: int) -> list[list[float]] | None:
+    """The checkpoint's per-layer FP8 KV-cache scales (quant.kv_scales), reading only those tensors."""
+    if is_gguf(path):
+        return None
+    from safetensors import safe_open
+
+    found = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            found += [(name, f.get_tensor(name)) for name in f.keys() if quant.is_kv_scale(name)]
+    return quant.kv_scales(found, num_layers)
 
 
 # --------------------------------------------------------------------------- HF safetensors
@@ -100,7 +123,8 @@ def iter_safetensors_weights(
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)  # reads just this tensor
-                yield name, tensor if dtype is None else tensor.to(dtype)
+                keep = dtype is None or quant.is_quantized_storage(name, tensor) or quant.is_kv_scale(name)
+                yield name, tensor if keep else tensor.to(dtype)
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -147,9 +171,13 @@ def _f32(x: float) -> float:
 def gguf_config(path: PathLike) -> ModelConfig:
     reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
-    if arch not in SUPPORTED_MODEL_TYPES:
-        raise unsupported(f"GGUF architecture {arch!r} is not supported")
+    if arch not in _ARCHITECTURES:  # GGUF: the dense Llama / Qwen names only (other families: HF directories)
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (GGUF files of: "
+                                    f"{', '.join(_ARCHITECTURES)}; other families load from HF directories)")
     tensors = {t.name: t for t in reader.tensors}
+    if gguf_field(reader, f"{arch}.expert_count", 0):  # Mixtral GGUFs say llama: their experts are not read
+        raise UnsupportedModelError("GGUF mixture-of-experts models are not supported (their stacked, quantized "
+                                    "expert tensors are not read); serve the Hugging Face safetensors checkpoint")
 
     def arch_key(key: str, default: Any = ...) -> Any:
         value = gguf_field(reader, f"{arch}.{key}", default)

@@ -23,8 +23,10 @@ from understudy.memory import MemoryClient, MemoryServiceError, materialize_modu
 from understudy.memory.tensors import dtype_name
 from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.fast_load import Staging, StoredTensor, copy_direct, read_header
-from understudy.engine.model.loader import is_gguf, iter_weights, safetensors_files
+from understudy.engine.layers import quant
+from understudy.engine.model.loader import is_gguf, iter_weights, read_kv_scales, safetensors_files
 from understudy.engine.model.decoder import CausalLM
+from understudy.engine.model.experts import ExpertSlice, checkpoint_target
 from understudy.engine.model.sharding import TensorParallel, install, rank_config, shard_dim, shard_range, shard_tensor
 
 logger = logging.getLogger("understudy.engine.model.weights")
@@ -47,7 +49,8 @@ def model_id(path: str | Path, config: ModelConfig, dtype: torch.dtype, tp: Tens
 
 
 def _skippable(name: str, wanted: dict) -> bool:
-    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and name not in wanted)
+    return (name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and name not in wanted)
+            or quant.is_kv_scale(name))  # KV-cache scales travel in the layout's metadata (publish)
 
 
 class _StagedCopier:
@@ -78,7 +81,8 @@ class _StagedCopier:
 
 def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = None):
     """(tensors to copy byte for byte, an iterator over the ones to convert); under tensor parallelism
-    only this rank's shard of each tensor (sharding.py)."""
+    only this rank's shard of each tensor (sharding.py). `specs`: name -> (shape, dtype the model keeps it
+    in); converted tensors come out in `dtype`, except FP8 weights and scales (quant.fit converts those)."""
     rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     if is_gguf(path):
         return {}, ((n, shard_tensor(n, t, rank, size)) for n, t in iter_weights(path, dtype))
@@ -87,7 +91,10 @@ def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = 
         stored.update(read_header(file))
     if size > 1:  # a shard cut along dim 0 is a contiguous run of the stored bytes: still read directly
         stored = {n: _row_shard(n, t, rank, size) for n, t in stored.items()}
-    direct = {n: t for n, t in stored.items() if n in specs and t.dtype == dtype and t.shape == specs[n][0]}
+    direct = {n: t for n, t in stored.items() if _spec(n, specs) == (t.shape, t.dtype)}
+
+    def cast(name, t):
+        return t if quant.is_quantized_storage(name, t) or quant.is_kv_scale(name) else t.to(dtype)
 
     def converted():
         from safetensors import safe_open
@@ -101,11 +108,11 @@ def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = 
                 for name in names:
                     dim = shard_dim(name) if size > 1 else None
                     if dim is None:
-                        yield name, f.get_tensor(name).to(dtype)
+                        yield name, cast(name, f.get_tensor(name))
                         continue
                     piece = f.get_slice(name)  # reads only this rank's part
                     start, stop = shard_range(piece.get_shape()[dim], rank, size)
-                    yield name, piece[start:stop].to(dtype) if dim == 0 else piece[:, start:stop].to(dtype)
+                    yield name, cast(name, piece[start:stop] if dim == 0 else piece[:, start:stop])
 
     return direct, converted()
 
@@ -119,49 +126,77 @@ def _row_shard(name: str, t: StoredTensor, rank: int, size: int) -> StoredTensor
     return StoredTensor(t.file, t.offset + start * row, (stop - start) * row, t.dtype, (stop - start, *t.shape[1:]))
 
 
+def _spec(name: str, specs: dict) -> tuple | None:
+    """(shape, dtype) of what checkpoint tensor `name` fills: a parameter, or one expert's slice of a
+    stacked MoE parameter (model/experts.py); None if the model has no place for it."""
+    target = checkpoint_target(name)
+    if not isinstance(target, ExpertSlice):
+        return specs.get(target)
+    if target.param not in specs:
+        return None
+    shape, dtype = specs[target.param]
+    return tuple(target.of(torch.empty(shape, device="meta")).shape), dtype
+
+
+def _destination(client: MemoryClient, name: str) -> tuple[str, torch.Tensor]:
+    """(parameter name, the mapped tensor or slice) that checkpoint tensor `name` is copied into."""
+    target = checkpoint_target(name)
+    if isinstance(target, ExpertSlice):
+        return target.param, target.of(client.tensor(target.param))
+    return target, client.tensor(target)
+
+
 def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torch.dtype, ident: str,
             progress: bool = True, tp: TensorParallel | None = None) -> dict:
     """Stream the checkpoint into the client's (rw) weights pool and commit. Returns load stats."""
     wanted = {n: t for n, t in model.state_dict().items()}
-    specs = {n: (tuple(t.shape), dtype) for n, t in wanted.items()}
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in wanted.items()}  # FP8 weights and scales: their own dtypes
     sizes, metas = plan_layout(specs, client.granularity)
     for size in sizes:
         client.allocate(size)
-    extra = {"model_id": ident, "model_path": str(path)}
+    # The FP8 KV-cache scales (a few floats) ride in the metadata: shadows read them with the layout.
+    extra = {"model_id": ident, "model_path": str(path),
+             "kv_scales": read_kv_scales(path, model.config.num_hidden_layers)}
     if tp is not None and tp.size > 1:
         extra["tensor_parallel"] = [tp.rank, tp.size]
     client.set_metadata(metas, extra=extra, replace=True)
     device = client.tensor(next(iter(metas))).device
     direct, stream = _sources(path, specs, dtype, tp)
-    total = sum(t.numel() * dtype.itemsize for t in wanted.values())
-    loaded: set[str] = set()
+    quantization = model.config.quantization
+    if quantization is not None and quantization.online:  # --quantization fp8: quantized on the device
+        stream = quant.quantize_online(model, stream, device)
+    total = sum(t.numel() * t.element_size() for t in wanted.values())
+    filled: dict[str, int] = dict.fromkeys(wanted, 0)  # elements copied into each parameter
     threads = 8
     staging = Staging(device, threads) if device.type == "cuda" and direct else None
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         # Tensors stored in the serving dtype: file -> destination with one copy, in parallel.
-        copy_direct([(stored, client.tensor(name)) for name, stored in direct.items()], threads, staging,
-                    on_bytes=bar.update)
-        loaded.update(direct)
+        jobs = [(stored, *_destination(client, name)) for name, stored in direct.items()]
+        copy_direct([(stored, dst) for stored, _, dst in jobs], threads, staging, on_bytes=bar.update)
+        for _, param, dst in jobs:
+            filled[param] += dst.numel()
         # The rest needs a conversion (or comes from GGUF): one tensor at a time.
         copier = _StagedCopier(device) if device.type == "cuda" else None
         for name, tensor in stream:
-            if name not in wanted:
+            spec = _spec(name, specs)
+            if spec is None:
                 if _skippable(name, wanted):
                     continue
                 raise KeyError(f"checkpoint has weight {name!r} that the model does not expect")
-            if tuple(tensor.shape) != specs[name][0]:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {specs[name][0]}")
-            dst = client.tensor(name)
+            tensor = quant.fit(name, tensor, *spec)
+            if tuple(tensor.shape) != spec[0]:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {spec[0]}")
+            param, dst = _destination(client, name)
             if copier is not None:
                 copier.copy(dst, tensor)
             else:
                 dst.copy_(tensor)
-            loaded.add(name)
-            bar.update(tensor.numel() * dtype.itemsize)
+            filled[param] += dst.numel()
+            bar.update(dst.numel() * dst.element_size())
         if copier is not None:
             copier.finish()
-    missing = sorted(set(wanted) - loaded)
+    missing = sorted(n for n, t in wanted.items() if filled[n] != t.numel())
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
     seconds = time.perf_counter() - t0
@@ -189,7 +224,7 @@ def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.d
         config = rank_config(config, tp.size)
     with torch.device("meta"):
         model = CausalLM(config) if attention_fn is None else CausalLM(config, attention_fn)
-    model.to(dtype)  # parameters of the meta model carry the dtype we serve in
+    quant.cast_model(model, dtype)  # parameters of the meta model carry the dtype we serve in (FP8: their own)
     if tp is not None and tp.size > 1:
         install(model, tp)
     state = read_status(socket_path)["pools"]["weights"]["state"]
@@ -217,6 +252,7 @@ def load(socket_path: str, path: str | Path, config: ModelConfig, dtype: torch.d
                               f"(id {found}), not of {str(path)!r} in {dtype_name(dtype)} (id {ident}){shards}; "
                               f"stop the engines using them, or use another device / memory service")
     materialize_module(model, client)
+    model.set_kv_scales(client.layout.extra.get("kv_scales"))
     stats["seconds_total"] = round(time.perf_counter() - t0, 4)
     log(logger, "weights_ready", **stats)
     return model, client, stats

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -38,10 +39,11 @@ from typing import Callable, NoReturn
 import torch
 
 from understudy.engine.core.kv_cache import KVCache
+from understudy.engine.core.constraints import Constraints
 from understudy.engine.core.llm_engine import LLMEngine
 from understudy.engine.model import weights
 from understudy.engine.model.sharding import check_shardable
-from understudy.engine.parallel.comm import Channel, exit_now, join, make_store
+from understudy.engine.parallel.comm import Channel, exit_now, join, make_store, pdeathsig_kill
 from understudy.engine.serve_config import ServeConfig
 from understudy.engine.serving.bootstrap import (
     Built,
@@ -64,20 +66,29 @@ class GroupError(RuntimeError):
     """A worker answered a request with an error."""
 
 
-def _pdeathsig_kill() -> None:
-    """In a worker: SIGKILL when the leader dies, however it dies (the group cannot outlive it)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class RankProcess:
-    def __init__(self, rank: int, proc: subprocess.Popen, channel: Channel):
-        self.rank, self.proc, self.channel = rank, proc, channel
+    """A worker: started by us on this node (proc), or a rank on another node that joined over TCP (proc is
+    None; its pid is on its node)."""
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def __init__(self, rank: int, proc: subprocess.Popen | None, channel: Channel, pid: int | None = None):
+        self.rank, self.proc, self.channel = rank, proc, channel
+        self.pid = proc.pid if proc is not None else pid
+
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL a local worker; a remote one gets its connection shut, reads EOF and exits (rank.py)."""
+        if self.proc is None:
+            try:
+                self.channel.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Group:
@@ -99,37 +110,54 @@ class Group:
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
 
-    def start(self, plan: dict) -> None:
-        """Start ranks 1..size-1 (call from the main thread: PR_SET_PDEATHSIG fires when the thread that
-        started the child exits) and send each its part of the plan."""
-        for rank in range(1, self.size):
+    def start(self, plan: dict, local: int | None = None, remote=None, join_timeout: float = 600.0) -> None:
+        """Start ranks 1..local-1 on this node (call from the main thread: PR_SET_PDEATHSIG fires when the
+        thread that started the child exits), take ranks local..size-1 from other nodes as they join
+        (`remote`: parallel/nodes.RemoteRanks), and send each its part of the plan."""
+        local = self.size if local is None else local
+        for rank in range(1, local):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             cmd = [sys.executable, "-m", "understudy.engine.parallel.rank", "--control-fd", str(theirs.fileno()),
                    "--leader-pid", str(os.getpid())]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
-                                    preexec_fn=_pdeathsig_kill)
+                                    preexec_fn=pdeathsig_kill)
             theirs.close()
             worker = RankProcess(rank, proc, Channel(lift_socket(ours)))  # our death: the worker's EOF at once
             self.workers.append(worker)
             threading.Thread(target=self._watch, args=(worker,), name=f"tp-watch-{rank}", daemon=True).start()
             worker.channel.send(("init", {**plan, "rank": rank}))
+        if remote is not None:
+            for rank, (channel, pid) in sorted(remote.accept(set(range(local, self.size)), join_timeout).items()):
+                worker = RankProcess(rank, None, channel, pid)
+                self.workers.append(worker)
+                threading.Thread(target=self._watch, args=(worker,), name=f"tp-watch-{rank}", daemon=True).start()
+                worker.channel.send(("init", {**plan, "rank": rank}))
+
+    def lost_worker(self, within: float) -> RankProcess | None:
+        """A worker whose channel has hung up, waiting up to `within` seconds for one. A collective that
+        failed usually means a rank died, and its channel says so in the same instant: the group then ends
+        as for a lost rank (exit 4), not as a step error."""
+        poller = select.poll()
+        by_fd = {w.channel.sock.fileno(): w for w in self.workers}
+        for fd in by_fd:
+            poller.register(fd, select.POLLRDHUP)
+        events = poller.poll(within * 1000)
+        return by_fd[events[0][0]] if events else None  # (Channel.closed is the same check for one channel)
 
     def _watch(self, worker: RankProcess) -> None:
         # The worker's end of the channel is lifted above its driver files (fds.py), so it hangs up the
         # moment the worker dies; waitpid would tell only once the driver has torn its GPU context down.
         worker.channel.wait_closed()
         if not self.closing:
-            self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=worker.proc.poll())
+            self.fatal("tp_rank_lost", rank=worker.rank, pid=worker.pid, returncode=worker.returncode(),
+                       remote=worker.proc is None)
 
     def abandon(self) -> None:
         """The group ends: kill every worker now (their kv sessions go with them). Their channels hanging up
         is expected from here on."""
         self.closing = True
         for w in self.workers:
-            try:
-                os.kill(w.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            w.kill()
 
     def fatal(self, event: str, **fields) -> None:
         """The group is wedged: kill every worker, let go of the failover lock and exit now."""
@@ -208,6 +236,9 @@ class GroupEngine(LLMEngine):
         try:
             return forward(batch)
         except BaseException as e:
+            if (dead := self.group.lost_worker(within=1.0)) is not None:  # the collective failed: a rank died
+                self.group.fatal("tp_rank_lost", rank=dead.rank, pid=dead.pid, returncode=dead.returncode(),
+                                 remote=dead.proc is None, error=f"{type(e).__name__}: {e}")
             if self.group.stepping:  # the workers are inside this forward: the ranks are out of step now
                 log(logger, "tp_step_failed", logging.ERROR, error=f"{type(e).__name__}: {e}",
                     note="the workers are inside this step: the whole group ends")
@@ -257,7 +288,7 @@ def _plan(config: ServeConfig, model_path: Path, backend: str, dtype: torch.dtyp
     return {"size": d.tensor_parallel, "port": port, "model": str(model_path), "dtype": dtype_name(dtype),
             "backend": backend, "device0": d.device, "attention": attention,
             "prefill_attention": config.model.prefill_attention, "socket_dir": d.socket_dir,
-            "memory_service": d.memory_service, "timeout": 600.0,
+            "memory_service": d.memory_service, "timeout": 600.0, "leader_pid": os.getpid(),
             "log_format": config.output.log_format, "log_level": config.output.log_level}
 
 
@@ -287,18 +318,27 @@ def build_group(config: ServeConfig) -> Built:
         except ValueError as e:
             raise SystemExit(f"understudy serve: {e}") from None
 
-    p = place(config, ranks=size, check_config=shardable)
+    d = config.device
+    local = size // d.nnodes  # ranks on this node (the leader's); the others join from their nodes
+    p = place(config, ranks=local, check_config=shardable)
     model_path, model_config, dtype, path, backend, device = (
         p.model_path, p.config, p.dtype, p.socket_path, p.backend, p.device)
     lock, attention_fn = p.lock, p.attention_fn
     t0 = time.perf_counter()
-    store = make_store(0, size)
+    remote = None
+    if d.nnodes > 1:  # the store at --master-addr:--master-port, where the other nodes' ranks find us
+        from understudy.engine.parallel.nodes import RemoteRanks
+
+        store = make_store(0, size, d.master_port, host=d.master_addr)
+        remote = RemoteRanks(store, d.master_addr)
+    else:
+        store = make_store(0, size)
     group = Group(size)
     group.holds.append(lock)
     group.start(_plan(config, model_path, backend, dtype, "reference" if attention_fn is None else "triton",
-                      store.port))
+                      store.port), local=local, remote=remote)
     log(logger, "tp_group_started", size=size, ranks={0: os.getpid(), **{w.rank: w.pid for w in group.workers}},
-        devices=list(range(config.device.device, config.device.device + size)), store_port=store.port)
+        devices=list(range(d.device, d.device + local)), store_port=store.port, nnodes=d.nnodes)
     tp = join(store, 0, size, device)  # every rank loads its shard meanwhile
     model, weights_client, stats = weights.load(path, model_path, model_config, dtype,
                                                 progress=not config.output.no_progress,
@@ -313,7 +353,8 @@ def build_group(config: ServeConfig) -> Built:
     if role == "primary" and not all([kv.adopted, *(r["adopted"] for r in replies)]):
         kv._forget_blocks()
     tokenizer, eos, limits = engine_limits(config, model_path, model_config)
-    engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device)
+    constraints = Constraints(tokenizer, model_config.vocab_size, eos, device=device)  # the leader samples
+    engine = GroupEngine(group, model, kv, eos_token_ids=eos, limits=limits, device=device, constraints=constraints)
     start_engine(config, engine, p)  # every rank captures its graphs and warms up with the leader
     group.call("warmed")
     return finish(config, engine, p, tokenizer, weights_client, stats, t0, {

@@ -21,6 +21,7 @@ its mappings and gives a restarted service its shard and, if it owns it, its kv 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -47,7 +48,7 @@ class _RankTag(logging.Filter):
 
 
 class Rank:
-    def __init__(self, plan: dict):
+    def __init__(self, plan: dict, store=None):
         import torch
 
         from understudy.engine.model import weights
@@ -58,7 +59,7 @@ class Rank:
 
         self.plan = plan
         self.rank, size = plan["rank"], plan["size"]
-        device_index = plan["device0"] + self.rank
+        device_index = plan["device0"] + plan.get("local_rank", self.rank)  # its device on its own node
         use_cuda = plan["backend"] == "cuda"
         self.device = torch.device(f"cuda:{device_index}" if use_cuda else "cpu")
         if use_cuda:
@@ -66,7 +67,7 @@ class Rank:
         self.name = f"engine-{plan['leader_pid']}-rank{self.rank}"
         self.socket_path, self.memory_server = ensure_memory_service(plan["backend"], device_index,
                                                                      plan["socket_dir"], plan["memory_service"])
-        self.tp = join(make_store(self.rank, size, plan["port"]), self.rank, size, self.device)
+        self.tp = join(store or make_store(self.rank, size, plan["port"]), self.rank, size, self.device)
         attention_fn = None
         if plan["attention"] == "triton":
             from understudy.engine.layers.triton_attention import attention_for
@@ -205,29 +206,53 @@ def serve_leader(channel, rank: Rank) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m understudy.engine.parallel.rank",
                                  description="A worker rank of a tensor-parallel group (started by its leader).")
-    ap.add_argument("--control-fd", type=int, required=True, help="this end of the leader's control socketpair")
-    ap.add_argument("--leader-pid", type=int, required=True, help="the leader's pid (we exit if it is gone)")
+    ap.add_argument("--control-fd", type=int, help="this end of the leader's control socketpair (a rank on the "
+                                                   "leader's node)")
+    ap.add_argument("--leader-pid", type=int, help="the leader's pid (we exit if it is gone)")
+    ap.add_argument("--join", metavar="HOST:PORT", help="a rank on another node: the group's store (--master-addr "
+                                                        ":--master-port), where the leader's control address is")
+    ap.add_argument("--rank", type=int, help="with --join: this rank")
+    ap.add_argument("--size", type=int, help="with --join: the group's size")
+    ap.add_argument("--node-rank", type=int, help="with --join: this node")
+    ap.add_argument("--local-rank", type=int, help="with --join: this rank's device is --device + LOCAL_RANK")
+    ap.add_argument("--member-pid", type=int, help="with --join: the node's member process (we exit if it is gone)")
+    ap.add_argument("--local-plan", default="{}", help="with --join: JSON of what this node decides (device, "
+                                                       "socket directory, model path)")
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGINT):  # the leader decides when the group stops (after a drain)
         signal.signal(sig, signal.SIG_IGN)
-    if os.getppid() != args.leader_pid:  # the leader died before PR_SET_PDEATHSIG was in place
+    if os.getppid() != (args.member_pid if args.join else args.leader_pid):  # it died before PR_SET_PDEATHSIG
         return 1
     from understudy.engine.parallel.comm import Channel, exit_now
     from understudy.fds import lift
     from understudy.logs import log, setup_logging
 
-    # Lifted above the driver files CUDA will open: if we die, the leader hears it at once (fds.py).
-    channel = Channel(socket.socket(fileno=lift(args.control_fd)))
+    store, local = None, {}
+    if args.join:  # a rank on another node: rendezvous through the store, then the leader's control listener
+        from datetime import timedelta
+
+        from understudy.engine.parallel.comm import make_store
+        from understudy.engine.parallel.nodes import connect_to_leader
+
+        host, port = args.join.rsplit(":", 1)
+        # The leader may still be starting (a standby group forms while `up` restarts both nodes' parts).
+        store = make_store(args.rank, args.size, int(port), host=host, timeout=timedelta(seconds=600))
+        channel = connect_to_leader(store, args.rank, args.node_rank)
+        local = {**json.loads(args.local_plan), "local_rank": args.local_rank}
+    else:
+        # Lifted above the driver files CUDA will open: if we die, the leader hears it at once (fds.py).
+        channel = Channel(socket.socket(fileno=lift(args.control_fd)))
     try:
         kind, plan = channel.recv()
     except EOFError:
         return 1
     assert kind == "init", kind
+    plan = {**plan, **{k: v for k, v in local.items() if v is not None or k == "socket_dir"}}
     setup_logging(plan["log_format"], plan["log_level"])
     logging.getLogger("understudy").handlers[0].addFilter(_RankTag(plan["rank"]))
     t0 = time.perf_counter()
     try:
-        rank = Rank({**plan, "leader_pid": args.leader_pid})
+        rank = Rank(plan, store)
         log(logger, "tp_rank_ready", rank=plan["rank"], weights=rank.stats["source"],
             seconds=round(time.perf_counter() - t0, 3))
         serve_leader(channel, rank)
@@ -236,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         # the next group's rank waits to adopt
         exit_now(0)
     except BaseException as e:  # a failure of this rank ends the group (the leader sees us exit)
+        if channel.closed(within=1.0):  # a collective failed because the leader died (a remote rank has
+            # no PR_SET_PDEATHSIG tying it to the leader): leave as for its EOF
+            log(logger, "tp_leader_lost", error=f"{type(e).__name__}: {e}")
+            exit_now(0)
         logger.exception("tp_rank_failed")
         try:
             channel.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))

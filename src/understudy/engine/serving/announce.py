@@ -27,7 +27,8 @@ def registrations(config: ServeConfig, worker, lock_path: str) -> list[Registrat
                             max_model_len=worker.max_model_len)
 
     try:
-        regs = [Registration(url, record, discovery.registration_ttl) for url in discovery.register]
+        regs = [Registration(url, record, discovery.registration_ttl, headers=worker.access.admin_headers())
+                for url in discovery.register]
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"understudy serve: --register: {e}") from None
     worker.lifecycle.on_change(lambda _state: [r.changed() for r in regs])

@@ -2,7 +2,8 @@
 
 Here: validation errors as 400s, the body limit, /live, /health, /v1/models and /metrics (metrics.py).
 generate.py holds the generation routes (/v1/completions, /v1/chat/completions, /engine/generate);
-control.py the control routes (/engine/control/sleep, wake_up, quiesce, resume).
+control.py the control routes (/engine/control/sleep, wake_up, quiesce, resume); common/service_routes.py
+/tokenize, /detokenize and /version. Who may call which route: common/auth.py (API keys, the admin token).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from understudy.common.api import (BodyLimit, document_validation_as_400, error_responses, invalid_request,
                                    openai_http_errors)
+from understudy.common.auth import install_middleware
+from understudy.common.service_routes import add_service_routes
 from understudy.engine.serving.control import add_control_routes
 from understudy.engine.serving.faults import liveness
 from understudy.engine.serving.generate import add_generate_routes
@@ -32,6 +35,7 @@ def create_app(worker: Worker) -> FastAPI:
         return invalid_request(exc.errors())
 
     app.add_middleware(BodyLimit, worker=worker)
+    install_middleware(app, worker.access, worker.cors)  # keys, request ids, CORS
     document_validation_as_400(app)
     openai_http_errors(app)
 
@@ -61,9 +65,16 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": worker.model_name, "object": "model", "created": worker.created,
-                                            "owned_by": "understudy", "max_model_len": worker.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": worker.created,
+                                            "owned_by": "understudy", "max_model_len": worker.max_model_len}
+                                           for name in worker.openai.served_model_names]}
 
     add_generate_routes(app, worker, metrics)
     add_control_routes(app, worker)
+
+    async def tokenizer():
+        return worker.tokenizer
+
+    add_service_routes(app, tokenizer, lambda: worker.openai,  # /tokenize, /detokenize, /version
+                       lambda: worker.max_model_len)
     return app

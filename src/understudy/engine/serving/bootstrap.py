@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -22,12 +23,15 @@ from pathlib import Path
 
 import torch
 
+from understudy.common.auth import Access, cors_of
 from understudy.common.default_model import default_model_path
+from understudy.common.openai_options import OpenAIOptions, read_chat_template, sampling_defaults
 from understudy.common.tokenizer import Tokenizer
 from understudy.engine.core.async_engine import AsyncEngine
 from understudy.engine.core.kv_cache import KVCache, KVSpec
 from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
 from understudy.engine.model.loader import load_config
+from understudy.engine.model.quantization import with_quantization
 from understudy.engine.serve_config import ServeConfig
 from understudy.engine.serving.faults import DEFAULT_STEP_TIMEOUT, FailFast, live_bound
 from understudy.engine.serving.lifecycle import Lifecycle
@@ -138,7 +142,7 @@ def place(config: ServeConfig, ranks: int = 1, check_config=None) -> Placement:
             raise SystemExit(f"understudy serve: {ranks} ranks from --device {d.device} need "
                              f"{d.device + ranks} GPUs; {torch.cuda.device_count()} are visible")
         torch.cuda.set_device(device)
-    model_config = load_config(model_path)
+    model_config = with_quantization(load_config(model_path), m.quantization)  # --quantization fp8
     if check_config is not None:
         check_config(model_config)
     dtype = DTYPES[m.dtype] if m.dtype != "auto" else (
@@ -198,7 +202,8 @@ def kv_spec(config: ServeConfig, model_config, p: Placement, ranks_memory: Seque
     else:
         budget = 512 << 20
     try:
-        return KVSpec.for_budget(model_config, budget, kv.block_size, p.dtype)
+        kv_dtype = torch.float8_e4m3fn if kv.kv_cache_dtype == "fp8" else p.dtype  # --kv-cache-dtype
+        return KVSpec.for_budget(model_config, budget, kv.block_size, kv_dtype)
     except ValueError as e:
         raise SystemExit(f"understudy serve: {e}: raise --kv-cache-memory (or --gpu-memory-utilization)") from None
 
@@ -207,7 +212,7 @@ def engine_limits(config: ServeConfig, model_path: Path,
                   model_config) -> tuple[Tokenizer, tuple[int, ...], EngineLimits]:
     """The tokenizer, the stop tokens (the model's and the tokenizer's) and the scheduler's limits
     (--max-model-len defaults to the model's, at most 32768)."""
-    tokenizer = Tokenizer.from_pretrained(model_path)
+    tokenizer = Tokenizer.from_pretrained(model_path, chat_template=read_chat_template(config.api.chat_template))
     max_model_len = config.model.max_model_len or min(model_config.max_position_embeddings, 32768)
     eos = tuple(model_config.eos_token_ids) + (
         (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
@@ -243,14 +248,30 @@ def finish(config: ServeConfig, engine: LLMEngine, p: Placement, tokenizer: Toke
         engine.kv.park()
     model_path, spec = p.model_path, engine.kv.spec
     max_model_len = engine.scheduler.max_model_len
-    name = config.model.served_model_name or (model_path.stem if model_path.is_file() else model_path.name)
+    names = config.model.served_model_name or (model_path.stem if model_path.is_file() else model_path.name,)
+    name = names[0]
+    try:
+        api = config.api
+        openai = OpenAIOptions(
+            served_model_names=names, max_model_len=max_model_len,
+            sampling_defaults=sampling_defaults(api.generation_config, model_path, config.model.seed),
+            tool_call_parser=api.tool_call_parser, reasoning_parser=api.reasoning_parser,
+            enable_auto_tool_choice=api.enable_auto_tool_choice,
+            chat_template=tokenizer.chat_template if api.chat_template is not None else None)
+        access = Access.from_flags(config.access.api_key, config.access.admin_token_file)
+    except ValueError as e:
+        raise SystemExit(f"understudy serve: {e}") from None
+    if config.model.seed is not None:  # --seed: also the process's generators
+        random.seed(config.model.seed)
+        torch.manual_seed(config.model.seed)
     info = {"role": role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": p.backend,
             "pid": os.getpid(), **info}
     worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len,
                     default_max_tokens=config.kv.default_max_tokens, max_request_bytes=config.http.max_request_bytes,
                     info=info, weights=weights_client, holds=[p.lock],
                     lifecycle=Lifecycle("ACTIVE" if role == "primary" else "STANDBY"),
-                    standby_wait=config.failover.standby_wait, step_timeout=step_timeout(config, p))
+                    standby_wait=config.failover.standby_wait, step_timeout=step_timeout(config, p),
+                    openai=openai, access=access, cors=cors_of(config.access))
     worker.faults = FailFast(worker, p.lock)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(p.dtype),
         max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size,

@@ -1,8 +1,9 @@
 """The worker's generation routes: OpenAI completions and chat (POST /v1/completions, /v1/chat/completions)
 and the token-level stream the frontend uses (POST /engine/generate).
 
-Text lives only here: prompts are tokenised, tokens are detokenised incrementally and stop strings are
-matched on the text. A request is held until the engine is ACTIVE (bounded) and checked against it before
+The text-level work (request fields -> SamplingParams, prompts, detokenization, stop strings, logprobs,
+n choices, tool calls) is common/openai_serving.py's, shared with the frontend; this module gives it the
+engine's tokens. A request is held until the engine is ACTIVE (bounded) and checked against it before
 the 200, so refusals keep their status codes (400, 404, 503 + Retry-After). A client that goes away
 cancels its request in the engine at once (its KV blocks are freed). When the engine fails
 (serving/faults.py), a request not yet answered gets 503 + Retry-After, a token stream ends without its
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -21,20 +23,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from understudy.common.api import (
     ChatCompletionRequest,
-    ChatShape,
     ClientGone,
     CompletionRequest,
-    CompletionShape,
     TokenGenerateRequest,
-    chat_prompt,
-    collect_text,
     error,
     error_responses,
+    logprobs_wire,
     sse,
-    sse_events,
     unless_gone,
 )
-from understudy.common.text import TextStream
+from understudy.common.openai_serving import Answer, Choice, FieldError, Piece, log_ignored
 from understudy.engine.core.async_engine import EngineDead
 from understudy.engine.core.scheduler import QueueFull
 from understudy.engine.serving.metrics import EngineMetrics
@@ -44,34 +42,21 @@ from understudy.engine.serving.worker import NotActive, Worker
 def add_generate_routes(app: FastAPI, worker: Worker, metrics: EngineMetrics) -> None:
     @app.post("/v1/completions", responses=error_responses(400, 404, 413, 503, ok_media=("text/event-stream",)))
     async def completions(body: CompletionRequest, request: Request):
-        if (bad := _check_model(worker, body.model)) is not None:
-            return bad
-        prompt = body.prompt if isinstance(body.prompt, list) else worker.tokenizer.encode(body.prompt)
-        if not prompt:  # "" encodes to no token
-            return error(400, "the prompt is empty", param="prompt")
-        shape = CompletionShape(worker.model_name)
-        return await _generate(worker, metrics, request, prompt, body.sampling(worker.default_max_tokens),
-                               "completions", body.stream, shape.chunk, shape.final, body.include_usage)
+        return await _answer(worker, metrics, request, body, "completions")
 
     @app.post("/v1/chat/completions",
               responses=error_responses(400, 404, 413, 503, ok_media=("text/event-stream",)))
     async def chat(body: ChatCompletionRequest, request: Request):
-        if (bad := _check_model(worker, body.model)) is not None:
-            return bad
-        try:
-            prompt = chat_prompt(worker.tokenizer, body)
-        except ValueError as e:
-            return error(400, str(e), param="messages")
-        shape = ChatShape(worker.model_name)
-
-        return await _generate(worker, metrics, request, prompt, body.sampling(worker.default_max_tokens), "chat",
-                               body.stream, shape.chunk, shape.final, body.include_usage)
+        return await _answer(worker, metrics, request, body, "chat")
 
     @app.post("/engine/generate", responses=error_responses(400, 413, 503, ok_media=("application/x-ndjson",)))
     async def generate_tokens(body: TokenGenerateRequest):
-        """Token ids in, newline-delimited JSON out: {"token_ids": [...], "finish_reason": ...} per step."""
+        """Token ids in, newline-delimited JSON out: {"token_ids": [...], "finish_reason": ..., ...} per step,
+        with "logprobs" / "prompt_logprobs" when the request asked for them."""
         params = body.params()
         try:
+            if params.max_tokens is None:  # the frontend leaves an omitted max_tokens to us
+                params.max_tokens = _rest_of_context(worker, len(body.token_ids))
             await _admit(worker, params, len(body.token_ids))
             stream = _tokens(worker, metrics, body.token_ids, params, "tokens")
             first = await stream.__anext__()
@@ -82,9 +67,12 @@ def add_generate_routes(app: FastAPI, worker: Worker, metrics: EngineMetrics) ->
             try:
                 out = first
                 while True:
-                    yield json.dumps({"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
-                                      "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
-                                      "error": out.error}) + "\n"
+                    line = {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
+                            "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens, "error": out.error}
+                    for key in ("logprobs", "prompt_logprobs"):  # only when the request asked for them
+                        if getattr(out, key, None) is not None:
+                            line[key] = logprobs_wire(getattr(out, key))
+                    yield json.dumps(line) + "\n"
                     if out.finish_reason:
                         return
                     try:
@@ -101,8 +89,9 @@ FAILURE_HEADER = "X-Understudy-Failure"  # on the 503s of an engine that failed:
 
 
 def _check_model(worker: Worker, name: str | None) -> JSONResponse | None:
-    if name and name != worker.model_name:
-        return error(404, f"model {name!r} does not exist; this engine serves {worker.model_name!r}",
+    if not worker.openai.serves(name):
+        return error(404, f"model {name!r} does not exist; this engine serves "
+                          f"{', '.join(map(repr, worker.openai.served_model_names))}",
                      param="model", type_="not_found_error")
     return None
 
@@ -121,11 +110,11 @@ def _refusal(e: Exception) -> JSONResponse:
 
 
 async def _tokens(worker: Worker, metrics: EngineMetrics, prompt: list[int], params, endpoint: str,
-                  done: dict | None = None) -> AsyncIterator:
+                  done: Choice | None = None) -> AsyncIterator:
     """The engine's stream, with metrics; bad requests and overload surface before the first token.
 
-    A caller that closes the stream because the request is complete (a stop string) says so in
-    done["outcome"], so the request is not counted as cancelled."""
+    A choice that the text layer finished (a stop string) before the engine did is counted by its finish
+    reason, not as cancelled."""
     t0 = last = time.perf_counter()
     first = True
     outcome = None
@@ -142,37 +131,25 @@ async def _tokens(worker: Worker, metrics: EngineMetrics, prompt: list[int], par
                 outcome = out.finish_reason
             yield out
     except (asyncio.CancelledError, GeneratorExit):
-        outcome = outcome or "cancelled"
+        outcome = outcome or (done.finish_reason if done is not None else None) or "cancelled"
         raise
     except QueueFull:
         outcome = "rejected"
         raise
     finally:
-        metrics.requests.labels(endpoint, (done or {}).get("outcome") or outcome or "error").inc()
+        metrics.requests.labels(endpoint, outcome or "error").inc()
 
 
-async def _text(worker: Worker, metrics: EngineMetrics, prompt: list[int], params,
-                endpoint: str) -> AsyncIterator[tuple[str, str | None, dict]]:
-    """(text delta, finish reason, usage) triples with stop strings applied."""
-    text_of = TextStream(worker.tokenizer, prompt, params.stop)
-    usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
-    done: dict = {}
-    tokens = _tokens(worker, metrics, prompt, params, endpoint, done)
-    try:
-        async for out in tokens:
-            if out.error:
-                raise RuntimeError(out.error)
-            usage.update(completion_tokens=out.completion_tokens,
-                         total_tokens=out.prompt_tokens + out.completion_tokens,
-                         prompt_tokens_details={"cached_tokens": out.cached_tokens})
-            emit, hit = text_of.push(out.new_token_ids, final=out.finish_reason is not None)
-            if hit:
-                done["outcome"] = "stop"  # finished, not cancelled (metrics)
-                yield emit, "stop", usage
-                return  # closing the token stream aborts the request in the engine
-            yield emit, out.finish_reason, usage
-    finally:
-        await tokens.aclose()
+def _context(worker: Worker) -> int:
+    """The longest prompt + completion this engine can run: its context length, or its KV cache if smaller."""
+    blocks = worker.engine.engine.scheduler.blocks
+    return min(worker.max_model_len, blocks.num_blocks * blocks.block_size)
+
+
+def _rest_of_context(worker: Worker, prompt_len: int) -> int:
+    """An omitted max_tokens: the rest of the context (at most --default-max-tokens when set)."""
+    rest = max(1, _context(worker) - prompt_len)
+    return rest if worker.default_max_tokens is None else min(rest, worker.default_max_tokens)
 
 
 async def _admit(worker: Worker, params, prompt_len: int) -> None:
@@ -185,47 +162,58 @@ async def _admit(worker: Worker, params, prompt_len: int) -> None:
     worker.engine.engine.scheduler.check_fits(prompt_len, params.max_tokens)
 
 
-async def _start(worker: Worker, metrics: EngineMetrics, prompt: list[int], params, endpoint: str):
-    """Validate against the engine before answering 200: returns (first item, rest) or an error."""
-    await _admit(worker, params, len(prompt))
-    worker.engine.engine.scheduler.check_fits(len(prompt), params.max_tokens)
-    stream = _text(worker, metrics, prompt, params, endpoint)
-    try:
-        first = await stream.__anext__()
-    except BaseException:
-        await stream.aclose()
-        raise
-    return first, stream
+def _source(worker: Worker, metrics: EngineMetrics, endpoint: str):
+    """The engine's tokens for one choice of an OpenAI request (openai_serving.Source)."""
+    async def source(choice: Choice) -> AsyncIterator[Piece]:
+        await _admit(worker, choice.params, len(choice.prompt))
+        stream = _tokens(worker, metrics, choice.prompt, choice.params, endpoint, choice)
+        try:
+            async for out in stream:
+                if out.error:
+                    raise RuntimeError(out.error)
+                yield Piece(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.cached_tokens,
+                            getattr(out, "logprobs", None), getattr(out, "prompt_logprobs", None))
+        finally:
+            await stream.aclose()
+    return source
 
 
-async def _generate(worker: Worker, metrics: EngineMetrics, request: Request, prompt: list[int], params,
-                    endpoint: str, streaming: bool, render_chunk, render_final, include_usage: bool):
+async def _answer(worker: Worker, metrics: EngineMetrics, request: Request, body, endpoint: str):
+    """An OpenAI completions or chat request: the text-level work is common/openai_serving.py's."""
+    if (bad := _check_model(worker, body.model)) is not None:
+        return bad
+    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    log_ignored(body, rid)
+    build = Answer.chat_completions if endpoint == "chat" else Answer.completions
     try:
-        first, rest = await _start(worker, metrics, prompt, params, endpoint)
+        answer = build(body, worker.tokenizer, worker.openai, _context(worker), rid, worker.default_max_tokens)
+        await answer.start(_source(worker, metrics, endpoint))
+    except FieldError as e:
+        return error(400, str(e), param=e.param)
     except (NotActive, QueueFull, ValueError, EngineDead) as e:
         return _refusal(e)
-    if streaming:
+    if body.stream:
         async def events():
             try:
-                async for event in sse_events(first, rest, render_chunk, include_usage):
+                async for event in answer.events():
                     yield event
             except EngineDead as e:  # after the 200: the error goes in the stream (the openai client raises it)
                 yield sse({"error": {"message": f"engine failed: {e}", "type": "unavailable_error", "param": None,
                                      "code": 503}})
             finally:
-                await rest.aclose()
+                await answer.aclose()
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     try:
         # BUGFIX (tests/engine/test_engine_http.py::test_nonstreaming_client_timeout_cancels_engine_work):
-        # `rest` runs inside the collecting task until its cancellation lands; closing it before that raised
-        # "aclose(): asynchronous generator is already running" (a 500). unless_gone awaits the cancelled task.
-        text, reason, usage = await unless_gone(request, collect_text(first, rest))
+        # the streams run inside the collecting task until its cancellation lands; closing them before that
+        # raised "aclose(): asynchronous generator is already running" (a 500). unless_gone awaits the task.
+        whole = await unless_gone(request, answer.whole())
     except ClientGone:  # the client left: the work for it is cancelled
         return Response(status_code=499)
     except EngineDead as e:  # nothing was sent yet: retry it elsewhere
         return _refusal(e)
     finally:
-        await rest.aclose()
-    return JSONResponse(render_final(text, reason, usage))
+        await answer.aclose()
+    return JSONResponse(whole)

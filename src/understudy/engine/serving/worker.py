@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from understudy.common.auth import CORS, Access, load_admin_token
+from understudy.common.openai_options import OpenAIOptions
 from understudy.common.tokenizer import Tokenizer
 from understudy.engine.core.async_engine import AsyncEngine
 from understudy.engine.serving.lifecycle import Lifecycle
@@ -21,7 +23,7 @@ class Worker:
     tokenizer: Tokenizer
     model_name: str
     max_model_len: int
-    default_max_tokens: int = 256
+    default_max_tokens: int | None = None  # None: the rest of the context
     max_request_bytes: int = 4 << 20
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle("ACTIVE"))
     standby_wait: float = 30.0  # seconds a request sent to a standby waits for it to become active
@@ -37,6 +39,17 @@ class Worker:
     step_timeout: float = 60.0  # --step-timeout: the watchdog's bound on one step (0: off); /live's derives from it
     failure: str | None = None  # why the engine is DEAD after a fault (/health says it); serving/faults.py sets it
     faults: Any = None  # serving/faults.FailFast once built (bootstrap.finish)
+    # The OpenAI routes' settings (served names, sampling defaults, parsers); None: model_name and
+    # max_model_len alone.
+    openai: OpenAIOptions | None = None
+    access: Access | None = None  # the credentials the app checks (common/auth.py); None: the node's admin token
+    cors: CORS = field(default_factory=CORS)
+
+    def __post_init__(self) -> None:
+        if self.openai is None:
+            self.openai = OpenAIOptions(served_model_names=(self.model_name,), max_model_len=self.max_model_len)
+        if self.access is None:
+            self.access = Access(load_admin_token())
 
     @property
     def state(self) -> str:

@@ -1,0 +1,313 @@
+"""Mixture-of-experts decode speed on a GPU, next to its memory-bandwidth roofline, in the same run.
+
+A Qwen3-30B-A3B-shaped model (48 layers, hidden 2048, 128 experts, top-8, experts 768 wide, 32 query /
+4 KV heads of 128, vocabulary 151936) with random bf16 weights. The weights never touch a disk: this
+script publishes them, drawn on the device, into a memory service under the identity the engine computes
+for the model directory (config.json + tokenizer only), and the engine built as `understudy serve` builds
+it then imports them (the path a shadow takes), stacked experts included.
+
+For each batch size it prints decode tokens/s and the roofline: the bytes one decode step must read at
+least (attention weights, the router, the weights of the distinct experts the batch's tokens were routed
+to, counted per layer in an eager step of the same run, the KV cache read by attention, the lm_head and
+the embedding rows) over the device's copy bandwidth, measured here too.
+
+    PYTHONPATH=src python bench/moe.py                       # the full shape, batches 1 32 128
+    PYTHONPATH=src python bench/moe.py --layers 4 --tokens 16   # a quick GPU smoke run
+    PYTHONPATH=src python bench/moe.py --cpu                 # a tiny shape on the CPU (host memory service)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PY, Proc  # noqa: E402  (also puts the repository root on sys.path)
+from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
+
+GiB = 1 << 30
+QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                     moe_intermediate_size=768, vocab_size=151936)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            vocab_size=256)
+
+
+def write_model_dir(d: Path, shape: dict, layers: int, dtype: str) -> Path:
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **shape, "num_hidden_layers": layers,
+           "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "rms_norm_eps": 1e-6,
+           "rope_theta": 1000000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+           "torch_dtype": dtype, "hidden_act": "silu", "bos_token_id": None, "eos_token_id": 0}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    write_byte_tokenizer(d)
+    return d
+
+
+def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype):
+    """Random weights (N(0, 0.02); norms 1) straight into the memory service's weights pool, under the
+    identity weights.load looks for; returns the client (its session keeps the pool)."""
+    from understudy.engine.model import weights
+    from understudy.engine.model.decoder import CausalLM
+    from understudy.engine.model.loader import load_config
+    from understudy.memory import MemoryClient, plan_layout
+
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+    specs = {n: (tuple(t.shape), dtype) for n, t in model.state_dict().items()}
+    client = MemoryClient(socket_path, "weights", "rw", timeout=0, name="bench-moe-publisher")
+    sizes, metas = plan_layout(specs, client.granularity)
+    for size in sizes:
+        client.allocate(size)
+    client.set_metadata(metas, replace=True, extra={"model_id": weights.model_id(model_dir, config, dtype),
+                                                    "model_path": str(model_dir)})
+    gen = None
+    for name in specs:
+        t = client.tensor(name)
+        gen = gen or torch.Generator(device=t.device).manual_seed(0)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+    if gen is not None and gen.device.type == "cuda":
+        torch.cuda.synchronize()  # every write has landed before the pool is committed (and remapped read-only)
+    client.commit()
+    return client, sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device memory bandwidth in bytes/s, counting the bytes read and written by a large copy."""
+    n = 4 * GiB if device.type == "cuda" else 256 << 20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    sync()
+    bw = 2 * 5 * n / (time.perf_counter() - t0)
+    del src, dst
+    return bw
+
+
+def step_bytes(config, batch: int, context: float, distinct: list[int], itemsize: int) -> float:
+    """The bytes a decode step of `batch` sequences of mean length `context` must read at least."""
+    h, q, kv = config.hidden_size, config.q_size, config.kv_size
+    per_layer = (h * (q + 2 * kv) + q * h  # q, k, v, o
+                 + config.num_experts * h  # router
+                 + batch * context * 2 * kv)  # K and V of every cached token
+    experts = sum(distinct) * 3 * h * config.moe_intermediate_size  # gate, up, down of each distinct expert
+    return (config.num_hidden_layers * per_layer + experts + config.vocab_size * h + batch * h) * itemsize
+
+
+def count_distinct_experts(engine) -> list[int]:
+    """One decode step run eagerly, the experts each MoE layer's batch was routed to counted on the side."""
+    from understudy.engine.layers import moe
+    from understudy.engine.model.experts import SparseMoE
+
+    counts, hooks = [], []
+
+    def record(block, args):
+        _, ids = moe.route(block.gate(args[0]), block.top_k, block.renormalize)
+        counts.append(int(ids.unique().numel()))
+
+    for module in engine.model.modules():
+        if isinstance(module, SparseMoE):
+            hooks.append(module.register_forward_pre_hook(record))
+    graphs, engine.graphs = engine.graphs, None
+    try:
+        engine.step()
+    finally:
+        engine.graphs = graphs
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def blocks_alone(model, batch: int, sync) -> tuple[float, float, int]:
+    """(seconds of layer 0's MoE block, seconds of every layer's MoE block one after another, distinct
+    experts of layer 0) on `batch` random rows, replayed from a CUDA graph on a GPU: the kernels without
+    the engine around them. Layer 0 alone reads the same experts over and over; the chain of all layers
+    reads as many bytes as the step does."""
+    from understudy.engine.layers import moe
+    from understudy.engine.model.experts import SparseMoE
+
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    w = blocks[0].gate.weight
+    x = torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype)
+    with torch.inference_mode():
+        distinct = int(moe.route(blocks[0].gate(x), blocks[0].top_k, blocks[0].renormalize)[1].unique().numel())
+        one = _replay_seconds(lambda: blocks[0](x), sync, w.device, reps=len(blocks))
+        chain = _replay_seconds(lambda: [b(x) for b in blocks], sync, w.device, reps=1)
+    return one, chain, distinct
+
+
+def _replay_seconds(fn, sync, device: torch.device, reps: int) -> float:
+    """Seconds per call of fn (reps calls captured in one CUDA graph on a GPU; eager on the CPU)."""
+    def run():
+        for _ in range(reps):
+            fn()
+
+    with torch.inference_mode():
+        run()  # compiles
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    run()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            run = graph.replay
+            run()
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def profile_decode(engine, batch: int, prompt_len: int, vocab: int) -> None:
+    """The CUDA kernels (and CPU ops) of three decode steps of `batch` sequences, as torch.profiler sees them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from understudy.engine.core.sampling import SamplingParams
+
+    for r in range(batch):
+        engine.add_request(f"p{r}", [(7 * r + i) % vocab for i in range(prompt_len)],
+                           SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    while any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_work:
+        engine.step()
+    for key in ("cuda_time_total", "cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70), flush=True)
+
+
+def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -> tuple[float, float, list[int]]:
+    """(decode tokens/s, mean context length of the timed steps, distinct experts per layer of one step)."""
+    from understudy.engine.core.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch)
+    for r in range(batch):
+        engine.add_request(f"b{batch}-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    seconds, decoded, contexts, distinct, steps = 0.0, 0, [], None, 0
+    while engine.has_work:
+        prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
+        if not prefill and distinct is None and steps >= 2:
+            distinct = count_distinct_experts(engine)  # not timed
+            continue
+        context = statistics.fmean(len(s.tokens) for s in engine.scheduler.running) if not prefill else 0
+        sync()
+        t0 = time.perf_counter()
+        outs = engine.step()
+        sync()
+        if not prefill:
+            steps += 1
+            seconds += time.perf_counter() - t0
+            decoded += sum(len(o.new_token_ids) for o in outs)
+            contexts.append(context)
+    return decoded / seconds, statistics.fmean(contexts), distinct or []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="a tiny MoE on the CPU (checks that the script runs)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 48; --cpu: 2)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: also print torch.profiler's top kernels of three decode steps at the largest batch")
+    args = ap.parse_args()
+
+    from understudy.engine.launch import build_engine
+    from understudy.memory.paths import device_socket_path
+    from understudy.engine.serve_config import DeviceOptions, KVOptions, ModelOptions, OutputOptions, ServeConfig
+
+    cpu = args.cpu
+    shape, dtype_name = (TINY, "float32") if cpu else (QWEN3_30B_A3B, "bfloat16")
+    layers = args.layers or (2 if cpu else 48)
+    dtype = getattr(torch, dtype_name)
+    device = torch.device("cpu" if cpu else "cuda")
+    backend = "host" if cpu else "cuda"
+    work = Path(tempfile.mkdtemp(prefix="us-moe-", dir="/tmp"))  # short: unix socket paths are limited
+    model_dir = write_model_dir(work / "qwen3-30b-a3b-shape", shape, layers, dtype_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    bandwidth = copy_bandwidth(device)
+    memory = Proc([*PY, "memory-server", "--backend", backend, "--device", "0", "--socket-dir", str(work)])
+    publisher = built = None
+    try:
+        memory.wait_event("listening", timeout=120)
+        socket_path = str(device_socket_path(work, backend, 0))
+        t0 = time.perf_counter()
+        publisher, nbytes = publish_random(socket_path, model_dir, dtype)
+        print(f"# {layers} layers, {nbytes / 1e9:.1f} GB of {dtype_name} weights drawn into the memory service "
+              f"in {time.perf_counter() - t0:.1f}s; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)",
+              flush=True)
+        config = ServeConfig(
+            model=ModelOptions(model=str(model_dir), dtype=dtype_name, prefill_attention="reference",
+                               attention="reference" if cpu else "auto", enforce_eager=cpu,
+                               max_model_len=args.prompt_len + args.tokens + 16),
+            device=DeviceOptions(backend=backend, socket_dir=str(work), memory_service="connect"),
+            kv=KVOptions(kv_cache_memory=(64 << 20) if cpu else 8 * GiB, block_size=16,
+                         max_num_seqs=max(args.batches), max_num_batched_tokens=8192),
+            output=OutputOptions(no_progress=True))
+        t0 = time.perf_counter()
+        built = build_engine(config)
+        assert built.weights_stats["source"] == "imported", built.weights_stats
+        print(f"# engine built (weights imported: {built.weights_stats['bytes'] / 1e9:.1f} GB mapped, "
+              f"KV cache, {'no CUDA graphs' if cpu else 'CUDA graphs'}, warm-up) in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+        engine, mcfg = built.engine, built.engine.model.config
+        results = {}
+        for b in args.batches:
+            rate, context, distinct = decode(engine, b, args.prompt_len, args.tokens, mcfg.vocab_size, sync)
+            need = step_bytes(mcfg, b, context, distinct, dtype.itemsize)
+            roof = b * bandwidth / need
+            results[b] = {"tok_s": rate, "roofline_tok_s": roof, "fraction": rate / roof,
+                          "distinct_experts_mean": statistics.fmean(distinct) if distinct else 0.0,
+                          "step_GB": need / 1e9}
+            print(f"batch {b:>4}: {rate:>9.1f} tok/s   roofline {roof:>9.1f} tok/s ({rate / roof:>4.0%})   "
+                  f"{results[b]['distinct_experts_mean']:.1f} of {mcfg.num_experts} experts per layer, "
+                  f"{need / 1e9:.2f} GB per step", flush=True)
+            # The MoE blocks alone at this batch: how much of the step the experts' kernels take.
+            one, chain, hit = blocks_alone(engine.model, b, sync)
+            expert_bytes = hit * 3 * mcfg.hidden_size * mcfg.moe_intermediate_size * dtype.itemsize
+            results[b].update(block_alone_us=one * 1e6, all_blocks_alone_ms=chain * 1e3)
+            print(f"            MoE block alone (layer 0, {hit} experts): {one * 1e6:.1f} us = "
+                  f"{expert_bytes / one / bandwidth:.0%} of the copy bandwidth over its experts' bytes; all "
+                  f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the step's "
+                  f"{b / rate * 1e3:.2f} ms", flush=True)
+        if args.profile and not cpu:
+            profile_decode(engine, max(args.batches), args.prompt_len, mcfg.vocab_size)
+    finally:
+        if built is not None:
+            built.close()
+        if publisher is not None:
+            publisher.close()
+        memory.stop()
+    print("json", json.dumps({"shape": {**shape, "num_hidden_layers": layers}, "dtype": dtype_name,
+                              "copy_GBps": bandwidth / 1e9, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

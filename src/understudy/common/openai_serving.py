@@ -1,0 +1,647 @@
+"""The text-level half of the OpenAI routes, shared by the engine and the frontend: request bodies become
+SamplingParams and prompts, the tokens of each choice become text, logprobs, tool calls and reasoning, and
+the choices become one answer (a JSON body or server-sent events). Torch-free.
+
+The engine and the frontend differ only in where tokens come from: each hands `Answer.start` a `Source`,
+a function of a Choice that yields `Piece`s (the engine reads its own engine, the frontend the NDJSON of
+POST /engine/generate, migrating across engines). So every field is served by the same code in both.
+
+    answer = Answer.completions(body, tokenizer, opts, max_model_len, request_id)  # FieldError -> 400
+    await answer.start(source)   # every choice's first piece (the source's refusals raise here)
+    body = await answer.whole()  # or: async for event in answer.events(): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable
+
+from understudy.common.api import ChatCompletionRequest, CompletionRequest, sse
+from understudy.common.openai_options import OpenAIOptions
+from understudy.common.params import SamplingParams, StructuredSpec, TokenLogprob, choice_seed
+from understudy.common.text import StopMatcher
+from understudy.common.tokenizer import IncrementalDetokenizer, Tokenizer
+from understudy.logs import log
+
+logger = logging.getLogger("understudy.openai")
+
+MAX_CHOICES = 256  # prompts x n in one request
+LOWEST_LOGPROB = -9999.0  # what -inf is sent as (JSON has no infinity), as vLLM does
+
+
+class FieldError(ValueError):
+    """A request field we cannot serve as asked: an OpenAI-style 400 naming it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Piece:
+    """What a token source yields for one choice: the new tokens of a step (and their logprobs)."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+# -- request fields -> SamplingParams ------------------------------------------------------------------
+
+def _structured(body) -> tuple[str, StructuredSpec] | None:
+    """(the field that asked, the spec) for the structured-output fields; several at once is a 400."""
+    asked: list[tuple[str, StructuredSpec | None]] = []
+    rf = body.response_format
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", StructuredSpec("json_object", "")))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise FieldError("response_format", "response_format json_schema needs json_schema.schema (an object)")
+            asked.append(("response_format", StructuredSpec("json_schema", json.dumps(schema))))
+        elif kind != "text":
+            raise FieldError("response_format", "response_format.type must be text, json_object or json_schema")
+    if body.guided_json is not None:
+        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
+        asked.append(("guided_json", StructuredSpec("json_schema", schema)))
+    if body.guided_regex is not None:
+        asked.append(("guided_regex", StructuredSpec("regex", body.guided_regex)))
+    if body.guided_choice is not None:
+        asked.append(("guided_choice", StructuredSpec("choice", json.dumps(body.guided_choice))))
+    if body.guided_grammar is not None:
+        asked.append(("guided_grammar", StructuredSpec("grammar", body.guided_grammar)))
+    so = body.structured_outputs
+    if so is not None:
+        kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                 "json_object": "json_object"}
+        given = [k for k in so if so[k] is not None and k in kinds]
+        unknown = sorted(set(so) - set(kinds))
+        if unknown:
+            raise FieldError("structured_outputs", f"structured_outputs: unsupported keys {', '.join(unknown)}")
+        if len(given) != 1:
+            raise FieldError("structured_outputs", "structured_outputs needs exactly one of json, regex, choice, "
+                                                   "grammar, json_object")
+        key, value = given[0], so[given[0]]
+        if key == "json_object":
+            spec = StructuredSpec("json_object", "")
+        elif key in ("json", "choice"):
+            spec = StructuredSpec(kinds[key], value if isinstance(value, str) else json.dumps(value))
+        else:
+            if not isinstance(value, str):
+                raise FieldError("structured_outputs", f"structured_outputs.{key} must be a string")
+            spec = StructuredSpec(kinds[key], value)
+        asked.append(("structured_outputs", spec))
+    if len(asked) > 1:
+        raise FieldError(asked[1][0], f"only one structured output at a time: {asked[0][0]} and {asked[1][0]} given")
+    return (asked[0][0], asked[0][1]) if asked else None
+
+
+def _tools_module():
+    """common/tools.py (the STRUCTURED helper's: tool-call schemas and parsers)."""
+    try:
+        from understudy.common import tools
+    except ImportError as e:  # ADAPTER: until common/tools.py lands, tool requests are refused
+        raise FieldError("tools", f"tool calls are not available in this build ({e})") from None
+    return tools
+
+
+def _tool_mode(body: ChatCompletionRequest, opts: OpenAIOptions) -> str | None:
+    """How the output is read for tool calls: None (no tools), "none", "auto" (a parser finds calls in
+    free text) or "constrained" (required / named: the grammar makes the output the call JSON)."""
+    if not body.tools:
+        return None
+    choice = body.tool_choice or "auto"
+    if choice == "none":
+        return "none"
+    if choice == "auto":
+        if not (opts.enable_auto_tool_choice and opts.tool_call_parser):
+            raise FieldError("tool_choice", 'tool_choice "auto" needs the server started with '
+                                            "--enable-auto-tool-choice and --tool-call-parser")
+        return "auto"
+    return "constrained"
+
+
+def check_request(body) -> None:
+    """Cross-field checks (each names the field): pydantic's field validators did the rest."""
+    if isinstance(body, CompletionRequest):
+        if body.best_of is not None and body.best_of != body.n:
+            raise FieldError("best_of", "best_of above n is not supported: send n candidates and rank them")
+        if body.max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
+            raise FieldError("max_tokens", "max_tokens 0 (score the prompt) needs echo or prompt_logprobs")
+        if body.stream and body.max_tokens == 0:
+            raise FieldError("max_tokens", "max_tokens 0 cannot be streamed")
+    else:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        names = {t["function"]["name"] for t in body.tools or ()}
+        if isinstance(body.tool_choice, dict) and body.tool_choice["function"]["name"] not in names:
+            raise FieldError("tool_choice", f"tool_choice names {body.tool_choice['function']['name']!r}, "
+                                            f"which is not in tools")
+        if body.tool_choice == "required" and not body.tools:
+            raise FieldError("tool_choice", "tool_choice required needs tools")
+
+
+def sampling_params(body, opts: OpenAIOptions, prompt_len: int, max_model_len: int | None,
+                    default_max_tokens: int | None = None) -> SamplingParams:
+    """The request's SamplingParams (choice 0's; Answer derives the others' seeds). generation_config.json's
+    defaults (and --seed) fill only the fields the request omitted; an omitted max_tokens is the rest of the
+    context (at most --default-max-tokens when that is set)."""
+    given = body.model_fields_set
+
+    def value(name: str):
+        if name not in given and name in opts.sampling_defaults:
+            return opts.sampling_defaults[name]
+        return getattr(body, name)
+
+    chat = isinstance(body, ChatCompletionRequest)
+    max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None and "max_tokens" in opts.sampling_defaults and not (
+            chat and "max_completion_tokens" in given):
+        max_tokens = opts.sampling_defaults["max_tokens"]
+    if max_tokens is None:  # OpenAI's and vLLM's default: the rest of the context (None: the engine's, which
+        # knows its KV cache too; the frontend sends None)
+        rest = max(1, max_model_len - prompt_len) if max_model_len else None
+        candidates = [m for m in (rest, default_max_tokens) if m is not None]
+        max_tokens = min(candidates) if candidates else None
+    if chat:
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = body.prompt_logprobs
+    else:
+        logprobs = body.logprobs
+        prompt_logprobs = body.prompt_logprobs
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):  # the echoed prompt's logprobs
+            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
+    structured = _structured(body)
+    spec = structured[1] if structured else None
+    if chat and _tool_mode(body, opts) == "constrained":
+        if spec is not None:
+            raise FieldError("tool_choice", f"a required or named tool_choice cannot be combined with {structured[0]}")
+        try:
+            spec = _tools_module().tool_call_spec(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ValueError as e:
+            raise FieldError("tool_choice", str(e)) from None
+    bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=value("temperature"), top_p=value("top_p"), top_k=value("top_k"),
+        seed=value("seed"), stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
+        stop=tuple(body.stop or ()), presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=value("repetition_penalty"),
+        logit_bias=bias, min_p=value("min_p"), min_tokens=body.min_tokens,
+        allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=spec)
+
+
+def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The token ids of a chat request through the model's chat template: the history with its tool calls
+    and tool results, the tools, chat_template_kwargs (e.g. enable_thinking). FieldError if it fails."""
+    try:
+        messages = [m.for_template() for m in body.messages]
+    except ValueError as e:
+        raise FieldError("messages", str(e)) from None
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.tools and body.tool_choice != "none":
+        kwargs["tools"] = body.tools
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+        raise FieldError("messages", f"cannot render the chat template: {e}") from e
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def completion_prompts(tokenizer: Tokenizer, body: CompletionRequest) -> list[list[int]]:
+    prompts = []
+    if len(CompletionRequest.prompt_list(body.prompt)) * body.n > MAX_CHOICES:
+        raise FieldError("n", f"at most {MAX_CHOICES} choices per request (prompts x n)")
+    for p in CompletionRequest.prompt_list(body.prompt):
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:  # "" encodes to no token
+            raise FieldError("prompt", "the prompt is empty")
+        prompts.append(ids)
+    return prompts
+
+
+def log_ignored(body, request_id: str) -> None:
+    """One line naming the fields no schema we serve has (they are ignored, as vLLM does)."""
+    if body.ignored_fields:
+        log(logger, "ignored_fields", logging.WARNING, request_id=request_id, fields=body.ignored_fields)
+
+
+# -- logprobs as OpenAI writes them -------------------------------------------------------------------
+
+class _Tokens:
+    """Token id -> its text as logprobs show it (cached: the same ids recur)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def _lp(x: float) -> float:
+    return max(x, LOWEST_LOGPROB)
+
+
+def completion_logprobs(entries: list[TokenLogprob | None], ids: list[int], text_of: _Tokens,
+                        offset: int) -> tuple[dict[str, list], int]:
+    """The `logprobs` object of /v1/completions for these tokens (None entries: the prompt's first token),
+    and the text offset after them."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token_id, e in zip(ids, entries):
+        text = text_of(token_id)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if e is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(_lp(e.logprob))
+        top: dict[str, float] = {}
+        for i, lp in e.top:  # most likely first: a text shared by several tokens keeps the likeliest
+            top.setdefault(text_of(i), _lp(lp))
+        top.setdefault(text, _lp(e.logprob))  # the sampled token is always listed (as vLLM does)
+        out["top_logprobs"].append(top)
+    return out, offset
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of: _Tokens, k: int) -> list[dict[str, Any]]:
+    """The `logprobs.content` entries of /v1/chat/completions."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = text_of(token_id)
+        return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
+    return [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top[:k]]} for e in entries]
+
+
+def prompt_logprobs_body(entries: list[TokenLogprob | None], text_of: _Tokens) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(e.token_id): {"logprob": _lp(e.logprob), "rank": e.rank, "decoded_token": text_of(e.token_id)}}
+        for rank, (i, lp) in enumerate(e.top, 1):
+            d.setdefault(str(i), {"logprob": _lp(lp), "rank": rank, "decoded_token": text_of(i)})
+        out.append(d)
+    return out
+
+
+# -- one choice ----------------------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    """One choice's text-level state: its prompt and params, the text so far, the parsers' state.
+    It lives where the text is made (the frontend across migrations), so parsers continue over a move."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    first_of_prompt: bool  # counts the prompt in usage (once per prompt, whatever n)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _Delta:
+    """What one piece added to a choice."""
+
+    __slots__ = ("text", "reasoning", "calls", "logprobs", "finish_reason", "first", "ids")
+
+    def __init__(self):
+        self.text, self.reasoning, self.calls, self.logprobs = "", "", [], None
+        self.finish_reason, self.first, self.ids = None, False, []
+
+
+class _ChoiceText:
+    """Token ids -> text deltas for a choice: detokenizer, stop strings, reasoning and tool-call parsers."""
+
+    def __init__(self, choice: Choice, tokenizer: Tokenizer, tool_mode: str | None, opts: OpenAIOptions,
+                 chat: bool):
+        self.choice = choice
+        self.detok = IncrementalDetokenizer(tokenizer, choice.prompt)
+        self.stops = StopMatcher(choice.params.stop)
+        self.tool_mode = tool_mode
+        tools = _tools_module() if tool_mode in ("auto", "constrained") or (chat and opts.reasoning_parser) else None
+        self.tool_parser = tools.ToolCallParser(opts.tool_call_parser) if tool_mode == "auto" else None
+        self.reasoning = (tools.ReasoningParser(opts.reasoning_parser, tokenizer.decode(choice.prompt, False))
+                          if chat and opts.reasoning_parser else None)
+        self.constrained_text: list[str] = []  # required / named: the call JSON, parsed at the end
+        self.made_calls = False
+        self.started = False  # a piece came already (the first one carries the role, the echo)
+
+    def push(self, piece: Piece) -> _Delta:
+        c, d = self.choice, _Delta()
+        d.first, self.started = not self.started, True
+        final = piece.finish_reason is not None
+        text = self.detok.push(piece.token_ids) + (self.detok.flush() if final else "")
+        emit, hit = self.stops.push(text, final)
+        d.ids = list(piece.token_ids)
+        c.tokens += piece.token_ids
+        reason = "stop" if hit else piece.finish_reason
+        content = emit
+        if self.reasoning is not None:
+            d.reasoning, content = self.reasoning.push(content) if content else ("", "")
+            if reason is not None:
+                more_reasoning, more = self.reasoning.finish()
+                d.reasoning, content = d.reasoning + more_reasoning, content + more
+        if self.tool_mode == "constrained":
+            self.constrained_text.append(content)
+            content = ""
+            if reason is not None:
+                d.calls += self._constrained_calls()
+        elif self.tool_parser is not None:
+            content, d.calls = self.tool_parser.push(content) if content else ("", [])
+            if reason is not None:
+                tail, calls = self.tool_parser.finish()
+                content, d.calls = content + tail, d.calls + calls
+        self.made_calls = self.made_calls or bool(d.calls)
+        if reason == "stop" and self.made_calls:
+            reason = "tool_calls"
+        d.text, d.finish_reason = content, reason
+        d.logprobs = piece.logprobs
+        return d
+
+    def _constrained_calls(self) -> list:
+        tools = _tools_module()
+        text = "".join(self.constrained_text)
+        try:
+            calls = tools.parse_constrained(text)
+        except (ValueError, KeyError, TypeError):  # cut by max_tokens: no complete call
+            return []
+        return [tools.ToolCallDelta(i, call.id, call.name, call.arguments) for i, call in enumerate(calls)]
+
+
+# -- the answer ----------------------------------------------------------------------------------------
+
+Source = Callable[[Choice], AsyncIterator[Piece]]
+
+
+class Answer:
+    """All the choices of one request, rendered as an OpenAI completions or chat answer."""
+
+    def __init__(self, chat: bool, model: str, request_id: str, tokenizer: Tokenizer, opts: OpenAIOptions,
+                 choices: list[Choice], body, tool_mode: str | None = None):
+        self.chat, self.model, self.body, self.opts = chat, model, body, opts
+        self.tokenizer, self.choices, self.tool_mode = tokenizer, choices, tool_mode
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.text_of = _Tokens(tokenizer)
+        self.texts = [_ChoiceText(c, tokenizer, tool_mode, opts, chat) for c in choices]
+        self.streams: list[AsyncIterator[Piece] | None] = []
+        self.firsts: list[Piece] = []
+        self.echo = not chat and body.echo
+        self.want_logprobs = (body.logprobs if chat else body.logprobs is not None)
+        self.offsets = [0] * len(choices)  # completions logprobs: the text offset of each choice's next token
+
+    # -- building --
+
+    @classmethod
+    def completions(cls, body: CompletionRequest, tokenizer: Tokenizer, opts: OpenAIOptions,
+                    max_model_len: int | None, request_id: str, default_max_tokens: int | None = None) -> "Answer":
+        check_request(body)
+        prompts = completion_prompts(tokenizer, body)
+        choices = []
+        for p, prompt in enumerate(prompts):
+            params = sampling_params(body, opts, len(prompt), max_model_len, default_max_tokens)
+            choices += _n_choices(p * body.n, prompt, params, body.n)
+        return cls(False, opts.model_name, request_id, tokenizer, opts, choices, body)
+
+    @classmethod
+    def chat_completions(cls, body: ChatCompletionRequest, tokenizer: Tokenizer, opts: OpenAIOptions,
+                         max_model_len: int | None, request_id: str,
+                         default_max_tokens: int | None = None) -> "Answer":
+        check_request(body)
+        mode = _tool_mode(body, opts)
+        prompt = chat_prompt(tokenizer, body)
+        params = sampling_params(body, opts, len(prompt), max_model_len, default_max_tokens)
+        return cls(True, opts.model_name, request_id, tokenizer, opts, _n_choices(0, prompt, params, body.n), body,
+                   tool_mode=mode)
+
+    # -- running --
+
+    async def start(self, source: Source) -> None:
+        """Open every choice's stream and wait for its first piece: a refusal (the source's exception) raises
+        here, before anything is answered."""
+        self.streams = [source(c) for c in self.choices]
+        if len(self.streams) == 1:
+            results: list = []
+            try:
+                results.append(await self.streams[0].__anext__())
+            except BaseException as e:  # noqa: BLE001 - re-raised below after closing
+                results.append(e)
+        else:
+            results = await asyncio.gather(*(s.__anext__() for s in self.streams), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self.aclose()
+            real = [e for e in failed if not isinstance(e, StopAsyncIteration)]
+            raise (real or failed)[0]
+        self.firsts = results
+
+    async def aclose(self) -> None:
+        for i, s in enumerate(self.streams):
+            if s is not None:
+                self.streams[i] = None
+                await s.aclose()
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, _Delta]]:
+        """(choice position, delta) as pieces arrive, the choices interleaved."""
+        nexts: dict[asyncio.Future, int] = {}
+        try:
+            for i, piece in enumerate(self.firsts):
+                yield i, await self._push(i, piece)
+            live = [i for i, c in enumerate(self.choices) if not c.done]
+            if len(live) == 1:  # one stream: read it directly
+                i = live[0]
+                while not self.choices[i].done:
+                    yield i, await self._push(i, await self._next(i))
+                return
+            nexts = {asyncio.ensure_future(self._next(i)): i for i in live}
+            while nexts:
+                done, _ = await asyncio.wait(nexts, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    i = nexts.pop(task)
+                    yield i, await self._push(i, task.result())
+                    if not self.choices[i].done:
+                        nexts[asyncio.ensure_future(self._next(i))] = i
+        finally:
+            for task in nexts:
+                task.cancel()
+            if nexts:
+                await asyncio.wait(nexts)
+
+    async def _next(self, i: int) -> Piece:
+        try:
+            return await self.streams[i].__anext__()
+        except StopAsyncIteration:  # a source that ended without a finish reason
+            raise RuntimeError("the token stream ended before its last token") from None
+
+    async def _push(self, i: int, piece: Piece) -> _Delta:
+        c = self.choices[i]
+        if piece.prompt_logprobs is not None:
+            c.prompt_logprobs = piece.prompt_logprobs
+        if not c.tokens and piece.cached_tokens:
+            c.cached_tokens = piece.cached_tokens
+        d = self.texts[i].push(piece)
+        c.finish_reason = d.finish_reason
+        if c.done and self.streams[i] is not None:  # e.g. a stop string: closing the stream ends the work
+            stream, self.streams[i] = self.streams[i], None
+            await stream.aclose()
+        return d
+
+    # -- rendering --
+
+    def usage(self) -> dict[str, Any]:
+        prompt = sum(len(c.prompt) for c in self.choices if c.first_of_prompt)
+        completion = sum(len(c.tokens) for c in self.choices)
+        cached = sum(c.cached_tokens for c in self.choices if c.first_of_prompt)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _base(self, final: bool) -> dict[str, Any]:
+        obj = ("chat.completion" if final else "chat.completion.chunk") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _completion_piece(self, i: int, d: _Delta) -> dict[str, Any]:
+        """A completions choice chunk: its text (the echoed prompt first) and its tokens' logprobs."""
+        c = self.choices[i]
+        text, logprobs = d.text, None
+        echo_now = self.echo and d.first
+        if echo_now:
+            text = self.tokenizer.decode(c.prompt) + text
+        if self.want_logprobs:
+            ids, entries = list(d.ids), list(d.logprobs or [])
+            if echo_now:
+                prompt_entries = c.prompt_logprobs or [None] * len(c.prompt)
+                ids, entries = c.prompt + ids, list(prompt_entries) + entries
+            logprobs, self.offsets[i] = completion_logprobs(entries, ids, self.text_of, self.offsets[i])
+        out = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+        if d.first and c.prompt_logprobs is not None and c.params.prompt_logprobs is not None \
+                and self.body.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs_body(c.prompt_logprobs, self.text_of)
+        return out
+
+    def _chat_logprobs(self, d: _Delta) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        return {"content": chat_logprobs(d.logprobs or [], self.text_of, self.body.top_logprobs or 0)}
+
+    @staticmethod
+    def _call_json(delta) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": delta.index}
+        if delta.id is not None:
+            out["id"], out["type"] = delta.id, "function"
+        fn: dict[str, Any] = {}
+        if delta.name is not None:
+            fn["name"] = delta.name
+        fn["arguments"] = delta.arguments_delta or ""
+        out["function"] = fn
+        return out
+
+    async def events(self, include_usage: bool | None = None) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer: chunks with each choice's index, then usage, [DONE]."""
+        include_usage = self.body.include_usage if include_usage is None else include_usage
+        async for i, d in self._deltas():
+            c = self.choices[i]
+            if self.chat:
+                delta: dict[str, Any] = {}
+                if d.first:
+                    delta["role"] = "assistant"
+                if d.text:
+                    delta["content"] = d.text
+                if d.reasoning:
+                    delta["reasoning_content"] = d.reasoning
+                if d.calls:
+                    delta["tool_calls"] = [self._call_json(x) for x in d.calls]
+                lp = self._chat_logprobs(d)
+                if not delta and d.finish_reason is None and not (lp and lp["content"]):
+                    continue
+                choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+            else:
+                choice = self._completion_piece(i, d)
+                if not choice["text"] and d.finish_reason is None and not choice["logprobs"] \
+                        and "prompt_logprobs" not in choice:
+                    continue
+            yield sse({**self._base(False), "choices": [choice]})
+        if include_usage:
+            yield sse({**self._base(False), "choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
+
+    async def whole(self) -> dict[str, Any]:
+        """The whole (non-streamed) answer."""
+        parts: list[dict[str, Any]] = [{"text": [], "reasoning": [], "calls": {}, "logprobs": None}
+                                       for _ in self.choices]
+        async for i, d in self._deltas():
+            part = parts[i]
+            if self.chat:
+                part["text"].append(d.text)
+                part["reasoning"].append(d.reasoning)
+                for x in d.calls:
+                    call = part["calls"].setdefault(x.index, {"id": None, "type": "function",
+                                                              "function": {"name": "", "arguments": ""}})
+                    call["id"] = call["id"] or x.id
+                    call["function"]["name"] += x.name or ""
+                    call["function"]["arguments"] += x.arguments_delta or ""
+                if self.want_logprobs:
+                    part["logprobs"] = part["logprobs"] or {"content": []}
+                    part["logprobs"]["content"] += self._chat_logprobs(d)["content"]
+            else:
+                chunk = self._completion_piece(i, d)
+                part["text"].append(chunk["text"])
+                if "prompt_logprobs" in chunk:
+                    part["prompt_logprobs"] = chunk["prompt_logprobs"]
+                if chunk["logprobs"] is not None:
+                    lp = part["logprobs"] = part["logprobs"] or {k: [] for k in chunk["logprobs"]}
+                    for k, v in chunk["logprobs"].items():
+                        lp[k] += v
+        choices = []
+        for c, part in zip(self.choices, parts):
+            if self.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": "".join(part["text"]) or None}
+                reasoning = "".join(part["reasoning"])
+                if reasoning:
+                    message["reasoning_content"] = reasoning
+                if part["calls"]:
+                    message["tool_calls"] = [part["calls"][k] for k in sorted(part["calls"])]
+                elif message["content"] is None:
+                    message["content"] = ""
+                choices.append({"index": c.index, "message": message, "logprobs": part["logprobs"],
+                                "finish_reason": c.finish_reason})
+            else:
+                choice = {"index": c.index, "text": "".join(part["text"]), "logprobs": part["logprobs"],
+                          "finish_reason": c.finish_reason}
+                if "prompt_logprobs" in part:
+                    choice["prompt_logprobs"] = part["prompt_logprobs"]
+                choices.append(choice)
+        out = {**self._base(True), "choices": choices, "usage": self.usage()}
+        if self.chat and self.body.prompt_logprobs is not None and self.choices[0].prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs_body(self.choices[0].prompt_logprobs, self.text_of)
+        return out
+
+
+def _n_choices(first_index: int, prompt: list[int], params: SamplingParams, n: int) -> list[Choice]:
+    """Choices first_index .. first_index + n - 1 of one prompt: choice j samples with choice_seed(seed, j)."""
+    out = []
+    for j in range(n):
+        seed = params.seed if params.seed is None else choice_seed(params.seed, j)
+        out.append(Choice(first_index + j, prompt, replace(params, seed=seed), first_of_prompt=j == 0))
+    return out

@@ -1,0 +1,141 @@
+"""Triton kernels behind moe.py (imported by it on first use on a CUDA tensor).
+
+Two kernels make a mixture-of-experts MLP:
+
+  align        one program: counts the (token, k) slots routed to each expert, gives each expert a run of
+               BLOCK_M-aligned rows, writes the slot ids into their expert's run (padding rows hold the
+               sentinel n_slots) and, per block of rows, the expert it belongs to and how many rows are used.
+  expert_gemm  a grouped GEMM over those blocks: each program takes one block of rows (all one expert's)
+               and one tile of output columns, so an expert's weights are read once per block, whatever
+               the batch. Used twice: gate_up (SiLU(gate) * up fused in its epilogue), then down (the
+               routing weight applied in its epilogue).
+
+Every size the launcher needs is known on the host from the shapes alone (at most cdiv(n, BLOCK_M) + E
+blocks); programs past the used blocks return at once. No host sync, so CUDA graphs can capture them.
+Under TRITON_INTERPRET=1 they run on CPU tensors (tests/engine/test_moe.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def align(TOPK_IDS, SORTED, BLOCK_EXPERT, NUM_PADDED, CURSOR, n_slots, n_experts, max_blocks,
+          BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS_PER_PASS: tl.constexpr):
+    """Sort the n_slots expert ids of TOPK_IDS (flat [T * top_k]) into BLOCK_M-aligned runs per expert."""
+    bins = tl.arange(0, BINS)
+    is_expert = bins < n_experts
+    lane = tl.arange(0, CHUNK)
+    # 1. slots per expert (ids past the end fall into bin n_experts, which is ignored)
+    # (while loops, not range(): Triton's interpreter cannot take a runtime value as a range bound)
+    counts = tl.zeros((BINS,), dtype=tl.int32)
+    start = 0
+    while start < n_slots:
+        offs = start + lane
+        ids = tl.load(TOPK_IDS + offs, mask=offs < n_slots, other=n_experts).to(tl.int32)
+        counts += tl.histogram(ids, BINS)
+        start += CHUNK
+    padded = tl.where(is_expert, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)
+    tl.store(NUM_PADDED, tl.sum(padded, 0))
+    tl.store(CURSOR + bins, ends - padded, mask=is_expert)  # where each expert's next slot goes
+    # 2. the expert of each block of rows: how many experts' runs end at or before its first row
+    b0 = 0
+    while b0 < max_blocks:
+        blocks = b0 + tl.arange(0, BLOCKS_PER_PASS)
+        before = (ends[None, :] <= (blocks * BLOCK_M)[:, None]) & is_expert[None, :]
+        tl.store(BLOCK_EXPERT + blocks, tl.sum(before.to(tl.int32), 1), mask=blocks < max_blocks)
+        b0 += BLOCKS_PER_PASS
+    # 3. padding rows hold the sentinel n_slots
+    start = 0
+    while start < max_blocks * BLOCK_M:
+        offs = start + lane
+        tl.store(SORTED + offs, tl.zeros((CHUNK,), dtype=tl.int32) + n_slots, mask=offs < max_blocks * BLOCK_M)
+        start += CHUNK
+    tl.debug_barrier()
+    # 4. each slot goes to its expert's cursor plus its rank among the same expert's slots in this chunk
+    start = 0
+    while start < n_slots:
+        offs = start + lane
+        ok = offs < n_slots
+        ids = tl.load(TOPK_IDS + offs, mask=ok, other=n_experts).to(tl.int32)
+        same_before = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
+        rank = tl.sum(same_before.to(tl.int32), 1)
+        base = tl.load(CURSOR + ids, mask=ok, other=0)
+        tl.store(SORTED + base + rank, offs.to(tl.int32), mask=ok)
+        tl.debug_barrier()
+        cursor = tl.load(CURSOR + bins, mask=is_expert, other=0)
+        tl.store(CURSOR + bins, cursor + tl.histogram(ids, BINS), mask=is_expert)
+        tl.debug_barrier()
+        start += CHUNK
+
+
+@triton.jit
+def expert_gemm(A, W, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
+                stride_a, stride_we, stride_wn, stride_out, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
+                GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT[slot, n] = A[row] . W[expert, n, :] for the slots of one block (row = slot // top_k when A holds
+    one row per token). GATED: W's rows are [gate; up] (2N of them) and OUT = silu(gate) * up. WEIGHTED:
+    OUT is scaled by the slot's routing weight ROUTE_W[slot]. Accumulates in fp32, rounds once.
+    N, K and TOP_K are fixed for a model, so they are compile-time constants (a pipelined K loop)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M < tl.load(NUM_PADDED):
+        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        used = slots < n_slots
+        if A_PER_TOKEN:
+            rows = (slots // TOP_K).to(tl.int64)
+        else:
+            rows = slots.to(tl.int64)
+        expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w_base = W + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(A + rows[:, None] * stride_a + ks[None, :], mask=used[:, None] & k_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_base + ks[:, None], mask=w_ok, other=0.0)  # [BLOCK_K, BLOCK_N]: W[e, cols, ks]^T
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            if GATED:
+                w_up = tl.load(w_base + N * stride_wn + ks[:, None], mask=w_ok, other=0.0)
+                acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        if WEIGHTED:
+            acc = acc * tl.load(ROUTE_W + slots, mask=used, other=0.0).to(tl.float32)[:, None]
+        out = OUT + slots.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=used[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def route(LOGITS, WEIGHTS, IDS, n_experts, stride_logits,
+          TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One token per program: softmax over its router logits in fp32, the TOP_K largest probabilities
+    (largest first; the lower expert id wins a tie) and their ids, renormalized to sum to 1 if asked."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    ok = e < n_experts
+    x = tl.load(LOGITS + t * stride_logits + e, mask=ok, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    left = tl.where(ok, p, -1.0)
+    k = tl.arange(0, K_POW2)
+    weights = tl.zeros((K_POW2,), dtype=tl.float32)
+    ids = tl.zeros((K_POW2,), dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        best = tl.max(left, 0)
+        best_id = tl.min(tl.where(left == best, e, BLOCK_E), 0)
+        weights = tl.where(k == i, best, weights)
+        ids = tl.where(k == i, best_id, ids)
+        left = tl.where(e == best_id, -1.0, left)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, 0)  # the unused lanes hold 0
+    tl.store(WEIGHTS + t * TOP_K + k, weights, mask=k < TOP_K)
+    tl.store(IDS + t * TOP_K + k, ids.to(IDS.dtype.element_ty), mask=k < TOP_K)

@@ -1,0 +1,154 @@
+"""Mixture-of-experts MLP: routing, and the experts applied to each token's top-k choices.
+
+Weights are stacked per layer, as the memory service holds them (model/experts.py):
+    gate_up [E, 2*I, H]   rows [0, I) are an expert's gate projection, rows [I, 2I) its up projection
+    down    [E, H, I]
+For each token, out = sum over its top-k experts e of  weight_e * down_e(silu(gate_e(x)) * up_e(x)).
+
+`experts` dispatches on the device of its input:
+  CUDA tensors  -> the Triton kernels of _moe_kernels.py: the (token, k) slots sorted by expert on the
+                   device, then two grouped GEMMs (gate_up with SiLU*up fused, down with the routing
+                   weight applied); a fixed number of launches whatever the routing, no host sync, so a
+                   decode step with it can be captured in a CUDA graph;
+  anything else -> the plain-torch reference: a loop over the experts that were hit, op for op what
+                   transformers does, so fp32 outputs match it.
+
+Routing weights stay in fp32 until they scale an expert's output (Mixtral does so; Qwen3-MoE rounds them
+to the model dtype first, which changes bf16 results by about an ulp).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from understudy.engine.layers import fused
+
+_KERNELS: ModuleType | None = None  # _moe_kernels, imported on first use; tests swap in an interpreted copy
+
+
+def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """(weights [T, k] fp32, expert ids [T, k] int64): softmax over all experts in fp32, the top k,
+    renormalized to sum to 1 when `renormalize` (Mixtral; Qwen3-MoE with norm_topk_prob). On CUDA one
+    Triton kernel (a decode step pays per launch); elsewhere torch's ops, as transformers runs them."""
+    if fused._use_triton(router_logits):
+        return route_triton(router_logits, top_k, renormalize)
+    return route_ref(router_logits, top_k, renormalize)
+
+
+def route_ref(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+    """The experts' weighted sum for each row of x [T, H]; weights/ids [T, k] from `route`."""
+    if fused._use_triton(x):
+        return experts_triton(x, gate_up, down, weights, ids)
+    return experts_ref(x, gate_up, down, weights, ids)
+
+
+def experts_ref(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+    """A loop over the experts that were hit (ascending), each applied to its tokens, accumulated with
+    index_add_ in transformers' order."""
+    out = torch.zeros_like(x)
+    hit = torch.zeros(gate_up.shape[0], ids.shape[1], x.shape[0], dtype=torch.bool, device=x.device)
+    hit[ids.T, torch.arange(ids.shape[1], device=x.device)[:, None], torch.arange(x.shape[0], device=x.device)] = True
+    for e in hit.flatten(1).any(1).nonzero().flatten().tolist():
+        k, token = torch.where(hit[e])
+        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(fused.silu_and_mul_ref(gate, up), down[e]) * weights[token, k, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton path
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernels() -> ModuleType:
+    global _KERNELS
+    if _KERNELS is None:
+        from understudy.engine.layers import _moe_kernels
+
+        _KERNELS = _moe_kernels
+    return _KERNELS
+
+
+def _tiles(slots_per_expert: float) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a batch with this many (token, k) slots per
+    expert on average: decode batches leave most rows of a block empty, so they get short blocks and long
+    K steps (the weights streamed in big pieces); prefill gets tiles that reuse each weight tile more.
+    Picked on an H200 at the Qwen3-30B-A3B shape (bench/moe.py)."""
+    if slots_per_expert <= 16:
+        return 16, 64, 128, 4, 4
+    return 64, 64, 64, 4, 3
+
+
+def route_triton(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    T, E = router_logits.shape
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
+    if T:
+        _kernels().route[(T,)](router_logits, weights, ids, E, router_logits.stride(0), TOP_K=top_k,
+                               K_POW2=fused._next_pow2(top_k), RENORMALIZE=renormalize,
+                               BLOCK_E=fused._next_pow2(E), num_warps=1 if E <= 256 else 4)
+    return weights, ids
+
+
+def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(sorted slot ids [max_blocks * block_m] int32, expert of each block [max_blocks] int32, rows used
+    [1] int32): the flat (token, k) slots of `ids` grouped by expert, each expert's run padded to a
+    multiple of block_m with the sentinel ids.numel()."""
+    k = _kernels()
+    n = ids.numel()
+    max_blocks = -(-n // block_m) + min(num_experts, n)
+    dev = ids.device
+    sorted_slots = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    k.align[(1,)](ids.reshape(-1), sorted_slots, block_expert, num_padded, cursor, n, num_experts, max_blocks,
+                  BLOCK_M=block_m, BINS=fused._next_pow2(num_experts + 1), CHUNK=128, BLOCKS_PER_PASS=64,
+                  num_warps=4)
+    return sorted_slots, block_expert, num_padded
+
+
+def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+    kern = _kernels()
+    T, H = x.shape
+    E, two_i, _ = gate_up.shape
+    inter, top_k = two_i // 2, ids.shape[1]
+    if gate_up.shape[2] != H or down.shape != (E, H, inter) or gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError(f"expert weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit x {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    n = T * top_k
+    if n == 0:
+        return torch.zeros_like(x)
+    block_m, block_n, block_k, warps, stages = _tiles(n / E)
+    sorted_slots, block_expert, num_padded = align(ids, E, block_m)
+    weights = weights.reshape(-1).to(torch.float32).contiguous()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models: no TF32 rounding of the inputs
+    grid_m = block_expert.numel()
+    hidden = torch.empty(n, inter, dtype=x.dtype, device=x.device)
+    kern.expert_gemm[(grid_m, fused._cdiv(inter, block_n))](
+        x, gate_up, hidden, sorted_slots, block_expert, num_padded, weights, n,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0), N=inter, K=H, TOP_K=top_k,
+        GATED=True, A_PER_TOKEN=True, WEIGHTED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=precision, num_warps=warps, num_stages=stages)
+    per_slot = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    kern.expert_gemm[(grid_m, fused._cdiv(H, block_n))](
+        hidden, down, per_slot, sorted_slots, block_expert, num_padded, weights, n,
+        hidden.stride(0), down.stride(0), down.stride(1), per_slot.stride(0), N=H, K=inter, TOP_K=top_k,
+        GATED=False, A_PER_TOKEN=False, WEIGHTED=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=precision, num_warps=warps, num_stages=stages)
+    return per_slot.view(T, top_k, H).sum(dim=1)  # one kernel; torch sums half types in fp32

@@ -1,0 +1,298 @@
+"""FP8 (e4m3) linear layers: the weights the memory service holds, and the matmuls over them.
+
+An `Fp8Linear` holds what the checkpoint (or `--quantization fp8` at publish time) gives: `weight` in
+float8_e4m3fn and its scales in float32 under the checkpoint's name (`weight_scale`, or `weight_scale_inv`
+for 128x128 blocks), plus `input_scale` when activations have a static scale. They are ordinary
+parameters, so they are published into the memory service beside the other weights and every shadow
+maps the same bytes (model/weights.py); nothing is re-quantized on import.
+
+How it computes, per device:
+  * CPU (and any device without the kernels): the exact reference, dequantize (fp32) then matmul in the
+    activations' dtype. A checkpoint served this way gives what its dequantized twin gives.
+  * CUDA, per-tensor / per-channel scales: `torch._scaled_mm` on FP8 tensor cores, activations quantized
+    per token at run time by one Triton launch (or with the checkpoint's static `input_scale`).
+  * CUDA, 128x128 blocks (and dims that are not multiples of 16): a Triton GEMM that reads the FP8 weights
+    and widens them in registers (W8A16, any scale layout, _fp8_kernels.py). It can also take the few rows
+    of decode steps for per-tensor / per-channel weights (SMALL_M), but measured slower than _scaled_mm
+    there on an H200 (docs/benchmarks.md), so it does not by default.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from understudy.engine.model.quantization import Quantization, scale_shape
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# At most this many rows take the W8A16 Triton GEMM on CUDA; more take torch._scaled_mm (where it applies).
+# 0: _scaled_mm at every size (bench/fp8.py --scaled-mm-everywhere measured it faster for decode too).
+SMALL_M = 0
+_SCHEME = {"tensor": 0, "channel": 1, "block": 2}
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale")
+
+
+# --------------------------------------------------------------------------- quantize / dequantize
+
+
+def quantize(w: Tensor, weights: str, block: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """(FP8 weight, float32 scales) of a [N, K] matrix, scales in the shape `scale_shape` gives: one
+    per tensor, per output row, or per block; each scale maps its group's largest |w| to 448."""
+    w = w.float()
+    n, k = w.shape
+    if weights == "tensor":
+        amax = w.abs().amax().reshape(1)
+        scale = (amax / FP8_MAX).clamp(min=1e-12)
+        return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    if weights == "channel":
+        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    rows, cols = block
+    padded = F.pad(w, (0, -k % cols, 0, -n % rows))  # ragged edge blocks: zeros do not change the max
+    tiles = padded.reshape(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
+    scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).reshape(padded.shape)[:n, :k]
+    return q.to(FP8).contiguous(), scale
+
+
+def dequantize(weight: Tensor, scale: Tensor, weights: str, block: tuple[int, int] | None = None) -> Tensor:
+    """The float32 matrix an FP8 weight and its scales stand for (the reference every path must give)."""
+    w = weight.float()
+    if weights == "tensor":
+        return w * scale.reshape(())
+    if weights == "channel":
+        return w * scale.reshape(-1, 1)
+    rows, cols = block
+    n, k = w.shape
+    full = scale.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+    return w * full
+
+
+def quantize_activations(x: Tensor, static_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(FP8 rows, float32 [M, 1] scales): one scale per token, or the checkpoint's static one."""
+    if static_scale is None and x.device.type == "cuda" and x.shape[1] <= 32768:
+        return _quantize_rows(x)
+    if static_scale is None:
+        scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    else:
+        scale = static_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_activations' per-token case in one Triton launch (_fp8_kernels.quantize_rows_kernel)."""
+    import triton
+
+    from understudy.engine.layers._fp8_kernels import quantize_rows_kernel
+
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    quantize_rows_kernel[(x.shape[0],)](x, q, scale, x.shape[1], x.stride(0), q.stride(0),
+                                        BLOCK=triton.next_power_of_2(x.shape[1]), FP8_MAX=FP8_MAX)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear's interface over an FP8 weight [out, in] and its scales (see the module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant: Quantization):
+        super().__init__()
+        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        self.scale_name = quant.scale_name
+        self.register_parameter(self.scale_name, nn.Parameter(
+            torch.empty(scale_shape(quant, out_features, in_features), dtype=torch.float32), requires_grad=False))
+        if quant.activations == "static":
+            self.input_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
+        else:
+            self.input_scale = None
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self._per_channel: Tensor | None = None  # a per-tensor scale spread over N, for _scaled_mm
+
+    @property
+    def scales(self) -> Tensor:
+        """The weight scales, whatever the checkpoint calls them."""
+        return getattr(self, self.scale_name)
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """The parameters that keep their own dtype whatever dtype the model serves in."""
+        out = {"weight": FP8, self.scale_name: torch.float32}
+        if self.input_scale is not None:
+            out["input_scale"] = torch.float32
+        return out
+
+    def dequantized(self) -> Tensor:
+        return dequantize(self.weight, self.scales, self.quant.weights, self.quant.block)
+
+    def forward(self, x: Tensor, *, add_bias: bool = True) -> Tensor:
+        bias = self.bias if add_bias else None
+        if x.device.type != "cuda":
+            return F.linear(x, self.dequantized().to(x.dtype), None if bias is None else bias.to(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > SMALL_M and self.quant.weights != "block" and _scaled_mm_fits(self):
+            out = self._scaled_mm(flat, bias)
+        else:
+            out = fp8_linear(flat, self.weight, self.scales, bias, self.quant)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _scaled_mm(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        xq, x_scale = quantize_activations(x, self.input_scale)
+        w_scale = self.scales
+        if self.quant.weights == "tensor":  # rowwise scaling wants one scale per output column
+            if self._per_channel is None or self._per_channel.device != w_scale.device:
+                self._per_channel = w_scale.expand(self.out_features).contiguous()
+            w_scale = self._per_channel
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1),
+                                bias=bias, out_dtype=x.dtype)
+
+
+def _scaled_mm_fits(layer: Fp8Linear) -> bool:
+    """FP8 tensor cores (compute capability 8.9+: Ada, Hopper) and dims torch._scaled_mm takes."""
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0 and _fp8_tensor_cores(
+        layer.weight.device.index or 0)
+
+
+@functools.cache
+def _fp8_tensor_cores(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def gemm_config(m: int, quant: Quantization) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the Triton GEMM for `m` rows. Few rows are
+    memory bound: narrow N tiles give enough programs to fill the SMs, long K tiles (and stages) keep
+    enough weight bytes in flight per program. Block scales need BLOCK_K to divide the block's columns."""
+    block_k = 256 if quant.weights != "block" else min(128, quant.block[1])
+    if m <= 16:
+        return 16, 32, min(256, block_k), 4, 5  # the best of bench/fp8.py --gemm on an H200
+    return 32 if m <= 32 else 64, 64, 128 if quant.weights != "block" else block_k, 4, 3
+
+
+def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, quant: Quantization,
+               config: tuple[int, int, int, int, int] | None = None) -> Tensor:
+    """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) through the Triton kernel; any device Triton
+    runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1). `config`: gemm_config's (bench/fp8.py --gemm)."""
+    import triton
+
+    from understudy.engine.layers._fp8_kernels import fp8_linear_kernel
+
+    M, K = x.shape
+    N = weight.shape[0]
+    x = x.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block = quant.block or (1, 1)
+    block_m, block_n, block_k, warps, stages = config or gemm_config(M, quant)
+    if quant.weights == "block" and (block[1] % block_k or block_k < 16):
+        raise ValueError(f"FP8 weight blocks of {block[1]} columns are not supported (a multiple of 16 is)")
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    fp8_linear_kernel[grid](
+        x, weight, scale, bias if bias is not None else out, out, M, N, K,
+        x.stride(0), weight.stride(0), out.stride(0), scale.stride(0) if scale.dim() == 2 else 0,
+        SCHEME=_SCHEME[quant.weights], SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- the model's linears
+
+
+def install(model: nn.Module, quant: Quantization) -> None:
+    """Swap the decoder's nn.Linear projections that `quant` covers for Fp8Linear (on the meta device
+    too: nothing is allocated for a model built there)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and quant.quantizes(name):
+            parent, _, leaf = name.rpartition(".")
+            layer = Fp8Linear(module.in_features, module.out_features, module.bias is not None, quant)
+            setattr(model.get_submodule(parent), leaf, layer)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype) for a model on the meta device, except the FP8 weights and float32 scales, which
+    keep their dtypes (Module.to would turn them into `dtype` too: float8 is a floating-point type)."""
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            for name, kept in module.stored_dtypes().items():
+                param = getattr(module, name)
+                assert param.is_meta, "cast_model is for models whose weights are not loaded yet"
+                setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=kept, device="meta"),
+                                                   requires_grad=False))
+    return model
+
+
+def checkpoint_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """{parameter name: dtype} for every parameter of the model (what loading casts each tensor to)."""
+    return {name: p.dtype for name, p in model.named_parameters()}
+
+
+def fit(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A checkpoint tensor of a quantized linear (FP8 weight, scale) as the model keeps it: scales stored as
+    [], [1] or [N, 1] reshaped to the engine's shape (same number of elements), cast to the parameter's
+    dtype (scales stored in bf16 become float32). Other tensors are returned as they are."""
+    if not (dtype == FP8 or name.endswith(SCALE_SUFFIXES)):
+        return tensor
+    if tuple(tensor.shape) != tuple(shape) and tensor.numel() == torch.Size(shape).numel():
+        tensor = tensor.reshape(shape)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def quantize_online(model: nn.Module, stream, device: torch.device | str | None = None):
+    """--quantization fp8: the (name, tensor) stream of an unquantized checkpoint with each weight of an
+    Fp8Linear replaced by its FP8 weight and scales, computed on `device` (the publisher's GPU: fast) or
+    where the tensor is."""
+    layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    for name, tensor in stream:
+        layer = layers.get(name)
+        if layer is None:
+            yield name, tensor
+            continue
+        w8, scale = quantize(tensor.to(device or tensor.device), layer.quant.weights, layer.quant.block)
+        yield name, w8
+        yield f"{name.removesuffix('.weight')}.{layer.scale_name}", scale
+
+
+def is_quantized_storage(name: str, tensor: Tensor) -> bool:
+    """A tensor the loader must not cast to the serving dtype: an FP8 weight or a scale."""
+    return tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name.endswith(SCALE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- FP8 KV-cache scales
+
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.output_scale|"
+                       r"v_proj\.output_scale|attn\.k_scale|attn\.v_scale)")
+
+
+def is_kv_scale(name: str) -> bool:
+    """A checkpoint's per-layer KV-cache scale (compressed-tensors kv_cache_scheme, ModelOpt, AutoFP8
+    names), which is not a weight: read by kv_scales, applied by the attention of an FP8 cache."""
+    return _KV_SCALE.fullmatch(name) is not None
+
+
+def kv_scales(tensors, num_layers: int) -> list[list[float]] | None:
+    """[[k_scale, v_scale] per layer] from the checkpoint's (name, tensor) KV scales; None when it has
+    none (an FP8 cache then uses 1.0, as vLLM does); layers it leaves out get 1.0."""
+    scales = [[1.0, 1.0] for _ in range(num_layers)]
+    found = False
+    for name, tensor in tensors:
+        m = _KV_SCALE.fullmatch(name)
+        if m is None or int(m.group(1)) >= num_layers:
+            continue
+        value, which = float(tensor.float().reshape(-1)[0]), m.group(2)
+        layer = scales[int(m.group(1))]
+        if which == "kv_scale":
+            layer[0] = layer[1] = value
+        else:  # k_scale, v_scale, k_proj.output_scale, attn.v_scale, ...
+            layer[0 if which.removeprefix("attn.").startswith("k") else 1] = value
+        found = True
+    return scales if found else None
+
