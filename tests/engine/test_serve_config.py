@@ -115,15 +115,21 @@ def test_identity_fields_are_what_snapshot_identity_uses():
              "quantization": "fp8", "kv_cache_dtype": "fp8", "seed": 7, "chat_template": "{{ messages }}",
              "generation_config": "vllm", "tool_call_parser": "hermes", "reasoning_parser": "qwen3",
              "enable_auto_tool_choice": True, "api_key": ("k",), "admin_token_file": "/t",
-             "allowed_origins": ("*",), "allowed_methods": ("GET",), "allowed_headers": ("X",)}
-    companions = {"enable_auto_tool_choice": {"tool_call_parser": "hermes"}}  # it needs a parser
+             "allowed_origins": ("*",), "allowed_methods": ("GET",), "allowed_headers": ("X",),
+             "nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29500}
+    companions = {"enable_auto_tool_choice": {"tool_call_parser": "hermes"},  # it needs a parser
+                  "nnodes": {"tensor_parallel": 2, "master_port": 29500},  # a group across 2 nodes
+                  "node_rank": {"tensor_parallel": 2, "nnodes": 2, "master_port": 29500}}
     base = ServeConfig()
     assert set(other) == set(base.values())
-    ident = identity(params_from_config(base))
     for group in ServeConfig.groups():
         for f in dataclasses.fields(getattr(base, group)):
-            changes = {f.name: other[f.name], **companions.get(f.name, {})}
-            changed = dataclasses.replace(base, **{group: dataclasses.replace(getattr(base, group), **changes)})
+            # the field alone changes, over a config that has its companions already
+            companion = companions.get(f.name, {})
+            before = dataclasses.replace(base, **{group: dataclasses.replace(getattr(base, group), **companion)})
+            changed = dataclasses.replace(base, **{group: dataclasses.replace(getattr(base, group), **companion,
+                                                                              **{f.name: other[f.name]})})
+            ident = identity(params_from_config(before))
             assert (identity(params_from_config(changed)) != ident) == (f.name in fields), f.name
 
 

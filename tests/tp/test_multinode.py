@@ -215,3 +215,59 @@ def test_a_connection_without_the_group_token_is_refused_unread():
         assert intruder.recv(1) == b""  # closed on it, unread
         with pytest.raises(RuntimeError, match=r"ranks \[1\] of other nodes did not join"):
             accepting.result(timeout=30)
+
+
+# -- 4. `understudy up` on each node ---------------------------------------------------------------------------
+
+def up_node(root: Path, name: str, model: Path, node_rank: int, master_port: int, port: int | None) -> LineProcess:
+    sock = root / name
+    sock.mkdir()
+    argv = [sys.executable, "-m", "understudy", "up", "--backend", "host", "--socket-dir", str(sock), "--shadows", "1",
+            "--tensor-parallel", "2", "--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
+            "--master-port", str(master_port), "--probe-interval", "0", "--restart-delay", "0.2", "--log-format",
+            "json", *(["--port", str(port)] if port else []), "--", "--model", str(model), *ENGINE_ARGS[6:]]
+    return LineProcess(argv, env=ENV, stream="stderr")
+
+
+def test_up_on_each_node_relaunches_its_part_of_a_standby_group(tmp_path):
+    """Both nodes run `up`; the active group's rank on node B is SIGKILLed: the standby group takes over, and
+    each node's `up` restarts its part of the dead group's slot, which parks as the next standby group."""
+    root = Path(tempfile.mkdtemp(prefix="us-up-", dir="/tmp"))
+    model = make_tiny_llama(root / "model")
+    master, port = free_port(), free_port()
+    if master + 1 in (port, port + 1):  # slot 1 meets at master + 1
+        master = free_port()
+    a = up_node(root, "a", model, 0, master, port)
+    b = up_node(root, "b", model, 1, master, None)
+
+    def event(proc: LineProcess, name: str, child: str, after: int = 0) -> dict:
+        pred = lambda l: (e := event_of(l)).get("event") == name and e.get("child") == child  # noqa: E731
+        lines = list(proc.lines)
+        for line in lines[after:]:
+            if pred(line):
+                return event_of(line)
+        return event_of(proc.wait_line(pred, timeout=300))
+
+    try:
+        a.wait_line(logged("node_up"), timeout=300)
+        b.wait_line(logged("node_up"), timeout=300)
+        event(a, "waiting_for_failover_lock", "engine-1")
+        victim = int(event(b, "tp_node_started", "engine-0")["ranks"]["1"])
+        mark_a, mark_b = len(a.lines), len(b.lines)
+        os.kill(victim, signal.SIGKILL)
+        # Slot 1's group takes over; slot 0's leader exits (group lost) and both nodes restart their parts of it.
+        event(a, "tp_group_adopted", "engine-1", mark_a)
+        exited = event(a, "child_exited", "engine-0", mark_a)
+        assert exited["returncode"] == EXIT_GROUP_LOST, exited
+        assert event(b, "child_exited", "engine-0", mark_b)["returncode"] == EXIT_GROUP_LOST
+        event(b, "tp_node_started", "engine-0", mark_b)
+        event(a, "waiting_for_failover_lock", "engine-0", mark_a)  # the new standby group has formed, parked
+        with httpx.Client(base_url=f"http://127.0.0.1:{port + 1}", timeout=60, headers=admin_headers()) as http:
+            assert http.get("/health").json()["state"] == "ACTIVE"
+            assert len(tokens_of(ndjson(http.post("/engine/generate", json=body([5, 6, 7], 4))))) == 4
+    finally:
+        for proc in (a, b):
+            if proc.proc.poll() is None:
+                proc.kill(signal.SIGTERM)
+                proc.wait(timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from understudy.logs import setup_logging
 from understudy.memory.paths import default_socket_dir
-from understudy.node.supervisor import Backoff, Probing, Supervisor, node_status
+from understudy.node.supervisor import Backoff, Probing, Spanning, Supervisor, node_status
 
 
 def up(args: argparse.Namespace) -> int:
@@ -29,6 +29,7 @@ def up(args: argparse.Namespace) -> int:
                             snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
                             frontend_port=args.frontend_port, tensor_parallel=args.tensor_parallel,
                             own_memory=args.memory_service == "own",
+                            spanning=Spanning(args.nnodes, args.node_rank, args.master_addr, args.master_port),
                             backoff=Backoff(args.restart_delay, args.restart_delay_max, args.restart_reset_after),
                             probing=Probing(args.probe_interval, args.probe_timeout, args.hang_timeout))
     return supervisor.run()

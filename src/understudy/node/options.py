@@ -27,6 +27,17 @@ def add_up_arguments(up: argparse.ArgumentParser) -> None:
                     help="every engine is a group of N ranks on devices --device ... --device+N-1 (one memory "
                          "service per device is started); the active group and each shadow group fail over as a "
                          "whole (docs/tensor-parallel.md) (default: 1)")
+    g = up.add_argument_group("groups across nodes (docs/tensor-parallel.md)")
+    g.add_argument("--nnodes", type=positive_int, default=1, metavar="K",
+                   help="every --tensor-parallel group spans K nodes; run `up` on each with the same flags and its "
+                        "own --node-rank; each node starts a memory service per device of its N/K ranks (default: 1)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R",
+                   help="0: this node runs the groups' leaders (HTTP, the failover lock, the frontend); R > 0: it "
+                        "runs their ranks R*N/K .. and restarts its part of any group that ended (default: 0)")
+    g.add_argument("--master-addr", default="127.0.0.1", metavar="HOST",
+                   help="node 0 as the other nodes reach it (default: 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=29500, metavar="PORT",
+                   help="the group of engine slot i meets at PORT+i on node 0 (default: 29500)")
     up.add_argument("--frontend-port", type=int, default=None,
                     help="also run `understudy frontend` on this port, with every engine registered to it "
                          "(default: none; docs/frontend.md)")

@@ -132,20 +132,47 @@ class LiveProber:
             self.conn = None
 
 
+@dataclass(frozen=True)
+class Spanning:
+    """Groups across nodes (engine/parallel/nodes.py): this node's place, and where slot i's group meets
+    (the leader's store at master_addr:master_port + i, the same on every node)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+    @property
+    def member(self) -> bool:
+        """This node only runs ranks of groups led from node 0: no HTTP, no lock, no frontend."""
+        return self.node_rank > 0
+
+    def flags(self, slot: int) -> list[str]:
+        if self.nnodes == 1:
+            return []
+        return ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank), "--master-addr", self.master_addr,
+                "--master-port", str(self.master_port + slot)]
+
+
+MEMBER_STARTED = '"tp_node_started"'  # a member node's slot has started its ranks (engine/parallel/nodes.py)
+
+
 class Supervisor:
     def __init__(self, *, socket_dir: Path, backend: str, device: int, port: int, shadows: int,
                  engine_args: list[str], restart_delay: float = 0.5, snapshot_dir: Path | None = None,
                  frontend_port: int | None = None, tensor_parallel: int = 1, backoff: Backoff | None = None,
-                 probing: Probing | None = None, own_memory: bool = True):
+                 probing: Probing | None = None, own_memory: bool = True, spanning: Spanning | None = None):
         self.socket_dir = socket_dir
         self.engine_args = engine_args
         self.backoff = backoff or Backoff(first=restart_delay)
         self.probing = probing or Probing()  # interval 0: engines are not probed
         self.events: queue.Queue = queue.Queue()
+        self.spanning = spanning = spanning or Spanning()
+        local = tensor_parallel // spanning.nnodes  # this node's devices of each group
         self.stopping = False
         self._state_lock = threading.Lock()
         # The device(s) the engines run on; an engine's DEVICE_FAULT exit marks them unhealthy.
-        self.device = {"devices": list(range(device, device + tensor_parallel)), "healthy": True, "reason": None,
+        self.device = {"devices": list(range(device, device + local)), "healthy": True, "reason": None,
                        "since": None}
         py = [sys.executable, "-m", "understudy"]
         # --tensor-parallel N: a memory service per device of the group; each engine is a group's leader
@@ -154,17 +181,23 @@ class Supervisor:
         self.memories = [
             Child("memory" if k == 0 else f"memory-{k}",
                   py + ["memory-server", "--backend", backend, "--device", str(device + k), "--socket-dir",
-                        str(socket_dir)]) for k in range(tensor_parallel)] if own_memory else []
+                        str(socket_dir)]) for k in range(local)] if own_memory else []
         if tensor_parallel > 1:
             if snapshot_dir is not None:
                 raise SystemExit("understudy up: --snapshot-dir is not supported with --tensor-parallel (a group "
                                  "is several processes)")
             engine_args = [*engine_args, "--tensor-parallel", str(tensor_parallel)]
+        if spanning.member and (frontend_port is not None or snapshot_dir is not None):
+            raise SystemExit("understudy up: --frontend-port and --snapshot-dir belong on the leaders' node "
+                             "(--node-rank 0)")
+        # A member node's slot i runs its ranks of the group whose leader is node 0's slot i: no port, no role.
         self.engines = [
             Child(f"engine-{i}", py + ["serve", "--backend", backend, "--device", str(device), "--socket-dir",
-                                       str(socket_dir), "--memory-service", "connect", "--port", str(port + i),
-                                       *engine_args],
-                  port=port + i, role="primary" if i == 0 else "shadow")
+                                       str(socket_dir), "--memory-service", "connect",
+                                       *([] if spanning.member else ["--port", str(port + i)]),
+                                       *spanning.flags(i), *engine_args],
+                  port=None if spanning.member else port + i,
+                  role=None if spanning.member else "primary" if i == 0 else "shadow")
             for i in range(1 + shadows)
         ]
         # Flags that cannot work (a bad value, a missing optional package) stop `up` now, with serve's
@@ -215,7 +248,7 @@ class Supervisor:
         child.pump = threading.Thread(target=self._pump, args=(child, child.proc, wait_for, ready), daemon=True)
         child.pump.start()
         threading.Thread(target=self._watch, args=(child, child.proc), daemon=True).start()
-        if child in self.engines and self.probing.interval > 0:
+        if child in self.engines and self.probing.interval > 0 and child.port is not None:
             threading.Thread(target=self._probe, args=(child, child.proc), name=f"probe-{child.name}",
                              daemon=True).start()
         log(logger, "child_started", child=child.name, pid=child.pid, role=child.role, port=child.port,
@@ -309,9 +342,13 @@ class Supervisor:
             self._start(self.frontend, wait_for='"serving"')
         for memory in self.memories:
             self._start(memory, wait_for='"listening"')
-        self._start(self.engines[0], role="primary", wait_for='"serving"')  # it publishes the weights first
-        for shadow in self.engines[1:]:
-            self._start_shadow(shadow)
+        if self.spanning.member:  # each slot's ranks find their leader on node 0 (which may come up later)
+            for engine in self.engines:
+                self._start(engine, wait_for=MEMBER_STARTED)
+        else:
+            self._start(self.engines[0], role="primary", wait_for='"serving"')  # it publishes the weights first
+            for shadow in self.engines[1:]:
+                self._start_shadow(shadow)
         log(logger, "node_up", engines=len(self.engines), state_file=str(self.state_file))
         due: dict[str, tuple[float, Child]] = {}  # child name -> (monotonic time of its restart, child)
         while True:
@@ -368,6 +405,8 @@ class Supervisor:
             self._start(child, wait_for='"listening"')
         elif child is self.frontend:  # the engines' next keep-alive registers them again
             self._start(child, wait_for='"serving"')
+        elif self.spanning.member:  # this node's part of the slot's next group (a standby: node 0 decides)
+            self._start(child, wait_for=MEMBER_STARTED)
         elif any(e.proc is not None and e.proc.poll() is None for e in self.engines if e is not child):
             # Another engine took over through the lock; the replacement parks as a shadow.
             self._start_shadow(child)
