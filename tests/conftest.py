@@ -51,3 +51,11 @@ def server(socket_dir):
     srv = ServerProcess.start(BACKEND, socket_dir)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a tokenizer and a chat template that renders tools (tests/helpers/openai_tiny.py)."""
+    from tests.helpers.openai_tiny import write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny-openai") / "model")

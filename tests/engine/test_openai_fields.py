@@ -18,7 +18,7 @@ from openai.types.chat import completion_create_params as chat_create_params
 
 from understudy.common import openai_fields
 from understudy.common.api import ChatCompletionRequest, CompletionRequest
-from tests.helpers.openai_tiny import TinyServer, tiny_model_dir  # noqa: F401 (a fixture)
+from tests.helpers.openai_tiny import TinyServer
 
 
 def _openai_fields(module) -> set[str]:

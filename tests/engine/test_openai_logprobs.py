@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers.openai_tiny import TinyServer, tiny_model_dir  # noqa: F401 (a fixture)
+from tests.helpers.openai_tiny import TinyServer
 
 PROMPT = "The capital of France is"
 TOL = 1e-2

@@ -14,7 +14,7 @@ import pytest
 from understudy.common.api import ChatCompletionRequest
 from understudy.common.openai_serving import chat_prompt
 from understudy.common.tokenizer import Tokenizer
-from tests.helpers.openai_tiny import TinyServer, tiny_model_dir  # noqa: F401 (a fixture)
+from tests.helpers.openai_tiny import TinyServer
 
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "sunny": {"type": "boolean"}},
           "required": ["city", "sunny"], "additionalProperties": False}

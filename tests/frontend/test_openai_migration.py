@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.frontend import BACKEND, Engine, Frontend, ServerProcess, is_event
-from tests.helpers.openai_tiny import tiny_model_dir  # noqa: F401 (a fixture)
 
 MAX_TOKENS = 200  # long enough that the kill lands mid-stream (asserted: they still run on A1)
 FEW = 3  # chunks each stream has before the kill

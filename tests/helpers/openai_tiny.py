@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 from understudy.common.auth import admin_headers
 from understudy.common.tokenizer import Tokenizer
@@ -38,11 +37,6 @@ def write_model(d: Path) -> Path:
     make_tiny_llama(d)
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     return d
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return write_model(tmp_path_factory.mktemp("tiny-openai") / "model")
 
 
 class TinyServer:
