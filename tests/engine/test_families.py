@@ -8,12 +8,7 @@ prompts, soft-caps low enough to bite, contexts that cross the RoPE variants' th
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +17,7 @@ from tests.helpers.engine import TINY, greedy_generate, hf_greedy
 from understudy.engine.layers.attention import AttentionMetadata
 from understudy.engine.model.config import ModelConfig, UnsupportedModelError
 from understudy.engine.model.loader import load_config, load_model
+from tests.helpers.interpreter import INTERPRETING, run_interpreted_tests
 
 NEW_TOKENS = 12
 PROMPT = [17, 200, 3, 99, 45, 45, 128, 7, 250, 31, 64, 5, 81, 190, 2, 33, 140, 9, 77]  # 19 tokens
@@ -198,7 +194,6 @@ def test_old_style_config_keys():
 # Sliding windows and soft-capping in the Triton paged-attention kernels, against the reference
 # ------------------------------------------------------------------------------------------
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # (window, softcap): a window shorter than a block, one longer than a kernel tile (64), soft-capping alone and with
 # a window
 MASKING = [(5, None), (70, None), (None, 1.5), (9, 2.0)]
@@ -206,18 +201,7 @@ MASKING = [(5, None), (70, None), (None, 1.5), (9, 2.0)]
 
 def test_triton_windows_and_softcap_in_the_interpreter():
     """The interpreter must be on before Triton is first imported, so these run in a child pytest."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if INTERPRETING:
-        pytest.skip("this is the child run")
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).relative_to(root)), "-q", "-k", "interpreted",
-         "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted_tests(__file__, timeout=900)
 
 
 def _check_masked_attention(dtype, group, block_size, q_lens, ctx, window, softcap, device="cpu", d=16):

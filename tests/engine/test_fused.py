@@ -11,8 +11,6 @@ Three groups:
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 import torch
 
 from understudy.engine.layers import fused
+from tests.helpers.interpreter import INTERPRETING, run_interpreted_tests
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Tolerances of the Triton path against the reference: fp32 differs only in the order of
@@ -111,25 +110,9 @@ def test_engine_imports_and_runs_without_triton():
 # ------------------------------------------------------------------------------------------
 
 
-# The interpreter must be on before Triton is first imported (its own library functions,
-# tl.sum say, are decorated then), so these run in a child pytest started with
-# TRITON_INTERPRET=1; in the parent they are skipped and one test runs the child.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
+# The kernels in Triton's interpreter: a child pytest (tests/helpers/interpreter.py).
 def test_triton_kernels_in_the_interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if INTERPRETING:
-        pytest.skip("this is the child run")
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).relative_to(root)), "-q", "-k", "interpreted",
-         "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted_tests(__file__, timeout=900)
 
 
 @pytest.fixture

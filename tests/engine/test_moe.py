@@ -7,9 +7,6 @@ checkpoints carry the per-expert names real ones do (mlp.experts.E.gate_proj / b
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from understudy.engine.layers.attention import AttentionMetadata
 from understudy.engine.model.loader import load_config, load_model
 
 from tests.helpers.engine import greedy_generate, hf_greedy
+from tests.helpers.interpreter import INTERPRETING, run_interpreted_tests
 
 NEW_TOKENS = 12
 PROMPT = [17, 200, 3, 99, 45, 45, 128, 7, 250, 31, 64]
@@ -237,23 +235,11 @@ def test_tensor_parallel_2_gives_transformers_tokens(moe_dir):
 
 # The interpreter must be on before Triton is first imported, so these run in a child pytest started with
 # TRITON_INTERPRET=1 (as in test_fused.py); in the parent they are skipped and one test runs the child.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_moe_kernels_in_the_interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if INTERPRETING:
-        pytest.skip("this is the child run")
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).relative_to(root)), "-q", "-k", "interpreted",
-         "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted_tests(__file__, timeout=600)
 
 
 @pytest.fixture
