@@ -142,3 +142,31 @@ def test_best_of_above_n_is_refused(server):
     assert e.value.body["param"] == "best_of"
     ok = server.client.completions.create(model=server.model, prompt="x", max_tokens=1, best_of=2, n=2)
     assert len(ok.choices) == 2
+
+
+def test_smollm2_echo_scores_equal_transformers():
+    """lm-evaluation-harness' log-likelihood request (echo, max_tokens 0, logprobs) on the real default model,
+    SmolLM2-135M-Instruct (its Q4_1 GGUF expanded to float32 by both), against transformers reading the same
+    GGUF file."""
+    import transformers
+
+    from understudy.common.default_model import default_model_path
+
+    path = default_model_path()
+    server = TinyServer(path)
+    try:
+        text = "The capital of France is Paris, and the capital of Italy is Rome."
+        r = server.client.completions.create(model=server.model, prompt=text, max_tokens=0, echo=True, logprobs=1,
+                                             temperature=0)
+        lp = r.choices[0].logprobs
+        ids = server.tokenizer.encode(text)
+        assert r.choices[0].text == text and len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        want = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < TOL, (lp.token_logprobs[1:], want)
+        assert sum(want) < -5  # a real model's score, not zeros
+    finally:
+        server.close()

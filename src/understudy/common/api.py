@@ -199,6 +199,7 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: e.g. {"enable_thinking": false}
     add_generation_prompt: bool = True  # vLLM
+    continue_final_message: bool = False  # vLLM: the answer continues the last message (prefill)
     # OpenAI fields we cannot serve: a 400 naming them unless they ask for nothing.
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None

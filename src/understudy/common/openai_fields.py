@@ -12,7 +12,7 @@ from __future__ import annotations
 SUPPORTED, REFUSED = "supported", "refused"
 
 _SHARED = {
-    "model": (SUPPORTED, "any --served-model-name (404 otherwise)"),
+    "model": (SUPPORTED, "any --served-model-name (404 otherwise); the answer carries the name the request used"),
     "max_tokens": (SUPPORTED, "omitted: the rest of the context (max_model_len - prompt), or generation_config's "
                               "max_new_tokens"),
     "temperature": (SUPPORTED, "[0, 2]; 0 is greedy; generation_config default when omitted"),
@@ -37,7 +37,6 @@ _VLLM = {
     "stop_token_ids": (SUPPORTED, "vLLM"),
     "ignore_eos": (SUPPORTED, "vLLM"),
     "allowed_token_ids": (SUPPORTED, "vLLM: sample only among these"),
-    "prompt_logprobs": (SUPPORTED, "vLLM: [0, 20] per prompt token ({id: {logprob, rank, decoded_token}})"),
     "response_format": (SUPPORTED, "text / json_object / json_schema (always strict) through the grammar engine"),
     "guided_json": (SUPPORTED, "vLLM: a JSON schema (object or text)"),
     "guided_regex": (SUPPORTED, "vLLM"),
@@ -53,6 +52,8 @@ COMPLETIONS = {
                         "the prompt (lm-eval-harness log-likelihoods)"),
     "logprobs": (SUPPORTED, "[0, 20]: tokens, token_logprobs, top_logprobs, text_offset"),
     "best_of": (SUPPORTED, "equal to n only; above n is refused (400, param best_of)"),
+    "prompt_logprobs": (SUPPORTED, "vLLM: [0, 20] per prompt token ({id: {logprob, rank, decoded_token}}), on the "
+                                   "choice; streamed: in its first chunk (vLLM refuses k > 0 with stream)"),
     "suffix": (REFUSED, "no model we serve fills in the middle"),
 }
 
@@ -68,6 +69,10 @@ CHAT = {
     "parallel_tool_calls": (SUPPORTED, "false: at most one call"),
     "chat_template_kwargs": (SUPPORTED, "vLLM: passed to the template (e.g. enable_thinking)"),
     "add_generation_prompt": (SUPPORTED, "vLLM"),
+    "continue_final_message": (SUPPORTED, "vLLM: the prompt ends inside the last message (its text, no end of "
+                                          "turn) and the answer continues it; needs add_generation_prompt false"),
+    "prompt_logprobs": (SUPPORTED, "vLLM: [0, 20] per prompt token ({id: {logprob, rank, decoded_token}}), on the "
+                                   "answer; streamed: on the first chunk (vLLM refuses k > 0 with stream)"),
     "prompt_cache_key": (SUPPORTED, "a caching hint: prefix caching is automatic"),
     "safety_identifier": (SUPPORTED, "accepted as an identifier, like user"),
     "prompt_cache_retention": (SUPPORTED, "in_memory only (the prefix cache); 24h refused"),

@@ -4,7 +4,8 @@ and reasoning parsers and the chat template override.
 
     opts = OpenAIOptions(served_model_names=("qwen", "qwen-latest"), max_model_len=32768,
                          sampling_defaults={"temperature": 0.7, "top_p": 0.8})
-    opts.model_name          # 'qwen': the name responses carry
+    opts.model_name          # 'qwen': the first name (a request without a model is answered with it)
+    opts.response_name("qwen-latest")  # 'qwen-latest': an answer carries the name its request used
     opts.serves("qwen-latest")  # True: a request may name any of them
 
 The engine exposes it as `worker.openai`, the frontend as `fe.openai`. Torch-free.
@@ -32,7 +33,8 @@ _GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_
 
 @dataclass(frozen=True)
 class OpenAIOptions:
-    served_model_names: tuple[str, ...]  # the first is the name in responses; a request may name any
+    served_model_names: tuple[str, ...]  # a request may name any (its answer carries that name); the first is
+    # the default (a request without a model)
     max_model_len: int | None = None  # prompt + completion tokens; None (frontend): the engines' (fe.max_model_len)
     # request-field name -> value, used when a request omits the field (generation_config.json's, or none
     # with --generation-config vllm; "seed" with --seed)
@@ -48,8 +50,12 @@ class OpenAIOptions:
 
     @property
     def model_name(self) -> str:
-        """The name responses carry."""
+        """The first name: what a request without a model is answered with."""
         return self.served_model_names[0]
+
+    def response_name(self, requested: str | None) -> str:
+        """The name an answer carries: the one the request used (as vLLM echoes it), else the first."""
+        return requested if requested in self.served_model_names else self.model_name
 
     def serves(self, name: str | None) -> bool:
         """A request naming `name` (or no model) is for us."""

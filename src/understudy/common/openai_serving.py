@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
+from understudy.common import tools
 from understudy.common.api import ChatCompletionRequest, CompletionRequest, sse
 from understudy.common.openai_options import OpenAIOptions
 from understudy.common.params import SamplingParams, StructuredSpec, TokenLogprob, choice_seed
@@ -106,15 +107,6 @@ def _structured(body) -> tuple[str, StructuredSpec] | None:
     return (asked[0][0], asked[0][1]) if asked else None
 
 
-def _tools_module():
-    """common/tools.py (the STRUCTURED helper's: tool-call schemas and parsers)."""
-    try:
-        from understudy.common import tools
-    except ImportError as e:  # ADAPTER: until common/tools.py lands, tool requests are refused
-        raise FieldError("tools", f"tool calls are not available in this build ({e})") from None
-    return tools
-
-
 def _tool_mode(body: ChatCompletionRequest, opts: OpenAIOptions) -> str | None:
     """How the output is read for tool calls: None (no tools), "none", "auto" (a parser finds calls in
     free text) or "constrained" (required / named: the grammar makes the output the call JSON)."""
@@ -187,7 +179,7 @@ def sampling_params(body, opts: OpenAIOptions, prompt_len: int, max_model_len: i
         if spec is not None:
             raise FieldError("tool_choice", f"a required or named tool_choice cannot be combined with {structured[0]}")
         try:
-            spec = _tools_module().tool_call_spec(body.tools, body.tool_choice, body.parallel_tool_calls)
+            spec = tools.tool_call_spec(body.tools, body.tool_choice, body.parallel_tool_calls)
         except ValueError as e:
             raise FieldError("tool_choice", str(e)) from None
     bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
@@ -201,13 +193,17 @@ def sampling_params(body, opts: OpenAIOptions, prompt_len: int, max_model_len: i
         logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=spec)
 
 
-def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
-    """The token ids of a chat request through the model's chat template: the history with its tool calls
-    and tool results, the tools, chat_template_kwargs (e.g. enable_thinking). FieldError if it fails."""
+def chat_text(tokenizer: Tokenizer, body: ChatCompletionRequest) -> str:
+    """A chat request through the model's chat template: the history with its tool calls and tool results,
+    the tools, chat_template_kwargs (e.g. enable_thinking), add_generation_prompt / continue_final_message.
+    The chat routes and /tokenize render with it. FieldError if it fails."""
     try:
         messages = [m.for_template() for m in body.messages]
     except ValueError as e:
         raise FieldError("messages", str(e)) from None
+    if body.add_generation_prompt and body.continue_final_message:
+        raise FieldError("continue_final_message", "add_generation_prompt and continue_final_message cannot "
+                                                   "both be true")
     kwargs = dict(body.chat_template_kwargs or {})
     if body.tools and body.tool_choice != "none":
         kwargs["tools"] = body.tools
@@ -215,7 +211,16 @@ def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt, **kwargs)
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault
         raise FieldError("messages", f"cannot render the chat template: {e}") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+    if body.continue_final_message:  # end at the last message's text, not after its end-of-turn tokens
+        last = messages[-1]["content"]
+        cut = text.rfind(last)
+        text = text[: cut + len(last)] if last and cut >= 0 else text
+    return text
+
+
+def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The token ids of chat_text (the template has the special tokens it wants: none are added)."""
+    return tokenizer.encode(chat_text(tokenizer, body), add_special_tokens=False)
 
 
 def completion_prompts(tokenizer: Tokenizer, body: CompletionRequest) -> list[list[int]]:
@@ -331,19 +336,39 @@ class _Delta:
         self.finish_reason, self.first, self.ids = None, False, []
 
 
+def _all_but_special(ids: list[int]) -> list[int]:
+    return ids  # the detokenizer skips the special tokens itself
+
+
+def _marker_text_ids(tokenizer: Tokenizer, markers: tuple[str, ...]) -> Callable[[list[int]], list[int]]:
+    """The ids whose text a choice's parsers read. Where a parser's marker is a special token (Mistral's
+    [TOOL_CALLS], Llama 3's <|python_tag|>) the detokenizer must keep special tokens, so the other special
+    tokens are dropped from the ids first: the content still has none of them, as with skip_special_tokens."""
+    if not markers:
+        return _all_but_special
+    special = {i: t.content for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    dropped = frozenset(i for i, text in special.items() if text not in markers)
+    if len(dropped) == len(special):  # no marker is a special token
+        return _all_but_special
+    return lambda ids: [t for t in ids if t not in dropped]
+
+
 class _ChoiceText:
     """Token ids -> text deltas for a choice: detokenizer, stop strings, reasoning and tool-call parsers."""
 
     def __init__(self, choice: Choice, tokenizer: Tokenizer, tool_mode: str | None, opts: OpenAIOptions,
                  chat: bool):
         self.choice = choice
-        self.detok = IncrementalDetokenizer(tokenizer, choice.prompt)
         self.stops = StopMatcher(choice.params.stop)
         self.tool_mode = tool_mode
-        tools = _tools_module() if tool_mode in ("auto", "constrained") or (chat and opts.reasoning_parser) else None
         self.tool_parser = tools.ToolCallParser(opts.tool_call_parser) if tool_mode == "auto" else None
         self.reasoning = (tools.ReasoningParser(opts.reasoning_parser, tokenizer.decode(choice.prompt, False))
                           if chat and opts.reasoning_parser else None)
+        markers = (self.tool_parser.MARKERS[self.tool_parser.family] if self.tool_parser else ()) + (
+            self.reasoning.MARKERS if self.reasoning else ())
+        self.text_ids = _marker_text_ids(tokenizer, markers)
+        self.detok = IncrementalDetokenizer(tokenizer, self.text_ids(choice.prompt),
+                                            skip_special_tokens=self.text_ids is _all_but_special)
         self.constrained_text: list[str] = []  # required / named: the call JSON, parsed at the end
         self.made_calls = False
         self.started = False  # a piece came already (the first one carries the role, the echo)
@@ -352,7 +377,7 @@ class _ChoiceText:
         c, d = self.choice, _Delta()
         d.first, self.started = not self.started, True
         final = piece.finish_reason is not None
-        text = self.detok.push(piece.token_ids) + (self.detok.flush() if final else "")
+        text = self.detok.push(self.text_ids(piece.token_ids)) + (self.detok.flush() if final else "")
         emit, hit = self.stops.push(text, final)
         d.ids = list(piece.token_ids)
         c.tokens += piece.token_ids
@@ -381,7 +406,6 @@ class _ChoiceText:
         return d
 
     def _constrained_calls(self) -> list:
-        tools = _tools_module()
         text = "".join(self.constrained_text)
         try:
             calls = tools.parse_constrained(text)
@@ -423,7 +447,7 @@ class Answer:
         for p, prompt in enumerate(prompts):
             params = sampling_params(body, opts, len(prompt), max_model_len, default_max_tokens)
             choices += _n_choices(p * body.n, prompt, params, body.n)
-        return cls(False, opts.model_name, request_id, tokenizer, opts, choices, body)
+        return cls(False, opts.response_name(body.model), request_id, tokenizer, opts, choices, body)
 
     @classmethod
     def chat_completions(cls, body: ChatCompletionRequest, tokenizer: Tokenizer, opts: OpenAIOptions,
@@ -433,7 +457,7 @@ class Answer:
         mode = _tool_mode(body, opts)
         prompt = chat_prompt(tokenizer, body)
         params = sampling_params(body, opts, len(prompt), max_model_len, default_max_tokens)
-        return cls(True, opts.model_name, request_id, tokenizer, opts, _n_choices(0, prompt, params, body.n), body,
+        return cls(True, opts.response_name(body.model), request_id, tokenizer, opts, _n_choices(0, prompt, params, body.n), body,
                    tool_mode=mode)
 
     # -- running --
@@ -576,6 +600,9 @@ class Answer:
                 if not delta and d.finish_reason is None and not (lp and lp["content"]):
                     continue
                 choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+                if d.first and i == 0:  # the answer's prompt logprobs, on its first chunk (choice 0's role)
+                    yield sse({**self._base(False), "choices": [choice], **self._chat_prompt_logprobs()})
+                    continue
             else:
                 choice = self._completion_piece(i, d)
                 if not choice["text"] and d.finish_reason is None and not choice["logprobs"] \
@@ -632,10 +659,14 @@ class Answer:
                 if "prompt_logprobs" in part:
                     choice["prompt_logprobs"] = part["prompt_logprobs"]
                 choices.append(choice)
-        out = {**self._base(True), "choices": choices, "usage": self.usage()}
-        if self.chat and self.body.prompt_logprobs is not None and self.choices[0].prompt_logprobs is not None:
-            out["prompt_logprobs"] = prompt_logprobs_body(self.choices[0].prompt_logprobs, self.text_of)
-        return out
+        return {**self._base(True), "choices": choices, "usage": self.usage(),
+                **(self._chat_prompt_logprobs() if self.chat else {})}
+
+    def _chat_prompt_logprobs(self) -> dict[str, Any]:
+        """{"prompt_logprobs": ...} when asked: a chat answer carries them once (the choices share the prompt)."""
+        if self.body.prompt_logprobs is None or self.choices[0].prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": prompt_logprobs_body(self.choices[0].prompt_logprobs, self.text_of)}
 
 
 def _n_choices(first_index: int, prompt: list[int], params: SamplingParams, n: int) -> list[Choice]:

@@ -7,7 +7,9 @@
     POST /detokenize  {"model"?, "tokens"} -> {"prompt"}
     GET  /version     {"version": "0.1.0"}
 
-Unknown fields are a 400 naming them (extra="forbid"); so is a model we do not serve (404, as vLLM).
+The messages render exactly as the chat routes render them (openai_serving.chat_text: the same message
+checks, tools, tool calls and tool results, chat_template_kwargs). Unknown fields are a 400 naming them
+(extra="forbid"); so is a model we do not serve (404, as vLLM).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from fastapi import Body, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from understudy import __version__
-from understudy.common.api import STRICT, error, error_responses, invalid_request
+from understudy.common.api import STRICT, ChatCompletionRequest, error, error_responses, invalid_request
+from understudy.common.openai_serving import FieldError, chat_text
 from understudy.common.openai_options import OpenAIOptions
 from understudy.common.tokenizer import Tokenizer
 
@@ -56,28 +59,10 @@ TOKENIZE_BODY = {"requestBody": {"required": True, "content": {"application/json
     "oneOf": [TokenizeCompletion.model_json_schema(), TokenizeChat.model_json_schema()]}}}}}
 
 
-def _chat_text(tokenizer: Tokenizer, body: TokenizeChat) -> str:
-    """The chat template's text for the messages (text parts of a list content joined, as the chat route
-    sends them)."""
-    messages = []
-    for m in body.messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise ValueError("messages: only text content parts can be tokenized")
-            m = {**m, "content": "".join(p.get("text", "") for p in content)}
-        messages.append(m)
-    if body.add_generation_prompt and body.continue_final_message:
-        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
-    kwargs = dict(body.chat_template_kwargs or {})
-    if body.tools is not None:
-        kwargs["tools"] = body.tools
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt, **kwargs)
-    if body.continue_final_message:  # end at the last message's text, not after its end-of-turn tokens
-        last = messages[-1].get("content") or ""
-        cut = text.rfind(last)
-        text = text[: cut + len(last)] if last and cut >= 0 else text
-    return text
+def _chat_request(body: TokenizeChat) -> ChatCompletionRequest:
+    """The chat request whose prompt /tokenize counts: rendered by the chat routes' own chat_text."""
+    return ChatCompletionRequest.model_validate(body.model_dump(include={
+        "messages", "add_generation_prompt", "continue_final_message", "tools", "chat_template_kwargs"}))
 
 
 def add_service_routes(app: FastAPI, tokenizer: Callable[[], Awaitable[Tokenizer]],
@@ -100,9 +85,11 @@ def add_service_routes(app: FastAPI, tokenizer: Callable[[], Awaitable[Tokenizer
             return refused
         tok = await tokenizer()
         try:
-            text = body.prompt if isinstance(body, TokenizeCompletion) else _chat_text(tok, body)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-            return error(400, f"cannot render the chat template: {e}", param="messages")
+            text = body.prompt if isinstance(body, TokenizeCompletion) else chat_text(tok, _chat_request(body))
+        except ValidationError as e:  # the messages or tools as the chat route reads them
+            return invalid_request([{**err, "loc": ("body", *err["loc"])} for err in e.errors()])
+        except FieldError as e:
+            return error(400, str(e), param=e.param)
         ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": max_model_len(), "tokens": ids}
         if body.return_token_strs:

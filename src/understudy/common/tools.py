@@ -216,6 +216,9 @@ class ToolCallParser:
     HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
     PYTHON_TAG = "<|python_tag|>"
     MISTRAL_TAG, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+    # each family's marker texts: where one is a special token, the text the parser reads must keep it
+    MARKERS = {"hermes": (HERMES_OPEN, HERMES_CLOSE), "llama3_json": (PYTHON_TAG,),
+               "mistral": (MISTRAL_TAG, MISTRAL_ARGS)}
 
     def __init__(self, family: str):
         if family not in self.FAMILIES:
@@ -426,6 +429,7 @@ class ReasoningParser:
 
     FAMILIES = ("qwen3", "deepseek_r1")
     OPEN, CLOSE = "<think>", "</think>"
+    MARKERS = (OPEN, CLOSE)  # as ToolCallParser.MARKERS
 
     def __init__(self, family: str, prompt: str = ""):
         if family not in self.FAMILIES:
