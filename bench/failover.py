@@ -1,4 +1,4 @@
-"""Failover on a GPU: an active engine and a parked shadow under steady load, killed 10 times.
+"""Failover on a GPU (or, with --cpu, a tiny model on the CPU): an active engine and a parked shadow under steady load, killed 10 times.
 
 Prints, measured in the same run, over the kills:
   * kill -> shadow active (its lifecycle log line), p50 and max;
@@ -11,6 +11,7 @@ Prints, measured in the same run, over the kills:
     python bench/failover.py                    # Llama-3-8B shape, 10 kills
     python bench/failover.py --layers 4 --kills 3
     python bench/failover.py --plot failover.png  # also: tokens of every stream over time, kills marked
+    python bench/failover.py --cpu --kills 3 --plot failover_cpu.png  # tiny model, host backend
 """
 
 from __future__ import annotations
@@ -206,11 +207,14 @@ def first_token_after(port: int, ids: list[int], t0: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true",
+                    help="a CPU run: a tiny random Llama, the host backend (the times say little; the plot shows the "
+                         "same shape)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (steady load)")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--kv-cache-memory", default="8GiB")
+    ap.add_argument("--kv-cache-memory", default=None, help="per engine (default: 8GiB on GPU, 16MiB with --cpu)")
     ap.add_argument("--prefill-attention", choices=["reference", "triton"], default=None,
                     help="the engines' --prefill-attention (default: theirs)")
     ap.add_argument("--plot", metavar="FILE.png", default=None,
@@ -223,11 +227,17 @@ def main() -> None:
             ap.error("--plot needs matplotlib: python -m pip install matplotlib")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
-    ckpt = cached_checkpoint(work, args.layers)
+    backend, device = ("host", "cpu") if args.cpu else ("cuda", "cuda")
+    if args.cpu:
+        from tests.helpers.tiny_model import make_tiny_llama
+
+        ckpt, vocab, prompt_len = make_tiny_llama(work / "tiny"), 256, 16
+    else:
+        ckpt, vocab, prompt_len = cached_checkpoint(work, args.layers), 120000, 64
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
-    engine_args = ["--model", str(ckpt), "--backend", "cuda", "--socket-dir", sock, "--memory-service", "connect",
-                   "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", "16", "--max-model-len", "2048",
-                   "--standby-wait", "600", "--no-progress"]
+    engine_args = ["--model", str(ckpt), "--backend", backend, "--socket-dir", sock, "--memory-service", "connect",
+                   "--kv-cache-memory", args.kv_cache_memory or ("16MiB" if args.cpu else "8GiB"), "--max-num-seqs",
+                   "16", "--max-model-len", "512" if args.cpu else "2048", "--standby-wait", "600", "--no-progress"]
     if args.prefill_attention:
         engine_args += ["--prefill-attention", args.prefill_attention]
     ports = [18100, 18101]
@@ -237,16 +247,17 @@ def main() -> None:
         p.wait_event("serving")
         return p
 
-    memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock])
+    memory = Proc(PY + ["memory-server", "--backend", backend, "--socket-dir", sock])
     memory.wait_event("listening")
+    used_mib = (lambda: 0) if args.cpu else gpu_used_mib
     results: dict = {"kill_to_active_ms": [], "kill_to_first_token_ms": []}
     try:
         procs = {ports[0]: engine(ports[0], "primary")}
-        before = gpu_used_mib()
+        before = used_mib()
         procs[ports[1]] = engine(ports[1], "shadow")
-        results["parked_shadow_MiB"] = gpu_used_mib() - before
+        results["parked_shadow_MiB"] = used_mib() - before
         print(f"# parked shadow: {results['parked_shadow_MiB']} MiB of its own GPU memory", flush=True)
-        clients = [LoadClient(ports, seed, 48) for seed in range(args.clients)]
+        clients = [LoadClient(ports, seed, 48, vocab=vocab, prompt_len=prompt_len) for seed in range(args.clients)]
         for c in clients:
             c.start()
         active = ports[0]
@@ -285,7 +296,7 @@ def main() -> None:
         # map (16 GB of weights, the KV) without reading the disk; a new shadow then imports from it.
         t_kill = memory_kill = time.time()
         memory.kill()
-        memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock])
+        memory = Proc(PY + ["memory-server", "--backend", backend, "--socket-dir", sock])
         memory.wait_event("listening")
         rec = procs[active].wait_event("memory_service_recovered", timeout=120)
         results["memory_restart"] = {"kill_to_recovered_ms": (rec["ts"] - t_kill) * 1e3, "weights": rec["weights"],
@@ -306,15 +317,15 @@ def main() -> None:
 
     # Cold restarts, measured the same way as shared/probes/cold_start_baseline.py.
     code = ("import time; t0=time.time(); import torch; from transformers import AutoModelForCausalLM; "
-            f"m=AutoModelForCausalLM.from_pretrained('{ckpt}', dtype=torch.bfloat16, device_map='cuda'); "
-            "m.generate(torch.tensor([[1,2,3,4]], device='cuda'), max_new_tokens=1, do_sample=False); "
-            "torch.cuda.synchronize(); print('first_token', time.time())")
+            f"m=AutoModelForCausalLM.from_pretrained('{ckpt}', dtype=torch.bfloat16, device_map='{device}'); "
+            f"m.generate(torch.tensor([[1,2,3,4]], device='{device}'), max_new_tokens=1, do_sample=False); "
+            "torch.cuda.is_available() and torch.cuda.synchronize(); print('first_token', time.time())")
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     results["cold_hf_s"] = float(out.stdout.split("first_token")[-1]) - t0
     sock2 = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     t0 = time.time()
-    memory = Proc(PY + ["memory-server", "--backend", "cuda", "--socket-dir", sock2])
+    memory = Proc(PY + ["memory-server", "--backend", backend, "--socket-dir", sock2])
     memory.wait_event("listening")
     cold = Proc(PY + ["serve", "--port", "18102", *[a if a != sock else sock2 for a in engine_args]])
     cold.wait_event("serving")

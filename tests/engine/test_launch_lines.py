@@ -67,9 +67,12 @@ def test_positional_model_tp_two_names_binary_size_float_chat_template_and_seed(
         models = httpx.get(f"{base}/v1/models").json()["data"]
         assert [(m["id"], m["max_model_len"]) for m in models] == [("alpha", 1024), ("beta", 1024)]
         c = client(base)
-        for name in ("alpha", "beta"):  # a request may name either; responses carry the first
+        for name in ("alpha", "beta"):  # a request may name either; its answer carries that name (as vLLM)
             r = c.completions.create(model=name, prompt="hello", max_tokens=4, temperature=0)
-            assert r.model == "alpha" and r.usage.completion_tokens == 4
+            assert r.model == name and r.usage.completion_tokens == 4
+            chunks = list(c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=2, stream=True))
+            assert {ch.model for ch in chunks} == {name}
         with pytest.raises(openai.NotFoundError):
             c.completions.create(model="gamma", prompt="hello", max_tokens=1)
         # The tiny model has no chat template: chat works through --chat-template's (byte tokens: one per byte).

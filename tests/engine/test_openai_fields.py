@@ -163,7 +163,7 @@ SUPPORTED_EXAMPLES = {
     "tools": None, "tool_choice": "none", "parallel_tool_calls": False,
     "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True, "prompt_cache_key": "k",
     "safety_identifier": "s", "service_tier": "auto", "store": False, "metadata": {}, "modalities": ["text"],
-    "prompt_cache_retention": "in_memory",
+    "prompt_cache_retention": "in_memory", "continue_final_message": True,
 }
 _SUPPORTED = sorted({(table, name) for table, fields in (("completions", openai_fields.COMPLETIONS),
                                                          ("chat", openai_fields.CHAT))
@@ -181,7 +181,8 @@ def test_a_supported_field_is_read_not_ignored(server, endpoint, name):
                  "structured_outputs": {"choice": ["x", "y"]}, "top_logprobs": 2,
                  "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}[name]
     extra = {"stream_options": {"stream": True}, "top_logprobs": {"logprobs": True},
-             "best_of": {"n": 2}, "tools": {"tool_choice": "none"}}.get(name, {})
+             "best_of": {"n": 2}, "tools": {"tool_choice": "none"},
+             "continue_final_message": {"add_generation_prompt": False}}.get(name, {})
     body.update({name: value, **extra})
     rid = f"supported-{endpoint}-{name}"
     r = server.http.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", json=body,

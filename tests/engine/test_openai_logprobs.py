@@ -99,6 +99,18 @@ def test_prompt_logprobs_extension(server, reference):
         assert entry["rank"] == 1 + int((ref[i - 1] > ref[i - 1, prompt[i]]).sum())
 
 
+def test_chat_prompt_logprobs_whole_and_streamed(server):
+    """vLLM's prompt_logprobs on a chat answer; streamed, on the first chunk (once)."""
+    kw = dict(model=server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0,
+              n=2, extra_body={"prompt_logprobs": 1})
+    r = server.client.chat.completions.create(**kw)
+    whole = r.model_extra["prompt_logprobs"]
+    assert whole[0] is None and len(whole) == r.usage.prompt_tokens
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    carried = [ch.model_extra["prompt_logprobs"] for ch in chunks if ch.model_extra.get("prompt_logprobs")]
+    assert carried == [whole] and chunks[0].model_extra.get("prompt_logprobs") == whole
+
+
 def test_chat_logprobs_and_top_logprobs(server):
     kw = dict(model=server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
               logprobs=True, top_logprobs=3)

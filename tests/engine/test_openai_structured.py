@@ -14,7 +14,7 @@ import pytest
 from understudy.common.api import ChatCompletionRequest
 from understudy.common.openai_serving import chat_prompt
 from understudy.common.tokenizer import Tokenizer
-from tests.helpers.openai_tiny import TinyServer
+from tests.helpers.openai_tiny import MISTRAL_CALL, MISTRAL_GRAMMAR, TinyServer, write_mistral_model
 
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "sunny": {"type": "boolean"}},
           "required": ["city", "sunny"], "additionalProperties": False}
@@ -150,3 +150,66 @@ def test_auto_tool_calls_and_reasoning_are_parsed_from_the_text(parsing_server):
     assert reasoning == "Paris." and finish == "tool_calls"
     assert calls[0].function.name == "get_weather" and calls[0].id
     assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
+
+
+@pytest.fixture(scope="module")
+def mistral_server(tmp_path_factory):
+    """An engine with the mistral tool-call parser, whose tokenizer has `[TOOL_CALLS]` (id 256) and `</s>`
+    (id 257) as special tokens, as Mistral's has."""
+    d = write_mistral_model(tmp_path_factory.mktemp("tiny-mistral") / "model")
+    s = TinyServer(d, "--enable-auto-tool-choice", "--tool-call-parser", "mistral")
+    yield s
+    s.close()
+
+
+def test_a_marker_that_is_a_special_token_reaches_the_tool_parser(mistral_server):
+    s = mistral_server
+    assert s.tokenizer.encode("[TOOL_CALLS]</s>", add_special_tokens=False) == [256, 257]
+    kw = dict(model=s.model, messages=ASK, max_tokens=120, temperature=0, tools=[WEATHER],
+              extra_body={"guided_grammar": MISTRAL_GRAMMAR})
+    r = s.client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    assert msg.content == "Sure."  # no marker, and the other special token skipped as ever
+    [got] = msg.tool_calls
+    assert got.function.name == "get_weather" and json.loads(got.function.arguments) == {"city": "Paris"}
+    content, calls, finish = "", [], None
+    for ch in s.client.chat.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            content += c.delta.content or ""
+            calls += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert content == "Sure." and finish == "tool_calls"
+    assert calls[0].function.name == "get_weather"
+    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
+    # without tools no parser reads the text: special tokens are skipped as before
+    plain = s.client.chat.completions.create(**{**kw, "tools": None})
+    assert plain.choices[0].message.content == "Sure." + MISTRAL_CALL and plain.choices[0].finish_reason == "stop"
+
+
+def test_tokenize_renders_chat_messages_as_the_chat_route(parsing_server):
+    """/tokenize counts the prompt the chat route makes: the same tool-call arguments (a JSON string becomes
+    an object for the template), tool results, tools and chat_template_kwargs."""
+    s = parsing_server
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    kwargs = {"enable_thinking": False}
+    r = s.http.post("/tokenize", json={"messages": messages, "tools": [WEATHER], "chat_template_kwargs": kwargs})
+    assert r.status_code == 200, r.text
+    text = s.tokenizer.decode(r.json()["tokens"], skip_special_tokens=False)
+    assert '"arguments": {"city": "Paris"}}</tool_call>' in text and text.endswith("<think></think>")
+    chat = s.client.chat.completions.create(model=s.model, messages=messages, tools=[WEATHER], max_tokens=1,
+                                            extra_body={"chat_template_kwargs": kwargs})
+    assert chat.usage.prompt_tokens == r.json()["count"]
+    # continue_final_message: the prompt ends inside the last message, on both routes
+    partial = [*ASK, {"role": "assistant", "content": "The weath"}]
+    r = s.http.post("/tokenize", json={"messages": partial, "add_generation_prompt": False,
+                                       "continue_final_message": True})
+    assert s.tokenizer.decode(r.json()["tokens"]).endswith("<|im_start|>assistant\nThe weath")
+    chat = s.client.chat.completions.create(model=s.model, messages=partial, max_tokens=1, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    assert chat.usage.prompt_tokens == r.json()["count"]
+    # the chat route's message checks too
+    bad = s.http.post("/tokenize", json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"

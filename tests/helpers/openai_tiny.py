@@ -33,9 +33,28 @@ CHAT_TEMPLATE = (
     "enable_thinking %}<think></think>{%- endif %}{%- endif %}")
 
 
-def write_model(d: Path) -> Path:
-    make_tiny_llama(d)
+def write_model(d: Path, **config) -> Path:
+    make_tiny_llama(d, **config)
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return d
+
+
+MISTRAL_SPECIAL = ("[TOOL_CALLS]", "</s>")  # ids 256 and 257
+# A lark grammar that makes the tiny model write text, the other special token, the marker token, a call.
+MISTRAL_CALL = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+MISTRAL_GRAMMAR = f'start: "Sure." <[257]> <[256]> {json.dumps(MISTRAL_CALL)}'
+
+
+def write_mistral_model(d: Path) -> Path:
+    """The tiny model with `[TOOL_CALLS]` (id 256) and `</s>` (id 257) as special tokens, as in Mistral's
+    vocabulary: a detokenizer that skips special tokens loses the tool-call marker."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    write_model(d, vocab_size=256 + len(MISTRAL_SPECIAL))
+    backend = Backend.from_file(str(d / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in MISTRAL_SPECIAL])
+    backend.save(str(d / "tokenizer.json"))
     return d
 
 

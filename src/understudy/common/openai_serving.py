@@ -336,8 +336,8 @@ class _Delta:
         self.finish_reason, self.first, self.ids = None, False, []
 
 
-def _all_but_special(ids: list[int]) -> list[int]:
-    return ids  # the detokenizer skips the special tokens itself
+def _unfiltered(ids: list[int]) -> list[int]:
+    return ids  # the detokenizer skips every special token itself (no parser marker is one)
 
 
 def _marker_text_ids(tokenizer: Tokenizer, markers: tuple[str, ...]) -> Callable[[list[int]], list[int]]:
@@ -345,11 +345,11 @@ def _marker_text_ids(tokenizer: Tokenizer, markers: tuple[str, ...]) -> Callable
     [TOOL_CALLS], Llama 3's <|python_tag|>) the detokenizer must keep special tokens, so the other special
     tokens are dropped from the ids first: the content still has none of them, as with skip_special_tokens."""
     if not markers:
-        return _all_but_special
+        return _unfiltered
     special = {i: t.content for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
     dropped = frozenset(i for i, text in special.items() if text not in markers)
     if len(dropped) == len(special):  # no marker is a special token
-        return _all_but_special
+        return _unfiltered
     return lambda ids: [t for t in ids if t not in dropped]
 
 
@@ -368,7 +368,7 @@ class _ChoiceText:
             self.reasoning.MARKERS if self.reasoning else ())
         self.text_ids = _marker_text_ids(tokenizer, markers)
         self.detok = IncrementalDetokenizer(tokenizer, self.text_ids(choice.prompt),
-                                            skip_special_tokens=self.text_ids is _all_but_special)
+                                            skip_special_tokens=self.text_ids is _unfiltered)
         self.constrained_text: list[str] = []  # required / named: the call JSON, parsed at the end
         self.made_calls = False
         self.started = False  # a piece came already (the first one carries the role, the echo)
@@ -457,8 +457,8 @@ class Answer:
         mode = _tool_mode(body, opts)
         prompt = chat_prompt(tokenizer, body)
         params = sampling_params(body, opts, len(prompt), max_model_len, default_max_tokens)
-        return cls(True, opts.response_name(body.model), request_id, tokenizer, opts, _n_choices(0, prompt, params, body.n), body,
-                   tool_mode=mode)
+        return cls(True, opts.response_name(body.model), request_id, tokenizer, opts,
+                   _n_choices(0, prompt, params, body.n), body, tool_mode=mode)
 
     # -- running --
 
