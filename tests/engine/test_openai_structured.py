@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from understudy.common.api import ChatCompletionRequest
-from understudy.common.openai_serving import chat_prompt
+from understudy.common.openai_prompts import chat_prompt
 from understudy.common.tokenizer import Tokenizer
 from tests.helpers.openai_tiny import MISTRAL_CALL, MISTRAL_GRAMMAR, TinyServer, write_mistral_model
 

@@ -1,6 +1,7 @@
-"""The text-level half of the OpenAI routes, shared by the engine and the frontend: request bodies become
-SamplingParams and prompts, the tokens of each choice become text, logprobs, tool calls and reasoning, and
-the choices become one answer (a JSON body or server-sent events). Torch-free.
+"""The choices and the answer of the OpenAI routes, shared by the engine and the frontend: the tokens of each
+choice become text, logprobs, tool calls and reasoning, and the choices become one answer (a JSON body or
+server-sent events). Torch-free. The request fields are openai_requests.py's, the prompts openai_prompts.py's,
+the logprob bodies openai_logprobs.py's.
 
 The engine and the frontend differ only in where tokens come from: each hands `Answer.start` a `Source`,
 a function of a Choice that yields `Piece`s (the engine reads its own engine, the frontend the NDJSON of
@@ -14,32 +15,20 @@ POST /engine/generate, migrating across engines). So every field is served by th
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 from understudy.common import tools
 from understudy.common.api import ChatCompletionRequest, CompletionRequest, sse
+from understudy.common.openai_logprobs import (
+    TokenTexts, chat_logprobs, completion_logprobs, prompt_logprobs_body)
 from understudy.common.openai_options import OpenAIOptions
-from understudy.common.params import SamplingParams, StructuredSpec, TokenLogprob, choice_seed
+from understudy.common.openai_prompts import chat_prompt, completion_prompts
+from understudy.common.openai_requests import check_request, sampling_params, tool_mode_of
+from understudy.common.params import SamplingParams, TokenLogprob, choice_seed
 from understudy.common.text import StopMatcher
 from understudy.common.tokenizer import IncrementalDetokenizer, Tokenizer
-from understudy.logs import log
-
-logger = logging.getLogger("understudy.openai")
-
-MAX_CHOICES = 256  # prompts x n in one request
-LOWEST_LOGPROB = -9999.0  # what -inf is sent as (JSON has no infinity), as vLLM does
-
-
-class FieldError(ValueError):
-    """A request field we cannot serve as asked: an OpenAI-style 400 naming it."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -52,257 +41,6 @@ class Piece:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-# -- request fields -> SamplingParams ------------------------------------------------------------------
-
-def _structured(body) -> tuple[str, StructuredSpec] | None:
-    """(the field that asked, the spec) for the structured-output fields; several at once is a 400."""
-    asked: list[tuple[str, StructuredSpec | None]] = []
-    rf = body.response_format
-    if rf is not None:
-        kind = rf.get("type")
-        if kind == "json_object":
-            asked.append(("response_format", StructuredSpec("json_object", "")))
-        elif kind == "json_schema":
-            spec = rf.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise FieldError("response_format", "response_format json_schema needs json_schema.schema (an object)")
-            asked.append(("response_format", StructuredSpec("json_schema", json.dumps(schema))))
-        elif kind != "text":
-            raise FieldError("response_format", "response_format.type must be text, json_object or json_schema")
-    if body.guided_json is not None:
-        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
-        asked.append(("guided_json", StructuredSpec("json_schema", schema)))
-    if body.guided_regex is not None:
-        asked.append(("guided_regex", StructuredSpec("regex", body.guided_regex)))
-    if body.guided_choice is not None:
-        asked.append(("guided_choice", StructuredSpec("choice", json.dumps(body.guided_choice))))
-    if body.guided_grammar is not None:
-        asked.append(("guided_grammar", StructuredSpec("grammar", body.guided_grammar)))
-    so = body.structured_outputs
-    if so is not None:
-        kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-                 "json_object": "json_object"}
-        given = [k for k in so if so[k] is not None and k in kinds]
-        unknown = sorted(set(so) - set(kinds))
-        if unknown:
-            raise FieldError("structured_outputs", f"structured_outputs: unsupported keys {', '.join(unknown)}")
-        if len(given) != 1:
-            raise FieldError("structured_outputs", "structured_outputs needs exactly one of json, regex, choice, "
-                                                   "grammar, json_object")
-        key, value = given[0], so[given[0]]
-        if key == "json_object":
-            spec = StructuredSpec("json_object", "")
-        elif key in ("json", "choice"):
-            spec = StructuredSpec(kinds[key], value if isinstance(value, str) else json.dumps(value))
-        else:
-            if not isinstance(value, str):
-                raise FieldError("structured_outputs", f"structured_outputs.{key} must be a string")
-            spec = StructuredSpec(kinds[key], value)
-        asked.append(("structured_outputs", spec))
-    if len(asked) > 1:
-        raise FieldError(asked[1][0], f"only one structured output at a time: {asked[0][0]} and {asked[1][0]} given")
-    return (asked[0][0], asked[0][1]) if asked else None
-
-
-def _tool_mode(body: ChatCompletionRequest, opts: OpenAIOptions) -> str | None:
-    """How the output is read for tool calls: None (no tools), "none", "auto" (a parser finds calls in
-    free text) or "constrained" (required / named: the grammar makes the output the call JSON)."""
-    if not body.tools:
-        return None
-    choice = body.tool_choice or "auto"
-    if choice == "none":
-        return "none"
-    if choice == "auto":
-        if not (opts.enable_auto_tool_choice and opts.tool_call_parser):
-            raise FieldError("tool_choice", 'tool_choice "auto" needs the server started with '
-                                            "--enable-auto-tool-choice and --tool-call-parser")
-        return "auto"
-    return "constrained"
-
-
-def check_request(body) -> None:
-    """Cross-field checks (each names the field): pydantic's field validators did the rest."""
-    if isinstance(body, CompletionRequest):
-        if body.best_of is not None and body.best_of != body.n:
-            raise FieldError("best_of", "best_of above n is not supported: send n candidates and rank them")
-        if body.max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
-            raise FieldError("max_tokens", "max_tokens 0 (score the prompt) needs echo or prompt_logprobs")
-        if body.stream and body.max_tokens == 0:
-            raise FieldError("max_tokens", "max_tokens 0 cannot be streamed")
-    else:
-        if body.top_logprobs is not None and not body.logprobs:
-            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
-        names = {t["function"]["name"] for t in body.tools or ()}
-        if isinstance(body.tool_choice, dict) and body.tool_choice["function"]["name"] not in names:
-            raise FieldError("tool_choice", f"tool_choice names {body.tool_choice['function']['name']!r}, "
-                                            f"which is not in tools")
-        if body.tool_choice == "required" and not body.tools:
-            raise FieldError("tool_choice", "tool_choice required needs tools")
-
-
-def sampling_params(body, opts: OpenAIOptions, prompt_len: int, max_model_len: int | None,
-                    default_max_tokens: int | None = None) -> SamplingParams:
-    """The request's SamplingParams (choice 0's; Answer derives the others' seeds). generation_config.json's
-    defaults (and --seed) fill only the fields the request omitted; an omitted max_tokens is the rest of the
-    context (at most --default-max-tokens when that is set)."""
-    given = body.model_fields_set
-
-    def value(name: str):
-        if name not in given and name in opts.sampling_defaults:
-            return opts.sampling_defaults[name]
-        return getattr(body, name)
-
-    chat = isinstance(body, ChatCompletionRequest)
-    max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is None and "max_tokens" in opts.sampling_defaults and not (
-            chat and "max_completion_tokens" in given):
-        max_tokens = opts.sampling_defaults["max_tokens"]
-    if max_tokens is None:  # OpenAI's and vLLM's default: the rest of the context (None: the engine's, which
-        # knows its KV cache too; the frontend sends None)
-        rest = max(1, max_model_len - prompt_len) if max_model_len else None
-        candidates = [m for m in (rest, default_max_tokens) if m is not None]
-        max_tokens = min(candidates) if candidates else None
-    if chat:
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prompt_logprobs = body.prompt_logprobs
-    else:
-        logprobs = body.logprobs
-        prompt_logprobs = body.prompt_logprobs
-        if body.echo and (body.logprobs is not None or body.max_tokens == 0):  # the echoed prompt's logprobs
-            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs or 0)
-    structured = _structured(body)
-    spec = structured[1] if structured else None
-    if chat and _tool_mode(body, opts) == "constrained":
-        if spec is not None:
-            raise FieldError("tool_choice", f"a required or named tool_choice cannot be combined with {structured[0]}")
-        try:
-            spec = tools.tool_call_spec(body.tools, body.tool_choice, body.parallel_tool_calls)
-        except ValueError as e:
-            raise FieldError("tool_choice", str(e)) from None
-    bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=value("temperature"), top_p=value("top_p"), top_k=value("top_k"),
-        seed=value("seed"), stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
-        stop=tuple(body.stop or ()), presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, repetition_penalty=value("repetition_penalty"),
-        logit_bias=bias, min_p=value("min_p"), min_tokens=body.min_tokens,
-        allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=spec)
-
-
-def chat_text(tokenizer: Tokenizer, body: ChatCompletionRequest) -> str:
-    """A chat request through the model's chat template: the history with its tool calls and tool results,
-    the tools, chat_template_kwargs (e.g. enable_thinking), add_generation_prompt / continue_final_message.
-    The chat routes and /tokenize render with it. FieldError if it fails."""
-    try:
-        messages = [m.for_template() for m in body.messages]
-    except ValueError as e:
-        raise FieldError("messages", str(e)) from None
-    if body.add_generation_prompt and body.continue_final_message:
-        raise FieldError("continue_final_message", "add_generation_prompt and continue_final_message cannot "
-                                                   "both be true")
-    kwargs = dict(body.chat_template_kwargs or {})
-    if body.tools and body.tool_choice != "none":
-        kwargs["tools"] = body.tools
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt, **kwargs)
-    except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-        raise FieldError("messages", f"cannot render the chat template: {e}") from e
-    if body.continue_final_message:  # end at the last message's text, not after its end-of-turn tokens
-        last = messages[-1]["content"]
-        cut = text.rfind(last)
-        text = text[: cut + len(last)] if last and cut >= 0 else text
-    return text
-
-
-def chat_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
-    """The token ids of chat_text (the template has the special tokens it wants: none are added)."""
-    return tokenizer.encode(chat_text(tokenizer, body), add_special_tokens=False)
-
-
-def completion_prompts(tokenizer: Tokenizer, body: CompletionRequest) -> list[list[int]]:
-    prompts = []
-    if len(CompletionRequest.prompt_list(body.prompt)) * body.n > MAX_CHOICES:
-        raise FieldError("n", f"at most {MAX_CHOICES} choices per request (prompts x n)")
-    for p in CompletionRequest.prompt_list(body.prompt):
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
-        if not ids:  # "" encodes to no token
-            raise FieldError("prompt", "the prompt is empty")
-        prompts.append(ids)
-    return prompts
-
-
-def log_ignored(body, request_id: str) -> None:
-    """One line naming the fields no schema we serve has (they are ignored, as vLLM does)."""
-    if body.ignored_fields:
-        log(logger, "ignored_fields", logging.WARNING, request_id=request_id, fields=body.ignored_fields)
-
-
-# -- logprobs as OpenAI writes them -------------------------------------------------------------------
-
-class _Tokens:
-    """Token id -> its text as logprobs show it (cached: the same ids recur)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-
-def _lp(x: float) -> float:
-    return max(x, LOWEST_LOGPROB)
-
-
-def completion_logprobs(entries: list[TokenLogprob | None], ids: list[int], text_of: _Tokens,
-                        offset: int) -> tuple[dict[str, list], int]:
-    """The `logprobs` object of /v1/completions for these tokens (None entries: the prompt's first token),
-    and the text offset after them."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token_id, e in zip(ids, entries):
-        text = text_of(token_id)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
-        if e is None:
-            out["token_logprobs"].append(None)
-            out["top_logprobs"].append(None)
-            continue
-        out["token_logprobs"].append(_lp(e.logprob))
-        top: dict[str, float] = {}
-        for i, lp in e.top:  # most likely first: a text shared by several tokens keeps the likeliest
-            top.setdefault(text_of(i), _lp(lp))
-        top.setdefault(text, _lp(e.logprob))  # the sampled token is always listed (as vLLM does)
-        out["top_logprobs"].append(top)
-    return out, offset
-
-
-def chat_logprobs(entries: list[TokenLogprob], text_of: _Tokens, k: int) -> list[dict[str, Any]]:
-    """The `logprobs.content` entries of /v1/chat/completions."""
-    def one(token_id: int, logprob: float) -> dict[str, Any]:
-        text = text_of(token_id)
-        return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
-    return [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top[:k]]} for e in entries]
-
-
-def prompt_logprobs_body(entries: list[TokenLogprob | None], text_of: _Tokens) -> list[dict | None]:
-    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}."""
-    out: list[dict | None] = []
-    for e in entries:
-        if e is None:
-            out.append(None)
-            continue
-        d = {str(e.token_id): {"logprob": _lp(e.logprob), "rank": e.rank, "decoded_token": text_of(e.token_id)}}
-        for rank, (i, lp) in enumerate(e.top, 1):
-            d.setdefault(str(i), {"logprob": _lp(lp), "rank": rank, "decoded_token": text_of(i)})
-        out.append(d)
-    return out
 
 
 # -- one choice ----------------------------------------------------------------------------------------
@@ -428,7 +166,7 @@ class Answer:
         self.tokenizer, self.choices, self.tool_mode = tokenizer, choices, tool_mode
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
-        self.text_of = _Tokens(tokenizer)
+        self.text_of = TokenTexts(tokenizer)
         self.texts = [_ChoiceText(c, tokenizer, tool_mode, opts, chat) for c in choices]
         self.streams: list[AsyncIterator[Piece] | None] = []
         self.firsts: list[Piece] = []
@@ -454,7 +192,7 @@ class Answer:
                          max_model_len: int | None, request_id: str,
                          default_max_tokens: int | None = None) -> "Answer":
         check_request(body)
-        mode = _tool_mode(body, opts)
+        mode = tool_mode_of(body, opts)
         prompt = chat_prompt(tokenizer, body)
         params = sampling_params(body, opts, len(prompt), max_model_len, default_max_tokens)
         return cls(True, opts.response_name(body.model), request_id, tokenizer, opts,

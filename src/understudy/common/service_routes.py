@@ -7,7 +7,7 @@
     POST /detokenize  {"model"?, "tokens"} -> {"prompt"}
     GET  /version     {"version": "0.1.0"}
 
-The messages render exactly as the chat routes render them (openai_serving.chat_text: the same message
+The messages render exactly as the chat routes render them (openai_prompts.chat_text: the same message
 checks, tools, tool calls and tool results, chat_template_kwargs). Unknown fields are a 400 naming them
 (extra="forbid"); so is a model we do not serve (404, as vLLM).
 """
@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from understudy import __version__
 from understudy.common.api import STRICT, ChatCompletionRequest, error, error_responses, invalid_request
-from understudy.common.openai_serving import FieldError, chat_text
 from understudy.common.openai_options import OpenAIOptions
+from understudy.common.openai_prompts import chat_text
+from understudy.common.openai_requests import FieldError
 from understudy.common.tokenizer import Tokenizer
 
 _BODY = ConfigDict(extra="forbid", **STRICT)

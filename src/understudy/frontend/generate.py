@@ -31,7 +31,8 @@ from understudy.common.api import (
     sse,
     unless_gone,
 )
-from understudy.common.openai_serving import Answer, Choice, FieldError, Piece, log_ignored
+from understudy.common.openai_requests import FieldError, log_ignored
+from understudy.common.openai_serving import Answer, Choice, Piece
 from understudy.frontend.migration import (
     EngineError,
     EngineRefused,

@@ -32,7 +32,8 @@ from understudy.common.api import (
     sse,
     unless_gone,
 )
-from understudy.common.openai_serving import Answer, Choice, FieldError, Piece, log_ignored
+from understudy.common.openai_requests import FieldError, log_ignored
+from understudy.common.openai_serving import Answer, Choice, Piece
 from understudy.engine.core.async_engine import EngineDead
 from understudy.engine.core.scheduler import QueueFull
 from understudy.engine.serving.metrics import EngineMetrics
