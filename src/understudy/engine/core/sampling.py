@@ -86,7 +86,10 @@ def sample(logits: Tensor, seqs: list[Sequence], *, eos_token_ids: frozenset[int
 def apply_transforms(logits: Tensor, seqs: list[Sequence], *, eos_token_ids=(),
                      bitmask: Tensor | None = None) -> Tensor:
     """Bitmask, logit_bias, allowed_token_ids, min_tokens, repetition / presence / frequency penalties:
-    a new float32 tensor (the input may be a CUDA graph's output buffer)."""
+    a new float32 tensor (the input may be a CUDA graph's output buffer). A batch that asks for none of them
+    (plain decoding, the usual step) gets the logits as they are, in float32: no [B, V] copy."""
+    if bitmask is None and not any(_transformed(s) for s in seqs):
+        return logits.float()
     logits = logits.to(torch.float32, copy=True)
     if bitmask is not None:
         allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
@@ -124,6 +127,13 @@ def unpack_bitmask(bitmask: Tensor, vocab: int) -> Tensor:
 
 
 # -- the transforms ------------------------------------------------------------------------------------------
+
+
+def _transformed(s: Sequence) -> bool:
+    """Whether a row's logits change before sampling (the transforms below; the grammar is the bitmask's)."""
+    p = s.params
+    return bool(p.logit_bias or p.allowed_token_ids is not None or s.num_generated < p.min_tokens
+                or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
 def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[int]) -> None:
