@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--profile", action="store_true",
-                    help="GPU: also print torch.profiler's top kernels of three decode steps at the largest batch")
+                    help="GPU: also print torch.profiler's top kernels of three decode steps at batch 1 and at the largest batch")
     args = ap.parse_args()
 
     from understudy.engine.launch import build_engine
@@ -298,7 +298,8 @@ def main() -> None:
                   f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the step's "
                   f"{b / rate * 1e3:.2f} ms", flush=True)
         if args.profile and not cpu:
-            profile_decode(engine, max(args.batches), args.prompt_len, mcfg.vocab_size)
+            for batch in sorted({1, max(args.batches)}):
+                profile_decode(engine, batch, args.prompt_len, mcfg.vocab_size)
     finally:
         if built is not None:
             built.close()
