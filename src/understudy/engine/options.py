@@ -62,16 +62,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "in FP8 with or without this flag; AWQ, GPTQ, bitsandbytes and other methods are refused. "
                         "Quantized GGUF files are expanded to --dtype (default: none)")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: no CUDA graphs for decode steps, also in a --tensor-parallel group (slower; "
-                        "for debugging)")
+                   help="CUDA: no CUDA graphs (decode steps, and prefill / mixed steps of up to 512 tokens with "
+                        "--prefill-attention triton), also in a --tensor-parallel group (slower; for debugging)")
     g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
                    help="attention kernels: triton (paged decode and prefill kernels, CUDA only) or reference "
                         "(plain torch); "
                         "auto picks triton on CUDA")
     g.add_argument("--prefill-attention", choices=["reference", "triton"], default="triton",
                    help="with triton attention, how prefill and mixed batches attend: triton (default: one "
-                        "paged-prefill kernel per layer, no host sync) or reference (plain torch, one sequence "
-                        "at a time with a host sync per layer: slower, e.g. for the first step after a failover)")
+                        "paged-prefill kernel per layer, no host sync; these steps are CUDA-graph captured up to 512 "
+                        "tokens) or reference (plain torch, one sequence at a time with a host sync per layer, "
+                        "always eager: slower, e.g. for the first step after a failover)")
     g.add_argument("--max-model-len", type=parse_token_count, default=None,
                    help="longest prompt + completion in tokens; vLLM's suffixes: 32k = 32000, 32K = 32768, "
                         "1M = 1048576 (default: the model's, at most 32768)")

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from typing import AsyncIterator, Callable
@@ -29,6 +30,13 @@ from understudy.engine.core.sampling import SamplingParams
 logger = logging.getLogger("understudy.engine")
 
 _DEAD = object()  # put into every open stream when the engine fails
+
+# The engine thread and the HTTP loop share the GIL. While a step runs Python (an eager launch, sampling) the
+# loop gets the GIL back only when the engine thread is asked to drop it, after the switch interval (5 ms by
+# default), and sending one streamed token takes the loop several such waits: tokens reached clients tens of
+# ms after their step. A shorter interval bounds each wait; the engine thread loses little (it mostly waits
+# on the GPU with the GIL released).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class EngineDead(RuntimeError):
@@ -57,6 +65,7 @@ class AsyncEngine:
         self.on_failure: Callable[[BaseException], None] | None = None
 
     def start(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()

@@ -72,7 +72,7 @@ class LLMEngine:
                                    max_num_batched_tokens=limits.max_num_batched_tokens,
                                    max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
         self.sequences: dict[str, Sequence] = {}
-        self.graphs = None  # DecodeGraphs once enable_cuda_graphs() ran
+        self.graphs = None  # StepGraphs once enable_cuda_graphs() ran
         # The grammar engine of structured requests (engine/core/constraints.py); None: they are refused.
         self.constraints = constraints
         # Tensor parallelism: called with each step's inputs just before the forward (graph: a decode step
@@ -159,16 +159,23 @@ class LLMEngine:
         """After adopting a kv pool: its sealed blocks become our cached prefixes."""
         return self.blocks.restore(self.kv.read_index())
 
-    def graph_shape(self) -> dict:
-        """The decode batches the CUDA graphs must take: up to max_num_seqs sequences of max_model_len."""
-        return {"max_batch": self.scheduler.max_num_seqs,
-                "max_blocks_per_seq": -(-self.scheduler.max_model_len // self.kv.spec.block_size)}
+    def graph_shape(self, mixed_steps: bool) -> dict:
+        """The steps the CUDA graphs must take: decode batches of up to max_num_seqs sequences of max_model_len,
+        and (mixed_steps) steps of up to cuda_graphs.mixed_token_limit tokens."""
+        from understudy.engine.core.cuda_graphs import mixed_token_limit
 
-    def enable_cuda_graphs(self) -> None:
-        """Capture decode steps as CUDA graphs (CUDA only; the attention must be graph-safe)."""
-        from understudy.engine.core.cuda_graphs import DecodeGraphs
+        block = self.kv.spec.block_size
+        blocks = -(-self.scheduler.max_model_len // block)
+        return {"max_batch": self.scheduler.max_num_seqs, "max_blocks_per_seq": blocks,
+                "max_tokens": mixed_token_limit(self.scheduler.max_num_batched_tokens, blocks, block)
+                if mixed_steps else 0}
 
-        self.graphs = DecodeGraphs(self.model, self.kv.layers, **self.graph_shape(), device=self.device)
+    def enable_cuda_graphs(self, mixed_steps: bool = False) -> None:
+        """Capture steps as CUDA graphs (CUDA only; the attention must be graph-safe, and for mixed_steps its
+        prefill path too: `--prefill-attention triton`)."""
+        from understudy.engine.core.cuda_graphs import StepGraphs
+
+        self.graphs = StepGraphs(self.model, self.kv.layers, **self.graph_shape(mixed_steps), device=self.device)
         self.graphs.capture()
 
     # -- one step -------------------------------------------------------------
@@ -183,12 +190,11 @@ class LLMEngine:
         # An exception from here on is not caught: after a failed forward the KV cache, the sequences and
         # (on CUDA) the context cannot be trusted, so the engine fails as a whole (AsyncEngine.on_failure).
         t1 = time.perf_counter()
-        graph = self.graphs is not None and len(batch) <= self.graphs.max_batch and all(n == 1 for _, n in batch)
-        if graph:
-            rows = self._logit_rows(batch, graph=True)
-            logits = self._decode_with_graph(batch)
-        else:
-            rows, logits = self._forward_eager(batch)
+        rows = self._logit_rows(batch)
+        # A CUDA graph when one takes the step's shape; steps that score prompt tokens run eagerly.
+        graph = (self.graphs is not None and not rows.prompt_spans
+                 and self.graphs.bucket([n for _, n in batch]) is not None)
+        logits = self._forward_graph(batch, rows) if graph else self._forward_eager(batch, rows)
         t2 = time.perf_counter()
         # The forward is launched (on CUDA it runs while the host goes on): now the grammar bitmasks.
         seqs = [batch[i][0] for i in rows.sample]
@@ -210,40 +216,9 @@ class LLMEngine:
                 cuda_mallocs=_cuda_segments(self.device) - segments)
         return outputs
 
-    def _decode_with_graph(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        ids, ctx, tables = [], [], []
-        for seq, _ in batch:
-            pos = seq.num_computed
-            ids += seq.token_slice(pos, pos + 1)
-            ctx.append(pos + 1)
-            tables.append(seq.block_table)
-        if self.step_hook is not None:
-            self.step_hook(ids, [1] * len(ids), ctx, tables, graph=True)
-        if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
-            self.fault_hook()
-        return self.graphs.run(ids, ctx, tables)
-
-    def _logit_rows(self, batch: list[tuple[Sequence, int]], graph: bool) -> LogitRows:
-        """The positions whose logits this step needs: each sequence's last one when it samples, and all of a
-        prompt chunk's when its request asked for prompt_logprobs. A graph computes one row per sequence."""
-        rows = LogitRows()
-        flat = 0  # the first position of this sequence's chunk among the step's tokens
-        for i, (seq, n) in enumerate(batch):
-            start = seq.num_computed
-            scored = max(0, min(start + n, len(seq.prompt) - 1) - start) if seq.scoring_prompt else 0
-            if scored:
-                rows.prompt_spans.append((i, i if graph else flat, scored))
-            if start + n == seq.num_tokens:  # its last known token is in this step
-                if seq.params.max_tokens == 0:
-                    rows.prefill_only.append(i)  # scoring only (prompt_logprobs): nothing to sample
-                else:
-                    rows.sample.append(i)
-                    rows.sample_at.append(i if graph else flat + n - 1)
-            flat += n
-        return rows
-
-    def _forward_eager(self, batch: list[tuple[Sequence, int]]) -> tuple[LogitRows, torch.Tensor]:
-        bs = self.kv.spec.block_size
+    @staticmethod
+    def _step_inputs(batch: list[tuple[Sequence, int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """(new token ids, query lens, context lens, block tables) of a step."""
         input_ids: list[int] = []
         query_lens, context_lens, tables = [], [], []
         for seq, n in batch:
@@ -252,7 +227,41 @@ class LLMEngine:
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(seq.block_table)
-        rows = self._logit_rows(batch, graph=False)
+        return input_ids, query_lens, context_lens, tables
+
+    def _forward_graph(self, batch: list[tuple[Sequence, int]], rows: LogitRows) -> torch.Tensor:
+        """The step replayed from its CUDA graph: logits of the sampled rows, renumbered 0..k-1."""
+        inputs = self._step_inputs(batch)
+        if self.step_hook is not None:
+            self.step_hook(*inputs, graph=True)
+        if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
+            self.fault_hook()
+        logits = self.graphs.run(*inputs, logits_at=rows.sample_at)
+        rows.sample_at = list(range(len(rows.sample_at)))
+        return logits
+
+    def _logit_rows(self, batch: list[tuple[Sequence, int]]) -> LogitRows:
+        """The positions whose logits this step needs (indices into the step's new tokens): each sequence's last
+        one when it samples, and all of a prompt chunk's when its request asked for prompt_logprobs."""
+        rows = LogitRows()
+        flat = 0  # the first position of this sequence's chunk among the step's tokens
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            scored = max(0, min(start + n, len(seq.prompt) - 1) - start) if seq.scoring_prompt else 0
+            if scored:
+                rows.prompt_spans.append((i, flat, scored))
+            if start + n == seq.num_tokens:  # its last known token is in this step
+                if seq.params.max_tokens == 0:
+                    rows.prefill_only.append(i)  # scoring only (prompt_logprobs): nothing to sample
+                else:
+                    rows.sample.append(i)
+                    rows.sample_at.append(flat + n - 1)
+            flat += n
+        return rows
+
+    def _forward_eager(self, batch: list[tuple[Sequence, int]], rows: LogitRows) -> torch.Tensor:
+        bs = self.kv.spec.block_size
+        input_ids, query_lens, context_lens, tables = self._step_inputs(batch)
         # The logits rows: each prompt span's, then the sampled ones (sample_at / prompt_spans are renumbered).
         positions = [first + j for _, first, count in rows.prompt_spans for j in range(count)]
         spans, at = [], 0
@@ -269,7 +278,7 @@ class LLMEngine:
             self.step_hook(input_ids, query_lens, context_lens, tables, graph=False)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
-        return rows, self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
+        return self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
 
     def _prompt_logprobs(self, batch: list[tuple[Sequence, int]], rows: LogitRows, logits: torch.Tensor):
         """The prompt tokens this step's chunks predict, their logprobs (still on the device) and each

@@ -6,8 +6,11 @@ looking up each token's block in the block table, and keeps an online softmax.
 Reads only device tensors, so it can be captured in a CUDA graph.
 
 Prefill and mixed batches (unless `serve --prefill-attention reference`, which
-takes attention.reference_attention): one program per (sequence, kv head,
-tile of Q_ROWS // group query tokens), the same walk with a causal mask:
+takes attention.reference_attention): one program per (tile of Q_ROWS // group
+query tokens of a sequence, kv head), each finding its sequence by a binary
+search over query_start_loc, so the grid depends only on the step's token and
+sequence counts and a mixed step can be captured in a CUDA graph
+(core/cuda_graphs.py). The same walk as decode, with a causal mask:
 query token j of a sequence with context c and q new tokens sits at position
 c - q + j and sees keys 0..c - q + j (its cached prefix and the new tokens up
 to itself). A step is one launch per layer and no host sync, where the
@@ -125,16 +128,30 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return out
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
-def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, scale, k_scale, v_scale, window, softcap,
-                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+# The number of sequences is not a specialisation key either: a CUDA graph's fixed-size batch and an eager
+# step's count would otherwise compile kernels of their own.
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
+def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_seqs, scale, k_scale, v_scale, window,
+                   softcap, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                    SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr):
-    seq = tl.program_id(0)
+    pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    qt = tl.program_id(2)
+    # Sequence i owns programs [qs[i] // Q_TILE + i, qs[i+1] // Q_TILE + i + 1) (qs = query_start): at least
+    # one per tile of its q_len query tokens, and the grid's size, T // Q_TILE + num_seqs, depends on the
+    # step's token and sequence counts only, not on how the tokens are split (a CUDA graph fixes both).
+    # Binary search for the last sequence whose first program is <= pid.
+    lo = pid * 0
+    hi = lo + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        owns = tl.load(query_start + mid) // Q_TILE + mid <= pid
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid)
+    seq = lo
     q0 = tl.load(query_start + seq)
+    qt = pid - (q0 // Q_TILE + seq)  # this program's tile of the sequence's query tokens (past q_len: no work)
     q_len = tl.load(query_start + seq + 1) - q0
     ctx = tl.load(context_lens + seq)
     r = tl.arange(0, Q_TILE * GROUP_PAD)  # row = (query token of this tile, head of this kv head)
@@ -178,10 +195,12 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: A
     group_pad = triton.next_power_of_2(group)
     q_tile = max(1, Q_ROWS // group_pad)
     out = torch.empty_like(q)
-    grid = (meta.num_seqs, Hkv, triton.cdiv(meta.max_query_len, q_tile))
+    num_seqs = meta.context_lens.shape[0]  # a device tensor's shape: no sync, and fixed in a CUDA graph
+    grid = (q.shape[0] // q_tile + num_seqs, Hkv)
     _paged_prefill[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.context_lens, scale, k_scale, v_scale,
-        sliding_window or 0, softcap or 0.0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.context_lens, num_seqs, scale,
+        k_scale, v_scale, sliding_window or 0, softcap or 0.0, q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1),
         k_cache.stride(2),
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_=TILE,

@@ -213,28 +213,28 @@ class GroupEngine(LLMEngine):
         self.group = group
         self.step_hook = group.step
 
-    def enable_cuda_graphs(self) -> None:
+    def enable_cuda_graphs(self, mixed_steps: bool = False) -> None:
         """Every rank captures the same buckets at once: the forward run before each capture does its
         all-reduces for real, so the ranks go through them together."""
         with self.group._calls:
-            self.group.send_all(("graphs", self.graph_shape()))
-            super().enable_cuda_graphs()
+            self.group.send_all(("graphs", self.graph_shape(mixed_steps)))
+            super().enable_cuda_graphs(mixed_steps)
             self.group.recv_all()
 
-    def _forward_eager(self, batch):
-        return self._on_all_ranks(super()._forward_eager, batch)
+    def _forward_eager(self, batch, rows):
+        return self._on_all_ranks(super()._forward_eager, batch, rows)
 
-    def _decode_with_graph(self, batch):
-        return self._on_all_ranks(super()._decode_with_graph, batch)
+    def _forward_graph(self, batch, rows):
+        return self._on_all_ranks(super()._forward_graph, batch, rows)
 
     def abandon(self) -> None:
         """A failed leader (serving/faults.py): the whole group ends with it, now."""
         self.group.abandon()
 
-    def _on_all_ranks(self, forward, batch):
+    def _on_all_ranks(self, forward, batch, rows):
         self.group.stepping = False
         try:
-            return forward(batch)
+            return forward(batch, rows)
         except BaseException as e:
             if (dead := self.group.lost_worker(within=1.0)) is not None:  # the collective failed: a rank died
                 self.group.fatal("tp_rank_lost", rank=dead.rank, pid=dead.pid, returncode=dead.returncode(),

@@ -5,7 +5,7 @@ It does what the leader asks over the control channel, in order:
     init      (first) device, memory service, torch.distributed, then publish or import its shard
     loaded?   answers with how its weights arrived (and its device's free memory on CUDA)
     kv        takes its device's kv pool (a primary) or maps a scratch KV of the same shape (a shadow)
-    graphs    captures the decode steps' CUDA graphs, bucket by bucket, with the other ranks
+    graphs    captures the steps' CUDA graphs, bucket by bucket, with the other ranks
     step      runs the decoder layers on the step's inputs with the other ranks, eagerly or by replaying
               the graph of a decode step (no logits: the leader samples)
     warmed    warm-up is over: give cached device memory back
@@ -78,7 +78,7 @@ class Rank:
             self.socket_path, plan["model"], config, dtype_of(plan["dtype"]), progress=False, name=self.name,
             attention_fn=attention_fn, tp=self.tp, timeout=plan["timeout"])
         self.kv = None
-        self.graphs = None  # DecodeGraphs, once the leader asks for them
+        self.graphs = None  # StepGraphs, once the leader asks for them
         self.pools = threading.Lock()  # taking / adopting the kv pool vs giving a restarted service our memory
         threading.Thread(target=self._watch_memory_service, name="memory-watch", daemon=True).start()
 
@@ -147,21 +147,21 @@ class Rank:
         return {"adopted": self.kv.adopted}
 
     def capture_graphs(self, shape: dict) -> dict:
-        from understudy.engine.core.cuda_graphs import DecodeGraphs
+        from understudy.engine.core.cuda_graphs import StepGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.kv.layers, **shape, device=self.device, logits=False)
+        self.graphs = StepGraphs(self.model, self.kv.layers, **shape, device=self.device, logits=False)
         self.graphs.capture()
         return {}
 
     def step(self, input_ids: list[int], query_lens: list[int], context_lens: list[int],
              tables: list[list[int]], graph: bool) -> None:
-        """The leader's forward, minus the logits (engine.LLMEngine._forward_eager / _decode_with_graph)."""
+        """The leader's forward, minus the logits (engine.LLMEngine._forward_eager / _forward_graph)."""
         import torch
 
         from understudy.engine.layers.attention import AttentionMetadata
 
         if graph:
-            self.graphs.run(input_ids, context_lens, tables)
+            self.graphs.run(input_ids, query_lens, context_lens, tables, logits_at=[])
             return
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.kv.spec.block_size, device=self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)

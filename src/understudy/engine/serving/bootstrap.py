@@ -223,11 +223,12 @@ def engine_limits(config: ServeConfig, model_path: Path,
 
 
 def start_engine(config: ServeConfig, engine: LLMEngine, p: Placement) -> None:
-    """CUDA graphs for decode steps (unless --enforce-eager), then the warm-up."""
+    """CUDA graphs for steps (unless --enforce-eager), then the warm-up."""
     if p.use_cuda and not config.model.enforce_eager:
         if p.attention_fn is None:  # --backend auto that found CUDA (with --backend cuda, ServeConfig said so)
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
-        engine.enable_cuda_graphs()
+        # mixed steps (prefills) too when the prefill attention is the Triton kernel, which a graph can hold
+        engine.enable_cuda_graphs(mixed_steps=config.model.prefill_attention == "triton")
     engine.warm_up()
 
 
