@@ -275,6 +275,33 @@ def test_interpreted_experts_match_the_reference(interpreted, dtype, T, E, top_k
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+# the GEMV path (at most 16 tokens): one token, experts shared by several tokens (8 experts, 16 tokens
+# top-4: each expert's program serves many rows), K and N not multiples of the tiles, 128 experts top-8
+GEMV_SHAPES = [(1, 8, 2, 64, 32), (5, 4, 2, 48, 40), (16, 8, 4, 64, 96), (8, 128, 8, 40, 24)]
+SMALL_TILES = ((16, 16, 4, 1), (16, 32, 4, 1))  # several K and column tiles per program at these shapes
+
+
+@pytest.mark.parametrize("path,tiles,T,E,top_k,H,I,dtype",
+                         [(p, t, *s, torch.float32) for s in GEMV_SHAPES for p, t in
+                          (("gemv", None), ("gemv", SMALL_TILES), ("grouped", None))]
+                         + [("gemv", None, *GEMV_SHAPES[2], torch.float16)])
+def test_interpreted_small_batch_paths_match_the_reference(interpreted, path, tiles, dtype, T, E, top_k, H, I):
+    x, gate_up, down, weights, ids = _case(T, E, top_k, H, I, dtype)
+    want = moe.experts_ref(x.float(), gate_up.float(), down.float(), weights, ids)
+    got = moe.experts_triton(x, gate_up, down, weights, ids, path=path, tiles=tiles)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_interpreted_gemv_path_reads_strided_rows(interpreted):
+    """x a view with a row stride wider than H (a slice of a larger buffer), as the decoder may pass."""
+    x, gate_up, down, weights, ids = _case(3, 8, 2, 32, 16, torch.float32)
+    wide = torch.zeros(3, 48)
+    wide[:, 8:40] = x
+    got = moe.experts_triton(wide[:, 8:40], gate_up, down, weights, ids, path="gemv")
+    torch.testing.assert_close(got, moe.experts_ref(x, gate_up, down, weights, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_interpreted_align_groups_every_slot_by_expert(interpreted):
     _, _, _, _, ids = _case(70, 16, 4, 8, 8, torch.float32)  # 280 slots: three passes
     block_m = 16
@@ -320,6 +347,19 @@ def test_cuda_experts_match_the_reference(dtype, T, E, top_k, H, I):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", ["gemv", "grouped"])
+@pytest.mark.parametrize("T", [1, 3, 8, 16])
+def test_cuda_small_batch_paths_match_the_reference(dtype, path, T):
+    """Both paths at Qwen3-30B-A3B's shape and the batch sizes the GEMV path may take."""
+    x, gate_up, down, weights, ids = _case(T, 128, 8, 2048, 768, dtype, device="cuda")
+    want = moe.experts_ref(x.float(), gate_up.float(), down.float(), weights, ids)
+    got = moe.experts_triton(x, gate_up, down, weights, ids, path=path)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_routing_matches_the_reference(dtype):
     logits = (torch.randn(257, 128, device="cuda") * 3).to(dtype)
@@ -337,9 +377,10 @@ def probs_of(logits, ids):
 
 
 @cuda_only
-def test_cuda_experts_replay_in_a_graph():
-    """No host sync: the routing, the aligner and both GEMMs are captured; new routing replays correctly."""
-    x, gate_up, down, _, _ = _case(32, 64, 8, 256, 128, torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("T", [1, 32])  # the GEMV path, the grouped one
+def test_cuda_experts_replay_in_a_graph(T):
+    """No host sync: the routing, the aligner and the GEMMs are captured; new routing replays correctly."""
+    x, gate_up, down, _, _ = _case(T, 64, 8, 256, 128, torch.bfloat16, device="cuda")
     router = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
 
     def step():

@@ -1,6 +1,6 @@
 """Triton kernels behind moe.py (imported by it on first use on a CUDA tensor).
 
-Two kernels make a mixture-of-experts MLP:
+Large batches (moe._experts_grouped), two kernels:
 
   align        one program: counts the (token, k) slots routed to each expert, gives each expert a run of
                BLOCK_M-aligned rows, writes the slot ids into their expert's run (padding rows hold the
@@ -9,6 +9,14 @@ Two kernels make a mixture-of-experts MLP:
                and one tile of output columns, so an expert's weights are read once per block, whatever
                the batch. Used twice: gate_up (SiLU(gate) * up fused in its epilogue), then down (the
                routing weight applied in its epilogue).
+
+Small batches (moe._experts_gemv, decode), two more, no sorting:
+
+  gemv_gate_up  a program per (token, k) slot and tile of the intermediate dimension; the first slot routed
+                to an expert computes SiLU(gate) * up times the routing weight for every token that chose it
+                (the others return), so the few selected experts' rows are spread over all SMs.
+  gemv_down     a program per token and tile of the hidden dimension: the token's top-k down projections
+                summed in one fp32 accumulator, so no per-slot output and no separate sum.
 
 Every size the launcher needs is known on the host from the shapes alone (at most cdiv(n, BLOCK_M) + E
 blocks); programs past the used blocks return at once. No host sync, so CUDA graphs can capture them.
@@ -112,6 +120,83 @@ def expert_gemm(A, W, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
             acc = acc * tl.load(ROUTE_W + slots, mask=used, other=0.0).to(tl.float32)[:, None]
         out = OUT + slots.to(tl.int64)[:, None] * stride_out + cols[None, :]
         tl.store(out, acc.to(OUT.dtype.element_ty), mask=used[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def gemv_gate_up(X, W, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stride_wn, stride_h,
+                 N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Small batches, no sorting: program (s, j) owns slot s = token * TOP_K + k if no earlier slot chose
+    the same expert e, and computes columns j of HIDDEN[s'] = w[s'] * silu(x . gate_e) * (x . up_e) for
+    every slot s' routed to e (a token picks an expert once, so at most n_tokens <= BLOCK_M rows): each
+    selected expert's tile is read once, by one program. The routing weight is applied here, so the down
+    kernel's sum over a token's slots is the block's output. Other programs return at once."""
+    s = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tok = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, K_POW2)
+    slot2d = tok[:, None] * TOP_K + kk[None, :]
+    valid = (tok[:, None] < n_tokens) & (kk[None, :] < TOP_K)
+    ids2d = tl.load(IDS + slot2d, mask=valid, other=-1)
+    expert = tl.load(IDS + s)
+    match = (ids2d == expert) & valid
+    first = tl.min(tl.min(tl.where(match, slot2d, BLOCK_M * K_POW2), 1), 0)
+    if first == s:
+        slot_of = tl.sum(tl.where(match, slot2d, 0), 1)  # [BLOCK_M]: each token's slot routed to e
+        used = tl.sum(match.to(tl.int32), 1) > 0
+        rows = tok.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w_base = W + expert.to(tl.int64) * stride_we + cols.to(tl.int64)[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=used[:, None] & k_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_base + ks[:, None], mask=w_ok, other=0.0)  # [BLOCK_K, BLOCK_N]: W[e, cols, ks]^T
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            w_up = tl.load(w_base + N * stride_wn + ks[:, None], mask=w_ok, other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        route_w = tl.load(ROUTE_W + slot_of, mask=used, other=0.0).to(tl.float32)
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up * route_w[:, None]
+        out = HIDDEN + slot_of.to(tl.int64)[:, None] * stride_h + cols[None, :]
+        tl.store(out, acc.to(HIDDEN.dtype.element_ty), mask=used[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def gemv_down(HIDDEN, W, OUT, IDS, stride_h, stride_we, stride_wn, stride_out,
+              N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Small batches: program (t, j) writes columns j of OUT[t] = sum over k of HIDDEN[t * TOP_K + k] .
+    W[ids[t, k]] (the routing weights are already in HIDDEN): the top-k sum in the fp32 accumulator, rounded
+    once. One loop over (k, K-tile) pairs, so the loads stay pipelined across a token's experts. The dot's
+    16 rows hold the token's one row and zeros (tl.dot wants 16); a batch of a few tokens is bound by the
+    weights' bytes, not by the tensor cores."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    kk = tl.arange(0, K_POW2)
+    # the token's experts, loaded once: picking one in the loop is register work, so the weight loads' addresses
+    # do not hang on a load in the loop (which the software pipeliner handles less well)
+    experts = tl.load(IDS + t * TOP_K + kk, mask=kk < TOP_K, other=0).to(tl.int64)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for i in range(0, TOP_K * K_TILES):
+        k = i // K_TILES
+        ks = (i % K_TILES) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        expert = tl.sum(tl.where(kk == k, experts, 0), 0)
+        a = tl.load(HIDDEN + (t * TOP_K + k) * stride_h + ks[None, :] + rows[:, None] * 0,
+                    mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+        w = tl.load(W + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    out = tl.sum(acc, 0)  # row 0 is the token's; the others are zeros
+    tl.store(OUT + t * stride_out + cols, out.to(OUT.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit

@@ -6,10 +6,14 @@ Weights are stacked per layer, as the memory service holds them (model/experts.p
 For each token, out = sum over its top-k experts e of  weight_e * down_e(silu(gate_e(x)) * up_e(x)).
 
 `experts` dispatches on the device of its input:
-  CUDA tensors  -> the Triton kernels of _moe_kernels.py: the (token, k) slots sorted by expert on the
-                   device, then two grouped GEMMs (gate_up with SiLU*up fused, down with the routing
-                   weight applied); a fixed number of launches whatever the routing, no host sync, so a
-                   decode step with it can be captured in a CUDA graph;
+  CUDA tensors  -> the Triton kernels of _moe_kernels.py, a fixed number of launches whatever the routing,
+                   no host sync, so a decode step with it can be captured in a CUDA graph:
+                   up to GEMV_MAX_TOKENS tokens (decode), two GEMV-shaped launches and no sorting: gate_up
+                   (SiLU*up and the routing weight fused; each selected expert's tiles read by one program
+                   for all the tokens that chose it), then down with each token's top-k sum in its
+                   accumulator;
+                   larger batches: the (token, k) slots sorted by expert on the device, two grouped GEMMs
+                   (gate_up with SiLU*up fused, down with the routing weight applied), the top-k sum;
   anything else -> the plain-torch reference: a loop over the experts that were hit, op for op what
                    transformers does, so fp32 outputs match it.
 
@@ -123,21 +127,78 @@ def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, 
     return sorted_slots, block_expert, num_padded
 
 
-def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-    kern = _kernels()
+# Batches of at most this many tokens take the GEMV-shaped path (no sorting, the top-k sum fused into the
+# down kernel); larger ones the sorted, grouped GEMMs. Compared on an H200 by bench/moe_block.py.
+GEMV_MAX_TOKENS = 2  # H200, bench/moe_block.py: GEMV 38.9 us vs grouped 43.9 at T=1; 148.7 vs 143.6 at T=8
+
+
+def _gemv_tiles(tokens: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """((BLOCK_N, BLOCK_K, num_warps, num_stages) of gemv_gate_up, the same of gemv_down). Narrow output
+    tiles so that the few selected experts' rows are spread over every SM (at Qwen3-30B-A3B's shape and
+    T = 1: 8 x 768/32 = 192 gate_up programs, 2048/16 = 128 down programs), several K tiles in flight each.
+    bench/moe_block.py --sweep compares others."""
+    return (32, 128, 4, 4), (16, 256, 4, 4)
+
+
+def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
+                   path: str | None = None, tiles=None) -> Tensor:
+    """path: "gemv" (at most 16 tokens) or "grouped"; by default GEMV up to GEMV_MAX_TOKENS tokens.
+    tiles: _gemv_tiles's answer to use instead (bench/moe_block.py --sweep)."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
-    inter, top_k = two_i // 2, ids.shape[1]
+    inter = two_i // 2
     if gate_up.shape[2] != H or down.shape != (E, H, inter) or gate_up.stride(2) != 1 or down.stride(2) != 1:
         raise ValueError(f"expert weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit x {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    n = T * top_k
-    if n == 0:
+    if T * ids.shape[1] == 0:
         return torch.zeros_like(x)
+    weights = weights.reshape(-1).to(torch.float32).contiguous()
+    ids = ids.contiguous()
+    if path is None:
+        path = "gemv" if T <= GEMV_MAX_TOKENS else "grouped"
+    if path == "gemv":
+        return _experts_gemv(x, gate_up, down, weights, ids, tiles or _gemv_tiles(T))
+    if path == "grouped":
+        return _experts_grouped(x, gate_up, down, weights, ids)
+    raise ValueError(f"unknown MoE path {path!r}")
+
+
+def _precision(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models: no TF32 rounding of the inputs
+
+
+def _experts_gemv(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor, tiles) -> Tensor:
+    """Two launches: gemv_gate_up (each selected expert's tile read by one program, for all the tokens that
+    chose it; routing weight applied), gemv_down (each token's top-k outputs summed in the accumulator)."""
+    kern = _kernels()
+    T, H = x.shape
+    top_k, inter = ids.shape[1], down.shape[2]
+    if T > 16:
+        raise ValueError(f"the GEMV MoE path takes at most 16 tokens, not {T}")
+    (up_n, up_k, up_warps, up_stages), (down_n, down_k, down_warps, down_stages) = tiles
+    precision = _precision(x)
+    hidden = torch.empty(T * top_k, inter, dtype=x.dtype, device=x.device)
+    kern.gemv_gate_up[(T * top_k, fused._cdiv(inter, up_n))](
+        x, gate_up, hidden, ids, weights, T, x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0),
+        N=inter, K=H, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), BLOCK_M=16, BLOCK_N=up_n, BLOCK_K=up_k,
+        PRECISION=precision, num_warps=up_warps, num_stages=up_stages)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    kern.gemv_down[(T, fused._cdiv(H, down_n))](
+        hidden, down, out, ids, hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
+        N=H, K=inter, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), BLOCK_N=down_n, BLOCK_K=down_k, PRECISION=precision,
+        num_warps=down_warps, num_stages=down_stages)
+    return out
+
+
+def _experts_grouped(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+    """The slots sorted by expert (align), two grouped GEMMs, then each token's top-k rows summed."""
+    kern = _kernels()
+    T, H = x.shape
+    E, inter, top_k = gate_up.shape[0], down.shape[2], ids.shape[1]
+    n = T * top_k
     block_m, block_n, block_k, warps, stages = _tiles(n / E)
     sorted_slots, block_expert, num_padded = align(ids, E, block_m)
-    weights = weights.reshape(-1).to(torch.float32).contiguous()
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models: no TF32 rounding of the inputs
+    precision = _precision(x)
     grid_m = block_expert.numel()
     hidden = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     kern.expert_gemm[(grid_m, fused._cdiv(inter, block_n))](
