@@ -94,3 +94,51 @@ def pinned_h2d_seconds(nbytes: int) -> float:
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def copy_bandwidth(device) -> float:
+    """Device memory bandwidth in bytes/s, counting the bytes read and written by a large copy (4 GiB on a
+    GPU, 256 MiB on the CPU), after one warm-up copy."""
+    import torch
+
+    device = torch.device(device)
+    n = (4 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync = device_sync(device)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    sync()
+    bw = 2 * 5 * n / (time.perf_counter() - t0)
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return bw
+
+
+def device_sync(device):
+    """A function that waits for the device's queued work (nothing to wait for on the CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def step_stats(seconds: list[float], tokens: list[int]) -> dict:
+    """Decode steps summed up. The headline is the median step (`tok_s`: the median step's tokens over its
+    time), so that one slow step (a JIT compile, a GC pause, an allocator growth) moves it little; the mean
+    (all tokens over all the time) and the slowest step are kept next to it."""
+    import statistics
+
+    rates = sorted(n / s for n, s in zip(tokens, seconds))
+    return {"steps": len(seconds), "tok_s": statistics.median(rates), "mean_tok_s": sum(tokens) / sum(seconds),
+            "median_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3,
+            "max_ms": max(seconds) * 1e3}
+
+
+def fmt_steps(s: dict) -> str:
+    """One line of step_stats: '123.4 tok/s (median step 8.10 ms; mean 8.30 ms = 120.5 tok/s; max 9.90 ms)'."""
+    return (f"{s['tok_s']:>9.1f} tok/s (median step {s['median_ms']:.2f} ms; mean {s['mean_ms']:.2f} ms = "
+            f"{s['mean_tok_s']:.1f} tok/s; max {s['max_ms']:.2f} ms, {s['steps']} steps)")

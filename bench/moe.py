@@ -6,10 +6,12 @@ script publishes them, drawn on the device, into a memory service under the iden
 for the model directory (config.json + tokenizer only), and the engine built as `understudy serve` builds
 it then imports them (the path a shadow takes), stacked experts included.
 
-For each batch size it prints decode tokens/s and the roofline: the bytes one decode step must read at
-least (attention weights, the router, the weights of the distinct experts the batch's tokens were routed
-to, counted per layer in an eager step of the same run, the KV cache read by attention, the lm_head and
-the embedding rows) over the device's copy bandwidth, measured here too.
+For each batch size it prints decode tokens/s of the median step (the headline: one slow step, a JIT
+compile or a GC pause, would skew a mean; the mean and the slowest step are printed beside it) and the
+roofline: the bytes one decode step must read at least (attention weights, the router, the weights of the
+distinct experts the batch's tokens were routed to, counted per layer in an eager step of the same run,
+the KV cache read by attention, the lm_head and the embedding rows) over the device's copy bandwidth,
+measured here too.
 
     PYTHONPATH=src python bench/moe.py                       # the full shape, batches 1 32 128
     PYTHONPATH=src python bench/moe.py --layers 4 --tokens 16   # a quick GPU smoke run
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, Proc  # noqa: E402  (also puts the repository root on sys.path)
+from common import PY, Proc, copy_bandwidth, fmt_steps, step_stats  # noqa: E402  (also puts the repo root on sys.path)
 from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -82,23 +84,6 @@ def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype):
         torch.cuda.synchronize()  # every write has landed before the pool is committed (and remapped read-only)
     client.commit()
     return client, sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Device memory bandwidth in bytes/s, counting the bytes read and written by a large copy."""
-    n = 4 * GiB if device.type == "cuda" else 256 << 20
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    sync()
-    bw = 2 * 5 * n / (time.perf_counter() - t0)
-    del src, dst
-    return bw
 
 
 def step_bytes(config, batch: int, context: float, distinct: list[int], itemsize: int) -> float:
@@ -200,18 +185,19 @@ def profile_decode(engine, batch: int, prompt_len: int, vocab: int) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70), flush=True)
 
 
-def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -> tuple[float, float, list[int]]:
-    """(decode tokens/s, mean context length of the timed steps, distinct experts per layer of one step)."""
+def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -> tuple[dict, float, list[int]]:
+    """(step_stats of the decode steps: the median step is the headline, mean and max beside it; mean context
+    length of the timed steps; distinct experts per layer of one step)."""
     from understudy.engine.core.sampling import SamplingParams
 
     gen = torch.Generator().manual_seed(batch)
     for r in range(batch):
         engine.add_request(f"b{batch}-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
                            SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    seconds, decoded, contexts, distinct, steps = 0.0, 0, [], None, 0
+    seconds, decoded, contexts, distinct = [], [], [], None
     while engine.has_work:
         prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
-        if not prefill and distinct is None and steps >= 2:
+        if not prefill and distinct is None and len(seconds) >= 2:
             distinct = count_distinct_experts(engine)  # not timed
             continue
         context = statistics.fmean(len(s.tokens) for s in engine.scheduler.running) if not prefill else 0
@@ -220,11 +206,10 @@ def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -
         outs = engine.step()
         sync()
         if not prefill:
-            steps += 1
-            seconds += time.perf_counter() - t0
-            decoded += sum(len(o.new_token_ids) for o in outs)
+            seconds.append(time.perf_counter() - t0)
+            decoded.append(sum(len(o.new_token_ids) for o in outs))
             contexts.append(context)
-    return decoded / seconds, statistics.fmean(contexts), distinct or []
+    return step_stats(seconds, decoded), statistics.fmean(contexts), distinct or []
 
 
 def main() -> None:
@@ -280,23 +265,25 @@ def main() -> None:
         engine, mcfg = built.engine, built.engine.model.config
         results = {}
         for b in args.batches:
-            rate, context, distinct = decode(engine, b, args.prompt_len, args.tokens, mcfg.vocab_size, sync)
+            steps, context, distinct = decode(engine, b, args.prompt_len, args.tokens, mcfg.vocab_size, sync)
+            rate = steps["tok_s"]  # the median step's (one slow step would skew a mean)
             need = step_bytes(mcfg, b, context, distinct, dtype.itemsize)
             roof = b * bandwidth / need
             results[b] = {"tok_s": rate, "roofline_tok_s": roof, "fraction": rate / roof,
                           "distinct_experts_mean": statistics.fmean(distinct) if distinct else 0.0,
-                          "step_GB": need / 1e9}
-            print(f"batch {b:>4}: {rate:>9.1f} tok/s   roofline {roof:>9.1f} tok/s ({rate / roof:>4.0%})   "
-                  f"{results[b]['distinct_experts_mean']:.1f} of {mcfg.num_experts} experts per layer, "
-                  f"{need / 1e9:.2f} GB per step", flush=True)
+                          "step_GB": need / 1e9, "steps": steps}
+            print(f"batch {b:>4}: {fmt_steps(steps)}", flush=True)
+            print(f"            roofline {roof:>9.1f} tok/s: the median step reaches {rate / roof:.0%}, the mean "
+                  f"{steps['mean_tok_s'] / roof:.0%};   {results[b]['distinct_experts_mean']:.1f} of "
+                  f"{mcfg.num_experts} experts per layer, {need / 1e9:.2f} GB per step", flush=True)
             # The MoE blocks alone at this batch: how much of the step the experts' kernels take.
             one, chain, hit = blocks_alone(engine.model, b, sync)
             expert_bytes = hit * 3 * mcfg.hidden_size * mcfg.moe_intermediate_size * dtype.itemsize
             results[b].update(block_alone_us=one * 1e6, all_blocks_alone_ms=chain * 1e3)
             print(f"            MoE block alone (layer 0, {hit} experts): {one * 1e6:.1f} us = "
                   f"{expert_bytes / one / bandwidth:.0%} of the copy bandwidth over its experts' bytes; all "
-                  f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the step's "
-                  f"{b / rate * 1e3:.2f} ms", flush=True)
+                  f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the median step's "
+                  f"{steps['median_ms']:.2f} ms", flush=True)
         if args.profile and not cpu:
             for batch in sorted({1, max(args.batches)}):
                 profile_decode(engine, batch, args.prompt_len, mcfg.vocab_size)
