@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, device_sync, fmt_steps, pinned_h2d_seconds, step_stats  # noqa: E402  (puts the repo root on sys.path)
-from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
+from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
 H200_BF16_DENSE_TFLOPS = 790.0
@@ -57,21 +57,6 @@ LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 143
 TINY = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
         "num_key_value_heads": 2, "rope_theta": 10000.0, "max_position_embeddings": 4096,
         "bos_token_id": None, "eos_token_id": 0}
-
-
-def weight_shapes(shape: dict, layers: int) -> dict[str, tuple[int, ...]]:
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    hd = h // shape["num_attention_heads"]
-    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    return shapes
 
 
 def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB, shape: dict = LLAMA3_8B,
@@ -96,7 +81,7 @@ def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB, shape: dic
             index.update({n: name for n in shard})
             shard, size, k = {}, 0, k + 1
 
-    for name, shape_ in weight_shapes(shape, layers).items():
+    for name, shape_ in llama_weight_shapes(shape, layers).items():
         if name.endswith("norm.weight"):
             t = torch.ones(shape_, dtype=dtype)
         else:

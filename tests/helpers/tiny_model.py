@@ -25,6 +25,22 @@ def write_byte_tokenizer(d: Path) -> None:
     tok.save(str(d / "tokenizer.json"))
 
 
+def llama_weight_shapes(cfg: dict, layers: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape of an HF Llama with this config.json and this many layers."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    return shapes
+
+
 def make_tiny_llama(d: Path, seed: int = 0, **overrides) -> Path:
     """config.json + model.safetensors + tokenizer.json; weights drawn with a large init (0.2) so that
     logits are peaked and greedy choices are not near-ties between the TP=1 and TP=2 sums."""
@@ -34,17 +50,7 @@ def make_tiny_llama(d: Path, seed: int = 0, **overrides) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
     write_byte_tokenizer(d)
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
+    shapes = llama_weight_shapes(cfg, cfg["num_hidden_layers"])
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
