@@ -57,7 +57,7 @@ def test_metrics_endpoint_reports_pools_and_events(socket_dir, backend_name):
 
 def test_help_explains_every_flag():
     out = _cli("memory-server", "--help")
-    for flag in ("--backend", "--device", "--socket-dir", "--socket-mode", "--socket-group", "--max-bytes",
+    for flag in ("--backend", "--device", "--socket-dir", "--standby", "--socket-mode", "--socket-group", "--max-bytes",
                  "--metrics-port", "--log-format", "--log-level"):
         assert flag in out.stdout
     assert out.stdout.count("default") >= 6

@@ -41,7 +41,8 @@ def node():
 def _active(node: Node) -> tuple[str, str, dict]:
     kids = node.status()
     active = next(n for n, k in kids.items() if k.get("health", {}).get("state") == "ACTIVE")
-    shadow = next(n for n, k in kids.items() if k.get("health", {}).get("state") == "STANDBY")
+    shadow = next(n for n, k in kids.items() if k.get("health", {}).get("state") == "STANDBY"
+                  and n.startswith("engine"))  # (a memory service's standby twin says STANDBY too)
     return active, shadow, kids
 
 

@@ -5,27 +5,24 @@ pool (the weights/kv state machines), server (asyncio socket server),
 client (sessions and address-stable mappings), tensors (torch helpers).
 """
 
-from understudy.memory.backends import Backend, BackendError, OutOfMemory, get_backend
-from understudy.memory.client import LayoutChanged, MemoryClient, MemoryServiceError, read_status
-from understudy.memory.paths import default_socket_dir, device_socket_path, socket_path
-from understudy.memory.protocol import Layout, TensorMeta
+import importlib
 
-_TENSOR_HELPERS = ("materialize_module", "plan_layout", "publish_module", "publish_state_dict")
+# Every name loads with its module on first use: `memory-server --help` (memory/options.py is in this
+# package) needs none of them, and the memory service itself runs without torch (fast restarts).
+_WHERE = {
+    "Backend": "backends", "BackendError": "backends", "OutOfMemory": "backends", "get_backend": "backends",
+    "LayoutChanged": "client", "MemoryClient": "client", "MemoryServiceError": "client", "read_status": "client",
+    "default_socket_dir": "paths", "device_socket_path": "paths", "socket_path": "paths",
+    "Layout": "protocol", "TensorMeta": "protocol",
+    "materialize_module": "tensors", "plan_layout": "tensors", "publish_module": "tensors",
+    "publish_state_dict": "tensors",
+}
 
 
 def __getattr__(name: str):
-    # The torch helpers load on first use: the memory service itself runs without torch (fast restarts).
-    if name in _TENSOR_HELPERS:
-        from understudy.memory import tensors
-
-        return getattr(tensors, name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "Backend", "BackendError", "OutOfMemory", "get_backend",
-    "LayoutChanged", "MemoryClient", "MemoryServiceError", "read_status",
-    "default_socket_dir", "device_socket_path", "socket_path",
-    "Layout", "TensorMeta",
-    "materialize_module", "plan_layout", "publish_module", "publish_state_dict",
-]
+__all__ = list(_WHERE)

@@ -9,7 +9,6 @@ import time
 
 from understudy.logs import setup_logging
 from understudy.memory.backends import get_backend
-from understudy.memory.client import read_status
 from understudy.memory.paths import device_socket_path, socket_path
 
 
@@ -23,15 +22,21 @@ def memory_server(args: argparse.Namespace) -> int:
         mode = 0o660
     path = socket_path(args.socket_dir, backend.identity())
     try:
-        run_server(backend, path, socket_mode=mode, socket_group=args.socket_group, limit_bytes=args.max_bytes,
-                   metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+        # A standby has done all of its start-up by now (imports, the backend: on CUDA its context);
+        # what is left after a takeover is binding the socket.
+        run_server(backend, path, standby=args.standby, socket_mode=mode, socket_group=args.socket_group,
+                   limit_bytes=args.max_bytes, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     except ServerError as e:
         print(f"understudy memory-server: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # SIGINT while standing by (a serving one stops cleanly on it)
+        return 130
     return 0
 
 
 def memory_status(args: argparse.Namespace) -> int:
+    from understudy.memory.client import read_status  # (the server does not need the client)
+
     path = args.socket or device_socket_path(args.socket_dir, args.backend, args.device)
     try:
         status = read_status(path)

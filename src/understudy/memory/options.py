@@ -32,6 +32,12 @@ def add_socket_location(p: argparse.ArgumentParser) -> None:
 
 def add_memory_server_arguments(ms: argparse.ArgumentParser) -> None:
     add_socket_location(ms)
+    ms.add_argument("--standby", action="store_true",
+                    help="stand by for the device's live memory service: start up now (imports, the backend: on "
+                         "cuda a context, which holds some GPU memory), wait on its lock and, the moment it dies "
+                         "or stops, take its socket over and serve (engines then hand this one their memory "
+                         "back). Without a live service it serves at once. Give it the same flags as the live one "
+                         "(default: off: exit if a live service holds the socket)")
     ms.add_argument("--socket-mode", type=octal_mode, default=0o600,
                     help="permission bits of the socket (default: 600, only this user; root is always allowed)")
     ms.add_argument("--socket-group", default=None,

@@ -87,19 +87,12 @@ class MemoryServer:
         self._tasks: set[asyncio.Task] = set()
 
     # -- socket life-cycle --------------------------------------------------
-    def bind(self) -> None:
-        """Take the path: refuse if a live server holds it, remove a stale socket."""
+    def bind(self, standby: bool = False) -> None:
+        """Take the path: refuse if a live server holds it (a standby waits for it to die), remove a
+        stale socket."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock_path = self.path.with_suffix(".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            # The lock is held for the server's life; the kernel drops it when we die,
-            # so a socket file without a lock holder is stale whatever it looks like.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ServerError(f"a live memory server (pid {owner}) already serves {self.path}") from None
+        fd = self._lock(self.path.with_suffix(".lock"), standby)
+        self.started_at = time.time()  # a standby's life as the server starts now
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -118,6 +111,40 @@ class MemoryServer:
         sock.listen(128)
         sock.setblocking(False)
         self._listener = sock
+
+    def _lock(self, lock_path: Path, standby: bool) -> int:
+        """An fd of `lock_path` holding its flock; a standby blocks until the live server dies."""
+        waited: tuple[str, float] | None = None  # (the pid we waited for, since when)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                # The lock is held for the server's life; the kernel drops it when we die,
+                # so a socket file without a lock holder is stale whatever it looks like.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if not standby:
+                    os.close(fd)
+                    raise ServerError(f"a live memory server (pid {owner}) already serves {self.path}") from None
+                log(logger, "standby_waiting", socket=str(self.path), pid=os.getpid(), active_pid=owner)
+                waited = (owner, waited[1] if waited else time.monotonic())
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel wakes us the moment the live server dies
+                except BaseException:  # SIGINT while standing by
+                    os.close(fd)
+                    raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                if waited is not None:
+                    log(logger, "standby_took_over", socket=str(self.path), pid=os.getpid(),
+                        previous_pid=waited[0], waited_s=round(time.monotonic() - waited[1], 3))
+                return fd
+            # The lock file was removed or replaced while we waited: the lock we got guards
+            # nothing, whoever locked the file now at the path is the live server.
+            os.close(fd)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -469,10 +496,12 @@ def _supplementary_groups(pid: int) -> set[int]:
     return set()
 
 
-def run_server(backend: Backend, socket_path: str | os.PathLike, **options: Any) -> None:
-    """Bind, serve until SIGTERM/SIGINT, clean up."""
+def run_server(backend: Backend, socket_path: str | os.PathLike, standby: bool = False, **options: Any) -> None:
+    """Bind (a standby: once the live server is gone), serve until SIGTERM/SIGINT, clean up."""
     server = MemoryServer(backend, socket_path, **options)
-    server.bind()
+    if standby and server.metrics_port is not None:
+        from understudy.memory import metrics  # noqa: F401  (loaded now, not after the takeover)
+    server.bind(standby)
     try:
         asyncio.run(server.serve_forever())
     finally:

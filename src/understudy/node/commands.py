@@ -28,7 +28,7 @@ def up(args: argparse.Namespace) -> int:
                             engine_args=engine_args,
                             snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
                             frontend_port=args.frontend_port, tensor_parallel=args.tensor_parallel,
-                            own_memory=args.memory_service == "own",
+                            own_memory=args.memory_service == "own", memory_standby=args.memory_standby,
                             spanning=Spanning(args.nnodes, args.node_rank, args.master_addr, args.master_port),
                             backoff=Backoff(args.restart_delay, args.restart_delay_max, args.restart_reset_after),
                             probing=Probing(args.probe_interval, args.probe_timeout, args.hang_timeout))

@@ -19,6 +19,12 @@ def add_up_arguments(up: argparse.ArgumentParser) -> None:
                          "ones already running in --socket-dir, started and restarted by someone else (systemd's "
                          "understudy-memory@N units: restarting `up` then keeps the weights resident) "
                          "(default: own)")
+    up.add_argument("--memory-standby", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --memory-service own: also run a standby memory service per device (`memory-server "
+                         "--standby`, child memory-twin), started up and waiting to take over the moment the live "
+                         "one dies, so engines get a service back within milliseconds instead of a cold start; "
+                         "the two take turns (a dead one is restarted as the standby). On cuda each standby holds "
+                         "a CUDA context's GPU memory (default: on)")
     up.add_argument("--snapshot-dir", default=None,
                     help="restore shadows and replacements from Ready images in this directory when one matches "
                          "(same engine identity and port, its pids free) and cold-start otherwise; a shadow that "

@@ -2,10 +2,13 @@
 
 Each child runs in a process group of its own. When an engine dies, a
 replacement is started on the same port and parks as the new shadow (one of
-the existing shadows has already taken over through the failover lock). When
-the memory service dies, it is restarted; engines go on serving from their
-mappings meanwhile. SIGTERM stops the engines (they drain), then the memory
-service. The node's children are written to `node.json` for `understudy status`.
+the existing shadows has already taken over through the failover lock). Each
+device's memory service has a twin started with `--standby` (`--no-memory-standby`: none):
+started up and blocked on the service's lock, it takes the socket over the moment the
+service dies, and the engines, which go on serving from their mappings meanwhile, hand it
+their memory back; the dead one is restarted as the new standby (or, with no twin alive,
+as the service). SIGTERM stops the engines (they drain), then the standbys, then the memory
+services. The node's children are written to `node.json` for `understudy status`.
 
 Hangs: every engine that serves is probed (`GET /live`, a few times a second, short timeout); one that
 answers no probe with 200 for --hang-timeout seconds (a SIGSTOPped process, a blocked event loop, an
@@ -45,10 +48,10 @@ logger = logging.getLogger("understudy.node.supervisor")
 
 @dataclass
 class Child:
-    name: str  # memory, engine-0, engine-1, ...
+    name: str  # memory, memory-twin, engine-0, engine-1, ...
     argv: list[str]
     port: int | None = None
-    role: str | None = None  # the role it was started with
+    role: str | None = None  # the role it was started with: primary/shadow (engines), active/standby (memory)
     pid: int | None = None
     starts: int = 0
     started_at: float = 0.0
@@ -62,7 +65,7 @@ class Child:
     next_restart_at: float | None = None  # wall clock; None: not scheduled
     not_restarted: str | None = None  # why it is not restarted (an unhealthy device)
     # The running incarnation, from its log lines.
-    state: str | None = None  # its lifecycle state (engines)
+    state: str | None = None  # its lifecycle state (engines), SERVING or STANDBY (memory services)
     serving: bool = False  # its HTTP listener is up: probed from here on
     pump: threading.Thread | None = field(default=None, repr=False)
 
@@ -70,7 +73,7 @@ class Child:
         return {"name": self.name, "pid": self.pid, "port": self.port, "role": self.role, "starts": self.starts,
                 "started_at": self.started_at, "last_exit": self.last_exit, "last_returncode": self.last_returncode,
                 "last_exit_at": self.last_exit_at, "last_error": self.last_error, "failures": self.failures,
-                "next_restart_at": self.next_restart_at, "not_restarted": self.not_restarted}
+                "next_restart_at": self.next_restart_at, "not_restarted": self.not_restarted, "state": self.state}
 
 
 @dataclass
@@ -155,13 +158,18 @@ class Spanning:
 
 
 MEMBER_STARTED = '"tp_node_started"'  # a member node's slot has started its ranks (engine/parallel/nodes.py)
+# A memory service's log events that say its state (memory/server.py): a standby logs standby_waiting, then
+# standby_took_over and listening once the live one is gone; a standby with no live one listens at once.
+MEMORY_STATES = {"standby_waiting": "STANDBY", "listening": "SERVING"}
+MEMORY_READY = ('"standby_waiting"', '"listening"')
 
 
 class Supervisor:
     def __init__(self, *, socket_dir: Path, backend: str, device: int, port: int, shadows: int,
                  engine_args: list[str], restart_delay: float = 0.5, snapshot_dir: Path | None = None,
                  frontend_port: int | None = None, tensor_parallel: int = 1, backoff: Backoff | None = None,
-                 probing: Probing | None = None, own_memory: bool = True, spanning: Spanning | None = None):
+                 probing: Probing | None = None, own_memory: bool = True, spanning: Spanning | None = None,
+                 memory_standby: bool = True):
         self.socket_dir = socket_dir
         self.engine_args = engine_args
         self.backoff = backoff or Backoff(first=restart_delay)
@@ -178,10 +186,15 @@ class Supervisor:
         # --tensor-parallel N: a memory service per device of the group; each engine is a group's leader
         # (one process tree: its ranks die with it), so a child entry is a whole group (docs/tensor-parallel.md).
         # --memory-service connect: none; someone else (systemd) runs and restarts them.
+        # Each has a twin (memory-twin, memory-1-twin, ...) started as its standby: the two take turns.
         self.memories = [
             Child("memory" if k == 0 else f"memory-{k}",
                   py + ["memory-server", "--backend", backend, "--device", str(device + k), "--socket-dir",
-                        str(socket_dir)]) for k in range(local)] if own_memory else []
+                        str(socket_dir)], role="active") for k in range(local)] if own_memory else []
+        twins = [Child(f"{m.name}-twin", m.argv, role="standby") for m in self.memories] if memory_standby else []
+        self.twin_of = {**{m.name: t for m, t in zip(self.memories, twins)},
+                        **{t.name: m for m, t in zip(self.memories, twins)}}
+        self.memories += twins  # started after the services they stand by for
         if tensor_parallel > 1:
             if snapshot_dir is not None:
                 raise SystemExit("understudy up: --snapshot-dir is not supported with --tensor-parallel (a group "
@@ -233,10 +246,18 @@ class Supervisor:
             tmp.write_text(json.dumps(data, indent=2))
             tmp.replace(self.state_file)
 
-    def _start(self, child: Child, role: str | None = None, wait_for: str | None = None,
+    def _start(self, child: Child, role: str | None = None, wait_for: str | tuple[str, ...] | None = None,
                image: Path | None = None) -> None:
-        argv = child.argv + (["--role", role] if role else [])
+        """Start `child` (as `role`); wait for a log line with `wait_for` (or any of them) in it."""
+        if role is None:
+            flags = []
+        elif child in self.memories:
+            flags = ["--standby"] if role == "standby" else []
+        else:
+            flags = ["--role", role]
+        argv = child.argv + flags
         child.role = role or child.role
+        wait_for = (wait_for,) if isinstance(wait_for, str) else wait_for
         if image is not None:  # restored from a snapshot image: a process group of its own too
             child.proc = self.snapshots.restore(image)
         else:
@@ -257,13 +278,14 @@ class Supervisor:
         if wait_for and not ready.wait(timeout=600):
             raise RuntimeError(f"{child.name} did not become ready")
 
-    def _pump(self, child: Child, proc: subprocess.Popen, wait_for: str | None, ready: threading.Event) -> None:
+    def _pump(self, child: Child, proc: subprocess.Popen, wait_for: tuple[str, ...] | None,
+              ready: threading.Event) -> None:
         """Forward a child's log lines, saying which child wrote them; notice when it is ready, when it
         serves HTTP, its lifecycle state and its errors."""
         for line in proc.stderr:
             tagged, record = _tagged(line, child.name, proc.pid)
             sys.stderr.write(tagged)
-            if wait_for and wait_for in line:
+            if wait_for and any(w in line for w in wait_for):
                 ready.set()
             if record is not None:
                 if proc is child.proc:
@@ -271,6 +293,10 @@ class Supervisor:
                         child.serving = True
                     elif record.get("event") == "state" and isinstance(record.get("new"), str):
                         child.state = record["new"]
+                    elif child in self.memories and record.get("event") in MEMORY_STATES:
+                        child.state = MEMORY_STATES[record["event"]]
+                        if not self.stopping:  # (stop() removes node.json)
+                            self._write_state()  # `understudy status` shows which one serves
                 error = _error_of(record)
             else:
                 error = _error_line(line)
@@ -340,8 +366,9 @@ class Supervisor:
             signal.signal(sig, lambda *_: self.events.put(None))
         if self.frontend is not None:  # first: the engines register with it as they come up
             self._start(self.frontend, wait_for='"serving"')
-        for memory in self.memories:
-            self._start(memory, wait_for='"listening"')
+        for memory in self.memories:  # the services, then their twins standing by for them
+            self._start(memory, role=memory.role,
+                        wait_for=MEMORY_READY if memory.role == "standby" else '"listening"')
         if self.spanning.member:  # each slot's ranks find their leader on node 0 (which may come up later)
             for engine in self.engines:
                 self._start(engine, wait_for=MEMBER_STARTED)
@@ -402,7 +429,12 @@ class Supervisor:
 
     def _restart(self, child: Child) -> None:
         if child in self.memories:
-            self._start(child, wait_for='"listening"')
+            twin = self.twin_of.get(child.name)
+            if twin is not None and twin.proc is not None and twin.proc.poll() is None:
+                # Its twin serves (it took over) or stands by: this one stands by for it.
+                self._start(child, role="standby", wait_for=MEMORY_READY)
+            else:
+                self._start(child, role="active", wait_for='"listening"')
         elif child is self.frontend:  # the engines' next keep-alive registers them again
             self._start(child, wait_for='"serving"')
         elif self.spanning.member:  # this node's part of the slot's next group (a standby: node 0 decides)
@@ -420,8 +452,10 @@ class Supervisor:
     def stop(self) -> int:
         self.stopping = True  # probers stand down: draining engines close their listeners
         log(logger, "node_stopping")
-        # The frontend drains first (its clients' answers need the engines), the memory service goes last.
-        for child in [*([self.frontend] if self.frontend else []), *self.engines, *self.memories]:
+        # The frontend drains first (its clients' answers need the engines), the memory service goes last,
+        # after its standby (which would otherwise take over from it).
+        memories = sorted(self.memories, key=lambda c: c.state != "STANDBY")
+        for child in [*([self.frontend] if self.frontend else []), *self.engines, *memories]:
             if child.proc and child.proc.poll() is None:
                 os.killpg(child.proc.pid, signal.SIGTERM)
                 try:
@@ -550,6 +584,8 @@ def node_status(socket_dir: Path) -> dict:
     for child in state["children"]:
         alive = child["pid"] is not None and Path(f"/proc/{child['pid']}").exists()
         child["alive"] = alive
+        if alive and child["name"].startswith("memory") and child.get("state"):  # serving or standing by
+            child["health"] = {"state": child["state"]}
         if child.get("port") and alive:
             try:
                 child["health"] = httpx.get(f"http://127.0.0.1:{child['port']}/health", timeout=5).json()

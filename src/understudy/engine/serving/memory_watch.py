@@ -1,12 +1,14 @@
 """Engines outlive their memory service: notice it die, hand a restarted one our memory back.
 
 While the service is down the engine goes on serving from its mappings (nothing on the
-decode path talks to it). When a new service listens on the same socket, the engine gives
-it back what it maps, without touching the disk: the weights (the first engine back
-restores the pool, the others find the same layout and read it) and, from the engine that
-owns it, the kv pool with its sealed-block index, so later shadows import and adopt as
-before. A service that comes back holding other weights is logged as an error: this engine
-keeps serving from its own mappings but can no longer sleep and wake.
+decode path talks to it). When a new service listens on the same socket (a standby that
+took over within milliseconds, `memory-server --standby`, or a restarted one), the engine,
+polling for it every few ms, gives it back what it maps, without touching the disk: the
+weights (the first engine back restores the pool, the others find the same layout and read
+it) and, from the engine that owns it, the kv pool with its sealed-block index, so later
+shadows import and adopt as before. A service that comes back holding other weights is
+logged as an error: this engine keeps serving from its own mappings but can no longer sleep
+and wake.
 """
 
 from __future__ import annotations
@@ -22,13 +24,29 @@ from understudy.memory import MemoryServiceError
 
 logger = logging.getLogger("understudy.engine.serving.memory_watch")
 
-RETRY_FIRST, RETRY_MAX = 0.02, 0.5  # seconds between attempts to reach a restarted service
+# Reaching the next service: every RETRY_FAST s for the first FAST_FOR s after the loss (a standby
+# takes over within milliseconds, a cold start takes a few hundred ms, a second or two on CUDA; a
+# connect to a Unix socket costs microseconds, so 200 tries a second cost nothing), then backing off
+# (doubling) to RETRY_MAX. RETRY_FIRST is the first delay for callers that only back off (parallel/rank.py).
+RETRY_FAST, FAST_FOR = 0.005, 10.0
+RETRY_FIRST, RETRY_MAX = RETRY_FAST, 0.5
+
+
+def retry_delays():
+    """Seconds to sleep between attempts to reach a service that went away (see RETRY_FAST)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < FAST_FOR:
+        yield RETRY_FAST
+    delay = RETRY_FAST
+    while True:
+        delay = min(2 * delay, RETRY_MAX)
+        yield delay
 
 
 async def _connected(path: str) -> socket.socket:
-    """A connection to the service at `path`, retrying (with backoff) until one listens there."""
+    """A connection to the service at `path`, retrying (see retry_delays) until one listens there."""
     loop = asyncio.get_running_loop()
-    delay = RETRY_FIRST
+    delays = retry_delays()
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -39,8 +57,7 @@ async def _connected(path: str) -> socket.socket:
         except (OSError, asyncio.TimeoutError) as e:  # no socket yet (ENOENT), a stale one (ECONNREFUSED)
             log(logger, "memory_service_unreachable", logging.DEBUG, error=repr(e))
             sock.close()
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, RETRY_MAX)
+        await asyncio.sleep(next(delays))
 
 
 def give_back(worker) -> dict[str, str]:
