@@ -231,6 +231,11 @@ class Node:
     def pid_of(self, name: str) -> int:
         return next(c["pid"] for c in self.status()["children"] if c["name"] == name)
 
+    def serving_memory_pid(self) -> int:
+        """The memory service that serves (after a takeover that may be the twin; the other stands by)."""
+        return next(c["pid"] for c in self.status()["children"]
+                    if c["name"].startswith("memory") and c.get("state") == "SERVING")
+
     def whole(self, probe) -> str | None:
         """None when the node is whole, else what is missing."""
         try:
@@ -283,7 +288,7 @@ def inject(node: Node, kind: str, rng: random.Random) -> callable:
         os.killpg(engines["STANDBY"]["pid"], signal.SIGKILL)
         return None
     if kind == "kill_memory":
-        os.killpg(node.pid_of("memory"), signal.SIGKILL)
+        os.killpg(node.serving_memory_pid(), signal.SIGKILL)
         return None
     if kind == "kill_frontend":
         i = rng.randrange(2)
