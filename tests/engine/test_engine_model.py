@@ -8,6 +8,7 @@ import torch
 from understudy.engine.layers.attention import AttentionMetadata, store_kv
 from understudy.engine.model.decoder import CausalLM
 from understudy.engine.model.config import ModelConfig, UnsupportedModelError
+from understudy.engine.model.layout import checkpoint_view
 from understudy.engine.model.loader import iter_weights, load_config, load_model
 
 from tests.helpers.engine import PagedKV
@@ -20,19 +21,25 @@ def test_meta_construction_then_streamed_load(hf_model_dir):
         model = CausalLM(cfg)
     assert all(p.is_meta for p in model.parameters())
     names = {n for n, _ in model.named_parameters()}
-    assert names == set(hf.state_dict())  # HF checkpoint names, one for one
+    # HF checkpoint names, except q/k/v and gate/up: rows of one qkv_proj / gate_up_proj (model/layout.py)
+    targets = {checkpoint_view(n, cfg, dict(model.named_parameters()).__getitem__)[0] for n in hf.state_dict()}
+    assert names == targets and "model.layers.0.self_attn.qkv_proj.weight" in names
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in names)
     model.load_weights(iter_weights(path, torch.float32))
     assert not any(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
-    for name, p in model.named_parameters():
-        assert torch.equal(p, hf.state_dict()[name]), name
+    params = dict(model.named_parameters())
+    for name, t in hf.state_dict().items():
+        assert torch.equal(checkpoint_view(name, cfg, params.__getitem__)[1], t), name
 
 
 def test_load_state_dict_assign_works_too(hf_model_dir):
-    hf, path = hf_model_dir("llama")
+    """With the model's own names (what the memory service holds)."""
+    _, path = hf_model_dir("llama")
+    state = load_model(path, dtype=torch.float32).state_dict()
     with torch.device("meta"):
         model = CausalLM(load_config(path))
-    model.load_state_dict(dict(iter_weights(path)), assign=True, strict=True)
+    model.load_state_dict(state, assign=True, strict=True)
     assert not any(p.is_meta for p in model.parameters())
 
 

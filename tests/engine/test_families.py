@@ -115,7 +115,7 @@ def test_configs_read_the_family_flags(family):
     assert gemma3.qk_norm and gemma3.local_rope_theta == 100.0 and gemma3.attn_logit_softcap is None
     assert gemma3.rope_theta == 10000.0 and gemma3.rope_scaling["rope_type"] == "linear"
     phi3 = load_config(family("phi3")[1])
-    assert phi3.fused_projections and phi3.rotary_dim == 8 and phi3.rope_scaling["rope_type"] == "longrope"
+    assert phi3.fused_checkpoint and phi3.fuse_qkv and phi3.rotary_dim == 8 and phi3.rope_scaling["rope_type"] == "longrope"
     assert phi3.rope_scaling["original_max_position_embeddings"] == 40
     qwen2 = load_config(family("qwen2-dynamic")[1])
     assert (qwen2.sliding_window, qwen2.sliding_layers) == (6, (1,))

@@ -100,6 +100,41 @@ def test_fp8_checkpoint_serves_as_its_dequantized_twin(tmp_path, scheme):
     assert greedy_generate(fp8, PROMPTS, NEW_TOKENS) == expected
 
 
+# scheme -> (q/k/v fused, gate/up fused) for heads of 128 (q 256 rows, k and v 128 each) and an MLP of 384
+FUSES = {"tensor": (False, False), "channel": (True, True), "block": (True, True)}
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+def test_fp8_layers_are_fused_where_their_scales_cut_along_the_rows(tmp_path, scheme):
+    """Per-channel scales and whole 128x128 blocks concatenate with the parts' rows (one qkv_proj, one
+    gate_up_proj); a per-tensor scale differs per part, so those layers stay apart. Either way the model
+    serves as the dequantized twin does."""
+    fp8_dir, twin_dir = _quantized_pair(tmp_path, scheme, seed=5, hidden_size=256, num_attention_heads=2,
+                                        num_key_value_heads=1)
+    fp8, twin = load_model(fp8_dir, dtype=torch.float32), load_model(twin_dir, dtype=torch.float32)
+    attn, mlp = fp8.model.layers[0].self_attn, fp8.model.layers[0].mlp
+    assert (fp8.config.fuse_qkv, fp8.config.fuse_gate_up) == FUSES[scheme]
+    assert (hasattr(attn, "qkv_proj"), hasattr(mlp, "gate_up_proj")) == FUSES[scheme]
+    if scheme != "tensor":
+        assert isinstance(attn.qkv_proj, quant.Fp8Linear)
+        assert attn.qkv_proj.scales.shape == ((512,) if scheme == "channel" else (4, 2))
+        assert mlp.gate_up_proj.scales.shape == ((768,) if scheme == "channel" else (6, 2))
+    torch.testing.assert_close(_logits(fp8, PROMPTS[0]), _logits(twin, PROMPTS[0]), rtol=1e-5, atol=1e-5)
+    assert twin.config.fuse_qkv and hasattr(twin.model.layers[0].self_attn, "qkv_proj")  # unquantized: fused
+
+
+def test_layers_whose_blocks_are_ragged_or_parts_partly_ignored_stay_apart():
+    block = Quantization("fp8", "block", "dynamic", (128, 128), "weight_scale_inv")
+    layers = [["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]]
+    assert block.fuses((256, 128), layers) and not block.fuses((256, 64), layers)  # 64 rows: half a block
+    some = Quantization("compressed-tensors", "channel", "dynamic", ignore=("model.layers.0.self_attn.k_proj",))
+    assert not some.fuses((256, 128), layers)  # q FP8, k not: one linear cannot be both
+    both = Quantization("compressed-tensors", "channel", "dynamic", ignore=("re:.*layers\\.0\\..*_proj",))
+    assert both.fuses((256, 128), layers) and not both.quantizes("model.layers.0.self_attn.qkv_proj")
+    static = Quantization("fp8", "channel", "static")
+    assert not static.fuses((256, 128), layers)  # one input_scale per part
+
+
 def test_ragged_blocks_and_bf16(tmp_path):
     """Dims that are not multiples of 128 (edge blocks cut short) in bf16, the serving dtype on GPUs."""
     fp8_dir, twin_dir = _quantized_pair(tmp_path, "block", seed=3, hidden_size=192, intermediate_size=320)
@@ -160,8 +195,11 @@ def test_quantization_fp8_publishes_fp8_weights_a_second_engine_imports_and_adop
     try:
         assert a.weights_stats["source"] == "published"
         layout = a.worker.weights.layout.tensors
-        assert layout["model.layers.0.mlp.gate_proj.weight"].dtype == "float8_e4m3fn"
-        assert layout["model.layers.0.mlp.gate_proj.weight_scale"].dtype == "float32"
+        # gate and up quantized per channel, part by part, into the fused gate_up_proj (model/layout.py)
+        assert layout["model.layers.0.mlp.gate_up_proj.weight"].dtype == "float8_e4m3fn"
+        assert layout["model.layers.0.mlp.gate_up_proj.weight_scale"].dtype == "float32"
+        assert tuple(layout["model.layers.0.self_attn.qkv_proj.weight_scale"].shape) == (128 + 2 * 64,)
+        assert "model.layers.0.mlp.gate_proj.weight" not in layout
         assert layout["lm_head.weight"].dtype == "float32"
         assert a.engine.kv.spec.dtype == "float8_e4m3fn"
         assert a.engine.kv.layers[0][0].dtype == torch.float8_e4m3fn

@@ -181,6 +181,16 @@ def test_interpreted_silu_and_mul(interpreted, dtype, shape):
     torch.testing.assert_close(fused._silu_and_mul_triton(g, u), fused.silu_and_mul_ref(g, u), **TOL[dtype])
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_interpreted_silu_and_mul_reads_the_halves_of_a_fused_output_in_place(interpreted, gelu):
+    """MLP.forward chunks gate_up_proj's [T, 2I] output: the kernel reads both halves as strided views."""
+    torch.manual_seed(0)
+    gate, up = (torch.randn(5, 2 * 300) * 4).chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    ref = fused.gelu_tanh_and_mul_ref(gate, up) if gelu else fused.silu_and_mul_ref(gate, up)
+    torch.testing.assert_close(fused._silu_and_mul_triton(gate, up, gelu=gelu), ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, hf_model_dir, family):
     """The whole forward with every fused op on the Triton path (wiring: residual stream, q/k norm)."""
@@ -312,6 +322,8 @@ def test_cuda_silu_and_mul(dtype, shape):
     g = torch.randn(shape, dtype=dtype, device="cuda") * 4
     u = torch.randn(shape, dtype=dtype, device="cuda")
     torch.testing.assert_close(fused.silu_and_mul(g, u), fused.silu_and_mul_ref(g, u), **TOL[dtype])
+    gate, up = (torch.randn(shape[0], 2 * shape[-1], dtype=dtype, device="cuda") * 4).chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_and_mul(gate, up), fused.silu_and_mul_ref(gate, up), **TOL[dtype])
 
 
 @cuda_only

@@ -259,7 +259,10 @@ def exponentials(k1: Tensor, k2: Tensor, vocab: int) -> Tensor:
     _mix32_(h, scratch)
     torch.bitwise_right_shift(h, 8, out=scratch)
     u = scratch.bitwise_and_(0xFFFFFF).to(torch.float32)  # 24 bits: exact in float32
-    return u.add_(0.5).mul_(1.0 / (1 << 24)).log_().neg_()  # u in (0, 1): E in (0, 17]
+    # (u + 0.5) / 2**24 is in (0, 1), but its largest value rounds to 1.0 in float32: E would be 0 there, and
+    # a dropped token's 0 / 0 a NaN that argmax picks (about one step in 130 at a 128k vocabulary). The floor
+    # changes that one draw only.
+    return u.add_(0.5).mul_(1.0 / (1 << 24)).log_().neg_().clamp_(min=2.0 ** -26)  # E in (0, 17]
 
 
 def _mix32_(x: Tensor, scratch: Tensor) -> None:

@@ -94,12 +94,15 @@ def rope(Q, K, QO, KO, POS, INV_FREQ, stride_ft, mscale, n_q_heads, n_k_heads,
 
 
 @triton.jit
-def silu_mul(G, U, O, n, BLOCK: tl.constexpr, GELU: tl.constexpr = False):
-    """O = silu(G) * U over n contiguous elements; GELU: gelu_tanh(G) * U (Gemma)."""
+def silu_mul(G, U, O, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr, GELU: tl.constexpr = False):
+    """O = silu(G) * U over n elements, rows of n_cols (O contiguous; G and U rows `stride_*` apart, so the
+    two halves of a fused gate_up output are read in place); GELU: gelu_tanh(G) * U (Gemma)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+    row = offs // n_cols
+    col = offs - row * n_cols
+    g = tl.load(G + row * stride_g + col, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + col, mask=ok, other=0.0).to(tl.float32)
     if GELU:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) * (g + 0.044715 g^3)
         e = tl.exp(-2.0 * tl.abs(inner))  # tanh without overflow

@@ -300,10 +300,18 @@ def _silu_and_mul_triton(gate: Tensor, up: Tensor, gelu: bool = False) -> Tensor
     kern = _kernels()
     if gate.shape != up.shape:
         raise ValueError(f"gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
-    gate, up = gate.contiguous(), up.contiguous()
+    shape = gate.shape
+    gate, up = _rows(gate), _rows(up)  # the halves of a fused gate_up output: views, read in place
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     n = gate.numel()
     if n:
-        block = 1024
-        kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, BLOCK=block, GELU=gelu, num_warps=4)
-    return out
+        block, cols = 1024, max(gate.shape[-1], 1)
+        kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, cols, gate.stride(0), up.stride(0), BLOCK=block,
+                                          GELU=gelu, num_warps=4)
+    return out.reshape(shape)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x as [rows, cols] whose rows are contiguous (a view when it can be: chunks of a wider matrix are)."""
+    x = x.reshape(-1, x.shape[-1]) if x.dim() != 1 else x.reshape(1, -1)
+    return x if x.stride(-1) == 1 else x.contiguous()

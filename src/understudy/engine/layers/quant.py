@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -246,13 +247,16 @@ def fit(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def quantize_online(model: nn.Module, stream, device: torch.device | str | None = None):
+def quantize_online(model: nn.Module, stream, param_of: Callable[[str], str],
+                    device: torch.device | str | None = None):
     """--quantization fp8: the (name, tensor) stream of an unquantized checkpoint with each weight of an
     Fp8Linear replaced by its FP8 weight and scales, computed on `device` (the publisher's GPU: fast) or
-    where the tensor is."""
+    where the tensor is. `param_of`: the model parameter a checkpoint tensor fills (model/layout.py): a
+    checkpoint's q_proj is quantized as its rows of the fused qkv_proj (per-channel scales are per row, so
+    the parts' scales, in row order, are the fused layer's)."""
     layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     for name, tensor in stream:
-        layer = layers.get(name)
+        layer = layers.get(param_of(name))
         if layer is None:
             yield name, tensor
             continue

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from understudy.engine.model.families import UnsupportedFamilyFeature, family_fields
-from understudy.engine.model.quantization import Quantization, UnsupportedQuantization
+from understudy.engine.model.quantization import FUSED, Quantization, UnsupportedQuantization
 from understudy.engine.model.quantization import from_hf_dict as quantization_from_hf_dict
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral", "gemma2", "gemma3_text", "phi3")
@@ -77,7 +77,7 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma 2/3: norms after attention and the MLP too (pre/post_feedforward)
     embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden_size) (rounded to the model's dtype)
     local_rope_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (unscaled)
-    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj, one matrix each, as in the checkpoint
+    fused_checkpoint: bool = False  # Phi-3: the checkpoint stores qkv_proj and gate_up_proj (fuse_qkv, fuse_gate_up)
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns only this fraction of each head
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -97,6 +97,24 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def fuse_qkv(self) -> bool:
+        """Whether attention holds q, k and v as one qkv_proj (model/layout.py): always, except FP8 weights
+        whose scales cannot be cut along the rows (Quantization.fuses)."""
+        return self._fuses("qkv_proj", (self.q_size, self.kv_size, self.kv_size), range(self.num_hidden_layers),
+                           "self_attn")
+
+    @property
+    def fuse_gate_up(self) -> bool:
+        """Whether the dense MLPs hold gate and up as one gate_up_proj (as fuse_qkv)."""
+        dense = [i for i in range(self.num_hidden_layers) if i not in self.moe_layers]
+        return self._fuses("gate_up_proj", (self.intermediate_size,) * 2, dense, "mlp")
+
+    def _fuses(self, fused: str, rows: tuple[int, ...], layers, block: str) -> bool:
+        if self.fused_checkpoint or self.quantization is None:  # Phi-3: as its checkpoint stores them
+            return True
+        return self.quantization.fuses(rows, ([f"model.layers.{i}.{block}.{p}" for p in FUSED[fused]] for i in layers))
 
     @property
     def rotary_dim(self) -> int:

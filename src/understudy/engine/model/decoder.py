@@ -4,9 +4,10 @@ The families differ only in details that ModelConfig turns into flags (model/fam
   Qwen2: bias on q/k/v projections.  Qwen3: RMSNorm on each q/k head (q_norm/k_norm),
   explicit head_dim.  Llama 3.1: "llama3" RoPE frequency scaling (all RoPE variants: model/rope.py).
   Mistral: sliding-window layers.  Gemma: (1 + weight) norms, also after attention and the MLP,
-  scaled embeddings, GELU, soft-capped scores and logits, local / global layers.  Phi-3: fused
-  qkv_proj and gate_up_proj (kept fused, as in the checkpoint), partial rotary.
-Module names equal the Hugging Face checkpoint names, so weights load by name.
+  scaled embeddings, GELU, soft-capped scores and logits, local / global layers.  Phi-3: partial rotary.
+Every family's attention computes q, k and v with one GEMM (qkv_proj) and its MLP gate and up with one
+(gate_up_proj), as Phi-3's checkpoint stores them; model/layout.py says which rows of those a checkpoint's
+q_proj / k_proj / v_proj / gate_proj / up_proj fill. Other module names equal the checkpoint's.
 
 The elementwise work between the matmuls goes through fused.py: on CUDA each of
 (residual add +) RMSNorm, RoPE of q and k, and SiLU(gate)*up is one Triton kernel;
@@ -16,8 +17,8 @@ residual add is fused into the next norm.
 
 The model owns no KV cache: the caller passes one (k_cache, v_cache) pair per
 layer, in memory it owns, and the model only writes into those tensors. Build
-the model on the meta device and attach weights with `load_weights` (or
-`load_state_dict(..., assign=True)`), so no memory is spent on random init.
+the model on the meta device and attach weights with `load_weights` (or, with
+the model's own names, `load_state_dict(..., assign=True)`), so no memory is spent on random init.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from understudy.engine.layers import fused, quant
 from understudy.engine.layers.attention import AttentionFn, AttentionMetadata, reference_attention
 from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.rope import RotaryEmbedding, attention_factor, rope_inv_freq  # noqa: F401 (re-export)
-from understudy.engine.model.experts import ExpertSlice, SparseMoE, checkpoint_target
+from understudy.engine.model.experts import SparseMoE
+from understudy.engine.model.layout import Slice, checkpoint_target
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
 
@@ -85,10 +87,10 @@ class Attention(nn.Module):
         self.local_rope = self.sliding_window is not None and config.local_rope_theta is not None
         self.mscale = 1.0 if self.local_rope else attention_factor(config.rope_scaling, config.max_position_embeddings)
         self.attention_fn = attention_fn
-        self.fused = config.fused_projections
-        if self.fused:  # Phi-3: q, k and v rows of one matrix, as the checkpoint stores them
+        self.fused = config.fuse_qkv
+        if self.fused:  # q, k and v rows of one matrix: one GEMM (model/layout.py)
             self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        else:
+        else:  # FP8 checkpoints whose scales do not cut along the rows (Quantization.fuses)
             self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias)
             self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
             self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
@@ -124,10 +126,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.fused = config.fused_projections
-        if self.fused:  # Phi-3: gate rows, then up rows, in one matrix
+        self.fused = config.fuse_gate_up
+        if self.fused:  # gate rows, then up rows, in one matrix: one GEMM (model/layout.py)
             self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
-        else:
+        else:  # as Attention's
             self.gate_proj = nn.Linear(h, i, bias=bias)
             self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
@@ -256,15 +258,15 @@ class CausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        filled: dict[str, int] = {}  # stacked expert tensors: elements copied in so far
+        filled: dict[str, int] = {}  # fused and stacked tensors: elements copied in so far
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq") or quant.is_kv_scale(name):
                 continue  # old checkpoints saved it; we recompute it. KV-cache scales: quant.read_kv_scales
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # some tied checkpoints still store a copy
-            target = checkpoint_target(name)  # MoE: an expert's matrix is a slice of a stacked tensor
-            if isinstance(target, ExpertSlice):
-                self._fill_expert(params, name, target, tensor, device, filled)
+            target = checkpoint_target(name, self.config)  # q_proj: rows of qkv_proj; an expert: of a stack
+            if isinstance(target, Slice):
+                self._fill_slice(params, name, target, tensor, device, filled)
                 continue
             name = target
             if name not in params:
@@ -281,23 +283,25 @@ class CausalLM(nn.Module):
         if missing:
             raise KeyError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
 
-    def _fill_expert(self, params: dict[str, Tensor], name: str, target: ExpertSlice, tensor: Tensor,
-                     device, filled: dict[str, int]) -> None:
-        """Copy one expert's checkpoint matrix into its slice of the stacked parameter (made on first use)."""
-        stacked = params.get(target.param)
-        if stacked is None:
+    def _fill_slice(self, params: dict[str, Tensor], name: str, target: Slice, tensor: Tensor,
+                    device, filled: dict[str, int]) -> None:
+        """Copy a checkpoint tensor into its slice of a fused or stacked parameter (made on first use)."""
+        whole = params.get(target.param)
+        if whole is None:
             raise KeyError(f"checkpoint has weight {name!r} that the model does not expect")
-        if stacked.is_meta:
-            stacked = nn.Parameter(torch.empty(stacked.shape, dtype=tensor.dtype, device=device or tensor.device),
-                                   requires_grad=False)
-            module_name, _, leaf = target.param.rpartition(".")
-            setattr(self.get_submodule(module_name), leaf, stacked)
-            params[target.param] = stacked
         try:
-            dst = target.of(stacked)
+            shape = tuple(target.of(whole).shape)  # the meta parameter's shapes too
         except IndexError:
             raise KeyError(f"checkpoint has weight {name!r} of an expert the model does not have") from None
-        if tuple(tensor.shape) != tuple(dst.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
+        tensor = quant.fit(target.param, tensor, shape, whole.dtype)  # FP8 weights; scales stored as [N, 1]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {shape}")
+        if whole.is_meta:
+            whole = nn.Parameter(torch.empty(whole.shape, dtype=tensor.dtype, device=device or tensor.device),
+                                 requires_grad=False)
+            module_name, _, leaf = target.param.rpartition(".")
+            setattr(self.get_submodule(module_name), leaf, whole)
+            params[target.param] = whole
+        dst = target.of(whole)
         dst.copy_(tensor)
         filled[target.param] = filled.get(target.param, 0) + dst.numel()

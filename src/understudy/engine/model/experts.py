@@ -7,53 +7,19 @@ The model holds them stacked per layer, in the layout the kernels read (engine/l
     model.layers.L.mlp.experts.gate_up_proj  [E, 2*I, H]   expert e's gate rows, then its up rows
     model.layers.L.mlp.experts.down_proj     [E, H, I]
 (the names transformers>=5 uses in memory). These are what the memory service holds, so every engine that
-imports the weights maps the stacked tensors as they are. `checkpoint_target` says, for a checkpoint name,
-which parameter it fills and, for an expert's matrix, which slice of the stacked one; loading (CausalLM.
-load_weights) and publishing (model/weights.py) both go through it. Under tensor parallelism a rank's
-stacked tensors hold its slice of every expert's intermediate dimension (model/sharding.py).
+imports the weights maps the stacked tensors as they are. `layout.checkpoint_target` says, for a checkpoint
+name, which parameter it fills and, for an expert's matrix, which slice of the stacked one (the mechanism
+that also puts q/k/v and gate/up rows into the dense layers' fused matrices). Under tensor parallelism a
+rank's stacked tensors hold its slice of every expert's intermediate dimension (model/sharding.py).
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from understudy.engine.layers import moe
 from understudy.engine.model.config import ModelConfig
-
-_EXPERT = re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
-_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-
-
-@dataclass(frozen=True)
-class ExpertSlice:
-    """Where one expert's checkpoint matrix lives inside a stacked parameter."""
-
-    param: str  # the stacked parameter's name
-    expert: int
-    part: str  # "gate" | "up" | "down"
-
-    def of(self, stacked: Tensor) -> Tensor:
-        """The view of `stacked` this matrix fills (contiguous: a run of the stacked tensor's bytes)."""
-        w = stacked[self.expert]
-        if self.part == "down":
-            return w
-        half = w.shape[0] // 2
-        return w[:half] if self.part == "gate" else w[half:]
-
-
-def checkpoint_target(name: str) -> str | ExpertSlice:
-    """The model parameter a checkpoint tensor fills: its name, or the slice of a stacked expert tensor."""
-    m = _EXPERT.fullmatch(name)
-    if m is not None:
-        prefix, expert, proj = m.groups()
-        part = _PART[proj]
-        stacked = "down_proj" if part == "down" else "gate_up_proj"
-        return ExpertSlice(f"{prefix}.mlp.experts.{stacked}", int(expert), part)
-    return name.replace(".block_sparse_moe.gate.", ".mlp.gate.")  # Mixtral's router
 
 
 class StackedExperts(nn.Module):

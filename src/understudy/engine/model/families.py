@@ -7,7 +7,7 @@
               and final logit soft-capping, sliding and global layers alternating (layer_types)
   Gemma 3     Gemma 2 without attention soft-capping, plus q/k norms, sliding layers every
               sliding_window_pattern-1 of sliding_window_pattern, and their own RoPE base (rope_local_base_freq)
-  Phi-3/Phi-4 fused qkv_proj and gate_up_proj in the checkpoint (the model keeps them fused), longrope,
+  Phi-3/Phi-4 fused qkv_proj and gate_up_proj in the checkpoint (loaded as they are), longrope,
               partial rotary (partial_rotary_factor), sliding_window when set
 
 `family_fields` returns the keyword arguments of ModelConfig that differ from Llama's.
@@ -47,7 +47,7 @@ def family_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
         else:
             out["local_rope_theta"] = _gemma3_local_theta(d)
     if model_type == "phi3":
-        out["fused_projections"] = True
+        out["fused_checkpoint"] = True
     rope = d.get("rope_parameters") or {}
     out["partial_rotary_factor"] = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
     return out

@@ -25,6 +25,7 @@ from understudy.engine.layers.attention import AttentionFn, reference_attention
 from understudy.common.gguf_file import gguf_field, open_gguf  # noqa: F401  (loader's callers use them from here)
 from understudy.engine.model.config import ModelConfig, UnsupportedModelError, normalize_rope_scaling
 from understudy.engine.model.decoder import CausalLM
+from understudy.engine.model.layout import parameter_of
 from understudy.engine.model.quantization import with_quantization
 
 PathLike = str | os.PathLike
@@ -70,7 +71,7 @@ def load_model(
         model = quant.cast_model(CausalLM(config, attention_fn), dtype)
     weights = iter_weights(path, dtype)
     if config.quantization is not None and config.quantization.online:
-        weights = quant.quantize_online(model, weights)
+        weights = quant.quantize_online(model, weights, lambda n: parameter_of(n, config))
     model.load_weights(weights, device=device)
     model.set_kv_scales(read_kv_scales(path, config.num_hidden_layers))
     return model.eval()

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 SUPPORTED = ("fp8 (FP8 weights with per-tensor or 128x128 block scales)", "fbgemm_fp8 (per-channel FP8)",
              "compressed-tensors FP8 (8-bit float weights: tensor, channel or block strategy)")
 # The decoder linears that hold quantized weights (lm_head and the embeddings never do).
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
+# The decoder's fused linears and, in row order, the checkpoint's linears each holds (model/layout.py).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class UnsupportedQuantization(ValueError):
@@ -53,16 +55,33 @@ class Quantization:
         return self.method == "online"
 
     def quantizes(self, module_name: str) -> bool:
-        """Whether the linear `module_name` (e.g. model.layers.0.mlp.up_proj) holds FP8 weights."""
-        if module_name.rpartition(".")[2] not in LINEARS:
+        """Whether the linear `module_name` (e.g. model.layers.0.mlp.up_proj) holds FP8 weights; a fused one
+        (qkv_proj) not if the checkpoint leaves it, or the linears it holds (q_proj, ...), unquantized."""
+        prefix, _, leaf = module_name.rpartition(".")
+        if leaf not in LINEARS:
             return False
+        return not any(self._ignores(name) for name in (module_name, *(f"{prefix}.{p}" for p in FUSED.get(leaf, ()))))
+
+    def _ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
             if pattern.startswith("re:"):
                 if re.fullmatch(pattern[3:], module_name):
-                    return False
+                    return True
             elif module_name == pattern or module_name.endswith("." + pattern):
-                return False
-        return True
+                return True
+        return False
+
+    def fuses(self, rows: Sequence[int], layers: Iterable[Sequence[str]]) -> bool:
+        """Whether linears of `rows` output rows each (their module names in every layer: `layers`) can be held
+        as one FP8 linear. Per-channel scales are rows too, and 128x128 block scales when every part is a whole
+        number of blocks; a per-tensor scale, or a static activation scale, is one number per linear that
+        would differ between the parts, so those layers stay apart (simple and exact), as do layers whose
+        linears are not all quantized or all not (an `ignore` naming some of them)."""
+        if self.weights == "tensor" or self.activations == "static":
+            return False
+        if self.weights == "block" and any(r % self.block[0] for r in rows):
+            return False
+        return all(len({self.quantizes(name) for name in layer}) == 1 for layer in layers)
 
 
 ONLINE_FP8 = Quantization(method="online", weights="channel", activations="dynamic")

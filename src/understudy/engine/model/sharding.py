@@ -2,9 +2,13 @@
 
 A rank runs the same `CausalLM` as a single-device engine, built from a *rank config*: the
 model's config with a 1/N share of the query heads, the KV heads and the MLP width. So each
-rank's parameters already have its shard's shapes, under the checkpoint's names:
+rank's parameters already have its shard's shapes, under the model's names:
 
     q_proj, k_proj, v_proj, gate_proj, up_proj   column-parallel: rows [r*n/N, (r+1)*n/N) (biases too)
+    qkv_proj, gate_up_proj (fused, layout.py)    column-parallel part by part: rank r's shard is its rows of
+                                                 each part, concatenated (its q heads, then its KV heads of
+                                                 k and of v; its gate rows, then its up rows), so a rank's
+                                                 fused matrix has the layout of the whole model's
     o_proj, down_proj                            row-parallel: columns of the same range; their partial
                                                  outputs are summed across ranks (all-reduce), the bias
                                                  is added once, after the sum
@@ -13,6 +17,9 @@ rank's parameters already have its shard's shapes, under the checkpoint's names:
                                                  so a rank's stacked tensors hold its slice of every expert's
                                                  intermediate dimension; the router is replicated (every rank
                                                  routes every token alike) and the block's output all-reduced
+
+A checkpoint's separate q_proj (...) is cut as above and fills its part of the rank's fused matrix
+(layout.checkpoint_target); a checkpoint that stores the fused matrix (Phi-3) is cut part by part.
 
 Attention heads never cross ranks: rank r holds query heads [r*H/N, (r+1)*H/N) and the KV heads
 they read, so the paged KV cache of a rank holds only its KV heads (its own device's kv pool).
@@ -24,18 +31,23 @@ model (leader + workers, control channel, group failover) lives in engine/parall
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from understudy.engine.model.config import ModelConfig
-from understudy.engine.model.experts import ExpertSlice, checkpoint_target
+from understudy.engine.model.layout import fused_parts, part_rows
 
-COLUMN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-          "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
-          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias")
-ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+# Checkpoint and parameter names: the dense projections (weights and biases) and one expert's matrices.
+COLUMN = re.compile(r".*\.(?:self_attn\.(?:q_proj|k_proj|v_proj|qkv_proj)|mlp\.(?:gate_proj|up_proj|gate_up_proj))"
+                    r"\.(?:weight|bias)"
+                    r"|.*\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(?:gate_proj|up_proj|w1|w3)\.weight")
+ROW = re.compile(r".*\.(?:self_attn\.o_proj|mlp\.down_proj)\.weight"
+                 r"|.*\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(?:down_proj|w2)\.weight")
+# The experts' stacked tensors under the model's names [E, rows, cols] (a checkpoint written by transformers>=5)
+STACKED = {".mlp.experts.gate_up_proj": 1, ".mlp.experts.down_proj": 2}
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,6 @@ def check_shardable(config: ModelConfig, size: int) -> None:
     if config.quantization is not None and size > 1:  # scales would need cutting along with their weights
         raise ValueError(f"FP8 weights (an FP8 checkpoint or --quantization fp8) are not supported with "
                          f"--tensor-parallel {size} yet; serve them on one device")
-    if config.fused_projections and size > 1:  # a rank's rows of qkv_proj / gate_up_proj are not one run
-        raise ValueError(f"--tensor-parallel {size}: {config.model_type}'s fused qkv_proj / gate_up_proj "
-                         f"are not sharded yet; serve it on one device")
     problems = []
     for what, n in (("attention heads", config.num_attention_heads), ("KV heads", config.num_key_value_heads),
                     ("intermediate size", config.intermediate_size),
@@ -77,13 +86,13 @@ def rank_config(config: ModelConfig, size: int) -> ModelConfig:
 
 
 def shard_dim(name: str) -> int | None:
-    """The dimension a checkpoint tensor is cut along (0 or 1), None if every rank holds all of it."""
-    target = checkpoint_target(name)
-    if isinstance(target, ExpertSlice):  # one expert's gate / up (rows) or down (columns)
-        return 1 if target.part == "down" else 0
-    if name.endswith(COLUMN):
+    """The dimension a tensor (by checkpoint or parameter name) is cut along, None if every rank holds all of it."""
+    for suffix, dim in STACKED.items():
+        if name.endswith(suffix):
+            return dim
+    if COLUMN.fullmatch(name):
         return 0
-    if name.endswith(ROW):
+    if ROW.fullmatch(name):
         return 1
     return None
 
@@ -93,13 +102,30 @@ def shard_range(full: int, rank: int, size: int) -> tuple[int, int]:
     return rank * n, (rank + 1) * n
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's piece of a full checkpoint tensor (a view; the tensor itself if replicated)."""
+def shard_ranges(name: str, shape: tuple[int, ...], rank: int, size: int,
+                 config: ModelConfig) -> tuple[int, list[tuple[int, int]]] | None:
+    """(dim, [(start, stop), ...]): the runs along `dim` of a full tensor whose concatenation is this rank's
+    shard (one run; one per part of a fused tensor); None if every rank holds all of it."""
     dim = shard_dim(name) if size > 1 else None
     if dim is None:
+        return None
+    parts = fused_parts(name, config) or (1,)
+    runs = []
+    for i in range(len(parts)):
+        start, stop = part_rows(shape[dim], parts, i)
+        lo, hi = shard_range(stop - start, rank, size)
+        runs.append((start + lo, start + hi))
+    return dim, runs
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, rank: int, size: int, config: ModelConfig) -> torch.Tensor:
+    """This rank's piece of a full tensor (a view when it is one run; the tensor itself if replicated)."""
+    cut = shard_ranges(name, tuple(tensor.shape), rank, size, config)
+    if cut is None:
         return tensor
-    start, stop = shard_range(tensor.shape[dim], rank, size)
-    return tensor.narrow(dim, start, stop - start)
+    dim, runs = cut
+    pieces = [tensor.narrow(dim, start, stop - start) for start, stop in runs]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def install(model: torch.nn.Module, tp: TensorParallel | None) -> None:

@@ -26,12 +26,15 @@ from understudy.engine.model.fast_load import Staging, StoredTensor, copy_direct
 from understudy.engine.layers import quant
 from understudy.engine.model.loader import is_gguf, iter_weights, read_kv_scales, safetensors_files
 from understudy.engine.model.decoder import CausalLM
-from understudy.engine.model.experts import ExpertSlice, checkpoint_target
-from understudy.engine.model.sharding import TensorParallel, install, rank_config, shard_dim, shard_range, shard_tensor
+from understudy.engine.model.layout import Slice, checkpoint_target, checkpoint_view, parameter_of
+from understudy.engine.model.sharding import TensorParallel, install, rank_config, shard_ranges, shard_tensor
 
 logger = logging.getLogger("understudy.engine.model.weights")
 
 STAGING_BYTES = 64 << 20
+# What a pool's parameters are and how their bytes are laid out (model/layout.py), part of its identity: a
+# pool published under another layout (2: q/k/v and gate/up fused for every family) is never imported.
+LAYOUT_VERSION = 2
 
 
 class WeightsMismatch(RuntimeError):
@@ -41,7 +44,8 @@ class WeightsMismatch(RuntimeError):
 def model_id(path: str | Path, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel | None = None) -> str:
     """The identity of what a weights pool holds; a tensor-parallel shard's names its rank and group size,
     so a pool holding a shard is never imported by an engine of another group size or rank."""
-    fields = {"path": str(Path(path).resolve()), "dtype": dtype_name(dtype), "config": repr(config)}
+    fields = {"path": str(Path(path).resolve()), "dtype": dtype_name(dtype), "config": repr(config),
+              "layout": LAYOUT_VERSION}
     if tp is not None and tp.size > 1:
         fields["tensor_parallel"] = [tp.rank, tp.size]
     desc = json.dumps(fields, sort_keys=True)
@@ -79,19 +83,19 @@ class _StagedCopier:
         self.stream.synchronize()
 
 
-def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = None):
+def _sources(path, specs: dict, dtype: torch.dtype, config: ModelConfig, tp: TensorParallel | None = None):
     """(tensors to copy byte for byte, an iterator over the ones to convert); under tensor parallelism
     only this rank's shard of each tensor (sharding.py). `specs`: name -> (shape, dtype the model keeps it
     in); converted tensors come out in `dtype`, except FP8 weights and scales (quant.fit converts those)."""
     rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     if is_gguf(path):
-        return {}, ((n, shard_tensor(n, t, rank, size)) for n, t in iter_weights(path, dtype))
+        return {}, ((n, shard_tensor(n, t, rank, size, config)) for n, t in iter_weights(path, dtype))
     stored: dict[str, StoredTensor] = {}
     for file in safetensors_files(path):
         stored.update(read_header(file))
-    if size > 1:  # a shard cut along dim 0 is a contiguous run of the stored bytes: still read directly
-        stored = {n: _row_shard(n, t, rank, size) for n, t in stored.items()}
-    direct = {n: t for n, t in stored.items() if _spec(n, specs) == (t.shape, t.dtype)}
+    if size > 1:  # a shard that is one run along dim 0 is a contiguous run of the stored bytes: still direct
+        stored = {n: _row_shard(n, t, rank, size, config) for n, t in stored.items()}
+    direct = {n: t for n, t in stored.items() if _spec(n, specs, config) == (t.shape, t.dtype)}
 
     def cast(name, t):
         return t if quant.is_quantized_storage(name, t) or quant.is_kv_scale(name) else t.to(dtype)
@@ -106,31 +110,34 @@ def _sources(path, specs: dict, dtype: torch.dtype, tp: TensorParallel | None = 
         for file, names in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in names:
-                    dim = shard_dim(name) if size > 1 else None
-                    if dim is None:
+                    piece = f.get_slice(name)  # reads only this rank's runs
+                    cut = shard_ranges(name, tuple(piece.get_shape()), rank, size, config)
+                    if cut is None:
                         yield name, cast(name, f.get_tensor(name))
                         continue
-                    piece = f.get_slice(name)  # reads only this rank's part
-                    start, stop = shard_range(piece.get_shape()[dim], rank, size)
-                    yield name, cast(name, piece[start:stop] if dim == 0 else piece[:, start:stop])
+                    dim, runs = cut
+                    runs = [piece[(slice(None),) * dim + (slice(start, stop),)] for start, stop in runs]
+                    yield name, cast(name, runs[0] if len(runs) == 1 else torch.cat(runs, dim))
 
     return direct, converted()
 
 
-def _row_shard(name: str, t: StoredTensor, rank: int, size: int) -> StoredTensor:
-    """The bytes of this rank's dim-0 shard of a stored tensor (others are left as they are)."""
-    if shard_dim(name) != 0 or not t.shape or t.shape[0] % size:
+def _row_shard(name: str, t: StoredTensor, rank: int, size: int, config: ModelConfig) -> StoredTensor:
+    """The bytes of this rank's shard of a stored tensor when it is one run of rows (others are left as they
+    are: read and cut by `converted`)."""
+    cut = shard_ranges(name, t.shape, rank, size, config) if t.shape and not t.shape[0] % size else None
+    if cut is None or cut[0] != 0 or len(cut[1]) != 1:
         return t
-    start, stop = shard_range(t.shape[0], rank, size)
+    (start, stop), = cut[1]
     row = t.nbytes // t.shape[0]
     return StoredTensor(t.file, t.offset + start * row, (stop - start) * row, t.dtype, (stop - start, *t.shape[1:]))
 
 
-def _spec(name: str, specs: dict) -> tuple | None:
-    """(shape, dtype) of what checkpoint tensor `name` fills: a parameter, or one expert's slice of a
-    stacked MoE parameter (model/experts.py); None if the model has no place for it."""
-    target = checkpoint_target(name)
-    if not isinstance(target, ExpertSlice):
+def _spec(name: str, specs: dict, config: ModelConfig) -> tuple | None:
+    """(shape, dtype) of what checkpoint tensor `name` fills: a parameter, or its slice of a fused or
+    stacked parameter (model/layout.py); None if the model has no place for it."""
+    target = checkpoint_target(name, config)
+    if not isinstance(target, Slice):
         return specs.get(target)
     if target.param not in specs:
         return None
@@ -138,12 +145,9 @@ def _spec(name: str, specs: dict) -> tuple | None:
     return tuple(target.of(torch.empty(shape, device="meta")).shape), dtype
 
 
-def _destination(client: MemoryClient, name: str) -> tuple[str, torch.Tensor]:
+def _destination(client: MemoryClient, name: str, config: ModelConfig) -> tuple[str, torch.Tensor]:
     """(parameter name, the mapped tensor or slice) that checkpoint tensor `name` is copied into."""
-    target = checkpoint_target(name)
-    if isinstance(target, ExpertSlice):
-        return target.param, target.of(client.tensor(target.param))
-    return target, client.tensor(target)
+    return checkpoint_view(name, config, client.tensor)
 
 
 def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torch.dtype, ident: str,
@@ -161,10 +165,11 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
         extra["tensor_parallel"] = [tp.rank, tp.size]
     client.set_metadata(metas, extra=extra, replace=True)
     device = client.tensor(next(iter(metas))).device
-    direct, stream = _sources(path, specs, dtype, tp)
+    config = model.config  # a rank's under tensor parallelism: its fused parts have the whole's proportions
+    direct, stream = _sources(path, specs, dtype, config, tp)
     quantization = model.config.quantization
     if quantization is not None and quantization.online:  # --quantization fp8: quantized on the device
-        stream = quant.quantize_online(model, stream, device)
+        stream = quant.quantize_online(model, stream, lambda n: parameter_of(n, config), device)
     total = sum(t.numel() * t.element_size() for t in wanted.values())
     filled: dict[str, int] = dict.fromkeys(wanted, 0)  # elements copied into each parameter
     threads = 8
@@ -172,14 +177,14 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         # Tensors stored in the serving dtype: file -> destination with one copy, in parallel.
-        jobs = [(stored, *_destination(client, name)) for name, stored in direct.items()]
+        jobs = [(stored, *_destination(client, name, config)) for name, stored in direct.items()]
         copy_direct([(stored, dst) for stored, _, dst in jobs], threads, staging, on_bytes=bar.update)
         for _, param, dst in jobs:
             filled[param] += dst.numel()
         # The rest needs a conversion (or comes from GGUF): one tensor at a time.
         copier = _StagedCopier(device) if device.type == "cuda" else None
         for name, tensor in stream:
-            spec = _spec(name, specs)
+            spec = _spec(name, specs, config)
             if spec is None:
                 if _skippable(name, wanted):
                     continue
@@ -187,7 +192,7 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
             tensor = quant.fit(name, tensor, *spec)
             if tuple(tensor.shape) != spec[0]:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {spec[0]}")
-            param, dst = _destination(client, name)
+            param, dst = _destination(client, name, config)
             if copier is not None:
                 copier.copy(dst, tensor)
             else:
