@@ -19,6 +19,7 @@ Prints, measured in the same run, over the kills:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import statistics
@@ -262,6 +263,8 @@ def main() -> None:
         procs[ports[1]] = engine(ports[1], "shadow")
         results["parked_shadow_MiB"] = used_mib() - before
         print(f"# parked shadow: {results['parked_shadow_MiB']} MiB of its own GPU memory", flush=True)
+        gc.collect()  # what the bench set up stays: a full collection must not pause its client threads
+        gc.freeze()
         clients = [LoadClient(ports, seed, 48, vocab=vocab, prompt_len=prompt_len) for seed in range(args.clients)]
         for c in clients:
             c.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import random
 import signal
@@ -100,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
                                                                  f"{task.exception()}")
             exit_code = 1
             server.should_exit = True
+            return
+        # What lives as long as the process (modules, the app, the tokenizer) leaves the collector's reach:
+        # a full collection holds the GIL for tens of ms, in some request's way (engine/launch.py does the same).
+        gc.collect()
+        gc.freeze()
 
     @app.on_event("startup")
     async def _start():
