@@ -287,9 +287,6 @@ def main() -> None:
                          "--cpu: a float32 matmul measured in the run)")
     ap.add_argument("--prefill-attention", choices=("reference", "triton"), default="triton",
                     help="the engine's prefill attention on CUDA (serve's default: triton)")
-    ap.add_argument("--graph-pieces", type=int, nargs="*", default=[],
-                    help="GPU: also decode the first batch with steps captured in these numbers of CUDA graph "
-                         "pieces (core/cuda_graphs.GRAPH_PIECES is the default), on the same engine")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--hf-eager", action="store_true",
                     help="also time eager transformers (DynamicCache, no compile); the ratio stays against the "
@@ -373,22 +370,6 @@ def main() -> None:
         for b in batches:
             results[b]["understudy"] = decode_steps(engine, b, args.prompt_len, tokens, shape["vocab_size"], sync)
             print(f"batch {b:>4}: understudy   {fmt_steps(results[b]['understudy'])}", flush=True)
-        if args.graph_pieces and engine.graphs is not None:
-            # The same engine with its steps captured in other numbers of graph pieces (core/cuda_graphs.py).
-            from understudy.engine.core.cuda_graphs import StepGraphs
-
-            default = engine.graphs.pieces
-            for pieces in args.graph_pieces:
-                engine.graphs = None
-                torch.cuda.empty_cache()
-                engine.graphs = StepGraphs(engine.model, engine.kv.layers, **engine.graph_shape(True),
-                                           device=engine.device, pieces=pieces)
-                engine.graphs.capture()
-                for b in batches[:1]:
-                    r = results[b][f"understudy_{pieces}_pieces"] = decode_steps(
-                        engine, b, args.prompt_len, tokens, shape["vocab_size"], sync)
-                    print(f"batch {b:>4}: understudy, steps in {pieces} graph piece(s) instead of {default}:   "
-                          f"{fmt_steps(r)}", flush=True)
     finally:
         built.close()  # the KV cache and weights sessions, the failover lock, the memory service
     del engine, built

@@ -36,7 +36,7 @@ def interpreted(monkeypatch):
     monkeypatch.setattr(triton_attention, "paged_decode_attention", decode_as_prefill)
 
 
-def _engine(model, graphs: bool, max_num_seqs: int = 4, pieces: int = 1):
+def _engine(model, graphs: bool, max_num_seqs: int = 4):
     from understudy.engine.core.cuda_graphs import StepGraphs
     from understudy.engine.core.kv_cache import KVCache, KVSpec
     from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
@@ -48,14 +48,13 @@ def _engine(model, graphs: bool, max_num_seqs: int = 4, pieces: int = 1):
             self.graphs = {b: None for b in self.decode_buckets + self.mixed_buckets}
 
         def _replay(self, b):
-            self.outputs[b] = self._run_eagerly(self._pieces(b))
+            self.outputs[b] = self._forward(b)
 
     spec = KVSpec.for_budget(model.config, 1 << 20, 4, torch.float32)
     engine = LLMEngine(model, KVCache.local(spec, "cpu"), limits=EngineLimits(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=24, max_model_len=64))
     if graphs:
-        engine.graphs = Interpreted(model, engine.kv.layers, **engine.graph_shape(True), device=engine.device,
-                                    pieces=pieces)
+        engine.graphs = Interpreted(model, engine.kv.layers, **engine.graph_shape(True), device=engine.device)
         engine.graphs.capture()
         engine.replayed = []
         run = engine.graphs.run
@@ -63,8 +62,8 @@ def _engine(model, graphs: bool, max_num_seqs: int = 4, pieces: int = 1):
     return engine
 
 
-@pytest.mark.parametrize("family,pieces", [("llama", 1), ("qwen3", 2)])
-def test_interpreted_graph_buckets_give_the_eager_tokens(interpreted, hf_model_dir, family, pieces):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_interpreted_graph_buckets_give_the_eager_tokens(interpreted, hf_model_dir, family):
     from understudy.engine.core.sampling import SamplingParams
     from understudy.engine.layers.triton_attention import attention_for
     from understudy.engine.model.loader import load_model
@@ -78,8 +77,7 @@ def test_interpreted_graph_buckets_give_the_eager_tokens(interpreted, hf_model_d
     prompts = [base + [3], base + [4, 8], list(range(1, 40)), [11], [12, 13, 14]]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     want = _engine(model, graphs=False).generate(prompts, params)
-    engine = _engine(model, graphs=True, pieces=pieces)
-    assert len(engine.graphs._pieces(engine.graphs.decode_buckets[0])) == pieces
+    engine = _engine(model, graphs=True)
     assert engine.generate(prompts, params) == want
     kinds = {(b.decode, b.tokens) for b in engine.replayed if b is not None}
     assert any(decode for decode, _ in kinds) and any(not decode for decode, _ in kinds), kinds

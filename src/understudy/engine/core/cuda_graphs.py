@@ -2,10 +2,8 @@
 
 A step of a big model is hundreds of small kernels; launching them from
 Python costs more than running them (an eager 4-token prefill of an 8B model
-takes ~20 ms to launch and ~4 ms to run). Each bucket's graphs read static
+takes ~20 ms to launch and ~4 ms to run). Each bucket's graph reads static
 input buffers, so a step copies its inputs in, pads to the bucket and replays.
-A bucket's forward is held by GRAPH_PIECES graphs, each a run of layers,
-replayed in order: the GPU starts the first while the CPU launches the rest.
 
 Two kinds of bucket:
   decode  `bs` sequences of one new token each (bs in DECODE_BUCKETS up to max_num_seqs); the decode
@@ -30,7 +28,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,10 +43,6 @@ logger = logging.getLogger("understudy.engine.core.cuda_graphs")
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
 MAX_MIXED_TOKENS = TOKEN_BUCKETS[-1]  # larger steps are long prefills: their launches hide behind the GPU work
-# A step is held by this many graphs, each a run of layers, replayed one after another. The GPU starts a
-# graph only once its launch, whose CPU time grows with its kernel count, has returned: in pieces, the GPU
-# runs the first while the CPU launches the next, and only the first launch is in the step's way.
-GRAPH_PIECES = 4
 
 
 @dataclass(frozen=True)
@@ -68,11 +61,9 @@ def mixed_token_limit(max_num_batched_tokens: int, max_blocks_per_seq: int, bloc
 
 class StepGraphs:
     def __init__(self, model: CausalLM, kv: KVCaches, *, max_batch: int, max_blocks_per_seq: int,
-                 max_tokens: int, device: torch.device, logits: bool = True, pieces: int = GRAPH_PIECES):
-        """max_tokens: the largest mixed bucket (mixed_token_limit; 0 or 1: decode graphs only). pieces: how
-        many graphs hold one step (at most one per layer)."""
+                 max_tokens: int, device: torch.device, logits: bool = True):
+        """max_tokens: the largest mixed bucket (mixed_token_limit; 0 or 1: decode graphs only)."""
         self.model, self.kv, self.device, self.logits = model, kv, device, logits
-        self.pieces = max(1, min(pieces, len(model.model.layers)))
         self.max_batch = max_batch
         self.block_size = kv[0][0].shape[1]
         decode = [b for b in DECODE_BUCKETS if b < max_batch] + [max_batch]
@@ -86,11 +77,7 @@ class StepGraphs:
         self.ids32 = torch.zeros(max(2 * b.seqs + 1 for b in buckets), dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max(b.seqs for b in buckets), max_blocks_per_seq, dtype=torch.int32,
                                         device=device)
-        # The hidden states and residual stream one piece hands the next, for the largest bucket.
-        embed = model.model.embed_tokens.weight
-        self.carry = tuple(torch.empty(max(b.tokens for b in buckets), embed.shape[1], dtype=embed.dtype,
-                                       device=device) for _ in range(2)) if self.pieces > 1 else ()
-        self.graphs: dict[Bucket, list[torch.cuda.CUDAGraph]] = {}
+        self.graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[Bucket, Tensor] = {}
         self.pool = None
 
@@ -100,30 +87,14 @@ class StepGraphs:
         return (v64[:t], v64[t:2 * t], v64[2 * t:3 * t], v64[3 * t:3 * t + b.rows], v32[:s + 1],
                 v32[s + 1:2 * s + 1])
 
-    def _pieces(self, b: Bucket) -> list[Callable]:
-        """The bucket's forward as `self.pieces` runs of layers (the first also embeds, the last also takes the
-        logits, or the hidden states on a worker rank); each takes what the one before returned."""
+    def _forward(self, b: Bucket) -> Tensor:
         ids, positions, slots, rows, query_start, context_lens = self._views(b)
         meta = AttentionMetadata(query_start, context_lens, self.block_tables[:b.seqs], slots,
                                  max_query_len=1 if b.decode else b.tokens, max_context_len=0,
                                  query_start_loc_host=(), context_lens_host=())
-        decoder = self.model.model
-        n = len(decoder.layers)
-        cuts = sorted({round(i * n / self.pieces) for i in range(1, self.pieces + 1)})  # each piece's end
-
-        def piece(first: int, end: int) -> Callable:
-            def run(carry):
-                # (RoPE's frequencies are a few small kernels: each piece makes its own)
-                freqs = decoder.rope_freqs(positions, meta)
-                x, residual = (decoder.embed(ids), None) if first == 0 else carry
-                x, residual = decoder.run_layers(x, residual, positions, freqs, meta, self.kv, first, end)
-                if end < n:  # into the buffers every bucket's pieces share (one step runs at a time)
-                    return self.carry[0][:b.tokens].copy_(x), self.carry[1][:b.tokens].copy_(residual)
-                hidden = decoder.hidden(x, residual)
-                return self.model.logits(hidden, rows) if self.logits else hidden
-            return run
-
-        return [piece(first, end) for first, end in zip([0] + cuts[:-1], cuts)]
+        if not self.logits:  # a worker rank: the decoder layers only
+            return self.model.model(ids, positions, meta, self.kv)
+        return self.model(ids, positions, meta, self.kv, rows)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -134,24 +105,20 @@ class StepGraphs:
             for b in sorted(self.decode_buckets + self.mixed_buckets, key=lambda b: (b.tokens, not b.decode),
                             reverse=True):
                 self._fill(b, [], [], [], [], [])  # all padding: a valid step of the bucket's shape
-                pieces = self._pieces(b)
-                self._run_eagerly(pieces)  # warm-up: Triton compiles, cuBLAS picks its kernels
-                graphs, carry = [], None
-                for run in pieces:  # each piece reads what the one captured before it wrote
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                        carry = run(carry)
-                    self.pool = graph.pool()
-                    graphs.append(graph)
-                self.graphs[b], self.outputs[b] = graphs, carry
+                self._forward(b)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[b] = self._forward(b)
+                self.pool = graph.pool()
+                self.graphs[b] = graph
             # The first launch of a graph uploads it to the device: 30 ms or more for a big model's, which a
             # shadow must not pay in its first steps after a promotion. Pay it now, on the padding inputs.
-            for b in self.graphs:
+            for b, graph in self.graphs.items():
                 self._fill(b, [], [], [], [], [])
-                self._replay(b)
+                graph.replay()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log(logger, "cuda_graphs_captured", pieces=self.pieces, decode=[b.tokens for b in self.decode_buckets],
+        log(logger, "cuda_graphs_captured", decode=[b.tokens for b in self.decode_buckets],
             mixed_tokens=[b.tokens for b in self.mixed_buckets])
 
     def bucket(self, query_lens: list[int]) -> Bucket | None:
@@ -177,16 +144,7 @@ class StepGraphs:
         return out[:len(logits_at)]
 
     def _replay(self, b: Bucket) -> None:
-        for graph in self.graphs[b]:
-            graph.replay()
-
-    @staticmethod
-    @torch.inference_mode()
-    def _run_eagerly(pieces: list[Callable]):
-        carry = None
-        for run in pieces:
-            carry = run(carry)
-        return carry
+        self.graphs[b].replay()
 
     def _fill(self, b: Bucket, input_ids: list[int], query_lens: list[int], context_lens: list[int],
               tables: list[list[int]], logits_at: list[int]) -> None:

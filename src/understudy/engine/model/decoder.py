@@ -195,20 +195,9 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: Sequence[KVCache]
     ) -> Tensor:
-        freqs = self.rope_freqs(positions, meta)
-        x, residual = self.run_layers(self.embed(input_ids), None, positions, freqs, meta, kv_caches, 0,
-                                      len(self.layers))
-        return self.hidden(x, residual)
-
-    # The forward in parts, so that CUDA graphs can hold it in pieces (core/cuda_graphs.py).
-    def embed(self, input_ids: Tensor) -> Tensor:
         x = self.embed_tokens(input_ids)
         if self.embed_scale != 1.0:  # Gemma: the scale rounded to the model's dtype first, as transformers does
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        return x
-
-    def rope_freqs(self, positions: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor | None]:
-        """The RoPE frequencies every layer takes: (global, local or None)."""
         # each token's sequence length, for RoPE variants whose frequencies depend on it (model/rope.py)
         seq_lens = None
         if self.rotary_emb.by_length:
@@ -216,22 +205,11 @@ class DecoderModel(nn.Module):
                                                output_size=positions.shape[0])
         inv_freq = self.rotary_emb.inv_freq(positions.device, seq_lens)  # shared by all layers
         local = None if self.local_rotary_emb is None else self.local_rotary_emb.inv_freq(positions.device)
-        return inv_freq, local
-
-    def run_layers(self, x: Tensor, residual: Tensor | None, positions: Tensor, freqs: tuple,
-                   meta: AttentionMetadata, kv_caches: Sequence[KVCache], first: int, end: int
-                   ) -> tuple[Tensor, Tensor | None]:
-        """Layers first..end-1 on (x, residual) (residual None before layer 0)."""
-        inv_freq, local = freqs
-        for layer, kv_cache in zip(self.layers[first:end], kv_caches[first:end], strict=True):
-            x, residual = layer(x, residual, positions, local if layer.self_attn.local_rope else inv_freq,
-                                meta, kv_cache)
-        return x, residual
-
-    @staticmethod
-    def hidden(x: Tensor, residual: Tensor | None) -> Tensor:
-        """The hidden states after the last layer (the final norm is applied only to the rows that need
-        logits: CausalLM.logits)."""
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            freqs = local if layer.self_attn.local_rope else inv_freq
+            x, residual = layer(x, residual, positions, freqs, meta, kv_cache)
+        # final norm is applied only to the rows that need logits
         return x if residual is None else residual + x
 
 
@@ -259,11 +237,9 @@ class CausalLM(nn.Module):
     ) -> Tensor:
         """Return logits [len(logits_indices), vocab_size] in the model's dtype."""
         hidden = self.model(input_ids, positions, meta, kv_caches)
-        return self.logits(hidden, meta.last_token_indices() if logits_indices is None else logits_indices)
-
-    def logits(self, hidden: Tensor, rows: Tensor) -> Tensor:
-        """The final norm and the LM head over the hidden states at `rows`."""
-        hidden = self.model.norm(hidden[rows])
+        if logits_indices is None:
+            logits_indices = meta.last_token_indices()
+        hidden = self.model.norm(hidden[logits_indices])
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
         cap = self.config.final_logit_softcap
