@@ -145,15 +145,22 @@ def describe_streams(results: dict) -> str:
 
 
 def steps_after(events: list[dict], active: dict) -> list[dict]:
-    """The promoted engine's first steps (it logs step_timing for three) and when each ended after ACTIVE."""
+    """The promoted engine's first steps (it logs step_timing for three): when each ended after ACTIVE, and
+    how long its tokens then waited for the engine's HTTP loop (step_delivered)."""
     keys = ("schedule_ms", "launch_ms", "sample_ms", "seqs", "tokens", "graph", "cuda_mallocs")
-    return [{**{k: e.get(k) for k in keys}, "ended_after_active_ms": round((e["ts"] - active["ts"]) * 1e3, 1)}
-            for e in events if e.get("event") == "step_timing" and e["ts"] >= active["ts"]][:3]
+    later = [e for e in events if e["ts"] >= active["ts"]]
+    steps = [{**{k: e.get(k) for k in keys}, "ended_after_active_ms": round((e["ts"] - active["ts"]) * 1e3, 1)}
+             for e in later if e.get("event") == "step_timing"][:3]
+    lags = [e["lag_ms"] for e in later if e.get("event") == "step_delivered"]
+    for step, lag in zip(steps, lags):  # (a step that produced no output delivers nothing: rare here)
+        step["delivery_lag_ms"] = lag
+    return steps
 
 
 def describe_steps(steps: list[dict]) -> str:
     return "; ".join(f"{s['launch_ms']:.1f} ms ({s['seqs']} seqs, {s['tokens']} tokens{', graph' if s['graph'] else ''}"
-                     f", ended {s['ended_after_active_ms']} ms after ACTIVE)" for s in steps)
+                     f", ended {s['ended_after_active_ms']} ms after ACTIVE, its tokens waited "
+                     f"{s.get('delivery_lag_ms', '?')} ms for the HTTP loop)" for s in steps)
 
 
 def plot_streams(path: str, clients: list[LoadClient], kills: list[float], actives: list[float] = (),

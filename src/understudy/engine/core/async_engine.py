@@ -24,6 +24,7 @@ from typing import AsyncIterator, Callable
 import torch
 import torch.nn.functional as F
 
+from understudy.logs import log
 from understudy.engine.core.llm_engine import LLMEngine, StepOutput
 from understudy.engine.core.sampling import SamplingParams
 
@@ -171,13 +172,14 @@ class AsyncEngine:
                 except queue.Empty:
                     cmd = None
             if self.engine.has_work:
+                timed = self.engine.timed_steps > 0  # (the first steps after a promotion)
                 t0 = time.perf_counter()
                 self.step_started = time.monotonic()
                 outputs = self.engine.step()  # stays set if it raises: the step never ended
                 self.step_started = 0.0
                 self.last_step_s = time.perf_counter() - t0
                 if outputs:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+                    self._loop.call_soon_threadsafe(self._deliver, outputs, time.perf_counter() if timed else None)
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
@@ -191,7 +193,10 @@ class AsyncEngine:
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
 
-    def _deliver(self, outputs: list[StepOutput]) -> None:
+    def _deliver(self, outputs: list[StepOutput], stepped_at: float | None = None) -> None:
+        if stepped_at is not None:  # a timed step's tokens: how long they waited for the HTTP loop
+            log(logger, "step_delivered", lag_ms=round((time.perf_counter() - stepped_at) * 1e3, 3),
+                outputs=len(outputs))
         for out in outputs:
             entry = self._streams.get(out.request_id)
             if entry is not None:
