@@ -13,8 +13,14 @@ distinct experts the batch's tokens were routed to, counted per layer in an eage
 the KV cache read by attention, the lm_head and the embedding rows) over the device's copy bandwidth,
 measured here too.
 
+With --fp8 the same model then runs again as `serve --quantization fp8` serves it (attention and experts
+in FP8 with per-channel scales, the router, embeddings and lm_head in bf16), its weights drawn in FP8 into a
+fresh memory service, and the two are printed side by side per batch, each against its own roofline (FP8
+weights count one byte each, plus their float32 scales).
+
     PYTHONPATH=src python bench/moe.py                       # the full shape, batches 1 32 128
     PYTHONPATH=src python bench/moe.py --layers 4 --tokens 16   # a quick GPU smoke run
+    PYTHONPATH=src python bench/moe.py --fp8 --batches 1 32 --tokens 16   # bf16 and FP8, about 3 minutes
     PYTHONPATH=src python bench/moe.py --cpu                 # a tiny shape on the CPU (host memory service)
 """
 
@@ -54,18 +60,24 @@ def write_model_dir(d: Path, shape: dict, layers: int, dtype: str) -> Path:
     return d
 
 
-def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype):
+FP8_SPREAD = 32.0  # FP8 weights are drawn N(0, 32) (e4m3's range is +-448) with scales 0.02 / 32: N(0, 0.02) again
+
+
+def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype, quantization: str = "none"):
     """Random weights (N(0, 0.02); norms 1) straight into the memory service's weights pool, under the
-    identity weights.load looks for; returns the client (its session keeps the pool)."""
+    identity weights.load looks for; returns the client (its session keeps the pool). quantization "fp8":
+    the parameters `serve --quantization fp8` holds in FP8 are drawn in FP8, their scales set to match."""
+    from understudy.engine.layers import quant
     from understudy.engine.model import weights
     from understudy.engine.model.decoder import CausalLM
     from understudy.engine.model.loader import load_config
+    from understudy.engine.model.quantization import with_quantization
     from understudy.memory import MemoryClient, plan_layout
 
-    config = load_config(model_dir)
+    config = with_quantization(load_config(model_dir), quantization)
     with torch.device("meta"):
-        model = CausalLM(config).to(dtype)
-    specs = {n: (tuple(t.shape), dtype) for n, t in model.state_dict().items()}
+        model = quant.cast_model(CausalLM(config), dtype)  # FP8 weights and float32 scales keep their dtypes
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
     client = MemoryClient(socket_path, "weights", "rw", timeout=0, name="bench-moe-publisher")
     sizes, metas = plan_layout(specs, client.granularity)
     for size in sizes:
@@ -73,27 +85,44 @@ def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype):
     client.set_metadata(metas, replace=True, extra={"model_id": weights.model_id(model_dir, config, dtype),
                                                     "model_path": str(model_dir)})
     gen = None
-    for name in specs:
+    for name, (_, kept) in specs.items():
         t = client.tensor(name)
         gen = gen or torch.Generator(device=t.device).manual_seed(0)
         if name.endswith("norm.weight"):
             t.fill_(1.0)
+        elif kept == torch.float32 and name.endswith(quant.SCALE_SUFFIXES + quant.EXPERT_SCALE_SUFFIXES):
+            t.fill_(0.02 / FP8_SPREAD)
+        elif kept == torch.float8_e4m3fn:
+            for piece in t.view(-1, t.shape[-1]).split(4096):  # drawn in bf16 a piece at a time, then cast
+                drawn = torch.empty(piece.shape, dtype=torch.bfloat16, device=t.device).normal_(0.0, FP8_SPREAD,
+                                                                                                generator=gen)
+                piece.copy_(drawn.clamp_(-448.0, 448.0))
         else:
             t.normal_(0.0, 0.02, generator=gen)
     if gen is not None and gen.device.type == "cuda":
         torch.cuda.synchronize()  # every write has landed before the pool is committed (and remapped read-only)
     client.commit()
-    return client, sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
+    return client, sum(t.numel() * t.dtype.itemsize for t in model.state_dict().values())
 
 
-def step_bytes(config, batch: int, context: float, distinct: list[int], itemsize: int) -> float:
-    """The bytes a decode step of `batch` sequences of mean length `context` must read at least."""
+def expert_bytes(config, fp8: bool) -> int:
+    """The bytes of one expert's gate, up and down: 2 bytes a weight in bf16; FP8: 1, plus a float32 scale
+    per output row (per-channel, as --quantization fp8 makes them)."""
+    h, i = config.hidden_size, config.moe_intermediate_size
+    return 3 * h * i + (2 * i + h) * 4 if fp8 else 3 * h * i * 2
+
+
+def step_bytes(config, batch: int, context: float, distinct: list[int], itemsize: int, fp8: bool = False) -> float:
+    """The bytes a decode step of `batch` sequences of mean length `context` must read at least; `itemsize`:
+    the model dtype's (router, KV cache, lm_head, embeddings). fp8: attention's q, k, v, o and the experts
+    are FP8 (one byte a weight, plus per-row float32 scales)."""
     h, q, kv = config.hidden_size, config.q_size, config.kv_size
-    per_layer = (h * (q + 2 * kv) + q * h  # q, k, v, o
-                 + config.num_experts * h  # router
-                 + batch * context * 2 * kv)  # K and V of every cached token
-    experts = sum(distinct) * 3 * h * config.moe_intermediate_size  # gate, up, down of each distinct expert
-    return (config.num_hidden_layers * per_layer + experts + config.vocab_size * h + batch * h) * itemsize
+    attention = (h * (q + 2 * kv) + q * h) * (1 if fp8 else itemsize) + ((q + 2 * kv + h) * 4 if fp8 else 0)
+    per_layer = (attention  # q, k, v, o
+                 + (config.num_experts * h  # router
+                    + batch * context * 2 * kv) * itemsize)  # K and V of every cached token
+    experts = sum(distinct) * expert_bytes(config, fp8)  # gate, up, down of each distinct expert
+    return config.num_hidden_layers * per_layer + experts + (config.vocab_size * h + batch * h) * itemsize
 
 
 def count_distinct_experts(engine) -> list[int]:
@@ -215,6 +244,9 @@ def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="a tiny MoE on the CPU (checks that the script runs)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="also run the model as --quantization fp8 serves it (FP8 attention and experts, "
+                         "per-channel scales) after the bf16 run, and print both per batch")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 48; --cpu: 2)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
@@ -223,34 +255,56 @@ def main() -> None:
                     help="GPU: also print torch.profiler's top kernels of three decode steps at batch 1 and at the largest batch")
     args = ap.parse_args()
 
+    cpu = args.cpu
+    shape, dtype_name = (TINY, "float32") if cpu else (QWEN3_30B_A3B, "bfloat16")
+    layers = args.layers or (2 if cpu else 48)
+    device = torch.device("cpu" if cpu else "cuda")
+    work = Path(tempfile.mkdtemp(prefix="us-moe-", dir="/tmp"))  # short: unix socket paths are limited
+    model_dir = write_model_dir(work / "qwen3-30b-a3b-shape", shape, layers, dtype_name)
+    bandwidth = copy_bandwidth(device)
+    results = run(args, model_dir, dtype_name, "none", work / "bf16", bandwidth)
+    fp8_results = run(args, model_dir, dtype_name, "fp8", work / "fp8", bandwidth) if args.fp8 else None
+    if fp8_results is not None:
+        print(f"# {dtype_name} and --quantization fp8, median step tok/s (fraction of each one's roofline)", flush=True)
+        for b in args.batches:
+            r, f = results[b], fp8_results[b]
+            print(f"batch {b:>4}: {dtype_name} {r['tok_s']:>9.1f} ({r['fraction']:4.0%} of {r['roofline_tok_s']:.0f})"
+                  f"   fp8 {f['tok_s']:>9.1f} ({f['fraction']:4.0%} of {f['roofline_tok_s']:.0f})"
+                  f"   fp8 / {dtype_name} {f['tok_s'] / r['tok_s']:.2f}x", flush=True)
+    print("json", json.dumps({"shape": {**shape, "num_hidden_layers": layers}, "dtype": dtype_name,
+                              "copy_GBps": bandwidth / 1e9, "results": results,
+                              **({"fp8_results": fp8_results} if fp8_results is not None else {})}))
+
+
+def run(args, model_dir: Path, dtype_name: str, quantization: str, work: Path, bandwidth: float) -> dict:
+    """Publish random weights into a memory service of its own, build the engine, decode every batch size:
+    {batch: results}. The service is stopped at the end, so the next run has the device's memory."""
     from understudy.engine.launch import build_engine
     from understudy.memory.paths import device_socket_path
     from understudy.engine.serve_config import DeviceOptions, KVOptions, ModelOptions, OutputOptions, ServeConfig
 
     cpu = args.cpu
-    shape, dtype_name = (TINY, "float32") if cpu else (QWEN3_30B_A3B, "bfloat16")
-    layers = args.layers or (2 if cpu else 48)
+    fp8 = quantization == "fp8"
     dtype = getattr(torch, dtype_name)
     device = torch.device("cpu" if cpu else "cuda")
     backend = "host" if cpu else "cuda"
-    work = Path(tempfile.mkdtemp(prefix="us-moe-", dir="/tmp"))  # short: unix socket paths are limited
-    model_dir = write_model_dir(work / "qwen3-30b-a3b-shape", shape, layers, dtype_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    bandwidth = copy_bandwidth(device)
+    work.mkdir(parents=True, exist_ok=True)
     memory = Proc([*PY, "memory-server", "--backend", backend, "--device", "0", "--socket-dir", str(work)])
     publisher = built = None
+    weights_desc = dtype_name if not fp8 else f"FP8 (attention, experts) + {dtype_name}"
+    results = {}
     try:
         memory.wait_event("listening", timeout=120)
         socket_path = str(device_socket_path(work, backend, 0))
         t0 = time.perf_counter()
-        publisher, nbytes = publish_random(socket_path, model_dir, dtype)
-        print(f"# {layers} layers, {nbytes / 1e9:.1f} GB of {dtype_name} weights drawn into the memory service "
-              f"in {time.perf_counter() - t0:.1f}s; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)",
-              flush=True)
+        publisher, nbytes = publish_random(socket_path, model_dir, dtype, quantization)
+        print(f"# {load_layers(model_dir)} layers, {nbytes / 1e9:.1f} GB of {weights_desc} weights drawn into the "
+              f"memory service in {time.perf_counter() - t0:.1f}s; copy bandwidth {bandwidth / 1e9:.0f} GB/s "
+              f"(read + write)", flush=True)
         config = ServeConfig(
             model=ModelOptions(model=str(model_dir), dtype=dtype_name, prefill_attention="reference",
-                               attention="reference" if cpu else "auto", enforce_eager=cpu,
+                               attention="reference" if cpu else "auto", enforce_eager=cpu, quantization=quantization,
                                max_model_len=args.prompt_len + args.tokens + 16),
             device=DeviceOptions(backend=backend, socket_dir=str(work), memory_service="connect"),
             kv=KVOptions(kv_cache_memory=(64 << 20) if cpu else 8 * GiB, block_size=16,
@@ -263,11 +317,10 @@ def main() -> None:
               f"KV cache, {'no CUDA graphs' if cpu else 'CUDA graphs'}, warm-up) in {time.perf_counter() - t0:.1f}s",
               flush=True)
         engine, mcfg = built.engine, built.engine.model.config
-        results = {}
         for b in args.batches:
             steps, context, distinct = decode(engine, b, args.prompt_len, args.tokens, mcfg.vocab_size, sync)
             rate = steps["tok_s"]  # the median step's (one slow step would skew a mean)
-            need = step_bytes(mcfg, b, context, distinct, dtype.itemsize)
+            need = step_bytes(mcfg, b, context, distinct, dtype.itemsize, fp8)
             roof = b * bandwidth / need
             results[b] = {"tok_s": rate, "roofline_tok_s": roof, "fraction": rate / roof,
                           "distinct_experts_mean": statistics.fmean(distinct) if distinct else 0.0,
@@ -278,10 +331,10 @@ def main() -> None:
                   f"{mcfg.num_experts} experts per layer, {need / 1e9:.2f} GB per step", flush=True)
             # The MoE blocks alone at this batch: how much of the step the experts' kernels take.
             one, chain, hit = blocks_alone(engine.model, b, sync)
-            expert_bytes = hit * 3 * mcfg.hidden_size * mcfg.moe_intermediate_size * dtype.itemsize
+            hit_bytes = hit * expert_bytes(mcfg, fp8)
             results[b].update(block_alone_us=one * 1e6, all_blocks_alone_ms=chain * 1e3)
             print(f"            MoE block alone (layer 0, {hit} experts): {one * 1e6:.1f} us = "
-                  f"{expert_bytes / one / bandwidth:.0%} of the copy bandwidth over its experts' bytes; all "
+                  f"{hit_bytes / one / bandwidth:.0%} of the copy bandwidth over its experts' bytes; all "
                   f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the median step's "
                   f"{steps['median_ms']:.2f} ms", flush=True)
         if args.profile and not cpu:
@@ -293,8 +346,11 @@ def main() -> None:
         if publisher is not None:
             publisher.close()
         memory.stop()
-    print("json", json.dumps({"shape": {**shape, "num_hidden_layers": layers}, "dtype": dtype_name,
-                              "copy_GBps": bandwidth / 1e9, "results": results}))
+    return results
+
+
+def load_layers(model_dir: Path) -> int:
+    return json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
 
 
 if __name__ == "__main__":

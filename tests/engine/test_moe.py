@@ -1,5 +1,7 @@
 """Mixture of experts (Qwen3-MoE, Mixtral): the model against transformers, the fused Triton kernel against
-the reference, tensor parallelism, and the stacked expert weights through the memory service.
+the reference, tensor parallelism, and the stacked expert weights through the memory service; FP8 experts
+(checkpoints quantized here per channel and in 128x128 blocks, served against their dequantized twins on
+the reference and through the Triton kernels in the interpreter; `--quantization fp8` published and imported).
 
 Tiny random models built with transformers' own config classes and saved with save_pretrained, so the
 checkpoints carry the per-expert names real ones do (mlp.experts.E.gate_proj / block_sparse_moe.experts.E.w1).
@@ -7,6 +9,7 @@ checkpoints carry the per-expert names real ones do (mlp.experts.E.gate_proj / b
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,14 +36,23 @@ FAMILIES = {
     "mixtral": dict(num_hidden_layers=2, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
 }
 
+# compressed-tensors' per-channel FP8 (scales stored [N, 1]) and the fp8 method's 128x128 blocks
+CHANNEL = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+           "config_groups": {"group_0": {"targets": ["Linear"],
+                                         "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                                         "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                                                               "dynamic": True}}}}
+BLOCK = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+         "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate"]}  # the routers, as Qwen's list them
 
-def build_hf_moe(family: str, seed: int = 0):
+
+def build_hf_moe(family: str, seed: int = 0, **shape):
     import transformers
 
     config_cls, model_cls = {"qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
                              "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**TINY, **FAMILIES[family])).eval().to(torch.float32)
+    model = model_cls(config_cls(**{**TINY, **FAMILIES[family], **shape})).eval().to(torch.float32)
     with torch.no_grad():  # norms away from 1, so a weight loaded under the wrong name shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -99,16 +111,27 @@ def test_greedy_and_logits_match_transformers(moe_dir, family):
     assert greedy_generate(ours, prompts, NEW_TOKENS, chunk_size=4) == [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
 
 
-def test_quantized_moe_checkpoint_is_refused_when_read(moe_dir):
+@pytest.mark.parametrize("qconfig,why", [
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "per-tensor weight scales"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+     "width 32 is not a whole number of 128-row blocks"),  # the tiny model's experts are 32 wide
+    ({**CHANNEL, "ignore": ["lm_head", "model.layers.2.mlp.experts.5.down_proj"]},
+     "leaves expert model.layers.2.mlp.experts.5.down_proj unquantized"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}}},
+     "static activation scales"),
+])
+def test_fp8_moe_checkpoints_the_experts_cannot_take_are_refused_when_read(moe_dir, qconfig, why):
     import json
 
     from understudy.engine.model.config import ModelConfig, UnsupportedModelError
 
     _, path = moe_dir("qwen3_moe")
     d = json.loads((path / "config.json").read_text())
-    d["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    with pytest.raises(UnsupportedModelError, match="quantized qwen3_moe checkpoints are not supported"):
-        ModelConfig.from_hf_dict(d)
+    with pytest.raises(UnsupportedModelError, match=f"mixture-of-experts checkpoint .*{why}"):
+        ModelConfig.from_hf_dict({**d, "quantization_config": qconfig})
+    ModelConfig.from_hf_dict({**d, "quantization_config": CHANNEL})  # while per-channel experts are served
 
 
 def test_gguf_mixture_of_experts_is_refused_when_read(tmp_path):
@@ -230,6 +253,153 @@ def test_tensor_parallel_2_gives_transformers_tokens(moe_dir):
 
 
 # ------------------------------------------------------------------------------------------
+# FP8 experts
+# ------------------------------------------------------------------------------------------
+
+# experts 128 wide (a whole block), hidden 160 (a ragged second column block and row block)
+FP8_SHAPE = {"qwen3_moe": dict(hidden_size=160, moe_intermediate_size=128),
+             "mixtral": dict(hidden_size=160, intermediate_size=128)}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+
+
+def fp8_moe_pair(root: Path, family: str, scheme: str, seed: int = 1) -> tuple[Path, Path]:
+    """(an FP8 checkpoint of a tiny random MoE: every projection, experts included, quantized per channel or
+    in 128x128 blocks, the routers and lm_head not; its dequantized float32 twin, unquantized)."""
+    from safetensors.torch import load_file, save_file
+
+    from understudy.engine.layers import quant
+    from tests.helpers.tiny_model import write_byte_tokenizer
+
+    model = build_hf_moe(family, seed, **FP8_SHAPE[family])
+    fp8_dir, twin_dir = root / f"{family}-{scheme}-fp8", root / f"{family}-{scheme}-twin"
+    for d in (fp8_dir, twin_dir):
+        model.save_pretrained(d, safe_serialization=True)
+        write_byte_tokenizer(d)
+    block = (128, 128) if scheme == "block" else None
+    quantized, dequantized = {}, {}
+    for name, t in load_file(str(twin_dir / "model.safetensors")).items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[1] in PROJECTIONS:
+            w8, scale = quant.quantize(t, scheme, block)
+            quantized[name] = w8
+            if scheme == "block":
+                quantized[name.removesuffix("weight") + "weight_scale_inv"] = scale
+            else:
+                quantized[name.removesuffix("weight") + "weight_scale"] = scale.reshape(-1, 1)
+            dequantized[name] = quant.dequantize(w8, scale, scheme, block)
+        else:
+            quantized[name] = dequantized[name] = t
+    save_file(quantized, str(fp8_dir / "model.safetensors"))
+    save_file(dequantized, str(twin_dir / "model.safetensors"))
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    cfg["quantization_config"] = BLOCK if scheme == "block" else CHANNEL
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    return fp8_dir, twin_dir
+
+
+def _prompt_logits(model, prompt=PROMPT):
+    meta = AttentionMetadata.build([len(prompt)], [len(prompt)], [[5, 1, 3]], block_size=4)
+    shape = (6, 4, model.config.num_key_value_heads, model.config.head_dim)
+    dtype = model.model.embed_tokens.weight.dtype
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+              for _ in range(model.config.num_hidden_layers)]
+    return model(torch.tensor(prompt), meta.positions(), meta, caches, logits_indices=torch.arange(len(prompt)))
+
+
+FP8_CASES = [("qwen3_moe", "block"), ("qwen3_moe", "channel"), ("mixtral", "block")]
+
+
+@pytest.mark.parametrize("family,scheme", FP8_CASES)
+def test_fp8_moe_checkpoint_serves_as_its_dequantized_twin(tmp_path, family, scheme):
+    fp8_dir, twin_dir = fp8_moe_pair(tmp_path, family, scheme)
+    fp8, twin = load_model(fp8_dir, dtype=torch.float32), load_model(twin_dir, dtype=torch.float32)
+    experts = fp8.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
+    scales = experts.scales()
+    assert scales.gate_up.dtype == torch.float32
+    if scheme == "block":  # [E, 2I/128, cdiv(H, 128)], [E, cdiv(H, 128), I/128]
+        assert (scales.gate_up.shape, scales.down.shape) == ((8, 2, 2), (8, 2, 1))
+        assert hasattr(experts, "gate_up_proj_scale_inv")  # transformers' name for block scales
+    else:
+        assert (scales.gate_up.shape, scales.down.shape) == ((8, 256), (8, 160))
+    assert fp8.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router is never quantized
+    # The CPU path is the exact reference: each expert dequantized, then the twin's math.
+    torch.testing.assert_close(_prompt_logits(fp8), _prompt_logits(twin), rtol=1e-5, atol=1e-5)
+    prompts = [PROMPT, [5, 9, 200], [42]]
+    expected = greedy_generate(twin, prompts, NEW_TOKENS, chunk_size=4)
+    assert len(set(expected[0])) > 1, "degenerate reference: the comparison would prove little"
+    assert greedy_generate(fp8, prompts, NEW_TOKENS, chunk_size=4) == expected
+    if family == "qwen3_moe" and scheme == "block":  # bf16, the serving dtype on GPUs: the same roundings
+        fp8, twin = load_model(fp8_dir, dtype=torch.bfloat16), load_model(twin_dir, dtype=torch.bfloat16)
+        assert torch.equal(_prompt_logits(fp8), _prompt_logits(twin))
+
+
+def test_quantization_fp8_publishes_fp8_experts_a_shadow_imports(server, moe_dir):
+    """`--quantization fp8` on a bf16-style MoE: every expert quantized per channel when published (the
+    attention and dense MLP linears too, the routers not); a second engine maps the same FP8 bytes."""
+    from understudy.engine.model import weights
+    from understudy.engine.model.quantization import with_quantization
+
+    _, path = moe_dir("qwen3_moe")
+    config = with_quantization(load_config(path), "fp8")
+    model, client, stats = weights.load(str(server.path), path, config, torch.float32, progress=False)
+    model2, client2, stats2 = weights.load(str(server.path), path, config, torch.float32, progress=False)
+    try:
+        assert (stats["source"], stats2["source"]) == ("published", "imported")
+        pool = {name: client.tensor(name) for name in model.state_dict()}
+        for layer in (0, 2):
+            prefix = f"model.layers.{layer}.mlp"
+            assert pool[f"{prefix}.experts.gate_up_proj"].dtype == torch.float8_e4m3fn
+            assert pool[f"{prefix}.experts.down_proj"].dtype == torch.float8_e4m3fn
+            assert pool[f"{prefix}.experts.gate_up_proj_scale"].shape == (8, 64)
+            assert pool[f"{prefix}.experts.down_proj_scale"].dtype == torch.float32
+            assert pool[f"{prefix}.gate.weight"].dtype == torch.float32
+        assert pool["model.layers.1.mlp.gate_up_proj.weight"].dtype == torch.float8_e4m3fn  # the dense layer
+        # the same model quantized the same way without the memory service, and the shadow's mapping
+        local = load_model(path, dtype=torch.float32, quantization="fp8")
+        want = local.state_dict()
+        for name, t in model2.state_dict().items():
+            assert torch.equal(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+                               want[name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else want[name]), name
+        shadow = model2.model.layers[0].mlp.experts.gate_up_proj
+        assert shadow.data_ptr() != model.model.layers[0].mlp.experts.gate_up_proj.data_ptr()
+        assert torch.equal(_prompt_logits(model2), _prompt_logits(local))
+        assert greedy_generate(model2, [PROMPT], NEW_TOKENS) == greedy_generate(local, [PROMPT], NEW_TOKENS)
+    finally:
+        client.close()
+        client2.close()
+
+
+def test_quantization_fp8_takes_stacked_checkpoint_experts_expert_by_expert(moe_dir):
+    """A checkpoint that stores the experts stacked (transformers>=5 names) is quantized per expert matrix:
+    the same bytes as its per-expert tensors give."""
+    from understudy.engine.layers import quant
+    from understudy.engine.model.decoder import CausalLM
+    from understudy.engine.model.layout import parameter_of
+    from understudy.engine.model.quantization import with_quantization
+
+    _, path = moe_dir("qwen3_moe")
+    config = with_quantization(load_config(path), "fp8")
+    with torch.device("meta"):
+        model = quant.cast_model(CausalLM(config), torch.float32)
+    stacked = _stacked(path, "qwen3_moe", torch.float32)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    out = dict(quant.quantize_online(model, [(name, stacked[name])], lambda n: parameter_of(n, config)))
+    assert out[name].dtype == torch.float8_e4m3fn and out[f"{name}_scale"].shape == (8, 64)
+    w8, scale = quant.quantize(stacked[name][3], "channel")
+    assert torch.equal(out[name][3].view(torch.uint8), w8.view(torch.uint8))
+    assert torch.equal(out[f"{name}_scale"][3], scale)
+
+
+def test_fp8_experts_are_refused_under_tensor_parallelism(moe_dir):
+    from understudy.engine.model.quantization import with_quantization
+    from understudy.engine.model.sharding import check_shardable
+
+    _, path = moe_dir("qwen3_moe")
+    with pytest.raises(ValueError, match="FP8 weights .* not supported with --tensor-parallel 2"):
+        check_shardable(with_quantization(load_config(path), "fp8"), 2)
+
+
+# ------------------------------------------------------------------------------------------
 # The fused Triton MoE: in the interpreter on the CPU, compiled on a GPU
 # ------------------------------------------------------------------------------------------
 
@@ -333,6 +503,67 @@ def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, moe_dir):
     want = run()
     monkeypatch.setattr(fused, "_use_triton", lambda x: True)
     torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
+
+
+def _fp8_case(T: int, E: int, top_k: int, H: int, I: int, dtype, block, device="cpu", seed=0):
+    """(x, FP8 gate_up, FP8 down, weights, ids, their Fp8Scales, the dequantized gate_up and down in fp32)."""
+    from understudy.engine.layers import quant
+
+    x, gate_up, down, weights, ids = _case(T, E, top_k, H, I, torch.float32, device, seed)
+    kind = "block" if block else "channel"
+    out = []
+    for w in (gate_up, down):
+        pairs = [quant.quantize(m, kind, block) for m in w]
+        w8, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        out.append((w8, s, torch.stack([quant.dequantize(q, sc, kind, block) for q, sc in pairs])))
+    (gu8, gus, gu), (dn8, dns, dn) = out
+    return x.to(dtype), gu8, dn8, weights, ids, moe.Fp8Scales(gus, dns, block), gu, dn
+
+
+# per channel; 128x128 blocks with a ragged edge (H 160); small 32x32 blocks (many per matrix, K tiles cut
+# to 32 columns); the GEMV path and the grouped one; fp16 for the half path
+FP8_KERNEL_CASES = [(3, 8, 2, 48, 40, None), (40, 16, 4, 64, 96, None), (3, 8, 2, 160, 128, (128, 128)),
+                    (40, 8, 2, 160, 128, (128, 128)), (5, 4, 2, 64, 32, (32, 32)), (24, 8, 4, 96, 64, (32, 32))]
+
+
+@pytest.mark.parametrize("path,T,E,top_k,H,I,block,dtype",
+                         [(p, *c, torch.float32) for c in FP8_KERNEL_CASES for p in ("gemv", "grouped")
+                          if p == "grouped" or c[0] <= 16]  # the GEMV path takes at most 16 tokens
+                         + [(p, *FP8_KERNEL_CASES[i], torch.float16) for i in (0, 4) for p in ("gemv", "grouped")])
+def test_interpreted_fp8_experts_match_the_dequantized_reference(interpreted, path, dtype, T, E, top_k, H, I, block):
+    x, gu8, dn8, weights, ids, scales, gu, dn = _fp8_case(T, E, top_k, H, I, dtype, block)
+    want = moe.experts_ref(x.float(), gu, dn, weights, ids)
+    # the reference on FP8 weights is the dequantized reference
+    torch.testing.assert_close(moe.experts_ref(x.float(), gu8, dn8, weights, ids, scales), want, rtol=0, atol=0)
+    got = moe.experts_triton(x, gu8, dn8, weights, ids, path=path, scales=scales)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@pytest.mark.parametrize("family,scheme", [("qwen3_moe", "block"), ("mixtral", "channel")])
+def test_interpreted_fp8_moe_model_serves_as_its_twin(interpreted, monkeypatch, tmp_path, family, scheme):
+    """An FP8 MoE's whole forward with the Triton MoE kernels (and every other fused op): the dequantized
+    twin's logits and greedy tokens (the prompt takes the grouped path, the decode steps the GEMV one)."""
+    from understudy.engine.layers import fused
+
+    fp8_dir, twin_dir = fp8_moe_pair(tmp_path, family, scheme)
+    fp8, twin = load_model(fp8_dir, dtype=torch.float32), load_model(twin_dir, dtype=torch.float32)
+    want_logits = _prompt_logits(twin)
+    want_tokens = greedy_generate(twin, [PROMPT], 4)
+    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+    torch.testing.assert_close(_prompt_logits(fp8), want_logits, rtol=1e-4, atol=1e-4)
+    assert greedy_generate(fp8, [PROMPT], 4) == want_tokens
+
+
+@cuda_only
+@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("path,T", [("gemv", 1), ("gemv", 3), ("grouped", 3), ("grouped", 32), ("grouped", 200)])
+def test_cuda_fp8_experts_match_the_dequantized_reference(path, block, T):
+    """Qwen3-30B-A3B's shape in bf16: the W8A16 kernels against the dequantized weights."""
+    x, gu8, dn8, weights, ids, scales, gu, dn = _fp8_case(T, 128, 8, 2048, 768, torch.bfloat16, block, "cuda")
+    want = moe.experts_ref(x.float(), gu, dn, weights, ids)
+    got = moe.experts_triton(x, gu8, dn8, weights, ids, path=path, scales=scales)
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
 
 
 @cuda_only

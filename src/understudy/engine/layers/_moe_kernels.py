@@ -18,6 +18,13 @@ Small batches (moe._experts_gemv, decode), two more, no sorting:
   gemv_down     a program per token and tile of the hidden dimension: the token's top-k down projections
                 summed in one fp32 accumulator, so no per-slot output and no separate sum.
 
+FP8 experts (W8A16): with SCHEME 1 (a scale per output row of each expert matrix) or 2 (a scale per block of
+SB_N x SB_K weights, e.g. 128 x 128) the weights are read as float8 e4m3 and widened to the activations'
+dtype in registers, so only their bytes come from memory. Block scales multiply each K tile's partial sum
+(BLOCK_K divides SB_K, so a tile lies in one block), per-row ones the sum once at the end (_wdot,
+_row_scale); scales are float32, accumulation fp32, as for the bf16 weights. SCHEME 0: the weights as they
+are (bf16/fp16/fp32), S unused.
+
 Every size the launcher needs is known on the host from the shapes alone (at most cdiv(n, BLOCK_M) + E
 blocks); programs past the used blocks return at once. No host sync, so CUDA graphs can capture them.
 Under TRITON_INTERPRET=1 they run on CPU tensors (tests/engine/test_moe.py).
@@ -81,13 +88,38 @@ def align(TOPK_IDS, SORTED, BLOCK_EXPERT, NUM_PADDED, CURSOR, n_slots, n_experts
 
 
 @triton.jit
-def expert_gemm(A, W, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
-                stride_a, stride_we, stride_wn, stride_out, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
-                GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr,
+def _wdot(a, w, acc, s_rows, k0, col_ok, SCHEME: tl.constexpr, SB_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a . w for a weight tile w [BLOCK_K, BLOCK_N] starting at K index k0: as stored (SCHEME 0), or FP8
+    widened to a's dtype in registers (e4m3 values are exact in bf16/fp16/fp32); SCHEME 2: the tile's partial
+    sum times its block's scale (s_rows: the pointer to each column's row of block scales)."""
+    if SCHEME == 0:
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    elif SCHEME == 1:
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    else:
+        s = tl.load(s_rows + k0 // SB_K, mask=col_ok, other=0.0)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * s[None, :]
+    return acc
+
+
+@triton.jit
+def _row_scale(acc, s_rows, col_ok, SCHEME: tl.constexpr):
+    """SCHEME 1: each column of the fp32 sum times its weight row's scale (applied once, after the K loop)."""
+    if SCHEME == 1:
+        acc = acc * tl.load(s_rows, mask=col_ok, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def expert_gemm(A, W, S, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
+                stride_a, stride_we, stride_wn, stride_se, stride_sn, stride_out, N: tl.constexpr, K: tl.constexpr,
+                TOP_K: tl.constexpr, GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr,
+                SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """OUT[slot, n] = A[row] . W[expert, n, :] for the slots of one block (row = slot // top_k when A holds
     one row per token). GATED: W's rows are [gate; up] (2N of them) and OUT = silu(gate) * up. WEIGHTED:
-    OUT is scaled by the slot's routing weight ROUTE_W[slot]. Accumulates in fp32, rounds once.
+    OUT is scaled by the slot's routing weight ROUTE_W[slot]. Accumulates in fp32, rounds once. FP8 weights
+    (SCHEME 1, 2): S[expert] holds their scales, row r's at (r // SB_N) * stride_sn (+ the K block).
     N, K and TOP_K are fixed for a model, so they are compile-time constants (a pipelined K loop)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -102,6 +134,8 @@ def expert_gemm(A, W, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_base = W + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn
+        s_rows = S + expert * stride_se + (cols // SB_N).to(tl.int64) * stride_sn
+        s_rows_up = S + expert * stride_se + ((cols + N) // SB_N).to(tl.int64) * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -110,11 +144,13 @@ def expert_gemm(A, W, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
             a = tl.load(A + rows[:, None] * stride_a + ks[None, :], mask=used[:, None] & k_ok[None, :], other=0.0)
             w_ok = k_ok[:, None] & col_ok[None, :]
             w = tl.load(w_base + ks[:, None], mask=w_ok, other=0.0)  # [BLOCK_K, BLOCK_N]: W[e, cols, ks]^T
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            acc = _wdot(a, w, acc, s_rows, k0, col_ok, SCHEME, SB_K, PRECISION)
             if GATED:
                 w_up = tl.load(w_base + N * stride_wn + ks[:, None], mask=w_ok, other=0.0)
-                acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+                acc_up = _wdot(a, w_up, acc_up, s_rows_up, k0, col_ok, SCHEME, SB_K, PRECISION)
+        acc = _row_scale(acc, s_rows, col_ok, SCHEME)
         if GATED:
+            acc_up = _row_scale(acc_up, s_rows_up, col_ok, SCHEME)
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up
         if WEIGHTED:
             acc = acc * tl.load(ROUTE_W + slots, mask=used, other=0.0).to(tl.float32)[:, None]
@@ -123,9 +159,9 @@ def expert_gemm(A, W, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots,
 
 
 @triton.jit
-def gemv_gate_up(X, W, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stride_wn, stride_h,
-                 N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def gemv_gate_up(X, W, S, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stride_wn, stride_se, stride_sn,
+                 stride_h, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                 SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Small batches, no sorting: program (s, j) owns slot s = token * TOP_K + k if no earlier slot chose
     the same expert e, and computes columns j of HIDDEN[s'] = w[s'] * silu(x . gate_e) * (x . up_e) for
     every slot s' routed to e (a token picks an expert once, so at most n_tokens <= BLOCK_M rows): each
@@ -148,6 +184,8 @@ def gemv_gate_up(X, W, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stri
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_base = W + expert.to(tl.int64) * stride_we + cols.to(tl.int64)[None, :] * stride_wn
+        s_rows = S + expert.to(tl.int64) * stride_se + (cols // SB_N).to(tl.int64) * stride_sn
+        s_rows_up = S + expert.to(tl.int64) * stride_se + ((cols + N) // SB_N).to(tl.int64) * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -156,9 +194,11 @@ def gemv_gate_up(X, W, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stri
             a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=used[:, None] & k_ok[None, :], other=0.0)
             w_ok = k_ok[:, None] & col_ok[None, :]
             w = tl.load(w_base + ks[:, None], mask=w_ok, other=0.0)  # [BLOCK_K, BLOCK_N]: W[e, cols, ks]^T
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            acc = _wdot(a, w, acc, s_rows, k0, col_ok, SCHEME, SB_K, PRECISION)
             w_up = tl.load(w_base + N * stride_wn + ks[:, None], mask=w_ok, other=0.0)
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+            acc_up = _wdot(a, w_up, acc_up, s_rows_up, k0, col_ok, SCHEME, SB_K, PRECISION)
+        acc = _row_scale(acc, s_rows, col_ok, SCHEME)
+        acc_up = _row_scale(acc_up, s_rows_up, col_ok, SCHEME)
         route_w = tl.load(ROUTE_W + slot_of, mask=used, other=0.0).to(tl.float32)
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up * route_w[:, None]
         out = HIDDEN + slot_of.to(tl.int64)[:, None] * stride_h + cols[None, :]
@@ -166,14 +206,16 @@ def gemv_gate_up(X, W, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stri
 
 
 @triton.jit
-def gemv_down(HIDDEN, W, OUT, IDS, stride_h, stride_we, stride_wn, stride_out,
+def gemv_down(HIDDEN, W, S, OUT, IDS, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_out,
               N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+              SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Small batches: program (t, j) writes columns j of OUT[t] = sum over k of HIDDEN[t * TOP_K + k] .
     W[ids[t, k]] (the routing weights are already in HIDDEN): the top-k sum in the fp32 accumulator, rounded
     once. One loop over (k, K-tile) pairs, so the loads stay pipelined across a token's experts. The dot's
     16 rows hold the token's one row and zeros (tl.dot wants 16); a batch of a few tokens is bound by the
-    weights' bytes, not by the tensor cores."""
+    weights' bytes, not by the tensor cores. The experts change along the loop, so FP8 scales apply per K tile
+    (SCHEME 2; the launcher passes per-row scales as blocks of one row by all K columns)."""
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     rows = tl.arange(0, 16)
@@ -194,7 +236,8 @@ def gemv_down(HIDDEN, W, OUT, IDS, stride_h, stride_we, stride_wn, stride_out,
                     mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
         w = tl.load(W + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        s_rows = S + expert * stride_se + (cols // SB_N).to(tl.int64) * stride_sn
+        acc = _wdot(a, w, acc, s_rows, (i % K_TILES) * BLOCK_K, col_ok, SCHEME, SB_K, PRECISION)
     out = tl.sum(acc, 0)  # row 0 is the token's; the others are zeros
     tl.store(OUT + t * stride_out + cols, out.to(OUT.dtype.element_ty), mask=col_ok)
 

@@ -5,6 +5,13 @@ Weights are stacked per layer, as the memory service holds them (model/experts.p
     down    [E, H, I]
 For each token, out = sum over its top-k experts e of  weight_e * down_e(silu(gate_e(x)) * up_e(x)).
 
+FP8 experts (`Fp8Scales`): gate_up and down in float8 e4m3 with float32 scales per expert, one per output
+row ([E, rows]: `--quantization fp8`, per-channel checkpoints) or one per block of weights ([E, rows / 128,
+cols / 128] for 128x128 blocks: Qwen3-30B-A3B-FP8 style). The Triton kernels read the FP8 bytes and widen
+them in registers (W8A16: activations stay in the model's dtype); the reference dequantizes each expert it
+runs exactly (fp32), rounds it to the activations' dtype and runs the same math, so an FP8 model served on
+the CPU gives what its dequantized twin gives.
+
 `experts` dispatches on the device of its input:
   CUDA tensors  -> the Triton kernels of _moe_kernels.py, a fixed number of launches whatever the routing,
                    no host sync, so a decode step with it can be captured in a CUDA graph:
@@ -16,6 +23,7 @@ For each token, out = sum over its top-k experts e of  weight_e * down_e(silu(ga
                    (gate_up with SiLU*up fused, down with the routing weight applied), the top-k sum;
   anything else -> the plain-torch reference: a loop over the experts that were hit, op for op what
                    transformers does, so fp32 outputs match it.
+FP8 experts take the same launches, the kernels picking their scale scheme at compile time.
 
 Routing weights stay in fp32 until they scale an expert's output (Mixtral does so; Qwen3-MoE rounds them
 to the model dtype first, which changes bf16 results by about an ulp).
@@ -24,14 +32,30 @@ to the model dtype first, which changes bf16 results by about an ulp).
 from __future__ import annotations
 
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from understudy.engine.layers import fused
+from understudy.engine.layers.quant import dequantize
 
 _KERNELS: ModuleType | None = None  # _moe_kernels, imported on first use; tests swap in an interpreted copy
+
+
+class Fp8Scales(NamedTuple):
+    """The scales of FP8 expert weights (float32): gate_up's [E, 2I] and down's [E, H] per output row, or per
+    block of `block` = (rows, cols) weights [E, cdiv(rows), cdiv(cols)] (gate's and up's row blocks never
+    straddle: I is a whole number of blocks, model/quantization.check_experts)."""
+
+    gate_up: Tensor
+    down: Tensor
+    block: tuple[int, int] | None = None  # None: one scale per output row
+
+    @property
+    def kind(self) -> str:
+        return "channel" if self.block is None else "block"
 
 
 def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
@@ -51,23 +75,33 @@ def route_ref(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Ten
     return weights, ids
 
 
-def experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-    """The experts' weighted sum for each row of x [T, H]; weights/ids [T, k] from `route`."""
+def experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
+            scales: Fp8Scales | None = None) -> Tensor:
+    """The experts' weighted sum for each row of x [T, H]; weights/ids [T, k] from `route`; `scales`: the
+    FP8 weights' (None: gate_up and down are in x's dtype)."""
     if fused._use_triton(x):
-        return experts_triton(x, gate_up, down, weights, ids)
-    return experts_ref(x, gate_up, down, weights, ids)
+        return experts_triton(x, gate_up, down, weights, ids, scales=scales)
+    return experts_ref(x, gate_up, down, weights, ids, scales)
 
 
-def experts_ref(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+def experts_ref(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
+                scales: Fp8Scales | None = None) -> Tensor:
     """A loop over the experts that were hit (ascending), each applied to its tokens, accumulated with
-    index_add_ in transformers' order."""
+    index_add_ in transformers' order. FP8 experts: each one dequantized (fp32) as it is used, then rounded
+    to x's dtype, as its dequantized twin's weights would be."""
+
+    def weight(w: Tensor, scale: Tensor | None) -> Tensor:
+        return w if scale is None else dequantize(w, scale, scales.kind, scales.block).to(x.dtype)
+
     out = torch.zeros_like(x)
     hit = torch.zeros(gate_up.shape[0], ids.shape[1], x.shape[0], dtype=torch.bool, device=x.device)
     hit[ids.T, torch.arange(ids.shape[1], device=x.device)[:, None], torch.arange(x.shape[0], device=x.device)] = True
     for e in hit.flatten(1).any(1).nonzero().flatten().tolist():
         k, token = torch.where(hit[e])
-        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(fused.silu_and_mul_ref(gate, up), down[e]) * weights[token, k, None]
+        gate_up_e = weight(gate_up[e], None if scales is None else scales.gate_up[e])
+        down_e = weight(down[e], None if scales is None else scales.down[e])
+        gate, up = F.linear(x[token], gate_up_e).chunk(2, dim=-1)
+        y = F.linear(fused.silu_and_mul_ref(gate, up), down_e) * weights[token, k, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 
@@ -141,14 +175,16 @@ def _gemv_tiles(tokens: int) -> tuple[tuple[int, int, int, int], tuple[int, int,
 
 
 def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
-                   path: str | None = None, tiles=None) -> Tensor:
+                   path: str | None = None, tiles=None, scales: Fp8Scales | None = None) -> Tensor:
     """path: "gemv" (at most 16 tokens) or "grouped"; by default GEMV up to GEMV_MAX_TOKENS tokens.
-    tiles: _gemv_tiles's answer to use instead (bench/moe_block.py --sweep)."""
+    tiles: _gemv_tiles's answer to use instead (bench/moe_block.py --sweep). scales: FP8 weights' (W8A16)."""
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     inter = two_i // 2
     if gate_up.shape[2] != H or down.shape != (E, H, inter) or gate_up.stride(2) != 1 or down.stride(2) != 1:
         raise ValueError(f"expert weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit x {tuple(x.shape)}")
+    if scales is not None:
+        scales = _check_scales(scales, E, inter, H)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if T * ids.shape[1] == 0:
         return torch.zeros_like(x)
@@ -157,9 +193,9 @@ def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, id
     if path is None:
         path = "gemv" if T <= GEMV_MAX_TOKENS else "grouped"
     if path == "gemv":
-        return _experts_gemv(x, gate_up, down, weights, ids, tiles or _gemv_tiles(T))
+        return _experts_gemv(x, gate_up, down, weights, ids, tiles or _gemv_tiles(T), scales)
     if path == "grouped":
-        return _experts_grouped(x, gate_up, down, weights, ids)
+        return _experts_grouped(x, gate_up, down, weights, ids, scales)
     raise ValueError(f"unknown MoE path {path!r}")
 
 
@@ -167,7 +203,43 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 models: no TF32 rounding of the inputs
 
 
-def _experts_gemv(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor, tiles) -> Tensor:
+def _check_scales(scales: Fp8Scales, E: int, inter: int, H: int) -> Fp8Scales:
+    """The scales, contiguous (the kernels index a block's K position with stride 1), if their shapes fit."""
+    if scales.block is None:
+        want = (E, 2 * inter), (E, H)
+    else:
+        (bn, bk), cdiv = scales.block, fused._cdiv
+        want = (E, cdiv(2 * inter, bn), cdiv(H, bk)), (E, cdiv(H, bn), cdiv(inter, bk))
+        if inter % bn:
+            raise ValueError(f"FP8 expert blocks of {bn} rows do not divide the experts' width {inter}")
+    if (tuple(scales.gate_up.shape), tuple(scales.down.shape)) != want:
+        raise ValueError(f"FP8 expert scales {tuple(scales.gate_up.shape)} / {tuple(scales.down.shape)} are not "
+                         f"{want[0]} / {want[1]}")
+    return Fp8Scales(scales.gate_up.contiguous(), scales.down.contiguous(), scales.block)
+
+
+def _scale_args(w: Tensor, scales: Fp8Scales | None, which: str, block_k: int,
+                rows_of_k: bool = False) -> tuple[tuple, dict, int]:
+    """((S, stride_se, stride_sn), {SCHEME, SB_N, SB_K}, BLOCK_K) of one expert matrix for the kernels: SCHEME
+    0 (no scales: S is a placeholder), 1 (per output row) or 2 (per block, BLOCK_K cut to divide the block's
+    columns). rows_of_k: per-row scales passed as blocks of one row by every K column (gemv_down, whose
+    experts change along its K loop)."""
+    if scales is None:
+        return (w, 0, 0), dict(SCHEME=0, SB_N=1, SB_K=1), block_k
+    s = scales.gate_up if which == "gate_up" else scales.down
+    if scales.block is None:
+        if rows_of_k:
+            return (s, s.stride(0), 1), dict(SCHEME=2, SB_N=1, SB_K=w.shape[2]), block_k
+        return (s, s.stride(0), 1), dict(SCHEME=1, SB_N=1, SB_K=1), block_k
+    bn, bk = scales.block
+    block_k = min(block_k, bk)
+    if bk % block_k or block_k < 16:
+        raise ValueError(f"FP8 expert blocks of {bk} columns are not supported (a multiple of 16 is)")
+    return (s, s.stride(0), s.stride(1)), dict(SCHEME=2, SB_N=bn, SB_K=bk), block_k
+
+
+def _experts_gemv(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor, tiles,
+                  scales: Fp8Scales | None = None) -> Tensor:
     """Two launches: gemv_gate_up (each selected expert's tile read by one program, for all the tokens that
     chose it; routing weight applied), gemv_down (each token's top-k outputs summed in the accumulator)."""
     kern = _kernels()
@@ -177,20 +249,23 @@ def _experts_gemv(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids
         raise ValueError(f"the GEMV MoE path takes at most 16 tokens, not {T}")
     (up_n, up_k, up_warps, up_stages), (down_n, down_k, down_warps, down_stages) = tiles
     precision = _precision(x)
+    (s_up, se_up, sn_up), scheme_up, up_k = _scale_args(gate_up, scales, "gate_up", up_k)
+    (s_down, se_down, sn_down), scheme_down, down_k = _scale_args(down, scales, "down", down_k, rows_of_k=True)
     hidden = torch.empty(T * top_k, inter, dtype=x.dtype, device=x.device)
     kern.gemv_gate_up[(T * top_k, fused._cdiv(inter, up_n))](
-        x, gate_up, hidden, ids, weights, T, x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0),
-        N=inter, K=H, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), BLOCK_M=16, BLOCK_N=up_n, BLOCK_K=up_k,
-        PRECISION=precision, num_warps=up_warps, num_stages=up_stages)
+        x, gate_up, s_up, hidden, ids, weights, T, x.stride(0), gate_up.stride(0), gate_up.stride(1), se_up, sn_up,
+        hidden.stride(0), N=inter, K=H, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme_up, BLOCK_M=16,
+        BLOCK_N=up_n, BLOCK_K=up_k, PRECISION=precision, num_warps=up_warps, num_stages=up_stages)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     kern.gemv_down[(T, fused._cdiv(H, down_n))](
-        hidden, down, out, ids, hidden.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        N=H, K=inter, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), BLOCK_N=down_n, BLOCK_K=down_k, PRECISION=precision,
-        num_warps=down_warps, num_stages=down_stages)
+        hidden, down, s_down, out, ids, hidden.stride(0), down.stride(0), down.stride(1), se_down, sn_down,
+        out.stride(0), N=H, K=inter, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme_down, BLOCK_N=down_n,
+        BLOCK_K=down_k, PRECISION=precision, num_warps=down_warps, num_stages=down_stages)
     return out
 
 
-def _experts_grouped(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+def _experts_grouped(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
+                     scales: Fp8Scales | None = None) -> Tensor:
     """The slots sorted by expert (align), two grouped GEMMs, then each token's top-k rows summed."""
     kern = _kernels()
     T, H = x.shape
@@ -200,16 +275,18 @@ def _experts_grouped(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, 
     sorted_slots, block_expert, num_padded = align(ids, E, block_m)
     precision = _precision(x)
     grid_m = block_expert.numel()
+    (s_up, se_up, sn_up), scheme_up, up_k = _scale_args(gate_up, scales, "gate_up", block_k)
+    (s_down, se_down, sn_down), scheme_down, down_k = _scale_args(down, scales, "down", block_k)
     hidden = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     kern.expert_gemm[(grid_m, fused._cdiv(inter, block_n))](
-        x, gate_up, hidden, sorted_slots, block_expert, num_padded, weights, n,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), hidden.stride(0), N=inter, K=H, TOP_K=top_k,
-        GATED=True, A_PER_TOKEN=True, WEIGHTED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=precision, num_warps=warps, num_stages=stages)
+        x, gate_up, s_up, hidden, sorted_slots, block_expert, num_padded, weights, n,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), se_up, sn_up, hidden.stride(0), N=inter, K=H,
+        TOP_K=top_k, GATED=True, A_PER_TOKEN=True, WEIGHTED=False, **scheme_up, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=up_k, PRECISION=precision, num_warps=warps, num_stages=stages)
     per_slot = torch.empty(n, H, dtype=x.dtype, device=x.device)
     kern.expert_gemm[(grid_m, fused._cdiv(H, block_n))](
-        hidden, down, per_slot, sorted_slots, block_expert, num_padded, weights, n,
-        hidden.stride(0), down.stride(0), down.stride(1), per_slot.stride(0), N=H, K=inter, TOP_K=top_k,
-        GATED=False, A_PER_TOKEN=False, WEIGHTED=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=precision, num_warps=warps, num_stages=stages)
+        hidden, down, s_down, per_slot, sorted_slots, block_expert, num_padded, weights, n,
+        hidden.stride(0), down.stride(0), down.stride(1), se_down, sn_down, per_slot.stride(0), N=H, K=inter,
+        TOP_K=top_k, GATED=False, A_PER_TOKEN=False, WEIGHTED=True, **scheme_down, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=down_k, PRECISION=precision, num_warps=warps, num_stages=stages)
     return per_slot.view(T, top_k, H).sum(dim=1)  # one kernel; torch sums half types in fp32

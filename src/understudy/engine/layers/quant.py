@@ -36,6 +36,9 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 SMALL_M = 0
 _SCHEME = {"tensor": 0, "channel": 1, "block": 2}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale")
+# The stacked FP8 experts' scale parameters (model/experts.py): mlp.experts.gate_up_proj_scale(_inv), ...
+EXPERT_SCALE_SUFFIXES = (".experts.gate_up_proj_scale", ".experts.gate_up_proj_scale_inv",
+                         ".experts.down_proj_scale", ".experts.down_proj_scale_inv")
 
 
 # --------------------------------------------------------------------------- quantize / dequantize
@@ -104,6 +107,8 @@ def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 class Fp8Linear(nn.Module):
     """nn.Linear's interface over an FP8 weight [out, in] and its scales (see the module doc)."""
+
+    fp8_weights = ("weight",)  # the parameters --quantization fp8 quantizes (quantize_online)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quant: Quantization):
         super().__init__()
@@ -218,11 +223,12 @@ def install(model: nn.Module, quant: Quantization) -> None:
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """model.to(dtype) for a model on the meta device, except the FP8 weights and float32 scales, which
-    keep their dtypes (Module.to would turn them into `dtype` too: float8 is a floating-point type)."""
+    """model.to(dtype) for a model on the meta device, except the FP8 weights and float32 scales (of the
+    Fp8Linears and of FP8 stacked experts, model/experts.py), which keep their dtypes (Module.to would turn
+    them into `dtype` too: float8 is a floating-point type)."""
     model.to(dtype)
     for module in model.modules():
-        if isinstance(module, Fp8Linear):
+        if hasattr(module, "stored_dtypes"):
             for name, kept in module.stored_dtypes().items():
                 param = getattr(module, name)
                 assert param.is_meta, "cast_model is for models whose weights are not loaded yet"
@@ -240,7 +246,7 @@ def fit(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
     """A checkpoint tensor of a quantized linear (FP8 weight, scale) as the model keeps it: scales stored as
     [], [1] or [N, 1] reshaped to the engine's shape (same number of elements), cast to the parameter's
     dtype (scales stored in bf16 become float32). Other tensors are returned as they are."""
-    if not (dtype == FP8 or name.endswith(SCALE_SUFFIXES)):
+    if not (dtype == FP8 or name.endswith(SCALE_SUFFIXES + EXPERT_SCALE_SUFFIXES)):
         return tensor
     if tuple(tensor.shape) != tuple(shape) and tensor.numel() == torch.Size(shape).numel():
         tensor = tensor.reshape(shape)
@@ -253,21 +259,32 @@ def quantize_online(model: nn.Module, stream, param_of: Callable[[str], str],
     Fp8Linear replaced by its FP8 weight and scales, computed on `device` (the publisher's GPU: fast) or
     where the tensor is. `param_of`: the model parameter a checkpoint tensor fills (model/layout.py): a
     checkpoint's q_proj is quantized as its rows of the fused qkv_proj (per-channel scales are per row, so
-    the parts' scales, in row order, are the fused layer's)."""
-    layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    the parts' scales, in row order, are the fused layer's); an expert's gate_proj as its rows of the layer's
+    stacked gate_up_proj, its scales into gate_up_proj_scale (model/layout.py)."""
+    # The modules that hold FP8 weights name them: Fp8Linear its weight, model/experts.StackedExperts its
+    # stacked matrices when the experts are FP8.
+    quants = {f"{name}.{leaf}": m.quant for name, m in model.named_modules()
+              for leaf in getattr(m, "fp8_weights", ())}
     for name, tensor in stream:
-        layer = layers.get(param_of(name))
-        if layer is None:
+        q = quants.get(param_of(name))
+        if q is None:
             yield name, tensor
             continue
-        w8, scale = quantize(tensor.to(device or tensor.device), layer.quant.weights, layer.quant.block)
-        yield name, w8
-        yield f"{name.removesuffix('.weight')}.{layer.scale_name}", scale
+        tensor = tensor.to(device or tensor.device)
+        if name.endswith(".weight"):  # a linear's, or one expert's matrix
+            w8, scale = quantize(tensor, q.weights, q.block)
+            yield name, w8
+            yield f"{name.removesuffix('.weight')}.{q.scale_name}", scale
+        else:  # a checkpoint that stores the experts stacked (transformers>=5 names): expert by expert
+            parts = [quantize(w, q.weights, q.block) for w in tensor]
+            yield name, torch.stack([w8 for w8, _ in parts])
+            yield f"{name}{q.scale_name.removeprefix('weight')}", torch.stack([scale for _, scale in parts])
 
 
 def is_quantized_storage(name: str, tensor: Tensor) -> bool:
     """A tensor the loader must not cast to the serving dtype: an FP8 weight or a scale."""
-    return tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name.endswith(SCALE_SUFFIXES)
+    return tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name.endswith(SCALE_SUFFIXES +
+                                                                                    EXPERT_SCALE_SUFFIXES)
 
 
 # --------------------------------------------------------------------------- FP8 KV-cache scales

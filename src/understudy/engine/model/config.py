@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from understudy.engine.model.families import UnsupportedFamilyFeature, family_fields
-from understudy.engine.model.quantization import FUSED, Quantization, UnsupportedQuantization
+from understudy.engine.model.quantization import FUSED, Quantization, UnsupportedQuantization, check_experts
 from understudy.engine.model.quantization import from_hf_dict as quantization_from_hf_dict
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral", "gemma2", "gemma3_text", "phi3")
@@ -256,19 +256,28 @@ def _mixture_of_experts(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     experts = d.get("num_experts") or d.get("num_local_experts")
     if not experts or not d.get("num_experts_per_tok"):
         raise UnsupportedModelError(f"{model_type} config.json lacks num_experts / num_experts_per_tok")
-    if d.get("quantization_config"):  # refused here, not as an unknown *.weight_scale tensor at load
-        raise UnsupportedModelError(f"quantized {model_type} checkpoints are not supported: the experts load "
-                                    f"from bf16/fp16/fp32 weights only (--quantization fp8 quantizes the rest)")
     layers = range(d["num_hidden_layers"])
     if model_type == "mixtral":
         if d.get("sliding_window"):
             raise UnsupportedModelError("Mixtral with sliding_window set is not supported")
-        return dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
-                    moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, moe_layers=tuple(layers))
-    step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
-    return dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
-                moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d.get("norm_topk_prob")),
-                moe_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0))
+        fields = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                      moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, moe_layers=tuple(layers))
+    else:
+        step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
+        fields = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                      moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d.get("norm_topk_prob")),
+                      moe_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0))
+    quantization = _quantization(d)
+    if quantization is not None:  # FP8 experts: refused now if they cannot be stacked, not at load
+        block, projs = ("block_sparse_moe", ("w1", "w3", "w2")) if model_type == "mixtral" else \
+            ("mlp", ("gate_proj", "up_proj", "down_proj"))
+        names = (f"model.layers.{i}.{block}.experts.{e}.{p}" for i in fields["moe_layers"] for e in range(experts)
+                 for p in projs)
+        try:
+            check_experts(quantization, names, fields["moe_intermediate_size"])
+        except UnsupportedQuantization as e:
+            raise UnsupportedModelError(str(e)) from None
+    return fields
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:

@@ -11,6 +11,16 @@ imports the weights maps the stacked tensors as they are. `layout.checkpoint_tar
 name, which parameter it fills and, for an expert's matrix, which slice of the stacked one (the mechanism
 that also puts q/k/v and gate/up rows into the dense layers' fused matrices). Under tensor parallelism a
 rank's stacked tensors hold its slice of every expert's intermediate dimension (model/sharding.py).
+
+FP8 (an FP8 MoE checkpoint, or `--quantization fp8`): the stacked tensors are float8 e4m3 and each has its
+float32 scales beside it, named after the checkpoint's (weight_scale -> _scale, weight_scale_inv ->
+_scale_inv, transformers' names for block scales):
+    model.layers.L.mlp.experts.gate_up_proj_scale   [E, 2*I]  one per output row (--quantization fp8,
+    model.layers.L.mlp.experts.down_proj_scale      [E, H]    per-channel checkpoints)
+    model.layers.L.mlp.experts.gate_up_proj_scale_inv  [E, 2*I/128, H/128]  128x128 blocks (Qwen3-30B-A3B-FP8)
+    model.layers.L.mlp.experts.down_proj_scale_inv     [E, H/128, I/128]    (ragged edge blocks rounded up)
+Ordinary parameters, so published into the memory service with the rest and mapped by every shadow.
+Tensor parallelism refuses FP8 weights (model/sharding.check_shardable).
 """
 
 from __future__ import annotations
@@ -20,16 +30,45 @@ from torch import Tensor, nn
 
 from understudy.engine.layers import moe
 from understudy.engine.model.config import ModelConfig
+from understudy.engine.model.quantization import expert_scale_shapes
+
+FP8 = torch.float8_e4m3fn
 
 
 class StackedExperts(nn.Module):
-    """All experts of a layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """All experts of a layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I] (FP8: and their scales)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.quant = config.quantization  # every expert FP8 or none (quantization.check_experts)
+        if self.quant is None:
+            self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+            self.down_proj = nn.Parameter(torch.empty(e, h, i))
+            return
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h, dtype=FP8), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, h, i, dtype=FP8), requires_grad=False)
+        self.suffix = self.quant.scale_name.removeprefix("weight")  # _scale or _scale_inv, as the checkpoint's
+        for proj, shape in zip(("gate_up_proj", "down_proj"), expert_scale_shapes(self.quant, e, h, i)):
+            self.register_parameter(proj + self.suffix, nn.Parameter(torch.empty(shape), requires_grad=False))
+
+    @property
+    def fp8_weights(self) -> tuple[str, ...]:
+        """The parameters --quantization fp8 quantizes (layers/quant.quantize_online): none for bf16 experts."""
+        return () if self.quant is None else ("gate_up_proj", "down_proj")
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """The parameters that keep their own dtype whatever dtype the model serves in (quant.cast_model)."""
+        if self.quant is None:
+            return {}
+        return {"gate_up_proj": FP8, "down_proj": FP8, "gate_up_proj" + self.suffix: torch.float32,
+                "down_proj" + self.suffix: torch.float32}
+
+    def scales(self) -> moe.Fp8Scales | None:
+        if self.quant is None:
+            return None
+        return moe.Fp8Scales(getattr(self, "gate_up_proj" + self.suffix), getattr(self, "down_proj" + self.suffix),
+                             self.quant.block if self.quant.weights == "block" else None)
 
 
 class SparseMoE(nn.Module):
@@ -47,7 +86,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = moe.route(self.gate(x), self.top_k, self.renormalize)
-        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.experts.scales())
         if self.tp is not None:  # each rank's experts produced partial sums over its slice of I
             self.tp.all_reduce(out)
         return out

@@ -5,6 +5,7 @@ The model keeps fewer, larger matrices than most checkpoints store (one GEMM whe
     mlp.gate_up_proj            the rows of gate_proj, then up_proj
     mlp.experts.gate_up_proj    [E, 2I, H]: expert e's gate rows, then its up rows  (MoE: model/experts.py)
     mlp.experts.down_proj       [E, H, I]
+    mlp.experts.gate_up_proj_scale(_inv), down_proj_scale(_inv)   FP8 experts' scales, stacked the same way
 Phi-3 checkpoints store qkv_proj and gate_up_proj fused already: those load as they are. A fused parameter's
 rows are cut into parts in fixed proportions (query heads : KV heads : KV heads; gate : up = 1 : 1), so one
 description holds for the whole model and for a tensor-parallel rank's share of it (model/sharding.py cuts
@@ -26,7 +27,8 @@ from torch import Tensor
 from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.quantization import FUSED
 
-_EXPERT = re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT = re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\."
+                     r"(weight|weight_scale|weight_scale_inv)")
 _EXPERT_PART = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": None, "w2": None}
 # A separate projection the model holds as rows of a fused one: its weight, bias and FP8 weight scales.
 # (A static `input_scale` is one per projection: such checkpoints stay unfused, Quantization.fuses.)
@@ -79,12 +81,12 @@ def fused_parts(name: str, config: ModelConfig) -> tuple[int, ...] | None:
 def checkpoint_target(name: str, config: ModelConfig) -> str | Slice:
     """The model parameter a checkpoint tensor fills: its name, or the Slice of a fused / stacked one."""
     m = _EXPERT.fullmatch(name)
-    if m is not None:
-        prefix, expert, proj = m.groups()
-        part = _EXPERT_PART[proj]
+    if m is not None:  # an expert's weight or FP8 scales: weight_scale(_inv) -> the stacked ..._proj_scale(_inv)
+        prefix, expert, proj, leaf = m.groups()
+        part, suffix = _EXPERT_PART[proj], leaf.removeprefix("weight")
         if part is None:
-            return Slice(f"{prefix}.mlp.experts.down_proj", expert=int(expert))
-        return Slice(f"{prefix}.mlp.experts.gate_up_proj", part, (1, 1), int(expert))
+            return Slice(f"{prefix}.mlp.experts.down_proj{suffix}", expert=int(expert))
+        return Slice(f"{prefix}.mlp.experts.gate_up_proj{suffix}", part, (1, 1), int(expert))
     m = _PART.fullmatch(name)
     if m is not None:
         prefix, module, leaf = m.groups()

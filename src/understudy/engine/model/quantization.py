@@ -9,6 +9,9 @@ Served: FP8 (e4m3) weights, in the layouts published checkpoints use:
     FP8_BLOCK): strategy "tensor", "channel" or "block", static (`input_scale`) or dynamic activations.
   * `serve --quantization fp8` on an unquantized checkpoint: per-channel scales computed when the weights
     are published (`Quantization.online`).
+Mixture-of-experts checkpoints (Qwen3-MoE, Mixtral) in FP8 too, experts included, when every expert is
+quantized with per-channel or block scales and dynamic activations (`check_experts`): the experts are
+stacked per layer with their scales (model/experts.py, layers/moe.py).
 Every other method (awq, gptq, bitsandbytes, ...) is refused here, when config.json is read, naming it.
 
 `Quantization` says what each quantized linear holds; layers/quant.py is what computes with it.
@@ -144,6 +147,44 @@ def _compressed_tensors(q: dict[str, Any]) -> Quantization:
         raise _refuse(f"{desc} and static {a.get('strategy')!r} activation scales")
     block = _block(w.get("block_structure") or [128, 128]) if strategy == "block" else None
     return Quantization("compressed-tensors", strategy, activations, block, "weight_scale", tuple(q.get("ignore") or ()))
+
+
+def check_experts(quant: Quantization, expert_names: Iterable[str], moe_intermediate_size: int) -> None:
+    """Raise UnsupportedQuantization unless a MoE checkpoint's experts can be held stacked in FP8: one scale
+    per output row or per block (per-tensor scales differ between the experts' gate and up, which share
+    rows of one stacked matrix), dynamic activations (the experts' kernels keep activations in the model's
+    dtype: a static input_scale has no use), whole blocks of the experts' width (gate's and up's rows in
+    separate blocks), and no expert left unquantized by `ignore` (`expert_names`: the checkpoint's module
+    names of every expert projection, mlp.experts.E.gate_proj ...)."""
+    what = f"an FP8 mixture-of-experts checkpoint ({_describe(quant)})"
+    if quant.weights == "tensor":
+        raise _refuse(f"{what} with per-tensor weight scales (per-channel and 128x128 block scales are served)")
+    if quant.activations == "static":
+        raise _refuse(f"{what} with static activation scales")
+    if quant.weights == "block" and moe_intermediate_size % quant.block[0]:
+        raise _refuse(f"{what} whose experts' width {moe_intermediate_size} is not a whole number of "
+                      f"{quant.block[0]}-row blocks")
+    leaves = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+    # only patterns that could name an expert projection are tried against every name (usually none)
+    patterns = [p for p in quant.ignore if p.startswith("re:") or p.rpartition(".")[2] in leaves]
+    if patterns:
+        narrow = replace(quant, ignore=tuple(patterns))
+        for name in expert_names:
+            if narrow._ignores(name):
+                raise _refuse(f"{what} that leaves expert {name} unquantized (all experts or none are)")
+
+
+def _describe(quant: Quantization) -> str:
+    return f"{quant.method}, {quant.weights} scales, {quant.activations} activations"
+
+
+def expert_scale_shapes(quant: Quantization, experts: int, hidden: int, inter: int) -> tuple[tuple, tuple]:
+    """The shapes of the stacked experts' scales: (gate_up [E, 2I, H]'s, down [E, H, I]'s)."""
+    if quant.weights == "tensor":  # refused when config.json is read (check_experts); a config built otherwise
+        raise _refuse("FP8 experts with per-tensor scales")
+    if quant.weights == "channel":
+        return (experts, 2 * inter), (experts, hidden)
+    return (experts, *scale_shape(quant, 2 * inter, hidden)), (experts, *scale_shape(quant, hidden, inter))
 
 
 def scale_shape(quant: Quantization, out_features: int, in_features: int) -> tuple[int, ...]:
