@@ -10,7 +10,6 @@ checkpoints carry the per-expert names real ones do (mlp.experts.E.gate_proj / b
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -224,32 +223,15 @@ def test_each_rank_publishes_its_slice_of_every_expert(server, moe_dir):
 def test_tensor_parallel_2_gives_transformers_tokens(moe_dir):
     """`understudy serve --tensor-parallel 2` on gloo (two ranks, each with its own memory service): the
     experts' partial sums all-reduced, greedy tokens as transformers' (which the TP=1 model matches above)."""
-    import shutil
-    import tempfile
-
-    import httpx
-
-    from tests.helpers.procs import LineProcess, free_port
-    from tests.helpers.streams import body, event_of, ndjson, tokens_of
+    from tests.helpers.procs import tp2_group
+    from tests.helpers.streams import body, ndjson, tokens_of
 
     hf, path = moe_dir("mixtral")
-    port, socket_dir = free_port(), tempfile.mkdtemp(prefix="us-moe-", dir="/tmp")  # short socket paths
-    group = LineProcess([sys.executable, "-m", "understudy", "serve", "--backend", "host", "--socket-dir",
-                         socket_dir, "--port", str(port), "--log-format", "json", "--no-progress",
-                         "--model", str(path), "--tensor-parallel", "2", "--dtype", "float32",
-                         "--kv-cache-memory", "16MiB", "--max-model-len", "256", "--max-num-seqs", "4"],
-                        env={"OMP_NUM_THREADS": "1", "UNDERSTUDY_ADMIN_TOKEN": "moe-test"}, stream="stderr")
-    try:
-        group.wait_line(lambda line: event_of(line).get("event") == "serving", timeout=240)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                          headers={"Authorization": "Bearer moe-test"}) as http:  # /engine/* is the operator's
-            for prompt in (PROMPT, [5, 9, 200]):
-                got = tokens_of(ndjson(http.post("/engine/generate", json=body(prompt, NEW_TOKENS))))
-                assert got == hf_greedy(hf, prompt, NEW_TOKENS)
-            assert http.get("/health").json()["tensor_parallel"] == 2
-    finally:
-        group.kill()
-        shutil.rmtree(socket_dir, ignore_errors=True)
+    with tp2_group(path, "moe-test", "--max-model-len", "256") as http:
+        for prompt in (PROMPT, [5, 9, 200]):
+            got = tokens_of(ndjson(http.post("/engine/generate", json=body(prompt, NEW_TOKENS))))
+            assert got == hf_greedy(hf, prompt, NEW_TOKENS)
+        assert http.get("/health").json()["tensor_parallel"] == 2
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -158,3 +161,29 @@ def serve_process(socket_dir: Path, port: int, *extra: str, env: dict | None = N
                         "--memory-service", "connect", "--socket-dir", str(socket_dir),
                         "--port", str(port), "--log-format", "json", "--no-progress", *extra],
                        env=env, stream="stderr")
+
+
+@contextmanager
+def tp2_group(model: Path, token: str, *extra: str):
+    """`understudy serve --tensor-parallel 2` of `model` in float32 on gloo (host backend, each rank with its own
+    memory service), serving: an httpx client to it carrying the admin token `token` (the /engine/* routes are
+    the operator's). The group is killed and its sockets removed afterwards."""
+    import httpx
+
+    from tests.helpers.streams import event_of
+
+    port, socket_dir = free_port(), tempfile.mkdtemp(prefix="us-tp2-", dir="/tmp")  # short socket paths
+    group = LineProcess([sys.executable, "-m", "understudy", "serve", "--backend", "host", "--socket-dir",
+                         socket_dir, "--port", str(port), "--log-format", "json", "--no-progress",
+                         "--model", str(model), "--tensor-parallel", "2", "--dtype", "float32",
+                         "--kv-cache-memory", "16MiB", "--max-num-seqs", "4", *extra],
+                        env={"OMP_NUM_THREADS": "1", "UNDERSTUDY_ADMIN_TOKEN": token}, stream="stderr")
+    try:
+        group.wait_line(lambda line: event_of(line).get("event") == "serving", timeout=240)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": f"Bearer {token}"}) as http:
+            yield http
+    finally:
+        group.kill()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
