@@ -126,6 +126,33 @@ def device_sync(device):
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
+def decode_steps(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync, before_decode=None) -> dict:
+    """`batch` greedy requests of random prompts stepped to the end; step_stats of the decode steps (steps with
+    no prefill in them: prefill steps are not timed). before_decode(engine), not timed, runs before each decode
+    step; when it returns True it stepped the engine itself and the loop looks again."""
+    import torch
+
+    from understudy.engine.core.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch)
+    for r in range(batch):
+        engine.add_request(f"b{batch}-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    seconds, decoded = [], []
+    while engine.has_work:
+        prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
+        if not prefill and before_decode is not None and before_decode(engine):
+            continue
+        sync()
+        t0 = time.perf_counter()
+        outs = engine.step()
+        sync()
+        if not prefill:
+            seconds.append(time.perf_counter() - t0)
+            decoded.append(sum(len(o.new_token_ids) for o in outs))
+    return step_stats(seconds, decoded)
+
+
 def step_stats(seconds: list[float], tokens: list[int]) -> dict:
     """Decode steps summed up. The headline is the median step (`tok_s`: the median step's tokens over its
     time), so that one slow step (a JIT compile, a GC pause, an allocator growth) moves it little; the mean

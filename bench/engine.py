@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, device_sync, fmt_steps, pinned_h2d_seconds, step_stats  # noqa: E402  (puts the repo root on sys.path)
+from common import copy_bandwidth, decode_steps, device_sync, fmt_steps, pinned_h2d_seconds  # noqa: E402  (puts the repo root on sys.path)
 from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -191,27 +191,6 @@ def time_to_first_token(engine, prompt: int, repeats: int, vocab: int, sync) -> 
     timed = times[1:]
     return {"p50_ms": statistics.median(timed) * 1e3, "max_ms": max(timed) * 1e3, "first_ms": times[0] * 1e3,
             "repeats": repeats}
-
-
-def decode_steps(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -> dict:
-    """step_stats of the steps after every sequence has its first token (prefill steps are not timed)."""
-    from understudy.engine.core.sampling import SamplingParams
-
-    gen = torch.Generator().manual_seed(batch)
-    for r in range(batch):
-        engine.add_request(f"b{batch}-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    seconds, decoded = [], []
-    while engine.has_work:
-        prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
-        sync()
-        t0 = time.perf_counter()
-        outs = engine.step()
-        sync()
-        if not prefill:
-            seconds.append(time.perf_counter() - t0)
-            decoded.append(sum(len(o.new_token_ids) for o in outs))
-    return step_stats(seconds, decoded)
 
 
 # -- transformers -----------------------------------------------------------------------------------------

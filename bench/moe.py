@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, Proc, copy_bandwidth, fmt_steps, step_stats  # noqa: E402  (also puts the repo root on sys.path)
+from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps  # noqa: E402  (also puts the repo root on sys.path)
 from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -217,28 +217,17 @@ def profile_decode(engine, batch: int, prompt_len: int, vocab: int) -> None:
 def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -> tuple[dict, float, list[int]]:
     """(step_stats of the decode steps: the median step is the headline, mean and max beside it; mean context
     length of the timed steps; distinct experts per layer of one step)."""
-    from understudy.engine.core.sampling import SamplingParams
+    contexts, distinct = [], {}
 
-    gen = torch.Generator().manual_seed(batch)
-    for r in range(batch):
-        engine.add_request(f"b{batch}-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    seconds, decoded, contexts, distinct = [], [], [], None
-    while engine.has_work:
-        prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
-        if not prefill and distinct is None and len(seconds) >= 2:
-            distinct = count_distinct_experts(engine)  # not timed
-            continue
-        context = statistics.fmean(len(s.tokens) for s in engine.scheduler.running) if not prefill else 0
-        sync()
-        t0 = time.perf_counter()
-        outs = engine.step()
-        sync()
-        if not prefill:
-            seconds.append(time.perf_counter() - t0)
-            decoded.append(sum(len(o.new_token_ids) for o in outs))
-            contexts.append(context)
-    return step_stats(seconds, decoded), statistics.fmean(contexts), distinct or []
+    def before_decode(engine) -> bool:
+        if "per_layer" not in distinct and len(contexts) >= 2:
+            distinct["per_layer"] = count_distinct_experts(engine)  # one more step, eager and not timed
+            return True
+        contexts.append(statistics.fmean(len(s.tokens) for s in engine.scheduler.running))
+        return False
+
+    steps = decode_steps(engine, batch, prompt_len, tokens, vocab, sync, before_decode)
+    return steps, statistics.fmean(contexts), distinct.get("per_layer", [])
 
 
 def main() -> None:
