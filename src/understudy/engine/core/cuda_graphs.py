@@ -130,17 +130,18 @@ class StepGraphs:
         return next((b for b in self.mixed_buckets if b.tokens >= total and b.seqs > n), None)
 
     def run(self, input_ids: list[int], query_lens: list[int], context_lens: list[int], tables: list[list[int]],
-            logits_at: list[int]) -> Tensor:
-        """Replay the step's bucket (`bucket(query_lens)` must not be None): the logits of the tokens at
-        `logits_at` (indices into input_ids), one row each; hidden states on a worker rank."""
-        b = self.bucket(query_lens)
+            logits_at: list[int], bucket: Bucket | None = None) -> Tensor:
+        """Replay the step's bucket (`bucket(query_lens)`, unless the caller has it already; it must not be None):
+        the logits of the tokens at `logits_at` (ascending indices into input_ids), one row each; hidden states
+        on a worker rank."""
+        b = bucket or self.bucket(query_lens)
         self._fill(b, input_ids, query_lens, context_lens, tables, logits_at)
         self._replay(b)
         out = self.outputs[b]
         if not self.logits:
             return out
         if b.decode:  # every row's logits: pick the asked ones (all of them, usually)
-            return out[:len(input_ids)] if logits_at == list(range(len(input_ids))) else out[logits_at]
+            return out[:len(input_ids)] if len(logits_at) == len(input_ids) else out[logits_at]
         return out[:len(logits_at)]
 
     def _replay(self, b: Bucket) -> None:

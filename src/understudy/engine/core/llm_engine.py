@@ -192,9 +192,9 @@ class LLMEngine:
         t1 = time.perf_counter()
         rows = self._logit_rows(batch)
         # A CUDA graph when one takes the step's shape; steps that score prompt tokens run eagerly.
-        graph = (self.graphs is not None and not rows.prompt_spans
-                 and self.graphs.bucket([n for _, n in batch]) is not None)
-        logits = self._forward_graph(batch, rows) if graph else self._forward_eager(batch, rows)
+        bucket = None if self.graphs is None or rows.prompt_spans else self.graphs.bucket([n for _, n in batch])
+        graph = bucket is not None
+        logits = self._forward_graph(batch, rows, bucket) if graph else self._forward_eager(batch, rows)
         t2 = time.perf_counter()
         # The forward is launched (on CUDA it runs while the host goes on): now the grammar bitmasks.
         seqs = [batch[i][0] for i in rows.sample]
@@ -229,14 +229,14 @@ class LLMEngine:
             tables.append(seq.block_table)
         return input_ids, query_lens, context_lens, tables
 
-    def _forward_graph(self, batch: list[tuple[Sequence, int]], rows: LogitRows) -> torch.Tensor:
-        """The step replayed from its CUDA graph: logits of the sampled rows, renumbered 0..k-1."""
+    def _forward_graph(self, batch: list[tuple[Sequence, int]], rows: LogitRows, bucket) -> torch.Tensor:
+        """The step replayed from its bucket's CUDA graph: logits of the sampled rows, renumbered 0..k-1."""
         inputs = self._step_inputs(batch)
         if self.step_hook is not None:
             self.step_hook(*inputs, graph=True)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
-        logits = self.graphs.run(*inputs, logits_at=rows.sample_at)
+        logits = self.graphs.run(*inputs, logits_at=rows.sample_at, bucket=bucket)
         rows.sample_at = list(range(len(rows.sample_at)))
         return logits
 

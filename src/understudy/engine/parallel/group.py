@@ -224,17 +224,17 @@ class GroupEngine(LLMEngine):
     def _forward_eager(self, batch, rows):
         return self._on_all_ranks(super()._forward_eager, batch, rows)
 
-    def _forward_graph(self, batch, rows):
-        return self._on_all_ranks(super()._forward_graph, batch, rows)
+    def _forward_graph(self, batch, rows, bucket):
+        return self._on_all_ranks(super()._forward_graph, batch, rows, bucket)
 
     def abandon(self) -> None:
         """A failed leader (serving/faults.py): the whole group ends with it, now."""
         self.group.abandon()
 
-    def _on_all_ranks(self, forward, batch, rows):
+    def _on_all_ranks(self, forward, batch, *args):
         self.group.stepping = False
         try:
-            return forward(batch, rows)
+            return forward(batch, *args)
         except BaseException as e:
             if (dead := self.group.lost_worker(within=1.0)) is not None:  # the collective failed: a rank died
                 self.group.fatal("tp_rank_lost", rank=dead.rank, pid=dead.pid, returncode=dead.returncode(),
