@@ -85,16 +85,12 @@ class Rank:
     def _watch_memory_service(self) -> None:
         """memory_watch.py's watch for a rank (no event loop here): wait for the service to go away, then for
         the next one on the same socket, and give it back what this rank maps."""
-        from understudy.engine.serving.memory_watch import (
-            RETRY_FIRST,
-            RETRY_MAX,
-            give_back,
-        )
+        from understudy.engine.serving.memory_watch import RETRY_MAX, give_back, retry_delays
         from understudy.logs import log
 
         lost_at = None
         while True:
-            delay = RETRY_FIRST
+            delays = retry_delays()
             while True:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
                 sock.settimeout(RETRY_MAX)
@@ -104,8 +100,7 @@ class Rank:
                     break
                 except OSError:
                     sock.close()
-                time.sleep(delay)  # a restarted service may take a while to listen
-                delay = min(2 * delay, RETRY_MAX)
+                time.sleep(next(delays))  # a standby takes over at once, a restarted service takes a while
             try:
                 if lost_at is not None:
                     with self.pools:

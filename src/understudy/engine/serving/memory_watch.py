@@ -27,9 +27,9 @@ logger = logging.getLogger("understudy.engine.serving.memory_watch")
 # Reaching the next service: every RETRY_FAST s for the first FAST_FOR s after the loss (a standby
 # takes over within milliseconds, a cold start takes a few hundred ms, a second or two on CUDA; a
 # connect to a Unix socket costs microseconds, so 200 tries a second cost nothing), then backing off
-# (doubling) to RETRY_MAX. RETRY_FIRST is the first delay for callers that only back off (parallel/rank.py).
+# (doubling) to RETRY_MAX, which also bounds one connect attempt. parallel/rank.py's watch takes the same.
 RETRY_FAST, FAST_FOR = 0.005, 10.0
-RETRY_FIRST, RETRY_MAX = RETRY_FAST, 0.5
+RETRY_MAX = 0.5
 
 
 def retry_delays():
