@@ -160,3 +160,16 @@ def server_limits(limits: HTTPLimits) -> dict[str, Any]:
             "timeout_keep_alive": limits.timeout_keep_alive,
             "h11_max_incomplete_event_size": limits.max_header_bytes,
             "limit_concurrency": limits.limit_concurrency}
+
+
+async def warm_streaming() -> None:
+    """Load now what the process's first streamed answer would load in that answer's way.
+
+    Starlette streams a response inside an anyio task group, and anyio imports its asyncio backend on the
+    first one: 20-45 ms. In a promoted shadow that first answer is the first token after a failover
+    (bench/failover.py saw it between the step and the client); in an active engine, its first request's.
+    Called on the server's loop at startup, before anything is frozen (gc.freeze)."""
+    import anyio
+
+    async with anyio.create_task_group():
+        pass

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from understudy.common.http_server import HTTPLimits, server_limits
+from understudy.common.http_server import HTTPLimits, server_limits, warm_streaming
 from understudy.engine.core.constraints import Constraints
 from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.core.llm_engine import LLMEngine
@@ -87,6 +87,7 @@ def _serve(config: ServeConfig) -> int:
 
     @app.on_event("startup")
     async def _start_engine():
+        await warm_streaming()
         built.worker.lifecycle.bind(asyncio.get_running_loop())
         built.worker.faults.start(asyncio.get_running_loop())  # a failed or hung step ends us (faults.py)
         built.worker.engine.start()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from understudy.common.auth import Access, cors_of
-from understudy.common.http_server import limits_from_args, server_limits
+from understudy.common.http_server import limits_from_args, server_limits, warm_streaming
 from understudy.common.openai_options import OpenAIOptions, read_chat_template, sampling_defaults
 from understudy.discovery.embedded import EmbeddedRegistry
 from understudy.discovery.etcd import EtcdAddress, EtcdView
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     @app.on_event("startup")
     async def _start():
         await fe.start()
+        await warm_streaming()
         fe.tokenizer_task.add_done_callback(_tokenizer_loaded)
 
     @app.on_event("shutdown")
