@@ -10,7 +10,8 @@ device's memory bandwidth (measured by a device copy).
     PYTHONPATH=src python bench/fp8.py                      # Llama-3-8B shape, batches 1 8 32
     PYTHONPATH=src python bench/fp8.py --layers 4 --tokens 32   # a quick smoke run on a GPU
     PYTHONPATH=src python bench/fp8.py --cpu                # a tiny model on the CPU (checks the wiring only)
-    PYTHONPATH=src python bench/fp8.py --gemm               # the FP8 GEMM alone per Llama-3-8B matrix and tile config
+    PYTHONPATH=src python bench/fp8.py --gemm-only          # the FP8 GEMV alone: per matrix, rows and tile config
+    PYTHONPATH=src python bench/fp8.py --gemm --batches 1 8 --tokens 64   # that sweep, then the engines
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from engine import bandwidths, cached_checkpoint
 GiB = 1 << 30
 MODES = {"bf16": dict(quantization="none", kv_cache_dtype="auto"),
          "fp8": dict(quantization="fp8", kv_cache_dtype="fp8")}
-# --scaled-mm-everywhere: a third run with every FP8 matmul on torch._scaled_mm (quant.SMALL_M = 0)
+# --scaled-mm-everywhere: a third run with every FP8 matmul on torch._scaled_mm (quant.GEMV_MAX_M = 0)
 SCALED_MM = dict(quantization="fp8", kv_cache_dtype="fp8")
 
 
@@ -72,13 +73,13 @@ def run_mode(mode: str, ckpt: Path, args, cuda: bool) -> dict:
     from understudy.engine.launch import build_engine
     from understudy.engine.layers import quant
 
-    small_m = quant.SMALL_M
+    gemv_max_m = quant.GEMV_MAX_M
     if mode == "fp8-scaled_mm":
-        quant.SMALL_M = 0
+        quant.GEMV_MAX_M = 0
     try:
         return _run_mode(mode, ckpt, args, cuda, build_engine)
     finally:
-        quant.SMALL_M = small_m
+        quant.GEMV_MAX_M = gemv_max_m
 
 
 def _run_mode(mode: str, ckpt: Path, args, cuda: bool, build_engine) -> dict:
@@ -121,36 +122,145 @@ def _run_mode(mode: str, ckpt: Path, args, cuda: bool, build_engine) -> dict:
     return out
 
 
-GEMM_CONFIGS = [None, (16, 16, 256, 4, 4), (16, 32, 512, 4, 4), (16, 16, 1024, 8, 3), (16, 32, 256, 4, 5),
-                (16, 64, 128, 4, 3), (16, 16, 512, 8, 4)]
+# The Llama-3-8B matrices a decode step multiplies (q/k/v and gate/up fused, as the engine serves them)
+GEMV_SHAPES = ((6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"), (4096, 14336, "down"))
+# (BLOCK_N, BLOCK_K, num_warps) the sweep tries, each with SPLIT_K 1, 2, 4, 8 where that splits K differently
+# (per thread: BLOCK_N x BLOCK_K / (32 x warps) weights; past ~64 the rows > 1 variants spill registers)
+GEMV_TILES = ((4, 256, 1), (8, 256, 1), (4, 512, 1), (8, 512, 1), (16, 512, 1), (16, 256, 2), (16, 512, 4),
+              (16, 1024, 4))
+ROTATE_BYTES = 256 << 20  # weights cycled through per timing: 5x the H200's 50 MB L2, so reads come from HBM
 
 
-def gemm_sweep(hbm: float) -> None:
-    """Each Llama-3-8B projection at 1, 8 and 32 rows: bf16 F.linear against the FP8 GEMM (its default tile
-    config first, then others), as GB/s of weight bytes and the fraction of the copy bandwidth."""
-    from triton.testing import do_bench_cudagraph
+def gemv_candidates(n: int, k: int, m: int) -> list[tuple[int, int, int, int]]:
+    """The GEMV configs swept for one shape: quant.gemv_config's default first, then GEMV_TILES x SPLIT_K,
+    leaving out splits that give the same split as a smaller one and grids of under one program per SM."""
+    import triton
 
     from understudy.engine.layers import quant
-    from understudy.engine.model.quantization import ONLINE_FP8
 
-    for n, k, what in ((4096, 4096, "q/o"), (1024, 4096, "k/v"), (14336, 4096, "gate/up"), (4096, 14336, "down")):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        w8, scale = quant.quantize(w, "channel")
-        for m in (1, 8, 32):
+    out = [quant.gemv_config(n, k, m)]
+    for bn, bk, warps in GEMV_TILES:
+        for split in (1, 2, 4, 8):
+            k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+            if triton.cdiv(k, k_split) != split or triton.cdiv(n, bn) * split < 132:
+                continue
+            if (bn, bk, split, warps) not in out:
+                out.append((bn, bk, split, warps))
+    return out
+
+
+def _warm_gemv(tasks: list) -> None:
+    """Run each (n, k, m, scheme, config) GEMV once: a worker process of precompile (fills Triton's disk cache)."""
+    from understudy.engine.layers import quant
+    from understudy.engine.model.quantization import Quantization
+
+    for n, k, m, scheme, cfg in tasks:
+        block = (128, 128) if scheme == "block" else None
+        w8, scale = quant.quantize(torch.randn(n, k, device="cuda"), scheme, block)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        quant.fp8_gemv(x, w8, scale, None, Quantization("fp8", scheme, "dynamic", block, "weight_scale"), cfg)
+    torch.cuda.synchronize()
+
+
+def precompile(tasks: list, workers: int) -> None:
+    """Compile every GEMV variant the sweep times in `workers` processes at once (each config is its own
+    kernel: compiling ~500 of them one after another would take most of the run); the timing loop then
+    finds them in Triton's disk cache."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [tasks[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm_gemv, [c for c in chunks if c]))
+
+
+def graph_seconds(calls: list, launches: int = 240) -> float:
+    """Seconds per call: `calls` (one per weight copy) run round-robin `launches` times inside one CUDA graph,
+    so neither launch overhead nor the L2 (the copies together exceed it) flatters the kernel."""
+    for c in calls:  # compile (or load from the cache) and allocate outside the capture
+        c()
+    torch.cuda.synchronize()
+    launches = max(launches // len(calls), 1) * len(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            calls[i % len(calls)]()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / launches)
+    del graph
+    return sorted(times)[2]
+
+
+def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
+    """Each Llama-3-8B matrix at each row count: cuBLAS bf16 F.linear, torch._scaled_mm (+ per-token
+    activation quantization), the tl.dot Triton GEMM, the GEMV with its default config and with every
+    candidate (gemv_candidates), as GB/s of weight bytes read; then the best GEMV config per shape as the
+    quant.GEMV_CONFIGS dict to paste, and the largest row count where the GEMV beats both other FP8 paths."""
+    import math
+
+    import torch.nn.functional as F
+
+    from understudy.engine.layers import quant
+    from understudy.engine.model.quantization import Quantization
+
+    block = (128, 128) if scheme == "block" else None
+    q = Quantization("fp8", scheme, "dynamic", block, "weight_scale")
+    tasks = [(n, k, m, scheme, cfg) for n, k, _ in GEMV_SHAPES for m in rows for cfg in gemv_candidates(n, k, m)]
+    t0 = time.perf_counter()
+    precompile(tasks, workers)
+    print(f"# {len(tasks)} GEMV variants compiled in {time.perf_counter() - t0:.0f}s ({workers} processes); "
+          f"{scheme} scales; GB/s = weight bytes / time, read bandwidth of the copy = {hbm / 2:.0f} GB/s", flush=True)
+    best_cfgs, gemv_wins = {}, {m: True for m in rows}
+    for n, k, what in GEMV_SHAPES:
+        copies_8 = max(2, math.ceil(ROTATE_BYTES / (n * k)))
+        copies_16 = max(2, math.ceil(ROTATE_BYTES / (2 * n * k)))
+        w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_16)]
+        layers = []
+        for i in range(copies_8):
+            w8, scale = quant.quantize(w16[i % copies_16], scheme, block)
+            lin = quant.Fp8Linear(k, n, False, q).cuda()
+            lin.weight.data = w8
+            setattr(lin, q.scale_name, torch.nn.Parameter(scale, requires_grad=False))
+            layers.append(lin)
+        for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_bf = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, w)) * 1e-3
-            times = {}
-            for cfg in GEMM_CONFIGS if m == 1 else [None]:
-                times[cfg] = do_bench_cudagraph(lambda: quant.fp8_linear(x, w8, scale, None, ONLINE_FP8, cfg)) * 1e-3
-            best = min(times, key=times.get)
-            lin = quant.Fp8Linear(k, n, False, ONLINE_FP8).cuda()
-            lin.weight.data, lin.weight_scale.data = w8, scale
-            t_mm = do_bench_cudagraph(lambda: lin._scaled_mm(x, None)) * 1e-3
-            print(f"{what:>8} {n}x{k} m={m:>2}: bf16 {w.numel() * 2 / t_bf / 1e9:6.0f} GB/s ({t_bf * 1e6:6.1f} us); "
-                  f"fp8 default {w8.numel() / times[None] / 1e9:6.0f} GB/s ({times[None] * 1e6:6.1f} us, "
-                  f"{w8.numel() / times[None] / 1e9 / (hbm / 2):.0%} of read bw)"
-                  + (f"; best {best} {w8.numel() / times[best] / 1e9:.0f} GB/s" if m == 1 else "")
-                  + f"; _scaled_mm + row quant {w8.numel() / t_mm / 1e9:.0f} GB/s ({t_mm * 1e6:.1f} us)", flush=True)
+            t_bf = graph_seconds([lambda w=w: F.linear(x, w) for w in w16])
+            t_dot = graph_seconds([lambda c=c: quant.fp8_linear(x, c.weight, c.scales, None, q) for c in layers])
+            t_mm = graph_seconds([lambda c=c: c._scaled_mm(x, None) for c in layers]) if scheme != "block" else math.inf
+            times = {cfg: graph_seconds([lambda c=c, cfg=cfg: quant.fp8_gemv(x, c.weight, c.scales, None, q, cfg)
+                                         for c in layers])
+                     for cfg in gemv_candidates(n, k, m)}
+            default = quant.gemv_config(n, k, m)
+            ranked = sorted(times, key=times.get)
+            best = ranked[0]
+            best_cfgs[n, k, m] = best, n * k / times[best] / 1e9
+            gemv_wins[m] &= times[best] < min(t_mm, t_dot)
+
+            def rate(t, nbytes=n * k):
+                return f"{nbytes / t / 1e9:5.0f} GB/s {t * 1e6:6.1f} us"
+
+            print(f"{what:>8} {n}x{k} m={m}: bf16 {rate(t_bf, 2 * n * k)} | _scaled_mm "
+                  + (rate(t_mm) if t_mm < math.inf else "-") + f" | tl.dot GEMM {rate(t_dot)} | GEMV default "
+                  f"{default} {rate(times[default])} | best {best} {rate(times[best])} "
+                  f"({n * k / times[best] / 1e9 / (hbm / 2):.0%} of read bw, {t_bf / times[best]:.2f}x bf16's speed)"
+                  "; next: " + ", ".join(f"{c} {n * k / times[c] / 1e9:.0f}" for c in ranked[1:4]), flush=True)
+        del w16, layers
+        torch.cuda.empty_cache()
+    print("# paste into src/understudy/engine/layers/quant.py (best per shape, this run):")
+    print("GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {")
+    for (n, k, m), (cfg, gbs) in best_cfgs.items():
+        print(f"    ({n}, {k}, {m}): {cfg},  # {gbs:.0f} GB/s")
+    print("}")
+    wins = [m for m in rows if gemv_wins[m]]
+    print(f"# GEMV faster than _scaled_mm and the tl.dot GEMM on every shape at rows {wins} "
+          f"(quant.GEMV_MAX_M = {max(wins, default=0)}{'' if wins == rows[:len(wins)] else ', not contiguous: check'})")
 
 
 def tiny_checkpoint(work: Path) -> Path:
@@ -169,8 +279,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--cpu", action="store_true", help="a tiny random model on the CPU: checks the wiring only")
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (reused between runs)")
-    ap.add_argument("--gemm", action="store_true", help="time the FP8 GEMM alone (GPU), then the engines")
-    ap.add_argument("--gemm-only", action="store_true", help="time the FP8 GEMM alone and stop")
+    ap.add_argument("--gemm", action="store_true", help="sweep the FP8 GEMV alone (GPU), then the engines")
+    ap.add_argument("--gemm-only", action="store_true", help="sweep the FP8 GEMV alone and stop")
+    ap.add_argument("--gemm-rows", type=int, nargs="+", default=[1, 2, 4, 8], help="rows the sweep times")
+    ap.add_argument("--gemm-scheme", default="channel", choices=["tensor", "channel", "block"],
+                    help="weight scales of the sweep (channel: what --quantization fp8 makes)")
+    ap.add_argument("--compile-workers", type=int, default=12, help="processes compiling the sweep's kernels")
     ap.add_argument("--scaled-mm-everywhere", action="store_true",
                     help="a third engine whose FP8 matmuls all take torch._scaled_mm (decode too)")
     args = ap.parse_args()
@@ -183,7 +297,7 @@ def main() -> None:
         _, hbm = bandwidths()
         print(f"# device memory {hbm:.0f} GB/s (copy, read+write)", flush=True)
         if args.gemm or args.gemm_only:
-            gemm_sweep(hbm)
+            gemm_sweep(hbm, args.gemm_scheme, args.gemm_rows, args.compile_workers)
             if args.gemm_only:
                 return
         ckpt = cached_checkpoint(work, args.layers)

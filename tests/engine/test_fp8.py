@@ -1,7 +1,7 @@
 """FP8 on the CPU: checkpoints quantized here (per tensor, per channel, 128x128 blocks) served against their
 dequantized twins, `--quantization fp8` published once and imported by a second engine, the FP8 KV cache
-(reference vs the Triton kernels in the interpreter, vs an unquantized cache), the Triton FP8 GEMM in the
-interpreter, and quantization methods refused when config.json is read."""
+(reference vs the Triton kernels in the interpreter, vs an unquantized cache), the Triton FP8 GEMM and the
+decode GEMV in the interpreter, and quantization methods refused when config.json is read."""
 
 from __future__ import annotations
 
@@ -326,6 +326,27 @@ def test_interpreted_fp8_gemm_matches_the_dequantized_reference(interpreted, dty
     torch.testing.assert_close(out.float(), ref, **tol)
 
 
+# The GEMV (decode rows): (m, n, k, config, dtype). One, 3 and 8 rows; N and K off the tiles; configs
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) with K split (partial sums added by the reduce kernel) or not,
+# K tiles inside one 128-column scale block (one scale per tile) and wider ones (a scale per column), two
+# warps; None: gemv_config's default. bf16 works here: the GEMV has no tl.dot.
+GEMV_CASES = [(1, 44, 200, (8, 64, 2, 1), torch.float32), (1, 130, 260, None, torch.bfloat16),
+              (3, 72, 330, (16, 64, 3, 1), torch.float32), (3, 36, 300, (4, 256, 1, 1), torch.bfloat16),
+              (8, 40, 264, (8, 128, 1, 2), torch.float32), (8, 20, 520, (8, 256, 2, 1), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("weights", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("m,n,k,config,dtype", GEMV_CASES)
+def test_interpreted_fp8_gemv_matches_the_dequantized_reference(interpreted, weights, m, n, k, config, dtype):
+    x, w8, scale, b, layer, ref = _gemm_case(weights, m, n, k, dtype)
+    out = quant.fp8_gemv(x, w8, scale, b, layer, config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    without_bias = quant.fp8_gemv(x, w8, scale, None, layer, config)
+    torch.testing.assert_close(without_bias.float(), ref - b.float(), **tol)
+
+
 def _fp8_attention_case(device, dtype):
     from understudy.engine.layers.attention import AttentionMetadata
 
@@ -397,10 +418,24 @@ def test_cuda_fp8_linear_matches_the_dequantized_reference(weights, m):
     lin = quant.Fp8Linear(512, 1024, True, layer).cuda()
     lin.weight.data, lin.bias.data = w8, b
     setattr(lin, layer.scale_name, torch.nn.Parameter(scale, requires_grad=False))
-    scaled_mm = m > quant.SMALL_M and weights != "block"
-    # the layer's path: torch._scaled_mm quantizes activations per token (FP8 precision, not bf16's)
+    scaled_mm = m > quant.GEMV_MAX_M and weights != "block"
+    # the layer's path: torch._scaled_mm quantizes activations per token (FP8 precision, not bf16's); the GEMV
+    # (m <= GEMV_MAX_M) and the Triton GEMM keep bf16 activations
     rel = (lin(x).float() - ref).norm() / ref.norm()
     assert rel < (0.05 if scaled_mm else 0.01), rel
     # the Triton W8A16 GEMM takes every scale layout at every size (bf16 activations: bf16 precision)
     rel = (quant.fp8_linear(x, w8, scale, b, layer).float() - ref).norm() / ref.norm()
     assert rel < 0.01, rel
+
+
+@cuda_only
+@pytest.mark.parametrize("weights", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", [None, (8, 512, 1, 1), (16, 256, 4, 1), (8, 1024, 2, 2), (4, 128, 3, 1)])
+def test_cuda_fp8_gemv_matches_the_dequantized_reference_and_repeats_its_bits(weights, m, config):
+    x, w8, scale, b, layer, ref = _gemm_case(weights, m, 1000, 4096, torch.bfloat16, "cuda")  # N off the tiles
+    out = quant.fp8_gemv(x, w8, scale, b, layer, config)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.01, rel
+    # split-K partial sums are added in a fixed order by a second launch: the same bits every time
+    assert torch.equal(out, quant.fp8_gemv(x, w8, scale, b, layer, config))

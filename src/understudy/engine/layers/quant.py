@@ -9,12 +9,15 @@ maps the same bytes (model/weights.py); nothing is re-quantized on import.
 How it computes, per device:
   * CPU (and any device without the kernels): the exact reference, dequantize (fp32) then matmul in the
     activations' dtype. A checkpoint served this way gives what its dequantized twin gives.
-  * CUDA, per-tensor / per-channel scales: `torch._scaled_mm` on FP8 tensor cores, activations quantized
-    per token at run time by one Triton launch (or with the checkpoint's static `input_scale`).
-  * CUDA, 128x128 blocks (and dims that are not multiples of 16): a Triton GEMM that reads the FP8 weights
-    and widens them in registers (W8A16, any scale layout, _fp8_kernels.py). It can also take the few rows
-    of decode steps for per-tensor / per-channel weights (SMALL_M), but measured slower than _scaled_mm
-    there on an H200 (docs/benchmarks.md), so it does not by default.
+  * CUDA, decode-sized batches (at most GEMV_MAX_M rows), any scale layout: a Triton GEMV
+    (_fp8_kernels.fp8_gemv_kernel, W8A16) that reads each FP8 weight once for all the rows, widens it in
+    registers and sums over K in fp32, split over K where N alone gives too few programs (the partial
+    sums then added in a second, tiny launch). Decode is memory bound, so half the bytes of bf16 is the
+    point; tiles per matrix shape from gemv_config (GEMV_CONFIGS: bench/fp8.py --gemm-only).
+  * CUDA, more rows, per-tensor / per-channel scales: `torch._scaled_mm` on FP8 tensor cores, activations
+    quantized per token at run time by one Triton launch (or with the checkpoint's static `input_scale`).
+  * CUDA, more rows, 128x128 blocks (and dims that are not multiples of 16): a Triton GEMM on tensor cores
+    that reads the FP8 weight tiles and widens them in registers (W8A16, any scale layout, _fp8_kernels.py).
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ from understudy.engine.model.quantization import Quantization, scale_shape
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-# At most this many rows take the W8A16 Triton GEMM on CUDA; more take torch._scaled_mm (where it applies).
-# 0: _scaled_mm at every size (bench/fp8.py --scaled-mm-everywhere measured it faster for decode too).
-SMALL_M = 0
+# At most this many rows (tokens of a step) take the FP8 GEMV kernel on CUDA; more take torch._scaled_mm
+# (per-tensor / per-channel weights) or the Triton GEMM (blocks). 0: never the GEMV (bench/fp8.py
+# --scaled-mm-everywhere). bench/fp8.py --gemm-only prints the largest row count where the GEMV wins: on an
+# H200 one row (1.57-1.78x cuBLAS bf16's time at the Llama-3-8B shapes), not 8 (0.47-0.70x bf16's speed,
+# behind the tl.dot GEMM: docs/logs/bench_fp8_h200_gemv.log).
+GEMV_MAX_M = 1
 _SCHEME = {"tensor": 0, "channel": 1, "block": 2}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale")
 # The stacked FP8 experts' scale parameters (model/experts.py): mlp.experts.gate_up_proj_scale(_inv), ...
@@ -144,7 +150,9 @@ class Fp8Linear(nn.Module):
         if x.device.type != "cuda":
             return F.linear(x, self.dequantized().to(x.dtype), None if bias is None else bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > SMALL_M and self.quant.weights != "block" and _scaled_mm_fits(self):
+        if flat.shape[0] <= GEMV_MAX_M:
+            out = fp8_gemv(flat, self.weight, self.scales, bias, self.quant)
+        elif self.quant.weights != "block" and _scaled_mm_fits(self):
             out = self._scaled_mm(flat, bias)
         else:
             out = fp8_linear(flat, self.weight, self.scales, bias, self.quant)
@@ -178,7 +186,7 @@ def gemm_config(m: int, quant: Quantization) -> tuple[int, int, int, int, int]:
     enough weight bytes in flight per program. Block scales need BLOCK_K to divide the block's columns."""
     block_k = 256 if quant.weights != "block" else min(128, quant.block[1])
     if m <= 16:
-        return 16, 32, min(256, block_k), 4, 5  # the best of bench/fp8.py --gemm on an H200
+        return 16, 32, min(256, block_k), 4, 5  # the best of an earlier bench/fp8.py --gemm sweep on an H200
     return 32 if m <= 32 else 64, 64, 128 if quant.weights != "block" else block_k, 4, 3
 
 
@@ -206,6 +214,74 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, qu
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
     )
+    return out
+
+
+# (N, K, rows) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV, rows a power of two (a batch of 3 uses
+# the entry for 4). Paste the dict that `bench/fp8.py --gemm-only` prints last (best per Llama-3-8B shape on
+# an H200); shapes not listed take gemv_config's rule.
+GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (6144, 4096, 1): (4, 512, 1, 1),  # 2625 GB/s (cuBLAS bf16: 3353 GB/s of twice the bytes)
+    (4096, 4096, 1): (16, 1024, 1, 4),  # 2202 GB/s
+    (28672, 4096, 1): (4, 256, 1, 1),  # 3698 GB/s
+    (4096, 14336, 1): (16, 1024, 1, 4),  # 3117 GB/s
+}
+
+
+def gemv_config(n: int, k: int, m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV for an [n, k] weight and m rows: the swept entry,
+    else one warp per program over 4 weight rows x 512 columns (8 x 256 for several rows, whose per-row sums
+    need registers too), split over K until there are ~2048 programs (~15 per SM of an H200: enough loads
+    in flight to stream HBM) while each split keeps at least two tiles."""
+    rows = 1 << max(m - 1, 0).bit_length()
+    if (n, k, rows) in GEMV_CONFIGS:
+        return GEMV_CONFIGS[n, k, rows]
+    block_n, block_k, split = (4, 512, 1) if rows == 1 else (8, 256, 1)  # 4 rows: the sweep's most common best
+    while -(-n // block_n) * split < 2048 and k >= 2 * block_k * split * 2:
+        split *= 2
+    return block_n, block_k, split, 1
+
+
+def fp8_gemv(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, quant: Quantization,
+             config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) for few rows (fp8_gemv_kernel); any device
+    Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple."""
+    import triton
+
+    from understudy.engine.layers._fp8_kernels import fp8_gemv_kernel, fp8_gemv_reduce_kernel
+
+    M, K = x.shape
+    N = weight.shape[0]
+    x = x.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    block_n, block_k, split_k, warps = config or gemv_config(N, K, M)
+    block = quant.block or (1, 1)
+    if quant.weights == "block":  # the tile's rows must share their row of scale blocks
+        block_n = min(block_n, block[0] & -block[0])
+    # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program
+    vec = min(16 // x.element_size(), block_k // (32 * warps))
+    if vec < 1:
+        raise ValueError(f"GEMV tile of {block_k} columns is narrower than {warps} warps")
+    k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole tiles per split
+    split_k = triton.cdiv(K, k_split)
+    partial = split_k > 1
+    # Split-K sums are added by a second launch rather than fp32 atomics: deterministic, no zeroed buffer
+    # (a memset launch of its own), graph-capturable; the sweep times it with the launch, so SPLIT_K > 1 is
+    # only chosen where the extra parallelism pays for it.
+    dest = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if partial else out
+    b = bias if bias is not None else out
+    fp8_gemv_kernel[(triton.cdiv(N, block_n), split_k)](
+        x, weight, scale, b, dest, M, N, K, x.stride(0), weight.stride(0), dest.stride(-2),
+        scale.stride(0) if scale.dim() == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
+        SCHEME=_SCHEME[quant.weights], SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
+        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
+        num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
+    if partial:
+        fp8_gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
+            dest, scale, b, out, N, dest.stride(0), dest.stride(1), out.stride(0), SPLIT_K=split_k,
+            SCHEME=_SCHEME[quant.weights], HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
     return out
 
 
