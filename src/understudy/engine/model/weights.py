@@ -2,7 +2,7 @@
 
 The first engine of a device publishes: it plans the layout from the model's
 own parameter shapes, streams checkpoint tensors into the mapped allocations
-(through pinned staging buffers on CUDA, overlapping host copies with DMA) and
+(on CUDA by DMA straight out of the page cache, see fast_load.py) and
 commits. Every later engine finds the committed layout and maps it read-only:
 no disk read, no copy.
 """
@@ -172,13 +172,12 @@ def publish(client: MemoryClient, model: CausalLM, path: str | Path, dtype: torc
         stream = quant.quantize_online(model, stream, lambda n: parameter_of(n, config), device)
     total = sum(t.numel() * t.element_size() for t in wanted.values())
     filled: dict[str, int] = dict.fromkeys(wanted, 0)  # elements copied into each parameter
-    threads = 8
-    staging = Staging(device, threads) if device.type == "cuda" and direct else None
+    staging = Staging(device) if device.type == "cuda" and direct else None  # streams and buffers: before the clock
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
-        # Tensors stored in the serving dtype: file -> destination with one copy, in parallel.
+        # Tensors stored in the serving dtype: file -> destination, in parallel (fast_load.py).
         jobs = [(stored, *_destination(client, name, config)) for name, stored in direct.items()]
-        copy_direct([(stored, dst) for stored, _, dst in jobs], threads, staging, on_bytes=bar.update)
+        copy_direct([(stored, dst) for stored, _, dst in jobs], staging=staging, on_bytes=bar.update)
         for _, param, dst in jobs:
             filled[param] += dst.numel()
         # The rest needs a conversion (or comes from GGUF): one tensor at a time.
