@@ -74,8 +74,8 @@ def routable_port(ports: list[int]) -> int:
 
 
 class LoadClient(threading.Thread):
-    """Runs requests one after another; a broken stream is resent (prompt + tokens so far) to whichever
-    engine (or group) is routable."""
+    """Runs requests one after another, each to whichever engine (or group) is routable; a broken stream is
+    resent (prompt + tokens so far) at once to the other one, as the frontend resends to the node's shadow."""
 
     def __init__(self, ports: list[int], seed: int, max_tokens: int, vocab: int = 120000, prompt_len: int = 64):
         super().__init__(daemon=True)
@@ -96,8 +96,8 @@ class LoadClient(threading.Thread):
             prompt = [rng.randrange(1, self.vocab) for _ in range(self.prompt_len)]
             got: list[int] = []
             last, crossed, broken, gap = time.time(), False, False, 0.0
+            port = routable_port(self.ports)
             while len(got) < self.max_tokens and not self.stop.is_set():
-                port = routable_port(self.ports)
                 try:
                     for tok in stream(port, prompt + got, self.max_tokens - len(got)):
                         now = time.time()
@@ -112,6 +112,11 @@ class LoadClient(threading.Thread):
                     self.broke.append(time.time())
                     crossed = broken = True
                     self.errors.append(type(e).__name__)
+                    # Resent at once to the node's other engine, which holds it until it is promoted: what the
+                    # frontend does (frontend/migration.py), with no /health polling in the way.
+                    # (Nobody listening there, e.g. a shadow still starting: the next routable one.)
+                    port = (routable_port(self.ports) if isinstance(e, httpx.ConnectError)
+                            else next(p for p in self.ports if p != port))
             if crossed:
                 self.gaps.append(gap)
             self.requests += 1
