@@ -184,8 +184,11 @@ class KVCache:
     def read_index(self) -> dict[int, bytes]:
         """Sealed blocks recorded by the previous owner: block -> prefix hash."""
         entries = self.index.cpu().numpy()
-        nonzero = entries.any(axis=1)
-        return {int(b): entries[b].tobytes() for b in nonzero.nonzero()[0] if b != 0}
+        blocks = entries.any(axis=1).nonzero()[0]
+        blocks = blocks[blocks != 0]
+        # One bytes object sliced per entry: a tobytes() per row cost ~0.5 us each, in the failover's path.
+        raw, width = entries[blocks].tobytes(), entries.shape[1]
+        return dict(zip(blocks.tolist(), (raw[i:i + width] for i in range(0, len(raw), width))))
 
     def write_index(self, updates: list[tuple[int, bytes | None]]) -> None:
         """Record sealed (hash) and recycled (None) blocks; stream-ordered after the K/V writes."""
