@@ -1,22 +1,22 @@
-"""Loading a checkpoint onto the GPU: each way fast_load can stage it, next to the pinned host->device copy
-measured in the same run, then the real publish into a memory service (as bench/engine.py's load line).
+"""Loading a checkpoint onto the GPU with fast_load's pread staging, several shapes of it, next to the pinned
+host->device copy measured in the same run, then the real publish into a memory service (as bench/engine.py's
+load line).
 
 Writes Llama-3-8B-shaped bf16 safetensors shards (16.06 GB; --size-gb for fewer layers) into a temporary
 directory, syncs them to disk, then prints:
   * where they are (filesystem) and how much of them the page cache holds (mincore): just written, all of
-    it, so every variant but "odirect" reads cached pages (dropping the cache is left to --uncached);
+    it, so every variant reads cached pages (dropping the cache is left to --uncached);
   * the pinned host->device bandwidth: one 4 GiB copy from pinned memory (bench/common.py, as
     bench/engine.py measures it);
-  * per variant (copy_direct with a Staging of that mode, threads x stages in flight x window, into plain
-    device tensors; the best of --repeats runs, each checked byte for byte against the first variant's
-    result, which is checked against the files): GB/s and its fraction of pinned H2D;
-  * "pageable": the same windows copied by cudaMemcpy from the unregistered mapping (the driver stages
-    them through its own pinned buffers), as a reference;
+  * per variant (copy_direct with a Staging of threads x buffers per thread x window, into plain device
+    tensors; the best of --repeats runs, each checked byte for byte against the first variant's result,
+    which is checked against the files): GB/s and its fraction of pinned H2D. The first is the loader's
+    shape before the sweep (8 threads), then the default, then a sweep around it;
   * publish: weights.load into a memory service of its own, as `understudy serve` loads (GB/s of the
     `weights_published` stats);
   * a last line `json {...}`.
-`--uncached` adds the default "pread", "register" and "odirect" variants with the checkpoint evicted from
-the page cache before each run (posix_fadvise DONTNEED after the sync: no root needed): disk speed.
+`--uncached` adds the default with the checkpoint evicted from the page cache before the run
+(posix_fadvise DONTNEED after the sync: no root needed): disk speed.
 
     python bench/load.py                  # one H200: about 1.5 minutes (20 s of it writing the checkpoint)
     python bench/load.py --size-gb 4      # fewer layers
@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import mmap
 import os
 import shutil
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,35 +42,34 @@ from common import pinned_h2d_seconds  # noqa: E402  (puts the repo root on sys.
 from engine import LLAMA3_8B, TINY, make_checkpoint  # noqa: E402
 from tests.helpers.tiny_model import llama_weight_shapes  # noqa: E402
 from understudy.engine.model import fast_load  # noqa: E402
-from understudy.engine.model.fast_load import MappedFile, Staging, copy_direct, plan_windows, read_header  # noqa: E402
+from understudy.engine.model.fast_load import Staging, copy_direct, read_header  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
+DEFAULT = (fast_load.THREADS, fast_load.DEPTH, fast_load.WINDOW)  # (threads, buffers per thread, window bytes)
+BEFORE = (8, 2, 64 * MiB)  # the loader's shape before the H200 sweep
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
-def variants(cpu: bool) -> list[tuple[str, dict]]:
-    """(label, Staging arguments); the first is the reference the others are checked against."""
+def variants(cpu: bool) -> list[tuple[str, tuple[int, int, int]]]:
+    """(label, (threads, buffers per thread, window bytes)); the first is the reference the others are
+    checked against."""
     if cpu:  # windows of 4 pages, so that a tiny checkpoint still spans many
-        w = 4 * 4096
-        return [(f"staged {m}, 3 thr x 2 x 16 KiB", dict(mode=m, threads=3, depth=2, window=w))
-                for m in fast_load.MODES]
-    default = dict(mode=fast_load.MODE, threads=fast_load.THREADS, depth=fast_load.DEPTH, window=fast_load.WINDOW)
-    return [("pread 8 thr x 2 x 64 MiB (the loader before)", dict(mode="pread", threads=8, depth=2, window=64 * MiB)),
-            ("pread 16 thr x 2 x 64 MiB", dict(mode="pread", threads=16, depth=2, window=64 * MiB)),
-            ("pread 16 thr x 4 x 8 MiB", dict(mode="pread", threads=16, depth=4, window=8 * MiB)),
-            ("pread 12 thr x 8 x 2 MiB (buffers stay in the CPU cache)",
-             dict(mode="pread", threads=12, depth=8, window=2 * MiB)),
-            ("register 2 thr x 2 x 64 MiB", dict(mode="register", threads=2, depth=2, window=64 * MiB)),
-            ("register 4 thr x 2 x 64 MiB", dict(mode="register", threads=4, depth=2, window=64 * MiB)),
-            (f"default: {default['mode']} {default['threads']} thr x {default['depth']} x "
-             f"{default['window'] // MiB} MiB", default),
-            ("register 16 thr x 2 x 64 MiB", dict(mode="register", threads=16, depth=2, window=64 * MiB)),
-            ("register 8 thr x 2 x 16 MiB", dict(mode="register", threads=8, depth=2, window=16 * MiB)),
-            ("register 8 thr x 2 x 256 MiB", dict(mode="register", threads=8, depth=2, window=256 * MiB)),
-            ("register 8 thr x 64 MiB, all held to the end", dict(mode="register", threads=8, depth=64, window=64 * MiB)),
-            ("odirect 8 thr x 2 x 64 MiB (reads the disk)", dict(mode="odirect", threads=8, depth=2, window=64 * MiB)),
-            ("odirect 16 thr x 4 x 16 MiB (reads the disk)", dict(mode="odirect", threads=16, depth=4, window=16 * MiB))]
+        shapes = [(3, 2, 16 * 1024), (3, 3, 16 * 1024)]
+    else:
+        shapes = [BEFORE, DEFAULT, (16, 3, 64 * MiB), (16, 2, 32 * MiB), (16, 2, 128 * MiB), (24, 2, 64 * MiB),
+                  (24, 3, 32 * MiB), (32, 2, 64 * MiB), (32, 2, 128 * MiB)]
+    return [(describe(s), s) for s in dict.fromkeys(shapes)]
+
+
+def describe(shape: tuple[int, int, int]) -> str:
+    threads, depth, window = shape
+    size = f"{window // MiB} MiB" if window >= MiB else f"{window // 1024} KiB"
+    note = " (default)" if shape == DEFAULT else " (the loader before)" if shape == BEFORE else ""
+    return f"pread {threads} thr x {depth} x {size}{note}"
 
 
 def filesystem(d: Path) -> str:
@@ -84,18 +82,25 @@ def filesystem(d: Path) -> str:
 
 
 def resident(files: list[Path]) -> float:
-    """The fraction of the files' pages in the page cache."""
+    """The fraction of the files' pages in the page cache (mincore of a read-only shared mapping)."""
     pages = held = 0
     for f in files:
-        m = MappedFile(f)
+        size = f.stat().st_size
+        fd = os.open(f, os.O_RDONLY)
         try:
-            n = -(-m.size // 4096)
+            addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap", str(f))
+        try:
+            n = -(-size // mmap.PAGESIZE)
             vec = (ctypes.c_ubyte * n)()
-            if _libc.mincore(m.addr, m.size, vec):
+            if _libc.mincore(addr, size, vec):
                 raise OSError(ctypes.get_errno(), "mincore")
             pages, held = pages + n, held + int((np.frombuffer(vec, np.uint8) & 1).sum())
         finally:
-            m.close()
+            _libc.munmap(addr, size)
     return held / max(pages, 1)
 
 
@@ -104,29 +109,6 @@ def evict(files: list[Path]) -> None:
         fd = os.open(f, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-
-
-def pageable_copy(jobs, threads: int) -> None:
-    """cudaMemcpy straight from the file's unregistered mapping, one stream per thread."""
-    windows = plan_windows(jobs)
-    maps = {f: MappedFile(f) for f in {w.file for w in windows}}
-    local = threading.local()
-
-    def one(w) -> None:
-        if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream()
-        with torch.cuda.stream(local.stream):
-            for p in w.pieces:
-                src = (ctypes.c_uint8 * p.nbytes).from_address(maps[w.file].addr + p.offset)
-                p.dst.copy_(torch.frombuffer(src, dtype=torch.uint8))
-        local.stream.synchronize()
-
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, windows))
-    finally:
-        for m in maps.values():
-            m.close()
 
 
 def main() -> None:
@@ -154,13 +136,13 @@ def main() -> None:
         nbytes = make_checkpoint(ckpt, layers, shape=shape, dtype=torch.bfloat16, device=device)
         written = time.perf_counter() - t0
         t0 = time.perf_counter()
-        os.sync()  # so that O_DIRECT reads, and eviction, find clean pages; no writeback during the runs
+        os.sync()  # so that eviction finds clean pages; no writeback during the runs
         files = sorted(ckpt.glob("*.safetensors"))
         print(f"# checkpoint: {nbytes / 1e9:.2f} GB of bf16, {layers} layers, {len(files)} shards in {ckpt} "
               f"({filesystem(ckpt)}); written in {written:.1f}s, synced in {time.perf_counter() - t0:.1f}s; "
               f"{os.cpu_count()} CPUs", flush=True)
         print(f"# page cache: {resident(files):.0%} of the checkpoint resident (just written): every variant "
-              f"but odirect reads cached pages", flush=True)
+              f"reads cached pages", flush=True)
 
         h2d = None if cpu else nbytes_gbps(4 * GiB, pinned_h2d_seconds(4 * GiB))
         empty_host_cache()
@@ -206,41 +188,29 @@ def main() -> None:
         staged = variants(cpu)
         if cpu:  # the host path the memory service's host backend takes: pread straight into the destination
             staged = [("host: pread straight into the destination", None)] + staged
-        for label, kw in staged:
-            staging = None if kw is None else Staging(device, **kw)
-
-            def load(staging=staging):
-                copy_direct(jobs, staging=staging)
-                return f"refused, read with pread instead: {staging.refused}" if staging and staging.refused else None
-
-            # O_DIRECT reads the disk: once is enough, and the disk may be slow
-            measure(label, load, check_against_ref, 1 if kw and kw["mode"] == "odirect" and not cpu else args.repeats)
+        for label, dims in staged:
+            staging = None if dims is None else Staging(device, threads=dims[0], depth=dims[1], window=dims[2])
+            measure(label, lambda: copy_direct(jobs, staging=staging), check_against_ref, args.repeats)
             if ref is None:
                 check_files(jobs, big)
                 ref = big.clone()
-            del staging, load  # (load holds it too) its pinned buffers back before the next variant's
+            staging = None  # its pinned buffers back before the next variant's
             empty_host_cache()
-        if not cpu:
-            measure("pageable: cudaMemcpy from the mapping, 8 thr", lambda: pageable_copy(jobs, 8), check_against_ref,
-                    args.repeats)
 
         if args.uncached:
-            for label, kw in [("uncached: pread 8 thr x 2 x 64 MiB", dict(mode="pread")),
-                              (f"uncached: register {fast_load.THREADS} thr (default)", dict(mode="register")),
-                              ("uncached: odirect 8 thr x 2 x 64 MiB", dict(mode="odirect"))]:
-                staging = Staging(device, **kw)
+            staging = None if cpu else Staging(device)  # (the CPU: the host path)
 
-                def load(staging=staging):
-                    evict(files)
-                    held = resident(files)
-                    sync()
-                    copy_direct(jobs, staging=staging)
-                    return ((f"refused, read with pread instead: {staging.refused}; " if staging.refused else "")
-                            + f"{held:.0%} cached at the start")
+            def load_uncached():
+                evict(files)
+                held = resident(files)
+                sync()
+                copy_direct(jobs, staging=staging)
+                return f"{held:.0%} cached at the start"
 
-                measure(label, load, check_against_ref, 1)  # (eviction and mincore inside the clock: milliseconds)
-                del staging, load
-                empty_host_cache()
+            label = "host: pread straight into the destination" if cpu else describe(DEFAULT)
+            measure(f"uncached: {label}", load_uncached, check_against_ref, 1)  # (eviction, mincore: ms)
+            staging = None
+            empty_host_cache()
 
         big = ref = jobs = None  # the device memory back before the memory service takes its own
         if not cpu:
@@ -252,8 +222,8 @@ def main() -> None:
         print(f"# bench took {time.perf_counter() - t_start:.0f}s", flush=True)
         print("json " + json.dumps({"bytes": nbytes, "h2d_GBps": h2d, "GBps": results,
                                     "fraction_of_h2d": {k: round(v / h2d, 3) for k, v in results.items()} if h2d else None,
-                                    "default": {"mode": fast_load.MODE, "threads": fast_load.THREADS,
-                                                "depth": fast_load.DEPTH, "window": fast_load.WINDOW}}))
+                                    "default": {"threads": fast_load.THREADS, "depth": fast_load.DEPTH,
+                                                "window": fast_load.WINDOW}}))
     finally:
         if not args.keep:
             shutil.rmtree(work if args.dir is None else ckpt, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 The first engine of a device publishes: it plans the layout from the model's
 own parameter shapes, streams checkpoint tensors into the mapped allocations
-(on CUDA by DMA straight out of the page cache, see fast_load.py) and
+(on CUDA by pread into pinned buffers and DMA, see fast_load.py) and
 commits. Every later engine finds the committed layout and maps it read-only:
 no disk read, no copy.
 """
