@@ -1,7 +1,7 @@
 """deploy/kubernetes (CPU, offline): every overlay renders, every resource validates strictly against the
 Kubernetes 1.35 schemas (resource.k8s.io/v1 included), and the engine pod keeps its invariants: one DRA claim
-and one socket volume shared by the memory sidecar and both engines, ports and probes that match the flags
-and real routes, and only flags that `understudy <cmd> --help` lists.
+and one socket volume shared by the memory sidecars and both engines, a pair of `--standby` memory services per
+GPU, ports and probes that match the flags and real routes, and only flags that `understudy <cmd> --help` lists.
 
 The overlays use kustomize's resources, patches (strategic merge by name) and a configMapGenerator only;
 `render` below applies exactly those. Where `kubectl` is installed its `kubectl kustomize` must agree."""
@@ -115,8 +115,14 @@ def env_of(container: dict) -> dict[str, str | None]:
 
 
 def expand(word: str, env: dict) -> str:
-    """Kubernetes' $(VAR) expansion of command and args."""
-    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)] if env.get(m.group(1)) is not None else m.group(0), word)
+    """Kubernetes' expansion of command, args and exec probes: $(VAR) is VAR's value where the container
+    defines it (else left as is), $$ is $."""
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env[m.group(1)] if env.get(m.group(1)) is not None else m.group(0)
+
+    return re.sub(r"\$\$|\$\((\w+)\)", one, word)
 
 
 def words_of(container: dict) -> list[str]:
@@ -153,13 +159,17 @@ def test_sidecar_and_engines_share_one_claim_and_the_socket_volume(target):
     # Every process finds the memory services and the failover lock in the shared volume.
     for c in memories + engines:
         assert flag(words_of(c), "--socket-dir") == run["mountPath"], c["name"]
-    # One memory service per GPU of the claim; each engine is a group over all of them.
+    # Two memory sidecars per GPU of the claim, both `--standby`: whichever dies, the other takes over and the
+    # restarted one parks (without the flag it would exit: "a live memory server already serves"). Each engine
+    # is a group over all the GPUs.
     devices = sorted(int(flag(words_of(m), "--device")) for m in memories)
-    assert devices == list(range(request["exactly"]["count"]))
+    assert devices == sorted(2 * list(range(request["exactly"]["count"])))
+    assert all("--standby" in words_of(m) for m in memories)
+    devices = sorted(set(devices))
     for c in engines:
         assert int(flag(words_of(c), "--tensor-parallel")) == len(devices), c["name"]
         assert flag(words_of(c), "--device") == "0" and flag(words_of(c), "--backend") == "cuda"
-    print(f"{name}: {len(memories)} memory sidecar(s), {len(engines)} engines, claim of {len(devices)} GPU(s)")
+    print(f"{name}: {len(memories)} memory sidecars, {len(engines)} engines, claim of {len(devices)} GPU(s)")
 
 
 def routes(module: str) -> set[str]:
@@ -188,11 +198,25 @@ def test_ports_probes_and_roles(target):
         assert pod["terminationGracePeriodSeconds"] > float(flag(words, "--drain-timeout"))
     assert len(ports) == 2 and roles == ["$role", "$role"]
     assert [env_of(c)["UNDERSTUDY_ROLE"] for c in pod["containers"]] == ["primary", "shadow"]
+    metrics_ports = []
     for m in pod["initContainers"]:
-        metrics = int(flag(words_of(m), "--metrics-port"))
-        assert flag(words_of(m), "--metrics-host") == "0.0.0.0"
+        words = words_of(m)
+        metrics = int(flag(words, "--metrics-port"))
+        metrics_ports.append(metrics)
+        assert flag(words, "--metrics-host") == "0.0.0.0"
         assert [p["containerPort"] for p in m["ports"]] == [metrics]
-        assert m["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": metrics}
+        # A parked standby listens nowhere (no socket, no /metrics) until it takes over: the probes find the
+        # container's process through the pid file its command writes and look it up in /proc/locks
+        # (test_kubernetes_pod.py runs them); the liveness probe asks the metrics port the service uses.
+        pidfile = flag(words, ">")
+        assert words[words.index(">") - 2:words.index(">")] == ["echo", "$$"], words
+        for probe in ("startupProbe", "livenessProbe"):
+            script = " ".join(m[probe]["exec"]["command"])
+            assert f"$(cat {pidfile})" in script and "/proc/locks" in script, (m["name"], probe)
+        assert env_of(m)["UNDERSTUDY_METRICS_PORT"] == str(metrics)
+        assert "$UNDERSTUDY_METRICS_PORT/metrics" in " ".join(m["livenessProbe"]["exec"]["command"])
+    assert len(set(metrics_ports)) == len(metrics_ports), metrics_ports
+    assert not set(metrics_ports) & ports
 
 
 def test_engines_register_where_the_frontend_listens(target):
