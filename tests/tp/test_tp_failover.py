@@ -19,6 +19,11 @@ divide by 2. The tests run in file order and hand the node on:
     7. `understudy up --tensor-parallel 2 --shadows 1`: after a kill a new standby group is started and
        parks on the failover lock.
 
+Each test also runs alone (`-k`), from the fixture's node: an active group and the standby group
+started with it. A test that needs no standby group but its own ends that one first (Node.retire_parked):
+left parked, it would race the test's groups for the failover lock and for giving a restarted memory
+service its shard back.
+
 Greedy decoding with ignore_eos: "no token lost, none duplicated" is list equality. Nothing waits on
 fixed sleeps: processes are awaited through their JSON log lines.
 
@@ -110,6 +115,7 @@ class Group:
                                      "json", "--no-progress", *args], env=ENGINE_ENV, stream="stderr")
         self.http = httpx.Client(base_url=self.url, timeout=120, headers=admin_headers())
         self.ranks: list[int] = []
+        self.started_with_active = False  # raced the active group to publish each shard (see test 1)
 
     @property
     def leader(self) -> int:
@@ -184,6 +190,16 @@ class Node:
         self.groups.append(g)
         return g
 
+    def retire_parked(self) -> None:
+        """SIGKILL the parked standby group, if any, once it is parked (so no shard is half published), and
+        wait until every rank of it is gone."""
+        g, self.parked = self.parked, None
+        if g is None:
+            return
+        g.wait_parked(imported=False)
+        g.close()
+        wait_until(lambda: all(gone(pid) for pid in [g.leader, *g.ranks]), "a rank of the retired group lived on")
+
     def kv_owners(self) -> list[int | None]:
         """The pid owning each device's kv pool."""
         out = []
@@ -221,6 +237,7 @@ def node(workdir, model_dir):
         n.tp1 = Group(workdir / "s1", model_dir, tp=1, connect=False)
         n.active = n.start("--role", "primary")
         n.parked = n.start("--role", "shadow")
+        n.parked.started_with_active = True
         yield n
     finally:
         for g in [*n.groups, n.tp1]:
@@ -337,6 +354,9 @@ def test_kill_non_leader_rank_of_active_group_under_load(node, prompts, referenc
 
 def test_kill_leader_of_active_group_under_load(node, prompts, reference):
     dead = node.active
+    if node.parked.started_with_active:  # run alone: that group may have published a shard, not imported it
+        node.retire_parked()
+        node.parked = node.start("--role", "shadow")
     standby = node.parked.wait_parked()
     got, resent = run_streams_and_kill(node, prompts, victim_pid=dead.leader)
     assert dead.proc.wait(timeout=60) == -signal.SIGKILL
@@ -357,6 +377,7 @@ def test_worker_killed_while_its_group_wakes_the_next_standby_group_takes_over(n
     the test lets go of the pool it takes over with the KV and the prefix cache."""
     from understudy.memory import MemoryClient
 
+    node.retire_parked()  # run alone: the fixture's standby group would be a third in line for the lock
     s1, s2 = node.start("--role", "shadow"), node.start("--role", "shadow")
     s1.wait_parked()
     s2.wait_parked()
@@ -407,6 +428,9 @@ def test_memory_service_of_one_device_killed_and_restarted(node, prompts, refere
     """The group serves on from its mappings; the restarted service gets rank 1's shard and kv pool back from
     the worker that maps them (no disk read), so a new standby group imports from it and later adopts the
     KV with its prefix cache."""
+    # Run alone: the fixture's standby group would map rank 1's shard too (so it, not the active group,
+    # might give it back to the restarted service) and would be first in line for the lock.
+    node.retire_parked()
     active = node.active
     picks = [1, 2, 3]
     got, _ = streams_across(active.url, {i: prompts[i] for i in picks}, MAX_TOKENS,
@@ -436,6 +460,8 @@ def test_memory_service_of_one_device_killed_and_restarted(node, prompts, refere
 
 def test_tp1_engine_refuses_a_shard(node, workdir):
     """A TP=1 engine never imports a rank's shard: the weights identity names rank and group size."""
+    # Run alone, the shards may not be published yet: this engine would publish the whole model first.
+    node.active.wait_serving()
     eng = Group(node.dir, node.model, "--role", "shadow", tp=1)
     try:
         rc = eng.proc.wait(timeout=120)
