@@ -6,14 +6,23 @@ Each graph runs the block over --layers layers with their own weights (about 1.2
 experts' bytes come from HBM as in a decode step, not from L2. Per batch size T it prints, for each path,
 microseconds per block and the fraction of the copy bandwidth (measured here, read + write counted, as
 bench/moe.py does) that the block's bytes (the router, and gate/up/down of the distinct experts the T tokens
-were routed to) would take at that time. Paths: grouped (align + two grouped GEMMs + the top-k sum: what
-every batch ran before the GEMV path), gemv (at most 16 tokens), auto (what moe.experts picks). --fp8
-channel|block: the experts in FP8 (W8A16 kernels) with per-row or 128x128 block scales, one byte a weight
-plus the scales counted.
+were routed to) would take at that time. Paths: grouped (route + align + two grouped GEMMs + the top-k sum:
+what every batch ran before the GEMV path), gemv (at most 16 tokens), auto (what moe.routed_experts picks),
+and at T <= 2 "before" (the GEMV path as it was before the CUDA-core kernels: a route launch and the
+tensor-core tiles, moe.MMA_GEMV). The block is the router GEMM, moe.route_triton and moe.experts_triton:
+what model/experts.py's SparseMoE runs (moe.routed_experts). --fp8 channel|block: the experts in FP8 (W8A16
+kernels) with per-row or 128x128 block scales, one byte a weight plus the scales counted.
 
-    PYTHONPATH=src python bench/moe_block.py                  # T = 1 8 32 128, about a minute on an H200
-    PYTHONPATH=src python bench/moe_block.py --sweep          # also the GEMV path's tiles at T = 1 and 8
-    PYTHONPATH=src python bench/moe_block.py --fp8 block      # FP8 experts, Qwen3-30B-A3B-FP8's blocks
+--sweep (at T = 1 and 2, about 2-3 minutes on an H200, most of it compiling): every gate_up candidate (tiles,
+warps, stages of fma_gate_up and gemv_gate_up) alone and in the block (the down projection at
+moe.GEMV_CONFIGS' current entry), then every down candidate likewise, then the best of each (by their times
+alone) together; each line in microseconds and in the fraction of the copy bandwidth its bytes would take,
+next to "before" and the current entry timed in the same run. It ends with the best GemvConfig per T as the
+lines to paste into moe.GEMV_CONFIGS (GEMV_CONFIGS_FP8 with --fp8).
+
+    PYTHONPATH=src python bench/moe_block.py                  # T = 1 2 8 32 128, about a minute on an H200
+    PYTHONPATH=src python bench/moe_block.py --sweep          # T = 1 2 and the GEMV configs
+    PYTHONPATH=src python bench/moe_block.py --sweep --fp8 channel   # the same for FP8 experts
 """
 
 from __future__ import annotations
@@ -27,11 +36,18 @@ from understudy.engine.layers import moe
 
 GiB = 1 << 30
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) tried by --sweep: gate_up with down at its default, then down
-UP_TILES = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (32, 64, 4, 6),
-            (32, 128, 8, 4), (16, 128, 2, 4)]
-DOWN_TILES = [(16, 128, 4, 4), (16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 3), (32, 128, 4, 4),
-              (32, 256, 4, 4), (16, 128, 2, 6), (16, 256, 8, 4)]
+# (kernel, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by --sweep; "fma" kernels unroll K (stages unused).
+# At T = 1: fma_gate_up runs 8 * 768 / BLOCK_N programs of 2 * BLOCK_N rows x 2048, fma_down 2048 / BLOCK_N
+# programs of 8 experts x BLOCK_N rows x 768; an fma tile wants BLOCK_N * BLOCK_K / (32 * warps) >= 8 weights
+# a thread (16 for FP8) so that each load is 16 bytes.
+GATE_UP = [("fma", 2, 256, 2, 1), ("fma", 2, 512, 4, 1), ("fma", 2, 1024, 8, 1), ("fma", 4, 256, 4, 1),
+           ("fma", 4, 512, 4, 1), ("fma", 4, 512, 8, 1), ("fma", 4, 1024, 8, 1), ("fma", 8, 256, 4, 1),
+           ("fma", 8, 256, 8, 1), ("fma", 8, 512, 8, 1), ("fma", 16, 256, 8, 1), ("fma", 16, 128, 4, 1),
+           ("mma", 32, 128, 4, 4), ("mma", 16, 128, 4, 4), ("mma", 16, 256, 4, 3), ("mma", 32, 256, 4, 3)]
+DOWN = [("fma", 2, 256, 2, 1), ("fma", 2, 512, 4, 1), ("fma", 4, 128, 2, 1), ("fma", 4, 256, 4, 1),
+        ("fma", 4, 512, 4, 1), ("fma", 8, 128, 4, 1), ("fma", 8, 256, 4, 1), ("fma", 8, 256, 8, 1),
+        ("fma", 16, 128, 8, 1), ("fma", 16, 256, 8, 1), ("mma", 16, 256, 4, 4), ("mma", 16, 128, 4, 4),
+        ("mma", 32, 256, 4, 4), ("mma", 16, 512, 4, 3)]
 
 
 def copy_bandwidth() -> float:
@@ -73,10 +89,11 @@ def make_layers(n: int, hidden: int, experts: int, inter: int, dtype: torch.dtyp
     return layers
 
 
-def block(x, layer, top_k: int, path: str | None, tiles=None):
+def block(x, layer, top_k: int, path: str | None, config: moe.GemvConfig | None = None):
+    """The block as SparseMoE runs it: the router GEMM, then moe.routed_experts' Triton path (route, experts)."""
     router, gate_up, down, scales = layer
-    weights, ids = moe.route(x @ router.T, top_k, renormalize=True)
-    return moe.experts_triton(x, gate_up, down, weights, ids, path=path, tiles=tiles, scales=scales)
+    weights, ids = moe.route_triton(x @ router.T, top_k, renormalize=True)
+    return moe.experts_triton(x, gate_up, down, weights, ids, path=path, config=config, scales=scales)
 
 
 def replay_us(fn, reps: int = 20) -> float:
@@ -99,27 +116,102 @@ def replay_us(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / reps
 
 
-def block_bytes(x, layers, top_k: int) -> float:
-    """Mean bytes per block that must be read: the router, and each distinct selected expert's gate, up, down."""
-    total = 0
-    for router, gate_up, down, scales in layers:
-        _, ids = moe.route(x @ router.T, top_k, renormalize=True)
-        per_expert = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
-        if scales is not None:
-            per_expert += (scales.gate_up[0].numel() + scales.down[0].numel()) * 4
-        total += router.numel() * router.element_size() + int(ids.unique().numel()) * per_expert
-    return total / len(layers)
+def expert_bytes(layer) -> tuple[int, int]:
+    """(gate_up bytes, down bytes) of one expert, its FP8 scales included."""
+    _, gate_up, down, scales = layer
+    gu, dn = gate_up[0].numel() * gate_up.element_size(), down[0].numel() * down.element_size()
+    if scales is not None:
+        gu, dn = gu + scales.gate_up[0].numel() * 4, dn + scales.down[0].numel() * 4
+    return gu, dn
+
+
+def routing(x, layers, top_k: int) -> list[tuple]:
+    """(weights, ids) of x in each layer."""
+    return [moe.route(x @ layer[0].T, top_k, renormalize=True) for layer in layers]
+
+
+def block_bytes(x, layers, top_k: int) -> dict[str, float]:
+    """Mean bytes per block that must be read: "gate_up" / "down" of the distinct selected experts, and
+    "block" = those plus the router."""
+    total = {"gate_up": 0, "down": 0, "block": 0}
+    for layer, (_, ids) in zip(layers, routing(x, layers, top_k)):
+        distinct = int(ids.unique().numel())
+        gu, dn = expert_bytes(layer)
+        total["gate_up"] += distinct * gu
+        total["down"] += distinct * dn
+        total["block"] += distinct * (gu + dn) + layer[0].numel() * layer[0].element_size()
+    return {k: v / len(layers) for k, v in total.items()}
+
+
+def sweep(x, layers, top_k: int, need: dict, bw: float, fp8: bool) -> tuple[moe.GemvConfig, dict]:
+    """Time the GEMV candidates at this T (see the module docstring); returns the best config and the numbers."""
+    T = x.shape[0]
+    default = moe._gemv_config(T, fp8)
+    routes = routing(x, layers, top_k)
+    scales = [layer[3] for layer in layers]
+    flat = [(w.reshape(-1).float().contiguous(), i) for w, i in routes]
+    hidden = [moe._gemv_gate_up(x, layer[1], w, i, default.gate_up, s) for layer, (w, i), s in zip(layers, flat, scales)]
+
+    def frac(us, what):
+        return need[what] / (us * 1e-6) / bw
+
+    def per_block(fn):
+        return replay_us(lambda: [fn(layer) for layer in layers], reps=50) / len(layers)
+
+    def block_us(config):
+        return per_block(lambda layer: block(x, layer, top_k, "gemv", config))
+
+    def line(label, us, what="block"):
+        print(f"    T {T} {label}: {us:6.1f} us ({frac(us, what):4.0%})", flush=True)
+
+    def gate_up_alone(tiles):
+        return replay_us(lambda: [moe._gemv_gate_up(x, layer[1], w, i, tiles, s)
+                                  for layer, (w, i), s in zip(layers, flat, scales)], reps=50) / len(layers)
+
+    def down_alone(tiles):
+        return replay_us(lambda: [moe._gemv_down(h, layer[2], i, tiles, s)
+                                  for layer, h, (_, i), s in zip(layers, hidden, flat, scales)], reps=50) / len(layers)
+
+    out = {"before": block_us(moe.MMA_GEMV), "default": block_us(default)}
+    line(f"block before (route launch + {moe.MMA_GEMV.gate_up} / {moe.MMA_GEMV.down})", out["before"])
+    line(f"block now    ({default})", out["default"])
+    line("router GEMM alone", per_block(lambda layer: x @ layer[0].T), "block")
+    line("router GEMM + route launch", per_block(lambda layer: moe.route(x @ layer[0].T, top_k, True)), "block")
+    results = {}
+    for name, candidates, alone in (("gate_up", GATE_UP, gate_up_alone), ("down", DOWN, down_alone)):
+        results[name] = {}
+        for tiles in candidates:
+            config = default._replace(**{name: tiles})
+            try:
+                us_alone, us_block = alone(tiles), block_us(config)
+            except Exception as e:  # a tile the compiler cannot fit (shared memory, registers): say so, go on
+                print(f"    T {T} {name} {tiles}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+                continue
+            results[name][tiles] = us_alone
+            print(f"    T {T} {name} {tiles}: alone {us_alone:6.1f} us ({frac(us_alone, name):4.0%} of its bytes)   "
+                  f"block {us_block:6.1f} us ({frac(us_block, 'block'):4.0%})", flush=True)
+    best_up = min(results["gate_up"], key=results["gate_up"].get)
+    best_down = min(results["down"], key=results["down"].get)
+    best = moe.GemvConfig(best_up, best_down)
+    best_us = block_us(best)
+    print(f"    T {T} best {best}: {best_us:.1f} us per block ({frac(best_us, 'block'):.0%}) vs "
+          f"{out['before']:.1f} before and {out['default']:.1f} now", flush=True)
+    out.update(best=list(best), best_us=best_us,
+               **{name: {str(t): us for t, us in r.items()} for name, r in results.items()})
+    return best, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes T")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help="batch sizes T (default 1 2 8 32 128; with --sweep 1 2)")
     ap.add_argument("--layers", type=int, default=8, help="layers with their own weights in each graph")
     ap.add_argument("--fp8", choices=["channel", "block"], default=None,
                     help="FP8 experts (W8A16) with per-row or 128x128 block scales instead of bf16")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time the GEMV path's tiles (moe._gemv_tiles) at the batch sizes of at most 16")
+                    help="time the GEMV path's configs (moe.GEMV_CONFIGS) at these T (at most 16) and print the best")
     args = ap.parse_args()
+    tokens = args.tokens or ([1, 2] if args.sweep else [1, 2, 8, 32, 128])
     dtype = torch.bfloat16
     h, e, k, i = SHAPE["hidden"], SHAPE["experts"], SHAPE["top_k"], SHAPE["inter"]
     bw = copy_bandwidth()
@@ -127,31 +219,34 @@ def main() -> None:
     experts = "bf16" if args.fp8 is None else f"FP8 experts ({args.fp8} scales), bf16 activations"
     print(f"# {args.layers} layers of H {h}, {e} experts top-{k}, I {i}, {experts}; copy bandwidth {bw / 1e9:.0f} GB/s; "
           f"GEMV path up to {moe.GEMV_MAX_TOKENS} tokens by default", flush=True)
-    results = {}
+    results, best = {}, {}
     with torch.inference_mode():
-        for T in args.tokens:
+        for T in tokens:
             x = torch.randn(T, h, device="cuda", dtype=dtype)
             need = block_bytes(x, layers, k)
-            paths = ["grouped", "auto"] + (["gemv"] if T <= 16 else [])
+            paths = {"grouped": ("grouped", None), "auto": (None, None)}
+            if T <= 16:
+                paths["gemv"] = ("gemv", None)
+            if T <= 2:
+                paths["before"] = ("gemv", moe.MMA_GEMV)
             row = {}
-            for path in paths:
-                us = replay_us(lambda: [block(x, layer, k, None if path == "auto" else path) for layer in layers])
-                us /= len(layers)
-                row[path] = {"us": us, "fraction": need / (us * 1e-6) / bw}
+            for name, (path, config) in paths.items():
+                us = replay_us(lambda: [block(x, layer, k, path, config) for layer in layers]) / len(layers)
+                row[name] = {"us": us, "fraction": need["block"] / (us * 1e-6) / bw}
             if T <= 16:  # the two paths agree (bf16 roundings apart)
                 diff = (block(x, layers[0], k, "gemv").float() - block(x, layers[0], k, "grouped").float()).abs().max()
                 row["gemv_vs_grouped_max_abs"] = float(diff)
-            results[T] = {"MB": need / 1e6, **row}
-            print(f"T {T:>4}: {need / 1e6:6.1f} MB per block   " + "   ".join(
+            results[T] = {"MB": need["block"] / 1e6, **row}
+            print(f"T {T:>4}: {need['block'] / 1e6:6.1f} MB per block   " + "   ".join(
                 f"{p} {row[p]['us']:6.1f} us ({row[p]['fraction']:4.0%})" for p in paths)
                 + (f"   |gemv - grouped| <= {row['gemv_vs_grouped_max_abs']:.2g}" if T <= 16 else ""), flush=True)
             if args.sweep and T <= 16:
-                up0, down0 = moe._gemv_tiles(T)
-                for name, tiles in [("gate_up", (t, down0)) for t in UP_TILES] + [("down", (up0, t)) for t in DOWN_TILES]:
-                    cfg = tiles[0] if name == "gate_up" else tiles[1]
-                    us = replay_us(lambda: [block(x, layer, k, "gemv", tiles) for layer in layers]) / len(layers)
-                    print(f"    sweep T {T}: {name} tiles (BLOCK_N, BLOCK_K, warps, stages) = {cfg}: {us:6.1f} us "
-                          f"({need / (us * 1e-6) / bw:4.0%})", flush=True)
+                best[T], results[T]["sweep"] = sweep(x, layers, k, need, bw, args.fp8 is not None)
+    if best:
+        table = "GEMV_CONFIGS_FP8" if args.fp8 else "GEMV_CONFIGS"
+        print(f"# paste into src/understudy/engine/layers/moe.py, {table} (replacing those token counts' lines):")
+        for T, config in best.items():
+            print(f"    {T}: GemvConfig({config.gate_up}, {config.down}),")
     print("json", json.dumps({"copy_GBps": bw / 1e9, "shape": SHAPE, "layers": args.layers, "fp8": args.fp8,
                               "results": results}))
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("group,block_size,dtype", [(1, 16, torch.float32), (4, 16, torch.bfloat16),
                                                     (8, 32, torch.float16), (3, 16, torch.float32)])
 def test_triton_decode_matches_reference_attention(group, block_size, dtype):
-    from understudy.engine.layers.attention import AttentionMetadata, reference_attention
+    from understudy.engine.layers.attention import AttentionMetadata, reference_attention, store_kv
     from understudy.engine.layers.triton_attention import fast_attention
 
     torch.manual_seed(0)
@@ -24,10 +24,11 @@ def test_triton_decode_matches_reference_attention(group, block_size, dtype):
     k = torch.randn(len(ctx), hkv, d, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
     meta = AttentionMetadata.build([1] * len(ctx), ctx, tables, block_size, device="cuda")
+    store_kv(k, v, kc, vc, meta.slot_mapping)  # the model's RoPE step stores them (fused.rope_and_store)
     kc2, vc2 = kc.clone(), vc.clone()
     ref = reference_attention(q, k, v, kc, vc, meta, d ** -0.5)
     out = fast_attention(q, k, v, kc2, vc2, meta, d ** -0.5)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # K/V stored in the same slots
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # attention only reads the caches
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 

@@ -61,7 +61,10 @@ def build(name: str, seed: int = 0):
     config_cls, model_cls, extra = MODELS[name]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**TINY, **extra})
-    model = getattr(transformers, model_cls)(config).eval().to(torch.float32)
+    # Eager attention: the reference implementation. Gemma 2's soft-capped scores are skipped by SDPA, the
+    # default of some transformers versions (the GPU machine's: its Gemma 2 greedy tokens were not ours).
+    model = getattr(transformers, model_cls)._from_config(config, attn_implementation="eager")
+    model = model.eval().to(torch.float32)
     with torch.no_grad():  # norms and biases off their init, so a weight under the wrong name shows
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
@@ -206,12 +209,13 @@ def test_triton_windows_and_softcap_in_the_interpreter():
 
 def _check_masked_attention(dtype, group, block_size, q_lens, ctx, window, softcap, device="cpu", d=16):
     from tests.engine.test_fused import TOL, _attention_case
-    from understudy.engine.layers.attention import reference_attention
+    from understudy.engine.layers.attention import reference_attention, store_kv
     from understudy.engine.layers.triton_attention import fast_attention
 
     torch.manual_seed(group * block_size + len(q_lens) + (window or 0))
     q, k, v, kc, vc, meta = _attention_case(dtype, group, block_size, q_lens, ctx, device, d=d)
     q = q * 3  # scores large enough for the soft-cap to bite
+    store_kv(k, v, kc, vc, meta.slot_mapping)  # the model's RoPE step stores them (fused.rope_and_store)
     kc2, vc2 = kc.clone(), vc.clone()
     scale = d ** -0.5
     masking = dict(sliding_window=window, softcap=softcap)

@@ -367,12 +367,15 @@ def _fp8_attention_case(device, dtype):
 def _check_fp8_attention(device, dtype, tol):
     from understudy.engine.layers.triton_attention import fast_attention
 
+    from understudy.engine.layers.attention import store_kv
+
     q, k, v, kc, vc, meta = _fp8_attention_case(device, dtype)
-    kc2, vc2 = kc.clone(), vc.clone()
     scale, k_scale, v_scale = q.shape[-1] ** -0.5, 0.5, 2.0
+    store_kv(k, v, kc, vc, meta.slot_mapping, k_scale, v_scale)  # the model's RoPE step stores them
+    kc2, vc2 = kc.clone(), vc.clone()
     ref = reference_attention(q, k, v, kc, vc, meta, scale, k_scale=k_scale, v_scale=v_scale)
     out = fast_attention(q, k, v, kc2, vc2, meta, scale, k_scale=k_scale, v_scale=v_scale, prefill_kernel=True)
-    assert torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8))  # the same FP8 bytes in the same slots
+    assert torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8))  # attention only reads the caches
     assert torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8))
     torch.testing.assert_close(out, ref, **tol)
     # and the cache holds k / k_scale: reading it back as the unquantized cache would give 2x the keys

@@ -241,16 +241,17 @@ PREFILL_BATCHES = [([4, 1, 17, 30], [4, 20, 17, 100]), ([70, 3], [90, 200])]
 
 
 def _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cpu", d=16):
-    from understudy.engine.layers.attention import reference_attention
+    from understudy.engine.layers.attention import reference_attention, store_kv
     from understudy.engine.layers.triton_attention import fast_attention
 
     torch.manual_seed(group * block_size + len(q_lens))
     q, k, v, kc, vc, meta = _attention_case(dtype, group, block_size, q_lens, ctx, device, d=d)
+    store_kv(k, v, kc, vc, meta.slot_mapping)  # the model's RoPE step stores them (fused.rope_and_store)
     kc2, vc2 = kc.clone(), vc.clone()
     scale = q.shape[-1] ** -0.5
     ref = reference_attention(q, k, v, kc, vc, meta, scale)
     out = fast_attention(q, k, v, kc2, vc2, meta, scale, prefill_kernel=True)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # K/V stored in the same slots
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # attention only reads the caches
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 

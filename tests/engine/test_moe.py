@@ -390,6 +390,7 @@ def test_fp8_experts_are_refused_under_tensor_parallelism(moe_dir):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.timeout(660)  # the child's own limit, 600 s, and its start (the default 300 s is too short)
 def test_moe_kernels_in_the_interpreter():
     run_interpreted_tests(__file__, timeout=600)
 
@@ -412,6 +413,14 @@ def _case(T: int, E: int, top_k: int, H: int, I: int, dtype, device="cpu", seed=
     return [t.to(device) for t in (x, gate_up, down, weights, ids)]
 
 
+def test_routed_experts_on_the_cpu_is_route_then_experts():
+    x, gate_up, down, _, _ = _case(3, 8, 2, 32, 16, torch.float32)
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    for renormalize in (True, False):
+        want = moe.experts(x, gate_up, down, *moe.route(logits, 2, renormalize))
+        assert torch.equal(moe.routed_experts(x, logits, gate_up, down, 2, renormalize), want)
+
+
 # decode (one token), a small batch, more slots than one pass of the aligner takes (128), several experts
 # hit by no token; fp16 for the half path (the interpreter's bf16 dot is not numpy's to give)
 SHAPES = [(1, 8, 2, 64, 32), (5, 4, 2, 48, 40), (40, 16, 4, 64, 96), (3, 64, 8, 32, 16)]
@@ -430,17 +439,19 @@ def test_interpreted_experts_match_the_reference(interpreted, dtype, T, E, top_k
 # the GEMV path (at most 16 tokens): one token, experts shared by several tokens (8 experts, 16 tokens
 # top-4: each expert's program serves many rows), K and N not multiples of the tiles, 128 experts top-8
 GEMV_SHAPES = [(1, 8, 2, 64, 32), (5, 4, 2, 48, 40), (16, 8, 4, 64, 96), (8, 128, 8, 40, 24)]
-SMALL_TILES = ((16, 16, 4, 1), (16, 32, 4, 1))  # several K and column tiles per program at these shapes
+# several K and column tiles per program at these shapes: the tensor-core kernels, the CUDA-core ones
+SMALL_MMA = moe.GemvConfig(("mma", 16, 16, 4, 1), ("mma", 16, 32, 4, 1))
+SMALL_FMA = moe.GemvConfig(("fma", 4, 16, 4, 1), ("fma", 8, 32, 2, 1))
 
 
-@pytest.mark.parametrize("path,tiles,T,E,top_k,H,I,dtype",
-                         [(p, t, *s, torch.float32) for s in GEMV_SHAPES for p, t in
-                          (("gemv", None), ("gemv", SMALL_TILES), ("grouped", None))]
-                         + [("gemv", None, *GEMV_SHAPES[2], torch.float16)])
-def test_interpreted_small_batch_paths_match_the_reference(interpreted, path, tiles, dtype, T, E, top_k, H, I):
+@pytest.mark.parametrize("path,config,T,E,top_k,H,I,dtype",
+                         [(p, c, *s, torch.float32) for s in GEMV_SHAPES for p, c in
+                          (("gemv", None), ("gemv", SMALL_MMA), ("gemv", SMALL_FMA), ("grouped", None))]
+                         + [("gemv", c, *GEMV_SHAPES[2], torch.float16) for c in (None, SMALL_FMA)])
+def test_interpreted_small_batch_paths_match_the_reference(interpreted, path, config, dtype, T, E, top_k, H, I):
     x, gate_up, down, weights, ids = _case(T, E, top_k, H, I, dtype)
     want = moe.experts_ref(x.float(), gate_up.float(), down.float(), weights, ids)
-    got = moe.experts_triton(x, gate_up, down, weights, ids, path=path, tiles=tiles)
+    got = moe.experts_triton(x, gate_up, down, weights, ids, path=path, config=config)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), want, **tol)
 
@@ -452,6 +463,40 @@ def test_interpreted_gemv_path_reads_strided_rows(interpreted):
     wide[:, 8:40] = x
     got = moe.experts_triton(wide[:, 8:40], gate_up, down, weights, ids, path="gemv")
     torch.testing.assert_close(got, moe.experts_ref(x, gate_up, down, weights, ids), rtol=1e-5, atol=1e-5)
+
+
+# decode: one and two tokens, top-8 and top-2, H and I not multiples of the tiles (the defaults' and small ones)
+DECODE_SHAPES = [(1, 16, 8, 40, 24), (2, 16, 8, 40, 24), (1, 8, 2, 64, 32), (2, 12, 2, 48, 40)]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("config", [None, SMALL_FMA], ids=["default", "small"])
+@pytest.mark.parametrize("T,E,top_k,H,I", DECODE_SHAPES)
+def test_interpreted_routed_decode_matches_the_reference(interpreted, T, E, top_k, H, I, config, renormalize):
+    """The block after its router GEMM at 1-2 tokens (the routing kernel, then the CUDA-core kernels): the
+    reference's routing and experts."""
+    x, gate_up, down, _, _ = _case(T, E, top_k, H, I, torch.float32)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E)) * 3
+    want = moe.experts_ref(x, gate_up, down, *moe.route_ref(logits, top_k, renormalize))
+    assert (config or moe._gemv_config(T, fp8=False)).gate_up[0] == "fma"
+    got = moe.experts_triton(x, gate_up, down, *moe.route_triton(logits, top_k, renormalize), config=config)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("T,E,top_k", [(1, 16, 2), (2, 128, 8), (2, 12, 8)])  # each has ties
+def test_interpreted_routing_breaks_ties_by_the_lower_id(interpreted, T, E, top_k, renormalize):
+    """bf16 logits with repeated values: the routing kernel picks the same probabilities as torch, tied
+    experts in ascending id order, with torch's weights."""
+    gen = torch.Generator().manual_seed(E)
+    logits = (torch.randint(-3, 4, (T, E), generator=gen) * 0.5).to(torch.bfloat16)  # many exact ties
+    weights, ids = moe.route_triton(logits, top_k, renormalize)
+    want_weights, want_ids = moe.route_ref(logits, top_k, renormalize)
+    probs = probs_of(logits, ids)
+    torch.testing.assert_close(probs, probs_of(logits, want_ids), rtol=0, atol=0)
+    tied = probs[:, 1:] == probs[:, :-1]
+    assert tied.any() and (ids[:, 1:] > ids[:, :-1])[tied].all()
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)
 
 
 def test_interpreted_align_groups_every_slot_by_expert(interpreted):
@@ -522,6 +567,21 @@ def test_interpreted_fp8_experts_match_the_dequantized_reference(interpreted, pa
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+# decode on the CUDA-core kernels with FP8 weights: per channel, 128x128 blocks (ragged H), 32x32 blocks (K
+# tiles cut to the block's 32 columns), top-8 and top-2, one and two tokens
+FP8_DECODE_CASES = [(1, 8, 2, 48, 40, None), (2, 16, 8, 40, 24, None), (2, 8, 2, 160, 128, (128, 128)),
+                    (1, 16, 8, 64, 32, (32, 32))]
+
+
+@pytest.mark.parametrize("T,E,top_k,H,I,block", FP8_DECODE_CASES)
+def test_interpreted_fp8_decode_matches_the_dequantized_reference(interpreted, T, E, top_k, H, I, block):
+    x, gu8, dn8, weights, ids, scales, gu, dn = _fp8_case(T, E, top_k, H, I, torch.float32, block)
+    config = moe.GemvConfig(("fma", 4, 64, 4, 1), ("fma", 4, 64, 2, 1))
+    want = moe.experts_ref(x, gu, dn, weights, ids)
+    got = moe.experts_triton(x, gu8, dn8, weights, ids, path="gemv", config=config, scales=scales)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family,scheme", [("qwen3_moe", "block"), ("mixtral", "channel")])
 def test_interpreted_fp8_moe_model_serves_as_its_twin(interpreted, monkeypatch, tmp_path, family, scheme):
     """An FP8 MoE's whole forward with the Triton MoE kernels (and every other fused op): the dequantized
@@ -573,6 +633,33 @@ def test_cuda_small_batch_paths_match_the_reference(dtype, path, T):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("config", ["default", "mma"])
+@pytest.mark.parametrize("T,top_k", [(1, 8), (2, 8), (1, 2), (2, 2)])
+def test_cuda_decode_configs_match_the_reference(dtype, config, T, top_k):
+    """The block after its router GEMM at 1-2 tokens at Qwen3-30B-A3B's shape: the GEMV path's configs (the
+    CUDA-core kernels by default, the tensor-core ones)."""
+    x, gate_up, down, _, _ = _case(T, 128, top_k, 2048, 768, dtype, device="cuda")
+    logits = torch.randn(T, 128, device="cuda") * 3
+    want = moe.experts_ref(x.float(), gate_up.float(), down.float(), *moe.route_ref(logits, top_k, True))
+    cfg = {"default": None, "mma": moe.MMA_GEMV}[config]
+    got = moe.experts_triton(x, gate_up, down, *moe.route(logits, top_k, True), config=cfg)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@cuda_only
+@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("T", [1, 2])
+def test_cuda_fp8_routed_decode_matches_the_dequantized_reference(block, T):
+    x, gu8, dn8, _, _, scales, gu, dn = _fp8_case(T, 128, 8, 2048, 768, torch.bfloat16, block, "cuda")
+    logits = torch.randn(T, 128, device="cuda") * 3
+    want = moe.experts_ref(x.float(), gu, dn, *moe.route_ref(logits, 8, True))
+    got = moe.routed_experts(x, logits, gu8, dn8, 8, True, scales=scales)
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_routing_matches_the_reference(dtype):
     logits = (torch.randn(257, 128, device="cuda") * 3).to(dtype)
@@ -590,15 +677,14 @@ def probs_of(logits, ids):
 
 
 @cuda_only
-@pytest.mark.parametrize("T", [1, 32])  # the GEMV path, the grouped one
+@pytest.mark.parametrize("T", [1, 2, 32])  # the GEMV path, the grouped one
 def test_cuda_experts_replay_in_a_graph(T):
     """No host sync: the routing, the aligner and the GEMMs are captured; new routing replays correctly."""
     x, gate_up, down, _, _ = _case(T, 64, 8, 256, 128, torch.bfloat16, device="cuda")
     router = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        w, i = moe.route(x @ router, 8, renormalize=True)
-        return moe.experts(x, gate_up, down, w, i)
+        return moe.routed_experts(x, x @ router, gate_up, down, 8, renormalize=True)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -111,3 +111,100 @@ def silu_mul(G, U, O, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr, GELU: 
     else:
         act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty)  # silu(gate), rounded to its dtype like torch
     tl.store(O + offs, (act.to(tl.float32) * u).to(O.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _norm_rope_rows(X, W, t, heads, stride_xt, stride_xh, d, d_ok, partner, rot, cos, ssin, eps, head_dim,
+                    mask, NORM: tl.constexpr, OFFSET: tl.constexpr):
+    """Heads [BLOCK_H, BLOCK_D] of token t, RMS-normalized by W (NORM), then rotated in fp32: dims < 2 * HALF
+    turn against their partner (the other half's), the rest pass through. Returns fp32, not yet rounded."""
+    src = X + t * stride_xt + heads[:, None] * stride_xh
+    x = tl.load(src + d[None, :], mask=mask, other=0.0)
+    xp = tl.load(src + partner[None, :], mask=mask, other=0.0)  # the same row again: cached
+    if NORM:
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / head_dim + eps)[:, None]
+        w = tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(W + partner, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        # each value rounded to the model dtype as the separate norm's output is (rms_norm above)
+        if OFFSET:
+            x = (xf * rstd * (1.0 + w)).to(x.dtype)
+            xp = (xp.to(tl.float32) * rstd * (1.0 + wp)).to(x.dtype)
+        else:
+            x = (w * (xf * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+            xp = (wp * (xp.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    xf = x.to(tl.float32)
+    return tl.where(rot[None, :], xf * cos + xp.to(tl.float32) * ssin, xf)
+
+
+@triton.jit
+def _round_e4m3(x):
+    """fp32 x (|x| <= 448) rounded to nearest even on float8 e4m3's grid, still in fp32: the cast that follows
+    is then exact, the same on the GPU as torch's and in Triton's interpreter (whose own rounding drops the
+    carry into the exponent)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    # normals: keep 3 of the 23 mantissa bits, the carry running into the exponent
+    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    # below 2**-6 (subnormals of e4m3): multiples of 2**-9, by adding and taking away 2**14, whose ulp that is
+    sub = ((tl.abs(x) + 16384.0) - 16384.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)  # x's sign, -0 too
+    return tl.where(tl.abs(x) >= 0.015625, normal, sub).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_cache(x, scale, CACHE_FP8: tl.constexpr, dtype: tl.constexpr):
+    """attention.to_cache: FP8 caches hold x / scale saturated at +-448; others x in their dtype."""
+    if CACHE_FP8:
+        x = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)  # IEEE, as torch (`/`: ~2 ulp)
+        x = _round_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
+    return x.to(dtype)
+
+
+@triton.jit
+def rope_store(Q, K, V, QO, KO, KC, VC, SLOTS, POS, INV_FREQ, QW, KW, stride_ft, mscale, k_scale, v_scale, eps,
+               n_q_heads, n_k_heads, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+               stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, stride_ch, stride_vcs, stride_vch,
+               HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISE: tl.constexpr,
+               NORM: tl.constexpr, OFFSET: tl.constexpr, CACHE_FP8: tl.constexpr):
+    """`rope` plus what comes before and after it in a layer. Grid (tokens, q head blocks + kv head blocks).
+    q heads: [RMS-normalize by QW (NORM; OFFSET: Gemma's 1 + w)], rotate, write to QO. kv heads: k the same
+    (KW), written to KO and to the key cache KC at SLOTS[t]; v written unchanged to the value cache VC there.
+    A slot < 0 (a padded token) writes no cache. Whole heads (BLOCK_D >= head_dim): dims past 2 * HALF pass
+    through (partial rotary)."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    rot = d < 2 * HALF
+    first = d < HALF
+    partner = tl.where(first, d + HALF, tl.where(rot, d - HALF, d))
+    pos = tl.load(POS + t).to(tl.float32)
+    freqs = pos * tl.load(INV_FREQ + t * stride_ft + tl.where(first, d, d - HALF), mask=rot, other=0.0)
+    if PRECISE:
+        cos = libdevice.cos(freqs)
+        sin = libdevice.sin(freqs)
+    else:
+        cos = tl.cos(freqs)
+        sin = tl.sin(freqs)
+    # x * cat(cos, cos) + cat(-x2, x1) * cat(sin, sin): the first half takes -sin times its partner
+    cos = (cos * mscale)[None, :]
+    ssin = tl.where(first, -sin, sin)[None, :] * mscale
+    q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
+    if hb < q_blocks:
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (heads < n_q_heads)[:, None] & d_ok[None, :]
+        q = _norm_rope_rows(Q, QW, t, heads, stride_qt, stride_qh, d, d_ok, partner, rot, cos, ssin, eps, head_dim,
+                            mask, NORM, OFFSET)
+        tl.store(QO + t * stride_qot + heads[:, None] * stride_qoh + d[None, :], q.to(QO.dtype.element_ty), mask=mask)
+    else:
+        heads = (hb - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (heads < n_k_heads)[:, None] & d_ok[None, :]
+        k = _norm_rope_rows(K, KW, t, heads, stride_kt, stride_kh, d, d_ok, partner, rot, cos, ssin, eps, head_dim,
+                            mask, NORM, OFFSET).to(KO.dtype.element_ty)  # the new k, rounded as the cache sees it
+        tl.store(KO + t * stride_kot + heads[:, None] * stride_koh + d[None, :], k, mask=mask)
+        slot = tl.load(SLOTS + t)
+        stored = mask & (slot >= 0)
+        tl.store(KC + slot * stride_cs + heads[:, None] * stride_ch + d[None, :],
+                 _to_cache(k, k_scale, CACHE_FP8, KC.dtype.element_ty), mask=stored)
+        v = tl.load(V + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
+        tl.store(VC + slot * stride_vcs + heads[:, None] * stride_vch + d[None, :],
+                 _to_cache(v, v_scale, CACHE_FP8, VC.dtype.element_ty), mask=stored)

@@ -10,20 +10,29 @@ Large batches (moe._experts_grouped), two kernels:
                the batch. Used twice: gate_up (SiLU(gate) * up fused in its epilogue), then down (the
                routing weight applied in its epilogue).
 
-Small batches (moe._experts_gemv, decode), two more, no sorting:
+Small batches (moe._experts_gemv, decode), no sorting, two launches of one of two kernel pairs:
 
-  gemv_gate_up  a program per (token, k) slot and tile of the intermediate dimension; the first slot routed
-                to an expert computes SiLU(gate) * up times the routing weight for every token that chose it
-                (the others return), so the few selected experts' rows are spread over all SMs.
-  gemv_down     a program per token and tile of the hidden dimension: the token's top-k down projections
-                summed in one fp32 accumulator, so no per-slot output and no separate sum.
+  fma_gate_up   1-2 tokens (moe.GEMV_CONFIGS): a program per (token, k) slot and BLOCK_N rows of I; it reads
+                those gate rows and the up rows that pair with them, K-contiguous in 16-byte loads, the K loop
+                unrolled at compile time so every load can be in flight at once (no shared memory, no
+                barrier until the final sum across K), and writes SiLU(gate) * up times the routing weight.
+                Dot products on the CUDA cores: a token's row would fill 1 of a tensor-core tile's 16 rows.
+  fma_down      a program per token and BLOCK_N rows of H: for each of its top-k experts a contiguous
+                [BLOCK_N, I] strip of down, all unrolled likewise; the top-k sum in the fp32 accumulator, so no
+                per-slot output and no separate sum.
+  gemv_gate_up  the tensor-core pair (moe.MMA_GEMV: up to 16 tokens): a program per slot and tile of I; the
+                first slot routed to an expert computes SiLU(gate) * up times the routing weight for every
+                token that chose it (the others return), so tokens sharing an expert read it once.
+  gemv_down     a program per token and tile of H, the top-k sum in the accumulator; tl.dot on 16 rows of
+                which one is the token's, weights pipelined through shared memory over num_stages.
 
 FP8 experts (W8A16): with SCHEME 1 (a scale per output row of each expert matrix) or 2 (a scale per block of
-SB_N x SB_K weights, e.g. 128 x 128) the weights are read as float8 e4m3 and widened to the activations'
-dtype in registers, so only their bytes come from memory. Block scales multiply each K tile's partial sum
-(BLOCK_K divides SB_K, so a tile lies in one block), per-row ones the sum once at the end (_wdot,
-_row_scale); scales are float32, accumulation fp32, as for the bf16 weights. SCHEME 0: the weights as they
-are (bf16/fp16/fp32), S unused.
+SB_N x SB_K weights, e.g. 128 x 128) the weights are read as float8 e4m3 and widened in registers (to the
+activations' dtype for tl.dot, to fp32 in the fma kernels), so only their bytes come from memory. Block
+scales multiply each K tile's partial sum (_wdot) or the widened tile (_widen); BLOCK_K divides SB_K, so a
+tile lies in one block. Per-row scales multiply the sum once at the end (_row_scale, fma_gate_up), or in
+fma_down, whose experts change along its loop, each expert's tiles. Scales are float32, accumulation fp32,
+as for the bf16 weights. SCHEME 0: the weights as they are (bf16/fp16/fp32), S unused.
 
 Every size the launcher needs is known on the host from the shapes alone (at most cdiv(n, BLOCK_M) + E
 blocks); programs past the used blocks return at once. No host sync, so CUDA graphs can capture them.
@@ -243,6 +252,93 @@ def gemv_down(HIDDEN, W, S, OUT, IDS, stride_h, stride_we, stride_wn, stride_se,
 
 
 @triton.jit
+def _widen(w, s_rows, k0, ok, SCHEME: tl.constexpr, SB_K: tl.constexpr):
+    """A weight tile [rows, BLOCK_K] in fp32: FP8 widened, and for SCHEME 2 times its block's scale (s_rows:
+    each row's scales; the tile lies in one block of columns)."""
+    w = w.to(tl.float32)
+    if SCHEME == 2:
+        w = w * tl.load(s_rows + k0 // SB_K, mask=ok, other=0.0)[:, None]
+    return w
+
+
+@triton.jit
+def fma_gate_up(X, W, S, HIDDEN, IDS, ROUTE_W, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h,
+                N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
+                SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One or two tokens (decode): program (s, j) computes HIDDEN[s, cols j] = w * silu(x . gate_e) * (x . up_e)
+    for slot s = token * TOP_K + k and its expert e, on the CUDA cores (a token's dot products do not fill
+    a tensor-core tile). It reads BLOCK_N gate rows and the BLOCK_N up rows that pair with them, K-contiguous,
+    the whole K in a loop unrolled at compile time so that all its loads can be in flight at once; fp32
+    products accumulate per element and are summed across K once, at the end. No deduplication: two tokens
+    that chose one expert read it twice (the second time mostly from L2)."""
+    s = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = s // TOP_K
+    expert = tl.load(IDS + s).to(tl.int64)
+    route_w = tl.load(ROUTE_W + s)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    gate_rows = W + expert * stride_we + cols.to(tl.int64)[:, None] * stride_wn
+    up_rows = gate_rows + N * stride_wn
+    s_gate = S + expert * stride_se + (cols // SB_N).to(tl.int64) * stride_sn
+    s_up = S + expert * stride_se + ((cols + N) // SB_N).to(tl.int64) * stride_sn
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        ok = col_ok[:, None] & k_ok[None, :]
+        # x broadcast over the tile's rows: loaded in the weights' register layout, no shuffle through shared memory
+        x = tl.load(X + t * stride_x + ks[None, :] + cols[:, None] * 0, mask=ok, other=0.0).to(tl.float32)
+        w_gate = tl.load(gate_rows + ks[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+        w_up = tl.load(up_rows + ks[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+        acc_gate += _widen(w_gate, s_gate, k0, col_ok, SCHEME, SB_K) * x
+        acc_up += _widen(w_up, s_up, k0, col_ok, SCHEME, SB_K) * x
+    gate = tl.sum(acc_gate, 1)
+    up = tl.sum(acc_up, 1)
+    if SCHEME == 1:  # a scale per output row: once, on the sum
+        gate = gate * tl.load(s_gate, mask=col_ok, other=0.0)
+        up = up * tl.load(s_up, mask=col_ok, other=0.0)
+    h = gate / (1.0 + tl.exp(-gate)) * up * route_w
+    tl.store(HIDDEN + s.to(tl.int64) * stride_h + cols, h.to(HIDDEN.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def fma_down(HIDDEN, W, S, OUT, IDS, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_out,
+             N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
+             SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One or two tokens: program (t, j) writes OUT[t, rows j] = sum over k of W[ids[t, k], rows] . HIDDEN[t *
+    TOP_K + k] (routing weights already in HIDDEN) on the CUDA cores: for each of the token's experts a
+    contiguous [BLOCK_N, K] strip of its down matrix, every (expert, K tile) load unrolled at compile time so
+    they can all be in flight; the top-k sum stays in the fp32 accumulator, summed across K and rounded once."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        expert = tl.load(IDS + t * TOP_K + k).to(tl.int64)
+        w_rows = W + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        s_rows = S + expert * stride_se + (rows // SB_N).to(tl.int64) * stride_sn
+        if SCHEME == 1:  # the expert's per-row scales, for each of its K tiles
+            row_scale = tl.load(s_rows, mask=row_ok, other=0.0)[:, None]
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            ok = row_ok[:, None] & k_ok[None, :]
+            h = tl.load(HIDDEN + (t * TOP_K + k) * stride_h + ks[None, :] + rows[:, None] * 0, mask=ok, other=0.0)
+            w = tl.load(w_rows + ks[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+            w = _widen(w, s_rows, k0, row_ok, SCHEME, SB_K)
+            if SCHEME == 1:
+                w = w * row_scale
+            acc += w * h.to(tl.float32)
+    out = tl.sum(acc, 1)
+    tl.store(OUT + t * stride_out + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
 def route(LOGITS, WEIGHTS, IDS, n_experts, stride_logits,
           TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
     """One token per program: softmax over its router logits in fp32, the TOP_K largest probabilities
@@ -267,3 +363,4 @@ def route(LOGITS, WEIGHTS, IDS, n_experts, stride_logits,
         weights = weights / tl.sum(weights, 0)  # the unused lanes hold 0
     tl.store(WEIGHTS + t * TOP_K + k, weights, mask=k < TOP_K)
     tl.store(IDS + t * TOP_K + k, ids.to(IDS.dtype.element_ty), mask=k < TOP_K)
+

@@ -91,8 +91,10 @@ class AttentionMetadata:
 
 
 # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, metadata, scale, *, k_scale, v_scale)
-# -> out [T, Hq, D]. Must store k/v into the caches at metadata.slot_mapping, then attend causally over
-# each sequence's whole cached context. It must not allocate or replace the caches. An FP8 cache
+# -> out [T, Hq, D]. Attends causally over each sequence's whole cached context. This step's k/v are already
+# in the caches at metadata.slot_mapping (the model's RoPE step stores them: fused.rope_and_store, or
+# store_kv); they are passed too, for a kernel that would take the new tokens from them, but neither
+# function here reads them. It must not allocate, replace or write the caches. An FP8 cache
 # (`--kv-cache-dtype fp8`) holds k / k_scale and v / v_scale in float8_e4m3fn (to_cache, from_cache).
 AttentionFn = Callable[..., Tensor]
 
@@ -121,11 +123,15 @@ def as_bytes(cache: Tensor) -> Tensor:
 
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
              k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """Scatter this step's keys/values into their cache slots, in place."""
+    """Scatter this step's keys/values into their cache slots, in place (slots < 0: not stored). The
+    reference for fused.rope_and_store's kernel, and its path off CUDA."""
     # .view (not .reshape) so a non-contiguous cache fails loudly instead of writing into a copy.
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    if (slot_mapping < 0).any():  # padding tokens (e.g. from a fixed-size CUDA graph batch)
+    # Looking for padding tokens syncs with the device: not inside a CUDA graph capture, whose padded rows
+    # write into the reserved block 0 instead (core/cuda_graphs.py).
+    capturing = slot_mapping.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and (slot_mapping < 0).any():
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     as_bytes(k_flat).index_copy_(0, slot_mapping, as_bytes(to_cache(k, k_cache.dtype, k_scale)))
@@ -146,7 +152,7 @@ def reference_attention(
     sliding_window: int | None = None,  # a query sees only the last `sliding_window` keys, itself included
     softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
 ) -> Tensor:
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+    """The AttentionFn above in plain torch: k and v are already in the caches (store_kv), and unused here."""
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     starts = meta.query_start_loc_host

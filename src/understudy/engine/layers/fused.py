@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the decoder: RMSNorm (with the residual add), RoPE, SiLU*mul.
+"""Fused elementwise kernels for the decoder: RMSNorm (with the residual add), RoPE (with the q/k norms and
+the KV-cache store), SiLU*mul.
 
 Each function dispatches on the device of its input:
   CUDA tensors  -> one Triton kernel each (when Triton is importable);
@@ -7,8 +8,10 @@ Each function dispatches on the device of its input:
 
 A batch-1 decode step is bound by launches as much as by bytes: the reference
 RMSNorm is ~7 kernels, RoPE ~10 and SiLU*mul 2. The kernels here do each in one
-pass, reading every input once. They take no host syncs and branch only on
-shapes, so they can be captured in a CUDA graph (see engine/core/cuda_graphs.py).
+pass, reading every input once; rope_and_store does a layer's q/k norms, RoPE and
+the store of its new keys and values into the paged KV cache in one launch. They
+take no host syncs and branch only on shapes, so they can be captured in a CUDA
+graph (see engine/core/cuda_graphs.py).
 
 Numerics of the Triton path, against the reference:
   rms_norm / add_rms_norm: the same roundings (residual + x in the stream's dtype, normalize in fp32,
@@ -18,6 +21,8 @@ Numerics of the Triton path, against the reference:
     inverse frequencies, and the rotation is done in fp32 with one rounding at the
     end (transformers rounds cos/sin and each product to the model dtype first), so
     it is at least as accurate; fp32 models agree to rounding.
+  rope_and_store: the q/k norms rounded as rms_norm's, then apply_rope's rotation (partial rotary too),
+    k rounded to the model dtype before the cache cast (FP8: / scale, saturated), as store_kv.
   silu_and_mul: SiLU in fp32, rounded to the gate's dtype (as torch does), times up.
 
 The kernels live in _fused_kernels.py, imported on the first CUDA call only: this
@@ -33,11 +38,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from understudy.engine.layers.attention import FP8_KV, store_kv
+
 __all__ = [
     "add_rms_norm",
     "apply_rope",
     "gelu_tanh_and_mul",
     "rms_norm",
+    "rope_and_store",
     "rope_cos_sin",
     "rotate_half",
     "set_enabled",
@@ -176,6 +184,31 @@ def apply_rope(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor,
     return apply_rope_ref(q, k, positions, inv_freq, mscale)
 
 
+def rope_and_store(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, mscale: float,
+                   k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k_scale: float = 1.0,
+                   v_scale: float = 1.0, q_norm: Tensor | None = None, k_norm: Tensor | None = None,
+                   eps: float = 1e-6, offset: bool = False) -> tuple[Tensor, Tensor]:
+    """A layer's q/k/v up to attention: [q_norm / k_norm,] RoPE, then k and v into the KV cache.
+
+    q [T, Hq, D], k and v [T, Hkv, D]; q_norm / k_norm: the per-head RMSNorm weights (Qwen3, Gemma 3; `offset`:
+    Gemma's 1 + weight), eps their epsilon; positions, inv_freq and mscale as apply_rope. The rotated k and v
+    go to k_cache / v_cache [num_blocks, block_size, Hkv, D] at slot_mapping [T] (a slot < 0 is skipped), as
+    attention.store_kv writes them (an FP8 cache: k / k_scale, v / v_scale). Returns the new (q, k); the
+    attention reads k and v back from the cache.
+
+    On CUDA one Triton kernel does it all (a decode step's 4-7 launches per layer become one); elsewhere it
+    is the norms, apply_rope and store_kv one after the other, so the CPU path is the reference path.
+    """
+    if _use_triton(q) and _rope_store_fits(q, k, v, q_norm, k_norm):
+        return _rope_and_store_triton(q, k, v, positions, inv_freq, mscale, k_cache, v_cache, slot_mapping,
+                                      k_scale, v_scale, q_norm, k_norm, eps, offset)
+    if q_norm is not None and k_norm is not None:
+        q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
+    q, k = apply_rope(q, k, positions, inv_freq, mscale)
+    store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q, k
+
+
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, elementwise (same shapes)."""
     if _use_triton(gate):
@@ -210,11 +243,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _rows(x: Tensor) -> Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
@@ -292,6 +320,73 @@ def _apply_rope_triton(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor
             q, k, qo, ko, positions, inv_freq, inv_freq.stride(0) if inv_freq.dim() == 2 else 0, mscale, n_q, n_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
             HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, PRECISE=kern.PRECISE_TRIG, num_warps=num_warps,
+        )
+    return qo, ko
+
+
+def _rope_store_fits(q: Tensor, k: Tensor, v: Tensor, q_norm: Tensor | None, k_norm: Tensor | None) -> bool:
+    """The fused kernel rounds everything to q's dtype: other mixes (a norm weight in fp32 over bf16 heads
+    promotes) take the separate kernels."""
+    if q_norm is not None and (q_norm.dtype != q.dtype or k_norm is None or k_norm.dtype != q.dtype):
+        return False
+    return k.dtype == v.dtype == q.dtype and q.shape[-1] <= _MAX_NORM_COLS
+
+
+def _cache_rows(cache: Tensor, like: Tensor) -> tuple[int, int]:
+    """(slot stride, head stride) of a cache [num_blocks, block_size, Hkv, D] whose slots are evenly spaced
+    (what store_kv's .view needs too): slot s is element s * slot stride."""
+    nb, bs, h, d = cache.shape
+    if (h, d) != tuple(like.shape[1:]) or cache.stride(3) != 1 or cache.stride(0) != bs * cache.stride(1):
+        raise ValueError(f"cache shape {tuple(cache.shape)} strides {cache.stride()} do not take k/v "
+                         f"{tuple(like.shape)} slot by slot")
+    return cache.stride(1), cache.stride(2)
+
+
+def _rope_and_store_triton(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, mscale: float,
+                           k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k_scale: float, v_scale: float,
+                           q_norm: Tensor | None, k_norm: Tensor | None, eps: float,
+                           offset: bool) -> tuple[Tensor, Tensor]:
+    kern = _kernels()
+    q, k, v = _heads(q), _heads(k), _heads(v)
+    T, n_q, D = q.shape
+    n_k = k.shape[1]
+    if k.shape != (T, n_k, D) or v.shape != k.shape or D % 2:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share tokens and "
+                         "an even head_dim")
+    half = inv_freq.shape[-1]
+    if 2 * half > D or inv_freq.shape not in ((half,), (T, half)):
+        raise ValueError(f"inv_freq shape {tuple(inv_freq.shape)} is neither (R/2,) nor ({T}, R/2) with R <= {D}")
+    if positions.shape != (T,) or slot_mapping.shape != (T,):
+        raise ValueError(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} "
+                         f"must be ({T},)")
+    k_strides, v_strides = _cache_rows(k_cache, k), _cache_rows(v_cache, v)
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {k_cache.dtype} and v_cache {v_cache.dtype} differ")
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # no-op when already so
+    positions = positions if positions.is_contiguous() else positions.contiguous()
+    slot_mapping = slot_mapping if slot_mapping.is_contiguous() else slot_mapping.contiguous()
+    norm = q_norm is not None
+    if norm:
+        for w in (q_norm, k_norm):
+            if w.shape != (D,):
+                raise ValueError(f"norm weight shape {tuple(w.shape)} != ({D},)")
+        q_norm, k_norm = q_norm.contiguous(), k_norm.contiguous()
+    else:
+        q_norm = k_norm = inv_freq  # not read (NORM=False)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T:
+        block_d = _next_pow2(D)  # whole heads: the norm needs every dim, partial rotary passes the rest through
+        block_h = min(max(1, 1024 // block_d), _next_pow2(max(n_q, n_k)))
+        tile = block_h * block_d
+        num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4
+        kern.rope_store[(T, _cdiv(n_q, block_h) + _cdiv(n_k, block_h))](
+            q, k, v, qo, ko, k_cache, v_cache, slot_mapping, positions, inv_freq, q_norm, k_norm,
+            inv_freq.stride(0) if inv_freq.dim() == 2 else 0, mscale, k_scale, v_scale, eps, n_q, n_k, D,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), *k_strides, *v_strides,
+            HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, PRECISE=kern.PRECISE_TRIG, NORM=norm, OFFSET=offset,
+            CACHE_FP8=k_cache.dtype == FP8_KV, num_warps=num_warps,
         )
     return qo, ko
 

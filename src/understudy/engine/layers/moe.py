@@ -12,15 +12,20 @@ them in registers (W8A16: activations stay in the model's dtype); the reference 
 runs exactly (fp32), rounds it to the activations' dtype and runs the same math, so an FP8 model served on
 the CPU gives what its dequantized twin gives.
 
-`experts` dispatches on the device of its input:
+`experts` (weights / ids from `route`) and `routed_experts` (router logits: route + experts, what the
+decoder's SparseMoE calls) dispatch on the device of their input:
   CUDA tensors  -> the Triton kernels of _moe_kernels.py, a fixed number of launches whatever the routing,
                    no host sync, so a decode step with it can be captured in a CUDA graph:
-                   up to GEMV_MAX_TOKENS tokens (decode), two GEMV-shaped launches and no sorting: gate_up
-                   (SiLU*up and the routing weight fused; each selected expert's tiles read by one program
-                   for all the tokens that chose it), then down with each token's top-k sum in its
-                   accumulator;
-                   larger batches: the (token, k) slots sorted by expert on the device, two grouped GEMMs
-                   (gate_up with SiLU*up fused, down with the routing weight applied), the top-k sum;
+                   up to GEMV_MAX_TOKENS tokens (decode), `route` then two GEMV-shaped launches and no
+                   sorting, as the GemvConfig for that many tokens says (GEMV_CONFIGS, from bench/moe_block.py
+                   --sweep):
+                   fma_gate_up (a program per (token, k) slot and BLOCK_N rows of the slot's expert's gate and
+                   up; SiLU(gate) * up times the routing weight) and fma_down (a program per token and BLOCK_N
+                   rows of H: the token's top-k strips of down summed in its fp32 accumulator), dot products on
+                   the CUDA cores with 16-byte loads, all of K in flight; or the tensor-core gemv_gate_up /
+                   gemv_down (MMA_GEMV: what decode ran before, and path="gemv" up to 16 tokens);
+                   larger batches: `route`, the (token, k) slots sorted by expert on the device, two grouped
+                   GEMMs (gate_up with SiLU*up fused, down with the routing weight applied), the top-k sum;
   anything else -> the plain-torch reference: a loop over the experts that were hit, op for op what
                    transformers does, so fp32 outputs match it.
 FP8 experts take the same launches, the kernels picking their scale scheme at compile time.
@@ -82,6 +87,12 @@ def experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tens
     if fused._use_triton(x):
         return experts_triton(x, gate_up, down, weights, ids, scales=scales)
     return experts_ref(x, gate_up, down, weights, ids, scales)
+
+
+def routed_experts(x: Tensor, router_logits: Tensor, gate_up: Tensor, down: Tensor, top_k: int, renormalize: bool,
+                   scales: Fp8Scales | None = None) -> Tensor:
+    """The whole block after its router GEMM (what the decoder's SparseMoE calls): `route`, then `experts`."""
+    return experts(x, gate_up, down, *route(router_logits, top_k, renormalize), scales)
 
 
 def experts_ref(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
@@ -166,26 +177,48 @@ def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, 
 GEMV_MAX_TOKENS = 2  # H200, bench/moe_block.py: GEMV 38.9 us vs grouped 43.9 at T=1; 148.7 vs 143.6 at T=8
 
 
-def _gemv_tiles(tokens: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """((BLOCK_N, BLOCK_K, num_warps, num_stages) of gemv_gate_up, the same of gemv_down). Narrow output
-    tiles so that the few selected experts' rows are spread over every SM (at Qwen3-30B-A3B's shape and
-    T = 1: 8 x 768/32 = 192 gate_up programs, 2048/16 = 128 down programs), several K tiles in flight each.
-    bench/moe_block.py --sweep compares others."""
-    return (32, 128, 4, 4), (16, 256, 4, 4)
+class GemvConfig(NamedTuple):
+    """How the GEMV path runs. gate_up / down: (kernel, BLOCK_N, BLOCK_K, num_warps, num_stages), kernel "fma"
+    (fma_gate_up / fma_down: a token per program, dot products on the CUDA cores, K unrolled so num_stages
+    is unused) or "mma" (gemv_gate_up / gemv_down: tensor-core tiles of 16 token rows, pipelined K loop)."""
+
+    gate_up: tuple[str, int, int, int, int]
+    down: tuple[str, int, int, int, int]
+
+
+# tokens -> GemvConfig for 16-bit experts and for FP8 ones, at Qwen3-30B-A3B's shape (128 x [1536, 2048] /
+# [2048, 768], top-8). `bench/moe_block.py --sweep` (--fp8 channel for the FP8 table) times the candidates
+# on a GPU and prints the lines to paste here. H200 (docs/logs/bench_moe_block_h200_fma_sweep.log): T = 1
+# 29.1 us per block (61% of the copy bandwidth over its bytes) vs 38.8 for the tensor-core kernels (MMA_GEMV)
+# before; T = 2 44.7 us (77%) vs 54.4. (Routing inside fma_gate_up, one launch fewer, was slower there:
+# 33.9 / 75.1 us; it was removed.)
+GEMV_CONFIGS = {
+    1: GemvConfig(("fma", 8, 512, 8, 1), ("fma", 2, 256, 2, 1)),
+    2: GemvConfig(("fma", 2, 1024, 8, 1), ("fma", 16, 128, 8, 1)),
+}
+# FP8 tiles hold 16 weights per thread (one 16-byte load); block scales cut BLOCK_K to the block's 128.
+# Chosen from the compiled form, not swept yet: `bench/moe_block.py --sweep --fp8 channel`.
+GEMV_CONFIGS_FP8 = {
+    1: GemvConfig(("fma", 4, 512, 4, 1), ("fma", 16, 256, 4, 1)),
+    2: GemvConfig(("fma", 4, 512, 4, 1), ("fma", 16, 256, 4, 1)),
+}
+# the tensor-core tiles: what 1-2 tokens ran before the fma kernels (bench/moe_block.py's "before" line), and
+# path="gemv" above the tables' token counts, where tokens sharing an expert read it once
+MMA_GEMV = GemvConfig(("mma", 32, 128, 4, 4), ("mma", 16, 256, 4, 4))
+
+
+def _gemv_config(tokens: int, fp8: bool) -> GemvConfig:
+    return (GEMV_CONFIGS_FP8 if fp8 else GEMV_CONFIGS).get(tokens, MMA_GEMV)
 
 
 def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
-                   path: str | None = None, tiles=None, scales: Fp8Scales | None = None) -> Tensor:
+                   path: str | None = None, config: GemvConfig | None = None,
+                   scales: Fp8Scales | None = None) -> Tensor:
     """path: "gemv" (at most 16 tokens) or "grouped"; by default GEMV up to GEMV_MAX_TOKENS tokens.
-    tiles: _gemv_tiles's answer to use instead (bench/moe_block.py --sweep). scales: FP8 weights' (W8A16)."""
-    T, H = x.shape
-    E, two_i, _ = gate_up.shape
-    inter = two_i // 2
-    if gate_up.shape[2] != H or down.shape != (E, H, inter) or gate_up.stride(2) != 1 or down.stride(2) != 1:
-        raise ValueError(f"expert weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit x {tuple(x.shape)}")
-    if scales is not None:
-        scales = _check_scales(scales, E, inter, H)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    config: the GEMV path's GemvConfig to use instead of GEMV_CONFIGS' (bench/moe_block.py --sweep).
+    scales: FP8 weights' (W8A16)."""
+    T = x.shape[0]
+    x, scales = _checked(x, gate_up, down, scales)
     if T * ids.shape[1] == 0:
         return torch.zeros_like(x)
     weights = weights.reshape(-1).to(torch.float32).contiguous()
@@ -193,10 +226,22 @@ def experts_triton(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, id
     if path is None:
         path = "gemv" if T <= GEMV_MAX_TOKENS else "grouped"
     if path == "gemv":
-        return _experts_gemv(x, gate_up, down, weights, ids, tiles or _gemv_tiles(T), scales)
+        return _experts_gemv(x, gate_up, down, weights, ids, config or _gemv_config(T, scales is not None), scales)
     if path == "grouped":
         return _experts_grouped(x, gate_up, down, weights, ids, scales)
     raise ValueError(f"unknown MoE path {path!r}")
+
+
+def _checked(x: Tensor, gate_up: Tensor, down: Tensor, scales: Fp8Scales | None) -> tuple[Tensor, Fp8Scales | None]:
+    """(x with unit column stride, the scales contiguous), if the expert weights fit x."""
+    H = x.shape[1]
+    E, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    if gate_up.shape[2] != H or down.shape != (E, H, inter) or gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError(f"expert weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit x {tuple(x.shape)}")
+    if scales is not None:
+        scales = _check_scales(scales, E, inter, H)
+    return (x if x.stride(-1) == 1 else x.contiguous()), scales
 
 
 def _precision(x: Tensor) -> str:
@@ -238,29 +283,63 @@ def _scale_args(w: Tensor, scales: Fp8Scales | None, which: str, block_k: int,
     return (s, s.stride(0), s.stride(1)), dict(SCHEME=2, SB_N=bn, SB_K=bk), block_k
 
 
-def _experts_gemv(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor, tiles,
+def _experts_gemv(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor, config: GemvConfig,
                   scales: Fp8Scales | None = None) -> Tensor:
-    """Two launches: gemv_gate_up (each selected expert's tile read by one program, for all the tokens that
-    chose it; routing weight applied), gemv_down (each token's top-k outputs summed in the accumulator)."""
-    kern = _kernels()
-    T, H = x.shape
-    top_k, inter = ids.shape[1], down.shape[2]
+    """Two launches, gate_up (SiLU(gate) * up times the routing weight, per (token, k) slot) then down (each
+    token's top-k outputs summed in the accumulator)."""
+    T = x.shape[0]
     if T > 16:
         raise ValueError(f"the GEMV MoE path takes at most 16 tokens, not {T}")
-    (up_n, up_k, up_warps, up_stages), (down_n, down_k, down_warps, down_stages) = tiles
-    precision = _precision(x)
-    (s_up, se_up, sn_up), scheme_up, up_k = _scale_args(gate_up, scales, "gate_up", up_k)
-    (s_down, se_down, sn_down), scheme_down, down_k = _scale_args(down, scales, "down", down_k, rows_of_k=True)
+    hidden = _gemv_gate_up(x, gate_up, weights, ids, config.gate_up, scales)
+    return _gemv_down(hidden, down, ids, config.down, scales)
+
+
+def _gemv_gate_up(x: Tensor, gate_up: Tensor, weights: Tensor, ids: Tensor, tiles: tuple,
+                  scales: Fp8Scales | None) -> Tensor:
+    """hidden [T * top_k, I]: one launch of fma_gate_up or gemv_gate_up (tiles: GemvConfig.gate_up)."""
+    kern = _kernels()
+    (T, H), top_k = x.shape, ids.shape[1]
+    inter = gate_up.shape[1] // 2
+    kind, block_n, block_k, warps, stages = tiles
+    (s, se, sn), scheme, block_k = _scale_args(gate_up, scales, "gate_up", block_k)
     hidden = torch.empty(T * top_k, inter, dtype=x.dtype, device=x.device)
-    kern.gemv_gate_up[(T * top_k, fused._cdiv(inter, up_n))](
-        x, gate_up, s_up, hidden, ids, weights, T, x.stride(0), gate_up.stride(0), gate_up.stride(1), se_up, sn_up,
-        hidden.stride(0), N=inter, K=H, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme_up, BLOCK_M=16,
-        BLOCK_N=up_n, BLOCK_K=up_k, PRECISION=precision, num_warps=up_warps, num_stages=up_stages)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    kern.gemv_down[(T, fused._cdiv(H, down_n))](
-        hidden, down, s_down, out, ids, hidden.stride(0), down.stride(0), down.stride(1), se_down, sn_down,
-        out.stride(0), N=H, K=inter, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme_down, BLOCK_N=down_n,
-        BLOCK_K=down_k, PRECISION=precision, num_warps=down_warps, num_stages=down_stages)
+    grid = (T * top_k, fused._cdiv(inter, block_n))
+    if kind == "fma":
+        kern.fma_gate_up[grid](
+            x, gate_up, s, hidden, ids, weights, x.stride(0), gate_up.stride(0), gate_up.stride(1), se, sn,
+            hidden.stride(0), N=inter, K=H, TOP_K=top_k, **scheme, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages)
+    elif kind == "mma":
+        kern.gemv_gate_up[grid](
+            x, gate_up, s, hidden, ids, weights, T, x.stride(0), gate_up.stride(0), gate_up.stride(1), se, sn,
+            hidden.stride(0), N=inter, K=H, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme, BLOCK_M=16,
+            BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x), num_warps=warps, num_stages=stages)
+    else:
+        raise ValueError(f"no gate_up kernel {tiles}")
+    return hidden
+
+
+def _gemv_down(hidden: Tensor, down: Tensor, ids: Tensor, tiles: tuple, scales: Fp8Scales | None) -> Tensor:
+    """out [T, H]: one launch of fma_down or gemv_down (tiles: GemvConfig.down), each token's top-k summed."""
+    kern = _kernels()
+    (T, top_k), (_, H, inter) = ids.shape, down.shape
+    kind, block_n, block_k, warps, stages = tiles
+    # gemv_down's experts change along its one K loop: per-row scales go in as blocks of a row by all of K
+    (s, se, sn), scheme, block_k = _scale_args(down, scales, "down", block_k, rows_of_k=kind == "mma")
+    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    grid = (T, fused._cdiv(H, block_n))
+    if kind == "fma":
+        kern.fma_down[grid](
+            hidden, down, s, out, ids, hidden.stride(0), down.stride(0), down.stride(1), se, sn, out.stride(0),
+            N=H, K=inter, TOP_K=top_k, **scheme, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            num_stages=stages)
+    elif kind == "mma":
+        kern.gemv_down[grid](
+            hidden, down, s, out, ids, hidden.stride(0), down.stride(0), down.stride(1), se, sn, out.stride(0),
+            N=H, K=inter, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme, BLOCK_N=block_n,
+            BLOCK_K=block_k, PRECISION=_precision(hidden), num_warps=warps, num_stages=stages)
+    else:
+        raise ValueError(f"no down kernel {tiles}")
     return out
 
 

@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from understudy.engine.layers.attention import (FP8_KV, AttentionFn, AttentionMetadata, as_bytes,
-                                                reference_attention, to_cache)
+from understudy.engine.layers.attention import FP8_KV, AttentionFn, AttentionMetadata, reference_attention
 
 TILE = 64  # context tokens per iteration
 Q_ROWS = 64  # query rows (tokens x heads of a kv head) per prefill program
@@ -224,16 +223,13 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Te
                    scale: float, *, k_scale: float = 1.0, v_scale: float = 1.0, sliding_window: int | None = None,
                    softcap: float | None = None, prefill_kernel: bool = False) -> Tensor:
     """Decode batches through the decode kernel; prefill and mixed batches through the prefill kernel
-    (`prefill_kernel`) or the reference path; a head shape the kernels do not take through the reference."""
+    (`prefill_kernel`) or the reference path; a head shape the kernels do not take through the reference.
+    The step's k and v are already in the caches (the model's fused.rope_and_store wrote them): this only
+    reads the caches, never writes them."""
     if not kernels_fit(q.shape[-1], q.shape[1] // k_cache.shape[2]) or (
             meta.max_query_len > 1 and not prefill_kernel):
         return reference_attention(q, k, v, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale,
                                    sliding_window=sliding_window, softcap=softcap)
-    # Every slot is valid here (eager steps have no padding; a graph's padded rows write into the
-    # reserved block 0): no host sync.
-    for new, cache, kv_scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        as_bytes(cache.view(-1, *cache.shape[2:])).index_copy_(0, meta.slot_mapping,
-                                                               as_bytes(to_cache(new, cache.dtype, kv_scale)))
     if meta.max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, k_scale,
                                       v_scale, sliding_window, softcap)

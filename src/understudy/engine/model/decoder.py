@@ -10,8 +10,9 @@ Every family's attention computes q, k and v with one GEMM (qkv_proj) and its ML
 q_proj / k_proj / v_proj / gate_proj / up_proj fill. Other module names equal the checkpoint's.
 
 The elementwise work between the matmuls goes through fused.py: on CUDA each of
-(residual add +) RMSNorm, RoPE of q and k, and SiLU(gate)*up is one Triton kernel;
-elsewhere it is the plain-torch reference, op for op what transformers does. The
+(residual add +) RMSNorm, RoPE of q and k (with the q/k norms and the store of k and v
+into the KV cache), and SiLU(gate)*up is one Triton kernel; elsewhere it is the
+plain-torch reference, op for op what transformers does. The
 residual stream is carried beside the hidden states (vLLM-style) so that each
 residual add is fused into the next norm.
 
@@ -112,9 +113,11 @@ class Attention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = fused.apply_rope(q, k, positions, inv_freq, self.mscale)
+        # q/k norms (Qwen3, Gemma 3), RoPE, and this step's k and v into the cache: one kernel on CUDA
+        qk_norm = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
+                                                      eps=self.q_norm.eps, offset=self.q_norm.offset)
+        q, k = fused.rope_and_store(q, k, v, positions, inv_freq, self.mscale, kv_cache[0], kv_cache[1],
+                                    meta.slot_mapping, self.k_scale, self.v_scale, **qk_norm)
         out = self.attention_fn(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, k_scale=self.k_scale,
                                 v_scale=self.v_scale, sliding_window=self.sliding_window, softcap=self.softcap)
         return row_parallel(self.o_proj, out.reshape(T, -1), self.tp)

@@ -85,8 +85,8 @@ class SparseMoE(nn.Module):
         self.experts = StackedExperts(config)
 
     def forward(self, x: Tensor) -> Tensor:
-        weights, ids = moe.route(self.gate(x), self.top_k, self.renormalize)
-        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.experts.scales())
+        out = moe.routed_experts(x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
+                                 self.renormalize, self.experts.scales())
         if self.tp is not None:  # each rank's experts produced partial sums over its slice of I
             self.tp.all_reduce(out)
         return out
