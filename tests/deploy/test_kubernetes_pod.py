@@ -136,11 +136,7 @@ def test_memory_probes_tell_serving_parked_and_hung(tmp_path):
         assert pod.probe("memory", "livenessProbe") == 0
         assert parked.poll() is None and serving.poll() is None
     finally:
-        for p in pod.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        shutil.rmtree(pod.run, ignore_errors=True)
+        _tear_down(pod)
 
 
 def test_the_engine_pod_as_kubelet_runs_it(tmp_path):
@@ -217,8 +213,13 @@ def test_the_engine_pod_as_kubelet_runs_it(tmp_path):
         codes["memory"] = pod.procs["memory"].wait(timeout=30)
         assert codes == {"frontend": 0, "engine-a": 0, "engine-b": 0, "memory-standby": 0, "memory": 0}, pod.log()
     finally:
-        for p in pod.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        shutil.rmtree(pod.run, ignore_errors=True)
+        _tear_down(pod)
+
+
+def _tear_down(pod) -> None:
+    """Whatever of the pod still runs is killed, and its run directory removed."""
+    for p in pod.procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    shutil.rmtree(pod.run, ignore_errors=True)

@@ -65,6 +65,18 @@ def _rope_heads(X, O, t, h0, n_heads, stride_xt, stride_xh, stride_ot, stride_oh
 
 
 @triton.jit
+def _cos_sin(freqs, PRECISE: tl.constexpr):
+    """cos and sin of fp32 angles: libdevice's (PRECISE) or the fast approximations."""
+    if PRECISE:
+        cos = libdevice.cos(freqs)
+        sin = libdevice.sin(freqs)
+    else:
+        cos = tl.cos(freqs)
+        sin = tl.sin(freqs)
+    return cos, sin
+
+
+@triton.jit
 def rope(Q, K, QO, KO, POS, INV_FREQ, stride_ft, mscale, n_q_heads, n_k_heads,
          stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
          HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISE: tl.constexpr):
@@ -75,13 +87,7 @@ def rope(Q, K, QO, KO, POS, INV_FREQ, stride_ft, mscale, n_q_heads, n_k_heads,
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HALF
     pos = tl.load(POS + t).to(tl.float32)
-    freqs = pos * tl.load(INV_FREQ + t * stride_ft + d, mask=d_ok, other=0.0)
-    if PRECISE:
-        cos = libdevice.cos(freqs)
-        sin = libdevice.sin(freqs)
-    else:
-        cos = tl.cos(freqs)
-        sin = tl.sin(freqs)
+    cos, sin = _cos_sin(pos * tl.load(INV_FREQ + t * stride_ft + d, mask=d_ok, other=0.0), PRECISE)
     cos = cos[None, :] * mscale
     sin = sin[None, :] * mscale
     q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
@@ -179,12 +185,7 @@ def rope_store(Q, K, V, QO, KO, KC, VC, SLOTS, POS, INV_FREQ, QW, KW, stride_ft,
     partner = tl.where(first, d + HALF, tl.where(rot, d - HALF, d))
     pos = tl.load(POS + t).to(tl.float32)
     freqs = pos * tl.load(INV_FREQ + t * stride_ft + tl.where(first, d, d - HALF), mask=rot, other=0.0)
-    if PRECISE:
-        cos = libdevice.cos(freqs)
-        sin = libdevice.sin(freqs)
-    else:
-        cos = tl.cos(freqs)
-        sin = tl.sin(freqs)
+    cos, sin = _cos_sin(freqs, PRECISE)
     # x * cat(cos, cos) + cat(-x2, x1) * cat(sin, sin): the first half takes -sin times its partner
     cos = (cos * mscale)[None, :]
     ssin = tl.where(first, -sin, sin)[None, :] * mscale
