@@ -174,7 +174,7 @@ def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, 
 
 # Batches of at most this many tokens take the GEMV-shaped path (no sorting, the top-k sum fused into the
 # down kernel); larger ones the sorted, grouped GEMMs. Compared on an H200 by bench/moe_block.py.
-GEMV_MAX_TOKENS = 2  # H200, bench/moe_block.py: GEMV 38.9 us vs grouped 43.9 at T=1; 148.7 vs 143.6 at T=8
+GEMV_MAX_TOKENS = 2  # H200, bench/moe_block.py: T=1 block 29.1 us vs grouped 44.0; at T=8 GEMV lost (148.7 vs 143.6)
 
 
 class GemvConfig(NamedTuple):

@@ -29,7 +29,7 @@ import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -74,12 +74,18 @@ class Piece:
 
 @dataclass
 class Window:
-    """Pieces of one file within one multiple of the window size. Staged, its byte i is the file's byte
-    `base` (the first piece's offset) + i."""
+    """Pieces of one file within one multiple of the window size, sorted by offset. Staged, its byte i is
+    the file's byte `base` + i."""
     file: Path
-    base: int
-    end: int  # the last piece's end
-    pieces: list[Piece] = field(default_factory=list)
+    pieces: list[Piece]
+
+    @property
+    def base(self) -> int:
+        return self.pieces[0].offset
+
+    @property
+    def end(self) -> int:
+        return max(p.offset + p.nbytes for p in self.pieces)
 
 
 def plan_windows(jobs: list[tuple[StoredTensor, torch.Tensor]], window: int = WINDOW) -> list[Window]:
@@ -99,7 +105,7 @@ def plan_windows(jobs: list[tuple[StoredTensor, torch.Tensor]], window: int = WI
     windows = []
     for (file, _), pieces in sorted(groups.items()):
         pieces.sort(key=lambda p: p.offset)
-        windows.append(Window(Path(file), pieces[0].offset, max(p.offset + p.nbytes for p in pieces), pieces))
+        windows.append(Window(Path(file), pieces))
     return windows
 
 
