@@ -169,3 +169,88 @@ def fmt_steps(s: dict) -> str:
     """One line of step_stats: '123.4 tok/s (median step 8.10 ms; mean 8.30 ms = 120.5 tok/s; max 9.90 ms)'."""
     return (f"{s['tok_s']:>9.1f} tok/s (median step {s['median_ms']:.2f} ms; mean {s['mean_ms']:.2f} ms = "
             f"{s['mean_tok_s']:.1f} tok/s; max {s['max_ms']:.2f} ms, {s['steps']} steps)")
+
+
+def profile_steps(step, steps: int, label: str, top: int = 18) -> dict:
+    """Run step() `steps` times under torch.profiler (CUDA kernels included, those inside CUDA graph replays
+    too) and print where each step's time goes: its wall time (step() returns after a device sync), the sum
+    of its kernels' durations, the gap between them (wall - kernels: host work, launches and syncs the device
+    waited for) and the `top` kernels by time per step. Returns those numbers (ms per step)."""
+    import collections
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    events = trace.get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
+    runtime: dict[str, list[float]] = collections.defaultdict(list)  # CUDA API calls on the host
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and "dur" in e:
+            runtime[e["name"]].append(e["dur"])
+    # The device's idle stretches between kernels (the first kernel's start to the last one's end): what the
+    # gap is made of, with the kernels on either side of the longest ones.
+    idle = [(b["ts"] - (a["ts"] + a["dur"]), a["name"], b["name"]) for a, b in zip(kernels, kernels[1:])]
+    idle = [g for g in idle if g[0] > 2.0]
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for k in kernels:
+        by_name[k["name"]].append(k["dur"])  # µs
+    total_us = sum(sum(d) for d in by_name.values())
+    wall_ms = sum(walls) / steps * 1e3
+    kernel_ms = total_us / steps / 1e3
+    print(f"# {label}: {steps} steps; per step: wall {wall_ms:.3f} ms, kernels {kernel_ms:.3f} ms "
+          f"({len(kernels) / steps:.0f} launches), gap {wall_ms - kernel_ms:.3f} ms "
+          f"(host work and launches the device waited for)", flush=True)
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"#   {sum(durs) / steps:9.1f} us/step {len(durs) / steps:6.1f} calls/step {sum(durs) / len(durs):8.2f} us/call"
+              f"  {sum(durs) / total_us:5.1%}  {name[:90]}", flush=True)
+    print(f"#   device idle between its kernels: {sum(g[0] for g in idle) / steps:.1f} us/step in "
+          f"{len(idle) / steps:.1f} stretches over 2 us; the longest:", flush=True)
+    for g, before, after in sorted(idle, reverse=True)[:6]:
+        print(f"#     {g:8.1f} us  after {before[:45]}  before {after[:45]}", flush=True)
+    print("#   host CUDA API calls per step: " + ", ".join(
+        f"{name} {sum(d) / steps:.0f} us ({len(d) / steps:.0f}x)"
+        for name, d in sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:6]), flush=True)
+    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "gap_ms": wall_ms - kernel_ms,
+            "launches": len(kernels) / steps}
+
+
+def profile_engine(engine, label: str, *, batch: int = 1, prompt_len: int = 32, vocab: int,
+                   prefill_lens: tuple[int, ...] = (), steps: int = 5) -> None:
+    """profile_steps of an idle engine's work: one prefill of each of `prefill_lens` random tokens (the step
+    that gives the first token), then `steps` decode steps of `batch` sequences."""
+    import torch
+
+    from understudy.engine.core.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(4242)
+    greedy = dict(temperature=0, ignore_eos=True)
+    for n in prefill_lens:
+        # one untimed prefill of this length first: first-call costs (autotuning, allocator growth) stay out
+        for tag in ("warm", "timed"):
+            engine.add_request(f"prof-{tag}-{n}", torch.randint(0, vocab, (n,), generator=gen).tolist(),
+                               SamplingParams(max_tokens=1, **greedy))
+            if tag == "timed":
+                profile_steps(engine.step, 1, f"{label}: prefill of {n} tokens")
+            while engine.has_work:
+                engine.step()
+    for r in range(batch):
+        engine.add_request(f"prof-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=steps + 8, **greedy))
+    while any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    profile_steps(engine.step, steps, f"{label}: decode at batch {batch}")
+    while engine.has_work:
+        engine.step()

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, decode_steps, device_sync, fmt_steps, pinned_h2d_seconds  # noqa: E402  (puts the repo root on sys.path)
+from common import copy_bandwidth, decode_steps, device_sync, fmt_steps, pinned_h2d_seconds, profile_engine  # noqa: E402  (puts the repo root on sys.path)
 from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -271,6 +271,9 @@ def main() -> None:
                     help="also time eager transformers (DynamicCache, no compile); the ratio stays against the "
                          "compiled static-cache run")
     ap.add_argument("--hf-repeats", type=int, default=3, help="timed generate pairs per batch (median)")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: also print where the time of a prefill of the largest --ttft-lens and of decode steps "
+                         "at the first batch goes (torch.profiler: wall, kernels, the gap, the top kernels)")
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint, reused when given again "
                                                     "(default: a temp dir)")
     args = ap.parse_args()
@@ -349,6 +352,9 @@ def main() -> None:
         for b in batches:
             results[b]["understudy"] = decode_steps(engine, b, args.prompt_len, tokens, shape["vocab_size"], sync)
             print(f"batch {b:>4}: understudy   {fmt_steps(results[b]['understudy'])}", flush=True)
+        if args.profile and not cpu:
+            profile_engine(engine, "understudy", batch=batches[0], prompt_len=args.prompt_len,
+                           vocab=shape["vocab_size"], prefill_lens=tuple(args.ttft_lens[-1:]))
     finally:
         built.close()  # the KV cache and weights sessions, the failover lock, the memory service
     del engine, built

@@ -3,7 +3,7 @@
 Both engines are built as `understudy serve` builds them (a memory service of their own, weights published
 into it, CUDA graphs, warm-up) from the same bf16 checkpoint: the second with `--quantization fp8
 --kv-cache-dtype fp8`, so its weights are quantized (per channel) as they are published. Prints decode
-tokens/s per batch size for both, their ratio (goal: >= 1.7x at batch 1) and the roofline: the bytes one
+tokens/s per batch size for both (the median decode step's, as bench/engine.py), their ratio (goal: >= 1.7x at batch 1) and the roofline: the bytes one
 decode step must read (every weight but the embedding table, which is only indexed) x steps/s over the
 device's memory bandwidth (measured by a device copy).
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import decode_steps, device_sync, fmt_steps, profile_engine  # noqa: E402
 from engine import bandwidths, cached_checkpoint
 
 GiB = 1 << 30
@@ -33,33 +34,6 @@ MODES = {"bf16": dict(quantization="none", kv_cache_dtype="auto"),
          "fp8": dict(quantization="fp8", kv_cache_dtype="fp8")}
 # --scaled-mm-everywhere: a third run with every FP8 matmul on torch._scaled_mm (quant.GEMV_MAX_M = 0)
 SCALED_MM = dict(quantization="fp8", kv_cache_dtype="fp8")
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def decode_rate(engine, batch: int, prompt_len: int, tokens: int, vocab: int, cuda: bool) -> float:
-    """Decode tokens/s: steps after every sequence has its first token, tokens counted per step."""
-    from understudy.engine.core.sampling import SamplingParams
-
-    gen = torch.Generator().manual_seed(batch)
-    for r in range(batch):
-        engine.add_request(f"b{batch}-{r}-{time.monotonic_ns()}",
-                           torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    decode_s, decoded = 0.0, 0
-    while engine.has_work:
-        prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
-        _sync(cuda)
-        t0 = time.perf_counter()
-        outs = engine.step()
-        _sync(cuda)
-        if not prefill:
-            decode_s += time.perf_counter() - t0
-            decoded += sum(len(o.new_token_ids) for o in outs)
-    return decoded / decode_s
 
 
 def step_bytes(model) -> int:
@@ -112,8 +86,11 @@ def _run_mode(mode: str, ckpt: Path, args, cuda: bool, build_engine) -> dict:
               f"({out['kv_tokens']} tokens)", flush=True)
         vocab = engine.model.config.vocab_size
         for b in args.batches:
-            out["tok_s"][b] = decode_rate(engine, b, args.prompt_len, args.tokens, vocab, cuda)
-            print(f"{mode} batch {b:>4}: {out['tok_s'][b]:>9.1f} tok/s", flush=True)
+            steps = decode_steps(engine, b, args.prompt_len, args.tokens, vocab, device_sync(engine.device))
+            out["tok_s"][b] = steps["tok_s"]  # the median step's: one slow step would skew a mean
+            print(f"{mode} batch {b:>4}: {fmt_steps(steps)}", flush=True)
+        if args.profile and cuda:
+            profile_engine(engine, mode, batch=args.batches[0], prompt_len=args.prompt_len, vocab=vocab)
     finally:
         built.close()
     del engine, built
@@ -278,6 +255,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens generated per request (default 128; --cpu 8)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--cpu", action="store_true", help="a tiny random model on the CPU: checks the wiring only")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: also print where a decode step's time goes at the first batch, per mode "
+                         "(torch.profiler: wall, kernels, the gap, the top kernels)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (reused between runs)")
     ap.add_argument("--gemm", action="store_true", help="sweep the FP8 GEMV alone (GPU), then the engines")
     ap.add_argument("--gemm-only", action="store_true", help="sweep the FP8 GEMV alone and stop")

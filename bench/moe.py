@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps  # noqa: E402  (also puts the repo root on sys.path)
+from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps, profile_engine  # noqa: E402  (also puts the repo root on sys.path)
 from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -192,28 +192,6 @@ def _replay_seconds(fn, sync, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def profile_decode(engine, batch: int, prompt_len: int, vocab: int) -> None:
-    """The CUDA kernels (and CPU ops) of three decode steps of `batch` sequences, as torch.profiler sees them."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from understudy.engine.core.sampling import SamplingParams
-
-    for r in range(batch):
-        engine.add_request(f"p{r}", [(7 * r + i) % vocab for i in range(prompt_len)],
-                           SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    while any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    engine.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            engine.step()
-        torch.cuda.synchronize()
-    while engine.has_work:
-        engine.step()
-    for key in ("cuda_time_total", "cpu_time_total"):
-        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70), flush=True)
-
-
 def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -> tuple[dict, float, list[int]]:
     """(step_stats of the decode steps: the median step is the headline, mean and max beside it; mean context
     length of the timed steps; distinct experts per layer of one step)."""
@@ -241,7 +219,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--profile", action="store_true",
-                    help="GPU: also print torch.profiler's top kernels of three decode steps at batch 1 and at the largest batch")
+                    help="GPU: also print where a decode step's time goes at batch 1 and at the largest batch (torch.profiler: wall, kernels, the gap, the top kernels)")
     args = ap.parse_args()
 
     cpu = args.cpu
@@ -328,7 +306,8 @@ def run(args, model_dir: Path, dtype_name: str, quantization: str, work: Path, b
                   f"{steps['median_ms']:.2f} ms", flush=True)
         if args.profile and not cpu:
             for batch in sorted({1, max(args.batches)}):
-                profile_decode(engine, batch, args.prompt_len, mcfg.vocab_size)
+                profile_engine(engine, f"{dtype_name} {quantization}", batch=batch, prompt_len=args.prompt_len,
+                               vocab=mcfg.vocab_size)
     finally:
         if built is not None:
             built.close()
