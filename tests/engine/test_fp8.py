@@ -339,11 +339,11 @@ GEMV_CASES = [(1, 44, 200, (8, 64, 2, 1), torch.float32), (1, 130, 260, None, to
 @pytest.mark.parametrize("m,n,k,config,dtype", GEMV_CASES)
 def test_interpreted_fp8_gemv_matches_the_dequantized_reference(interpreted, weights, m, n, k, config, dtype):
     x, w8, scale, b, layer, ref = _gemm_case(weights, m, n, k, dtype)
-    out = quant.fp8_gemv(x, w8, scale, b, layer, config)
+    out = quant.gemv(x, w8, scale, b, layer, config)
     assert out.dtype == dtype and out.shape == (m, n)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), ref, **tol)
-    without_bias = quant.fp8_gemv(x, w8, scale, None, layer, config)
+    without_bias = quant.gemv(x, w8, scale, None, layer, config)
     torch.testing.assert_close(without_bias.float(), ref - b.float(), **tol)
 
 
@@ -437,8 +437,8 @@ def test_cuda_fp8_linear_matches_the_dequantized_reference(weights, m):
 @pytest.mark.parametrize("config", [None, (8, 512, 1, 1), (16, 256, 4, 1), (8, 1024, 2, 2), (4, 128, 3, 1)])
 def test_cuda_fp8_gemv_matches_the_dequantized_reference_and_repeats_its_bits(weights, m, config):
     x, w8, scale, b, layer, ref = _gemm_case(weights, m, 1000, 4096, torch.bfloat16, "cuda")  # N off the tiles
-    out = quant.fp8_gemv(x, w8, scale, b, layer, config)
+    out = quant.gemv(x, w8, scale, b, layer, config)
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < 0.01, rel
     # split-K partial sums are added in a fixed order by a second launch: the same bits every time
-    assert torch.equal(out, quant.fp8_gemv(x, w8, scale, b, layer, config))
+    assert torch.equal(out, quant.gemv(x, w8, scale, b, layer, config))

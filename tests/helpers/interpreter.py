@@ -15,6 +15,25 @@ import pytest
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _loaded_loop_bounds() -> None:
+    """Triton 3.6's interpreter holds a loaded scalar as a one-element array and makes it a loop bound (a
+    range() over context_lens, say, as the attention kernels have) with int(array), which NumPy 2 refuses:
+    take .item() instead."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETING and importlib.util.find_spec("triton") is not None:
+    _loaded_loop_bounds()
+
+
 def run_interpreted_tests(test_file: str, timeout: float = 900) -> None:
     """Run `test_file`'s tests named *interpreted* in a TRITON_INTERPRET=1 child; fail with its output if any
     fails or all were skipped. Skips in the child itself and without Triton."""

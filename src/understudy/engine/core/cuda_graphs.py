@@ -35,6 +35,7 @@ from torch import Tensor
 
 from understudy.logs import log
 from understudy.engine.layers.attention import AttentionMetadata
+from understudy.engine.core.host_copies import copy_to_device
 from understudy.engine.core.kv_cache import KVCaches
 from understudy.engine.model.decoder import CausalLM
 
@@ -130,12 +131,14 @@ class StepGraphs:
         return next((b for b in self.mixed_buckets if b.tokens >= total and b.seqs > n), None)
 
     def run(self, input_ids: list[int], query_lens: list[int], context_lens: list[int], tables: list[list[int]],
-            logits_at: list[int], bucket: Bucket | None = None) -> Tensor:
+            logits_at: list[int], bucket: Bucket | None = None, device_ids: Tensor | None = None) -> Tensor:
         """Replay the step's bucket (`bucket(query_lens)`, unless the caller has it already; it must not be None):
         the logits of the tokens at `logits_at` (ascending indices into input_ids), one row each; hidden states
-        on a worker rank."""
+        on a worker rank. device_ids: the new tokens already on the device, in place of input_ids' values."""
         b = bucket or self.bucket(query_lens)
         self._fill(b, input_ids, query_lens, context_lens, tables, logits_at)
+        if device_ids is not None:  # queued behind the copy above: the ids are the first of ids64
+            self.ids64[:device_ids.shape[0]].copy_(device_ids)
         self._replay(b)
         out = self.outputs[b]
         if not self.logits:
@@ -182,7 +185,7 @@ class StepGraphs:
             positions[used:] = np.arange(pad)
             slots[used:] = np.arange(pad) % bs  # block 0's slots
             rows[:len(logits_at)] = logits_at
-        src64, src32 = torch.from_numpy(host64), torch.from_numpy(host32)
-        self.ids64[:src64.shape[0]].copy_(src64)
-        self.ids32[:src32.shape[0]].copy_(src32)
-        self.block_tables[:s, :width].copy_(torch.from_numpy(table))
+        # without waiting for the step the device is running (host_copies.py): the graph replays after these
+        copy_to_device(self.ids64[:host64.shape[0]], host64)
+        copy_to_device(self.ids32[:host32.shape[0]], host32)
+        copy_to_device(self.block_tables[:s, :width], table)

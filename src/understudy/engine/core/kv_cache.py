@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from understudy.logs import log
+from understudy.engine.core.host_copies import to_device
 from understudy.memory import MemoryClient
 from understudy.memory.backends.base import Backend
 from understudy.memory.tensors import dtype_name, dtype_of
@@ -196,4 +197,5 @@ class KVCache:
             return
         blocks = torch.tensor([b for b, _ in updates], dtype=torch.long)
         values = torch.tensor([list(h) if h else [0] * INDEX_ENTRY for _, h in updates], dtype=torch.uint8)
-        self.index.index_copy_(0, blocks.to(self.index.device), values.to(self.index.device))
+        device = self.index.device  # (copies that do not wait for a step queued on the device)
+        self.index.index_copy_(0, to_device(blocks, device), to_device(values, device))

@@ -19,9 +19,10 @@ from understudy.engine.core.block_manager import BlockManager
 from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.model.decoder import CausalLM
 from understudy.common.params import TokenLogprob
-from understudy.engine.core.sampling import LogprobTensors, SamplingParams, sample, to_host, token_logprobs
+from understudy.engine.core.host_copies import HostCopies, start_to_host, to_device
+from understudy.engine.core.sampling import LogprobTensors, Sampled, SamplingParams, reads_output, sample, token_logprobs
 from understudy.engine.core.scheduler import Scheduler
-from understudy.engine.core.sequence import Sequence
+from understudy.engine.core.sequence import Sequence, Status
 
 logger = logging.getLogger("understudy.engine")
 
@@ -52,6 +53,18 @@ class LogitRows:
 
 
 @dataclass
+class Launched:
+    """A step queued on the device: its forward, its sampling and the copy of their results to the host."""
+
+    batch: list[tuple[Sequence, int]]
+    rows: LogitRows
+    sampled: Sampled | None
+    prompt_lp: tuple | None  # (LogprobTensors on the device, next prompt tokens, top-k per row)
+    copies: HostCopies  # the sampled ids, logprobs and prompt logprobs on their way to the host
+    graph: bool  # replayed from a CUDA graph
+
+
+@dataclass
 class EngineLimits:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -73,6 +86,10 @@ class LLMEngine:
                                    max_waiting=limits.max_waiting, max_model_len=limits.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.graphs = None  # StepGraphs once enable_cuda_graphs() ran
+        # Queue each decode step behind the one before it when the host need not read that one's tokens first
+        # (step()); False: every step waits for the one before to be read.
+        self.overlap_decode = True
+        self._queued: Launched | None = None  # the step queued behind the one step() completes
         # The grammar engine of structured requests (engine/core/constraints.py); None: they are refused.
         self.constraints = constraints
         # Tensor parallelism: called with each step's inputs just before the forward (graph: a decode step
@@ -117,11 +134,12 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.finish(seq, "abort")
+        self._drop_dead_queue()
         return True
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._queued is not None
 
     def abandon(self) -> None:
         """The engine failed and its process is about to exit: let go of what must not wait for that (a
@@ -180,22 +198,49 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Run one step and return its outputs. With overlap_decode, a decode step whose sequences need no
+        host work before sampling again (docs/engine.md, "Overlapped decoding") is followed on the device by
+        the next one, queued before this one's tokens are read: the host's work of every step (reading the
+        tokens, advancing the sequences, filling the next inputs, launching) runs while the device computes."""
         t0 = time.perf_counter()
         segments = _cuda_segments(self.device) if self.timed_steps > 0 else 0
-        batch = self.scheduler.schedule()
-        self.kv.write_index(self.blocks.take_index_updates())  # recycled blocks leave the index first
-        if not batch:
-            return []
-        self.steps += 1
-        # An exception from here on is not caught: after a failed forward the KV cache, the sequences and
-        # (on CUDA) the context cannot be trusted, so the engine fails as a whole (AsyncEngine.on_failure).
+        current, self._queued = self._queued, None
+        if current is None:
+            batch = self.scheduler.schedule()
+            self.kv.write_index(self.blocks.take_index_updates())  # recycled blocks leave the index first
+            if not batch:
+                return []
+            # An exception from here on is not caught: after a failed forward the KV cache, the sequences and
+            # (on CUDA) the context cannot be trusted, so the engine fails as a whole (AsyncEngine.on_failure).
+            current = self._launch(batch, self._logit_rows(batch))
         t1 = time.perf_counter()
-        rows = self._logit_rows(batch)
+        if self.overlap_decode:
+            self._queued = self._launch_next_decode(current)
+        t2 = time.perf_counter()
+        outputs = self._complete(current)
+        self._drop_dead_queue()
+        self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - t0)
+        if self.timed_steps > 0:  # e.g. the first steps after a promotion: where does the time go?
+            self.timed_steps -= 1
+            t3 = time.perf_counter()
+            log(logger, "step_timing", launch_ms=round((t1 - t0) * 1e3, 3), queue_next_ms=round((t2 - t1) * 1e3, 3),
+                complete_ms=round((t3 - t2) * 1e3, 3), graph=current.graph, queued=self._queued is not None,
+                seqs=len(current.batch), tokens=sum(n for _, n in current.batch),
+                cuda_mallocs=_cuda_segments(self.device) - segments)
+        return outputs
+
+    def _launch(self, batch: list[tuple[Sequence, int]], rows: LogitRows, after: Launched | None = None) -> Launched:
+        """Queue a step's forward and sampling on the device, and the copy of its results to the host.
+        after: the step queued just before, whose sampled tokens are this one's inputs (overlapped decoding)."""
+        self.steps += 1
+        ahead = 0 if after is None else 1
         # A CUDA graph when one takes the step's shape; steps that score prompt tokens run eagerly.
         bucket = None if self.graphs is None or rows.prompt_spans else self.graphs.bucket([n for _, n in batch])
-        graph = bucket is not None
-        logits = self._forward_graph(batch, rows, bucket) if graph else self._forward_eager(batch, rows)
-        t2 = time.perf_counter()
+        ids = None if after is None else self._tokens_of(after, [seq for seq, _ in batch])
+        if bucket is not None:
+            logits = self._forward_graph(batch, rows, bucket, ids)
+        else:
+            logits = self._forward_eager(batch, rows, ids)
         # The forward is launched (on CUDA it runs while the host goes on): now the grammar bitmasks.
         seqs = [batch[i][0] for i in rows.sample]
         bitmask = self.constraints.bitmask(seqs) if self.constraints is not None and seqs else None
@@ -203,40 +248,102 @@ class LLMEngine:
         if seqs:
             at = rows.sample_at
             sampled = sample(logits if at == list(range(logits.shape[0])) else logits[at], seqs,
-                             eos_token_ids=self.eos_token_ids, bitmask=bitmask)
+                             eos_token_ids=self.eos_token_ids, bitmask=bitmask, ahead=ahead)
         prompt_lp = self._prompt_logprobs(batch, rows, logits) if rows.prompt_spans else None
-        tokens, logprobs, prompt_entries = self._to_host(sampled, prompt_lp, rows, batch)
-        outputs = self._advance(batch, rows, tokens, logprobs, prompt_entries)
-        self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - t0)
-        if self.timed_steps > 0:  # e.g. the first steps after a promotion: where does the time go?
-            self.timed_steps -= 1
-            t3 = time.perf_counter()
-            log(logger, "step_timing", schedule_ms=round((t1 - t0) * 1e3, 3), launch_ms=round((t2 - t1) * 1e3, 3),
-                sample_ms=round((t3 - t2) * 1e3, 3), graph=graph, seqs=len(batch), tokens=sum(n for _, n in batch),
-                cuda_mallocs=_cuda_segments(self.device) - segments)
-        return outputs
+        parts = []
+        if sampled is not None:
+            parts.append(sampled.token_ids)
+            if sampled.logprobs is not None:
+                parts += sampled.logprobs.tensors()
+        if prompt_lp is not None:
+            parts += prompt_lp[0].tensors()
+        return Launched(batch, rows, sampled, prompt_lp, start_to_host(*parts), bucket is not None)
+
+    def _launch_next_decode(self, prev: Launched) -> Launched | None:
+        """The decode step after `prev`, queued now, with prev's sampled tokens (still on the device) as its
+        inputs; None when the host must see prev's tokens first: prev is not a plain decode step, requests
+        wait to be admitted, a grammar or a penalty reads the latest token, a tensor-parallel group's ranks
+        take their inputs from the host, or the KV cache is full."""
+        if (self.step_hook is not None or self.scheduler.waiting or prev.rows.prompt_spans or prev.rows.prefill_only
+                or len(prev.rows.sample) != len(prev.batch) or any(n != 1 for _, n in prev.batch)):
+            return None
+        batch = []
+        for seq, _ in prev.batch:
+            if seq.status is not Status.RUNNING or not self._continues_after_next(seq):
+                continue  # finished (aborted), or prev's token is its last by length: nothing to queue for it
+            if seq.matcher is not None or reads_output(seq):
+                return None
+            batch.append((seq, 1))
+        if not batch or not all(self.blocks.reserve(seq, 2) for seq, _ in batch):
+            return None  # (blocks a failed reserve took stay with their sequences: the next steps need them)
+        n = len(batch)
+        return self._launch(batch, LogitRows(sample=list(range(n)), sample_at=list(range(n))), after=prev)
+
+    def _continues_after_next(self, seq: Sequence) -> bool:
+        """Whether the sequence goes on after the token its last queued step samples, as far as lengths tell
+        (an EOS or stop token is seen only when that token is read: the row queued after it is dropped)."""
+        return (len(seq.output) + 1 < seq.params.max_tokens
+                and seq.num_tokens + 1 < self.scheduler.max_model_len)
+
+    def _tokens_of(self, prev: Launched, seqs: list[Sequence]) -> torch.Tensor:
+        """prev's sampled tokens (on the device) of `seqs`, in that order."""
+        rows = {id(seq): r for r, (seq, _) in enumerate(prev.batch)}  # every row of prev sampled (a decode step)
+        picked = [rows[id(seq)] for seq in seqs]
+        token_ids = prev.sampled.token_ids
+        if picked == list(range(token_ids.shape[0])):
+            return token_ids
+        return token_ids[to_device(picked, token_ids.device, torch.long)]
+
+    def _complete(self, launched: Launched) -> list[StepOutput]:
+        """Wait for a launched step's results and advance its sequences; rows of sequences that finished
+        meanwhile (aborted, or ended by the step before) are dropped."""
+        host = iter(launched.copies.wait())
+        rows, batch, sampled, prompt_lp = launched.rows, launched.batch, launched.sampled, launched.prompt_lp
+        tokens, logprobs, prompt_entries = [], {}, []
+        if sampled is not None:
+            tokens = next(host).tolist()
+            if sampled.logprobs is not None:
+                lp = LogprobTensors(*(next(host) for _ in range(4)))
+                lp_rows = [rows.sample[r] for r in sampled.logprob_rows]
+                entries = lp.entries([tokens[r] for r in sampled.logprob_rows],
+                                     [batch[i][0].params.logprobs for i in lp_rows])
+                logprobs = dict(zip(lp_rows, entries))
+        if prompt_lp is not None:
+            lp = LogprobTensors(*(next(host) for _ in range(4)))
+            prompt_entries = lp.entries(*prompt_lp[1:])
+        return self._advance(batch, rows, tokens, logprobs, prompt_entries)
+
+    def _drop_dead_queue(self) -> None:
+        """Forget a queued step none of whose sequences is running any more (its device work is harmless: it
+        writes only the unsealed slots of blocks no sequence holds, before any later step can use them)."""
+        if self._queued is not None and all(seq.status is not Status.RUNNING for seq, _ in self._queued.batch):
+            self._queued = None
 
     @staticmethod
-    def _step_inputs(batch: list[tuple[Sequence, int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
-        """(new token ids, query lens, context lens, block tables) of a step."""
+    def _step_inputs(batch: list[tuple[Sequence, int]], ahead: int = 0
+                     ) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """(new token ids, query lens, context lens, block tables) of a step. ahead: each sequence's first new
+        token is one its output does not hold yet (the device has it): the ids are placeholders then."""
         input_ids: list[int] = []
         query_lens, context_lens, tables = [], [], []
         for seq, n in batch:
-            start = seq.num_computed
-            input_ids += seq.token_slice(start, start + n)
+            start = seq.num_computed + ahead
+            input_ids += [0] * n if ahead else seq.token_slice(start, start + n)
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(seq.block_table)
         return input_ids, query_lens, context_lens, tables
 
-    def _forward_graph(self, batch: list[tuple[Sequence, int]], rows: LogitRows, bucket) -> torch.Tensor:
-        """The step replayed from its bucket's CUDA graph: logits of the sampled rows, renumbered 0..k-1."""
-        inputs = self._step_inputs(batch)
+    def _forward_graph(self, batch: list[tuple[Sequence, int]], rows: LogitRows, bucket,
+                       ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The step replayed from its bucket's CUDA graph: logits of the sampled rows, renumbered 0..k-1.
+        ids: the new tokens already on the device (one per sequence), instead of the host's."""
+        inputs = self._step_inputs(batch, ahead=0 if ids is None else 1)
         if self.step_hook is not None:
             self.step_hook(*inputs, graph=True)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
-        logits = self.graphs.run(*inputs, logits_at=rows.sample_at, bucket=bucket)
+        logits = self.graphs.run(*inputs, logits_at=rows.sample_at, bucket=bucket, device_ids=ids)
         rows.sample_at = list(range(len(rows.sample_at)))
         return logits
 
@@ -259,9 +366,10 @@ class LLMEngine:
             flat += n
         return rows
 
-    def _forward_eager(self, batch: list[tuple[Sequence, int]], rows: LogitRows) -> torch.Tensor:
+    def _forward_eager(self, batch: list[tuple[Sequence, int]], rows: LogitRows,
+                       ids: torch.Tensor | None = None) -> torch.Tensor:
         bs = self.kv.spec.block_size
-        input_ids, query_lens, context_lens, tables = self._step_inputs(batch)
+        input_ids, query_lens, context_lens, tables = self._step_inputs(batch, ahead=0 if ids is None else 1)
         # The logits rows: each prompt span's, then the sampled ones (sample_at / prompt_spans are renumbered).
         positions = [first + j for _, first, count in rows.prompt_spans for j in range(count)]
         spans, at = [], 0
@@ -272,8 +380,9 @@ class LLMEngine:
         positions += rows.sample_at
         rows.sample_at = list(range(at, at + len(rows.sample_at)))
         meta = AttentionMetadata.build(query_lens, context_lens, tables, bs, device=self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        logits_at = torch.tensor(positions or [0], dtype=torch.long, device=self.device)  # [0]: a throwaway row
+        if ids is None:
+            ids = to_device(input_ids, self.device, torch.long)
+        logits_at = to_device(positions or [0], self.device, torch.long)  # [0]: a throwaway row
         if self.step_hook is not None:
             self.step_hook(input_ids, query_lens, context_lens, tables, graph=False)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
@@ -292,31 +401,6 @@ class LLMEngine:
         raw = logits[torch.tensor(at, device=logits.device)].float().log_softmax(-1)
         return token_logprobs(raw, torch.tensor(next_tokens, device=logits.device), max(ks)), next_tokens, ks
 
-    def _to_host(self, sampled, prompt_lp, rows: LogitRows, batch) -> tuple[list[int], dict, list]:
-        """Everything the step produced, on the host with one synchronisation: the sampled ids, their
-        logprobs {batch index: TokenLogprob} and the prompt logprob entries (in prompt_spans order)."""
-        parts = []
-        if sampled is not None:
-            parts.append(sampled.token_ids)
-            if sampled.logprobs is not None:
-                parts += sampled.logprobs.tensors()
-        if prompt_lp is not None:
-            parts += prompt_lp[0].tensors()
-        host = iter(to_host(*parts))
-        tokens, logprobs, prompt_entries = [], {}, []
-        if sampled is not None:
-            tokens = next(host).tolist()
-            if sampled.logprobs is not None:
-                lp = LogprobTensors(*(next(host) for _ in range(4)))
-                lp_rows = [rows.sample[r] for r in sampled.logprob_rows]
-                entries = lp.entries([tokens[r] for r in sampled.logprob_rows],
-                                     [batch[i][0].params.logprobs for i in lp_rows])
-                logprobs = dict(zip(lp_rows, entries))
-        if prompt_lp is not None:
-            lp = LogprobTensors(*(next(host) for _ in range(4)))
-            prompt_entries = lp.entries(*prompt_lp[1:])
-        return tokens, logprobs, prompt_entries
-
     def _advance(self, batch: list[tuple[Sequence, int]], rows: LogitRows, sampled: list[int],
                  logprobs: dict[int, TokenLogprob], prompt_entries: list[TokenLogprob]) -> list[StepOutput]:
         entries = iter(prompt_entries)
@@ -327,6 +411,8 @@ class LLMEngine:
                 if j == len(seq.prompt_logprobs):
                     seq.prompt_logprobs.append(entry)
         for seq, n in batch:
+            if seq.status is not Status.RUNNING:  # finished while its step was queued (see _complete)
+                continue
             if seq.num_computed < len(seq.prompt):
                 self.prompt_tokens_computed += min(n, len(seq.prompt) - seq.num_computed)
             seq.num_computed += n
@@ -340,6 +426,8 @@ class LLMEngine:
                                       prompt_logprobs=list(seq.prompt_logprobs)))
         for i, token in zip(rows.sample, sampled):
             seq = batch[i][0]
+            if seq.status is not Status.RUNNING:
+                continue
             seq.output.append(token)
             self.generated_tokens += 1
             completed = seq.matcher is not None and self.constraints.accept(seq, token)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from understudy.common.params import SamplingParams, TokenLogprob  # SamplingParams: also imported from here
+from understudy.engine.core.host_copies import to_device
 
 if TYPE_CHECKING:
     from understudy.engine.core.sequence import Sequence
@@ -50,7 +51,7 @@ class LogprobTensors:
 
 @dataclass
 class Sampled:
-    """The sampler's result, still on the device: read it with to_host() (one sync per step)."""
+    """The sampler's result, still on the device (host_copies.start_to_host brings it over)."""
 
     token_ids: Tensor  # [B] int64
     logprob_rows: list[int]  # rows that asked for logprobs
@@ -58,20 +59,23 @@ class Sampled:
 
 
 def sample(logits: Tensor, seqs: list[Sequence], *, eos_token_ids: frozenset[int] | tuple[int, ...] = (),
-           bitmask: Tensor | None = None) -> Sampled:
-    """The next token of each row of logits [B, V] (row i belongs to seqs[i]); nothing leaves the device."""
+           bitmask: Tensor | None = None, ahead: int = 0) -> Sampled:
+    """The next token of each row of logits [B, V] (row i belongs to seqs[i]); nothing leaves the device.
+    ahead: tokens each sequence has sampled on the device that its `output` does not hold yet (a step queued
+    behind the one that samples them, engine/core/llm_engine.py); they count for min_tokens and the noise's
+    output position. Penalties read the output itself: such rows are never sampled ahead (reads_output)."""
     device, batch = logits.device, logits.shape[0]
     params = [s.params for s in seqs]
     logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = logits[_index(logprob_rows, batch, device)].float().log_softmax(-1) if logprob_rows else None
-    logits = apply_transforms(logits, seqs, eos_token_ids=eos_token_ids, bitmask=bitmask)
+    logits = apply_transforms(logits, seqs, eos_token_ids=eos_token_ids, bitmask=bitmask, ahead=ahead)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(random_rows) < batch:
         token_ids = logits.argmax(dim=-1)
     if random_rows:
         idx = _index(random_rows, batch, device)
         chosen = _race(filtered_probs(logits[idx], [params[i] for i in random_rows]),
-                       [seqs[i] for i in random_rows])
+                       [seqs[i] for i in random_rows], ahead)
         if len(random_rows) == batch:
             token_ids = chosen
         else:
@@ -84,17 +88,17 @@ def sample(logits: Tensor, seqs: list[Sequence], *, eos_token_ids: frozenset[int
 
 
 def apply_transforms(logits: Tensor, seqs: list[Sequence], *, eos_token_ids=(),
-                     bitmask: Tensor | None = None) -> Tensor:
+                     bitmask: Tensor | None = None, ahead: int = 0) -> Tensor:
     """Bitmask, logit_bias, allowed_token_ids, min_tokens, repetition / presence / frequency penalties:
     a new float32 tensor (the input may be a CUDA graph's output buffer). A batch that asks for none of them
     (plain decoding, the usual step) gets the logits as they are, in float32: no [B, V] copy."""
-    if bitmask is None and not any(_transformed(s) for s in seqs):
+    if bitmask is None and not any(_transformed(s, ahead) for s in seqs):
         return logits.float()
     logits = logits.to(torch.float32, copy=True)
     if bitmask is not None:
         allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
         logits.masked_fill_(~allowed, float("-inf"))
-    _apply_bias_and_masks(logits, seqs, frozenset(eos_token_ids))
+    _apply_bias_and_masks(logits, seqs, frozenset(eos_token_ids), ahead)
     _apply_penalties(logits, seqs)
     return logits
 
@@ -106,15 +110,6 @@ def token_logprobs(logprobs: Tensor, token_ids: Tensor, k: int) -> LogprobTensor
     top = logprobs.topk(k, dim=-1) if k > 0 else None
     empty = logprobs.new_empty(len(token_ids), 0)
     return LogprobTensors(chosen[:, 0], rank, top.indices if top else empty.long(), top.values if top else empty)
-
-
-def to_host(*tensors: Tensor) -> list[Tensor]:
-    """Copy tensors to the host with one synchronisation."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.cpu() for t in tensors]
-    out = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(tensors[0].device).synchronize()
-    return out
 
 
 def unpack_bitmask(bitmask: Tensor, vocab: int) -> Tensor:
@@ -129,14 +124,21 @@ def unpack_bitmask(bitmask: Tensor, vocab: int) -> Tensor:
 # -- the transforms ------------------------------------------------------------------------------------------
 
 
-def _transformed(s: Sequence) -> bool:
+def reads_output(s: Sequence) -> bool:
+    """Whether sampling the sequence's next token reads its output tokens (the penalties count them), so that
+    it cannot be sampled before the host has the latest one."""
+    p = s.params
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+
+
+def _transformed(s: Sequence, ahead: int = 0) -> bool:
     """Whether a row's logits change before sampling (the transforms below; the grammar is the bitmask's)."""
     p = s.params
-    return bool(p.logit_bias or p.allowed_token_ids is not None or s.num_generated < p.min_tokens
+    return bool(p.logit_bias or p.allowed_token_ids is not None or s.num_generated + ahead < p.min_tokens
                 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
-def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[int]) -> None:
+def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[int], ahead: int = 0) -> None:
     """logit_bias, allowed_token_ids and min_tokens, in place (host lists -> one index tensor each)."""
     device, vocab = logits.device, logits.shape[1]
     rows, toks, vals = [], [], []
@@ -154,20 +156,20 @@ def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[i
         toks += ids
     if allowed_rows:
         allow = torch.zeros_like(logits, dtype=torch.bool)
-        allow.index_put_((_tensor(rows, device), _tensor(toks, device)), torch.tensor(True, device=device))
+        allow.index_put_((_tensor(rows, device), _tensor(toks, device)), torch.ones((), dtype=torch.bool, device=device))  # a fill, not a copy
         listed = torch.zeros(len(seqs), 1, dtype=torch.bool, device=device)
         listed[_tensor(allowed_rows, device)] = True
         logits.masked_fill_(listed & ~allow, float("-inf"))
     rows, toks = [], []
     for i, s in enumerate(seqs):
         p = s.params
-        if s.num_generated < p.min_tokens:
+        if s.num_generated + ahead < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
             stops = [t for t in stops if 0 <= t < vocab]
             rows += [i] * len(stops)
             toks += stops
     if rows:
-        logits.index_put_((_tensor(rows, device), _tensor(toks, device)), torch.tensor(float("-inf"), device=device))
+        logits.index_put_((_tensor(rows, device), _tensor(toks, device)), torch.full((), float("-inf"), device=device))
 
 
 def _apply_penalties(logits: Tensor, seqs: list[Sequence]) -> None:
@@ -238,9 +240,9 @@ def filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     return probs
 
 
-def _race(probs: Tensor, seqs: list[Sequence]) -> Tensor:
+def _race(probs: Tensor, seqs: list[Sequence], ahead: int = 0) -> Tensor:
     """argmax(p / E), E ~ Exp(1) per (row, token) from each row's (seed, output position)."""
-    keys = [_row_key(s.seed, s.num_generated) for s in seqs]
+    keys = [_row_key(s.seed, s.num_generated + ahead) for s in seqs]
     k1 = _tensor([_signed32(k & _M32) for k in keys], probs.device, torch.int32)[:, None]
     k2 = _tensor([_signed32(k >> 32) for k in keys], probs.device, torch.int32)[:, None]
     return probs.div_(exponentials(k1, k2, probs.shape[1])).argmax(dim=-1)
@@ -291,7 +293,7 @@ def _mix64(x: int) -> int:
 
 
 def _tensor(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return to_device(values, device, dtype)  # does not wait for the step queued on the device
 
 
 def _index(rows: list[int], batch: int, device: torch.device) -> Tensor | slice:

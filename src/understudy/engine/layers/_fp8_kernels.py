@@ -1,18 +1,20 @@
-"""The Triton kernels behind layers/quant.py: matmuls whose weights are FP8 with scales.
+"""The Triton kernels behind layers/quant.py: matmuls whose weights are FP8 with scales, and the GEMV
+for unquantized (bf16/fp16) weights too.
 
 out[m, n] = sum_k x[m, k] * w[n, k] * scale(n, k) (+ bias[n]), where scale is one number (SCHEME 0, per
-tensor), one per output row n (1, per channel) or one per block of SB_N x SB_K weights (2, e.g. 128 x 128).
-The activations stay in their dtype (bf16/fp16/fp32) and each weight tile is widened in registers, so the
-FP8 bytes are all that is read from memory: that is what makes decode (few rows, memory bound) fast.
+tensor), one per output row n (1, per channel), one per block of SB_N x SB_K weights (2, e.g. 128 x 128)
+or none at all (-1: the weights are unquantized, the GEMV only: layers/linear.py). The activations stay in
+their dtype (bf16/fp16/fp32) and each weight tile is widened in registers, so the weight bytes (FP8, or
+the model's dtype) are all that is read from memory: that is what makes decode (few rows, memory bound) fast.
 
   fp8_linear_kernel   a GEMM on tensor cores (tl.dot, tiles of >= 16 rows): prefill-sized batches.
-  fp8_gemv_kernel     decode-sized batches (1..GEMV_MAX_M rows, quant.py): no tl.dot, every program owns
-                      BLOCK_N weight rows and a slice of K (split-K), reads its weight tile once for all the
-                      rows, multiplies in fp32 registers and sums over K; fp8_gemv_reduce_kernel adds the
-                      split-K partial sums.
+  gemv_kernel         decode-sized batches (1..GEMV_MAX_M rows, quant.py; one row of unquantized weights,
+                      linear.py): no tl.dot, every program owns BLOCK_N weight rows and a slice of K
+                      (split-K), reads its weight tile once for all the rows, multiplies in fp32 registers
+                      and sums over K; gemv_reduce_kernel adds the split-K partial sums.
 
 Block scales apply to each K tile's partial sum (or to the activations of that tile), per-tensor and
-per-channel ones once at the end. Imported only where Triton is (quant.py imports it lazily, on CUDA or in
+per-channel ones once at the end, with the bias (_scale_and_bias). Imported only where Triton is (quant.py imports it lazily, on CUDA or in
 tests).
 """
 
@@ -20,6 +22,20 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _scale_and_bias(acc, S, B, n, n_ok, SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The fp32 sums `acc` of output columns `n` (any shape acc broadcasts with: [1, BLOCK_N] against
+    [BLOCK_M, BLOCK_N], or [BLOCK] alike) times their per-tensor (SCHEME 0) or per-channel (1) scale, plus
+    the bias; block scales (2) were applied per K tile, unquantized weights (-1) have none."""
+    if SCHEME == 1:
+        acc = acc * tl.load(S + n, mask=n_ok, other=0.0)
+    if SCHEME == 0:
+        acc = acc * tl.load(S)
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -48,12 +64,7 @@ def fp8_linear_kernel(X, W, S, B, Out, M, N, K: tl.constexpr, stride_xm, stride_
             acc += part * s[None, :]
         else:
             acc += part
-    if SCHEME == 1:
-        acc = acc * tl.load(S + rn, mask=n_ok, other=0.0)[None, :]
-    if SCHEME == 0:
-        acc = acc * tl.load(S)
-    if HAS_BIAS:
-        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _scale_and_bias(acc, S, B, rn[None, :], n_ok[None, :], SCHEME, HAS_BIAS)
     tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -72,21 +83,22 @@ def quantize_rows_kernel(X, Q, S, K, stride_x, stride_q, BLOCK: tl.constexpr, FP
 
 
 @triton.jit
-def fp8_gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_os,
-                    TILES: tl.constexpr, SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                    PARTIAL: tl.constexpr):
+def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_os,
+                TILES: tl.constexpr, SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                PARTIAL: tl.constexpr):
     """Program (j, s): rows j*BLOCK_N.. of W against all M (<= BLOCK_M) rows of X over TILES tiles of
     BLOCK_K columns from s*TILES*BLOCK_K (what runs past K is masked off). PARTIAL: store the fp32 sum in
-    Out[s] (block scales applied, no others, no bias: fp8_gemv_reduce_kernel finishes), else finish here.
+    Out[s] (block scales applied, no others, no bias: gemv_reduce_kernel finishes), else finish here.
     TILES is a constexpr: the interpreter takes no run-time loop bounds.
 
     Layout: each thread holds VEC consecutive k of a weight row (the warp's 32 threads side by side along
     K: one load instruction reads 32*VEC contiguous bytes of a row) and the x values of the same k, so the
     multiply needs no data movement between threads. VEC is the launcher's min(8, BLOCK_K / threads): x is
     loaded as a [1, BLOCK_K] bf16/fp16 row whose natural layout is exactly that (8 elements = 16 bytes per
-    thread), and the max_contiguous hint gives the FP8 tile the same one (8 bytes per thread); with 16 FP8
-    bytes per thread the two layouts differ and Triton moves x through shared memory every iteration.
+    thread), and the max_contiguous hint gives the weight tile the same one (8 bytes per thread for FP8, 16
+    for bf16/fp16 weights); with 16 FP8 bytes per thread the two layouts differ and Triton moves x through
+    shared memory every iteration. SCHEME -1 (unquantized weights): S is not read.
     One row (BLOCK_M 1, batch-1 decode): products accumulate elementwise, summed across threads once at the
     end. More rows: each row's tile product is summed over K every iteration (warp shuffles), since one
     [BLOCK_N, BLOCK_K] accumulator per row would not fit in registers."""
@@ -132,30 +144,20 @@ def fp8_gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, s
     if PARTIAL:
         tl.store(Out + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :], out, mask=mask)
     else:
-        if SCHEME == 1:
-            out = out * tl.load(S + rn, mask=n_ok, other=0.0)[None, :]
-        if SCHEME == 0:
-            out = out * tl.load(S)
-        if HAS_BIAS:
-            out += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = _scale_and_bias(out, S, B, rn[None, :], n_ok[None, :], SCHEME, HAS_BIAS)
         tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def fp8_gemv_reduce_kernel(P, S, B, Out, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
-                           SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def gemv_reduce_kernel(P, S, B, Out, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
+                       SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """Out[m, n] = scale(n) * sum over s of P[s, m, n] (+ bias[n]): the split-K partial sums of
-    fp8_gemv_kernel added in split order (so the same inputs give the same bits), scaled, cast."""
+    gemv_kernel added in split order (so the same inputs give the same bits), scaled, cast."""
     m = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < N
     acc = tl.zeros([BLOCK], tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(P + s * stride_ps + m * stride_pm + n, mask=n_ok, other=0.0)
-    if SCHEME == 1:
-        acc = acc * tl.load(S + n, mask=n_ok, other=0.0)
-    if SCHEME == 0:
-        acc = acc * tl.load(S)
-    if HAS_BIAS:
-        acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = _scale_and_bias(acc, S, B, n, n_ok, SCHEME, HAS_BIAS)
     tl.store(Out + m * stride_om + n, acc.to(Out.dtype.element_ty), mask=n_ok)

@@ -10,10 +10,11 @@ How it computes, per device:
   * CPU (and any device without the kernels): the exact reference, dequantize (fp32) then matmul in the
     activations' dtype. A checkpoint served this way gives what its dequantized twin gives.
   * CUDA, decode-sized batches (at most GEMV_MAX_M rows), any scale layout: a Triton GEMV
-    (_fp8_kernels.fp8_gemv_kernel, W8A16) that reads each FP8 weight once for all the rows, widens it in
+    (_fp8_kernels.gemv_kernel, W8A16) that reads each FP8 weight once for all the rows, widens it in
     registers and sums over K in fp32, split over K where N alone gives too few programs (the partial
     sums then added in a second, tiny launch). Decode is memory bound, so half the bytes of bf16 is the
-    point; tiles per matrix shape from gemv_config (GEMV_CONFIGS: bench/fp8.py --gemm-only).
+    point; tiles per matrix shape from gemv_config (GEMV_CONFIGS: bench/fp8.py --gemm-only). The same
+    kernel (no scales) serves one-row bf16/fp16 projections where it beats cuBLAS (layers/linear.py).
   * CUDA, more rows, per-tensor / per-channel scales: `torch._scaled_mm` on FP8 tensor cores, activations
     quantized per token at run time by one Triton launch (or with the checkpoint's static `input_scale`).
   * CUDA, more rows, 128x128 blocks (and dims that are not multiples of 16): a Triton GEMM on tensor cores
@@ -151,7 +152,7 @@ class Fp8Linear(nn.Module):
             return F.linear(x, self.dequantized().to(x.dtype), None if bias is None else bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= GEMV_MAX_M:
-            out = fp8_gemv(flat, self.weight, self.scales, bias, self.quant)
+            out = gemv(flat, self.weight, self.scales, bias, self.quant)
         elif self.quant.weights != "block" and _scaled_mm_fits(self):
             out = self._scaled_mm(flat, bias)
         else:
@@ -242,13 +243,14 @@ def gemv_config(n: int, k: int, m: int) -> tuple[int, int, int, int]:
     return block_n, block_k, split, 1
 
 
-def fp8_gemv(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, quant: Quantization,
-             config: tuple[int, int, int, int] | None = None) -> Tensor:
-    """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) for few rows (fp8_gemv_kernel); any device
-    Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple."""
+def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, quant: Quantization | None,
+         config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) for few rows (_fp8_kernels.gemv_kernel); quant
+    None: `weight` is unquantized (x's dtype, no scale: layers/linear.py). Any device Triton runs on (CUDA,
+    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple."""
     import triton
 
-    from understudy.engine.layers._fp8_kernels import fp8_gemv_kernel, fp8_gemv_reduce_kernel
+    from understudy.engine.layers._fp8_kernels import gemv_kernel, gemv_reduce_kernel
 
     M, K = x.shape
     N = weight.shape[0]
@@ -257,8 +259,9 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, quan
     if M == 0:
         return out
     block_n, block_k, split_k, warps = config or gemv_config(N, K, M)
-    block = quant.block or (1, 1)
-    if quant.weights == "block":  # the tile's rows must share their row of scale blocks
+    block = quant.block if quant is not None and quant.block else (1, 1)
+    scheme = -1 if quant is None else _SCHEME[quant.weights]  # -1: no scale (S is never read)
+    if scheme == 2:  # the tile's rows must share their row of scale blocks
         block_n = min(block_n, block[0] & -block[0])
     # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program
     vec = min(16 // x.element_size(), block_k // (32 * warps))
@@ -272,16 +275,17 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, quan
     # only chosen where the extra parallelism pays for it.
     dest = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if partial else out
     b = bias if bias is not None else out
-    fp8_gemv_kernel[(triton.cdiv(N, block_n), split_k)](
+    scale = scale if scale is not None else out  # any pointer: not read
+    gemv_kernel[(triton.cdiv(N, block_n), split_k)](
         x, weight, scale, b, dest, M, N, K, x.stride(0), weight.stride(0), dest.stride(-2),
-        scale.stride(0) if scale.dim() == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
-        SCHEME=_SCHEME[quant.weights], SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
+        scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
+        SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
-        fp8_gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
+        gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
             dest, scale, b, out, N, dest.stride(0), dest.stride(1), out.stride(0), SPLIT_K=split_k,
-            SCHEME=_SCHEME[quant.weights], HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+            SCHEME=scheme, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
     return out
 
 

@@ -24,6 +24,7 @@ Triton's interpreter.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,8 +33,38 @@ from torch import Tensor
 
 from understudy.engine.layers.attention import FP8_KV, AttentionFn, AttentionMetadata, reference_attention
 
-TILE = 64  # context tokens per iteration
-Q_ROWS = 64  # query rows (tokens x heads of a kv head) per prefill program
+TILE = 64  # context tokens per iteration of the decode kernel
+Q_ROWS = 64  # the fewest query rows (tokens x heads of a kv head) of a prefill program: a GQA group of up to 64
+LOG2E = 1.4426950408889634  # the kernels' softmax is in base 2 (exp2), its scale times log2(e)
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """The prefill kernel's tile shape: `rows` query rows (tokens x heads of a kv head; a power of two >= Q_ROWS)
+    per program, `tile` context tokens per iteration (a power of two >= 16), and the launch's num_warps and
+    num_stages (how many tiles of K/V the compiler keeps in flight)."""
+
+    rows: int
+    tile: int
+    warps: int
+    stages: int
+
+
+# (smallest max_query_len, config): a step takes the last entry whose bound its max_query_len reaches. A CUDA
+# graph's mixed step has its bucket's token count as max_query_len (core/cuda_graphs.py), so its buckets of
+# 256 tokens and more take the long-prompt config too. Picked by bench/prefill_attention.py on an H200.
+PREFILL_CONFIGS: tuple[tuple[int, PrefillConfig], ...] = (
+    (0, PrefillConfig(rows=64, tile=64, warps=4, stages=2)),  # short prompts, mixed steps
+    (256, PrefillConfig(rows=128, tile=64, warps=8, stages=3)),  # long prompts: bigger tl.dot tiles
+)
+
+
+def prefill_config(max_query_len: int, dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
+    """The config of a step whose longest sequence has max_query_len new tokens. fp32 (the exactness tests'
+    dtype, not a fast path) keeps the short one, whose K/V tiles of 4-byte values fit in shared memory."""
+    if dtype == torch.float32:
+        max_query_len = 0
+    return [cfg for bound, cfg in PREFILL_CONFIGS if max_query_len >= bound][-1]
 
 
 @triton.jit
@@ -44,42 +75,79 @@ def _tanh(x):
 
 
 @triton.jit
-def _attend_tile(q, K, V, table_row, kv_offset, tok, valid, visible, m, l, acc, scale, stride_kb, stride_ks, d,
-                 k_scale, v_scale, softcap, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-                 KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """One tile of context tokens `tok` (their blocks looked up in the sequence's block table) into the
-    online softmax (m, l, acc) of the rows of q; scores not `visible` to a row count for nothing. An FP8
-    cache (KV_FP8) is widened to q's dtype times its layer's k_scale / v_scale as it is read. SOFTCAP: scores
-    become softcap * tanh(scores / softcap) (Gemma 2). A head of HEAD_DIM < HEAD_PAD (a power of two, the
-    width of d) is padded with zeros."""
-    blk = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0)
-    off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks + kv_offset
-    if HEAD_PAD == HEAD_DIM:
-        kv_mask = valid[:, None]
+def _load_kv(K, V, table_row, kv_offset, start, n_keys, d, stride_kb, stride_ks, TILE_N: tl.constexpr,
+             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, MASKED: tl.constexpr,
+             BLOCKWISE: tl.constexpr):
+    """K and V ([TILE_N, HEAD_PAD] each) of context tokens start .. start + TILE_N - 1, their blocks looked up in
+    the sequence's block table: zeros past n_keys (MASKED; else every token is < n_keys) and past HEAD_DIM (a head
+    padded to the power of two HEAD_PAD). BLOCKWISE: start is a multiple of TILE_N, itself one of BLOCK_SIZE, so
+    the tile is whole blocks and takes one table entry per block instead of one per token."""
+    tok = start + tl.arange(0, TILE_N)
+    if BLOCKWISE:
+        b = start // BLOCK_SIZE + tl.arange(0, TILE_N // BLOCK_SIZE)
+        if MASKED:
+            blk = tl.load(table_row + b, mask=b * BLOCK_SIZE < n_keys, other=0)
+        else:
+            blk = tl.load(table_row + b)
+        off = blk.to(tl.int64)[:, None] * stride_kb + (tl.arange(0, BLOCK_SIZE) * stride_ks)[None, :]
+        off = tl.reshape(off, [TILE_N])
     else:
-        kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
-    k = tl.load(K + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    if KV_FP8:
-        k = (k.to(tl.float32) * k_scale).to(q.dtype)
-        v = (v.to(tl.float32) * v_scale).to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        blk = tl.load(table_row + tok // BLOCK_SIZE, mask=tok < n_keys, other=0)
+        off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks
+    ptr = off[:, None] + kv_offset + d[None, :]
+    if MASKED:
+        mask = (tok < n_keys)[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(K + ptr, mask=mask, other=0.0)
+        v = tl.load(V + ptr, mask=mask, other=0.0)
+    elif HEAD_PAD != HEAD_DIM:
+        k = tl.load(K + ptr, mask=(d < HEAD_DIM)[None, :], other=0.0)
+        v = tl.load(V + ptr, mask=(d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        k = tl.load(K + ptr)
+        v = tl.load(V + ptr)
+    return k, v
+
+
+@triton.jit
+def _online_softmax(q, k, v, visible, m, l, acc, qk_scale, softcap, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                    SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """A tile of keys k and values v into the online softmax (m, l, acc) of the rows of q, in base 2: qk_scale
+    is the softmax scale times log2(e) (SOFTCAP: over softcap, and then softcap is times log2(e): scores become
+    softcap * tanh(scores / softcap), Gemma 2), times an FP8 cache's k_scale (its v_scale is the caller's, on
+    the output). MASKED: scores not `visible` count for nothing; else every score of the tile counts."""
+    if KV_FP8:  # e4m3 values are exact in q's dtype
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if SOFTCAP:
-        s = softcap * _tanh(s / softcap)
-    s = tl.where(visible, s, float("-inf"))
+        s = softcap * _tanh(s * qk_scale)
+    else:
+        s = s * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no visible key yet (windows)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no visible key yet
+    else:
+        m_new_safe = m_new
+    p = tl.exp2(s - m_new_safe[:, None])
+    alpha = tl.exp2(m - m_new_safe)
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l, acc
+
+
+def _scales(scale: float, k_scale: float, softcap: float | None) -> tuple[float, float]:
+    """The kernels' (qk_scale, softcap) for _online_softmax."""
+    if softcap:
+        return scale * k_scale / softcap, softcap * LOG2E
+    return scale * k_scale * LOG2E, 0.0
 
 
 # A block table's row stride is its width, which changes from step to step: not a specialisation key, or
 # a width never seen in warm-up (a multiple of 16, say) would compile a new kernel inside a step.
 @triton.jit(do_not_specialize=["stride_bt"])
-def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale, k_scale, v_scale, window, softcap,
+def _paged_decode(Q, K, V, Out, block_tables, context_lens, qk_scale, v_scale, window, softcap,
                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
@@ -98,12 +166,12 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, scale, k_scale, v_sc
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # a sliding window: its last `window` keys
     for start in range(first, ctx, TILE_):
-        tok = start + tl.arange(0, TILE_)
-        valid = tok < ctx
-        m, l, acc = _attend_tile(q, K, V, block_tables + seq * stride_bt, kvh * stride_kh, tok, valid,
-                                 valid[None, :], m, l, acc, scale, stride_kb, stride_ks, d, k_scale, v_scale,
-                                 softcap, BLOCK_SIZE, PRECISION, KV_FP8, SOFTCAP, HEAD_DIM, HEAD_PAD)
-    out = acc / l[:, None]
+        k, v = _load_kv(K, V, block_tables + seq * stride_bt, kvh * stride_kh, start, ctx, d, stride_kb, stride_ks,
+                        TILE_, BLOCK_SIZE, HEAD_DIM, HEAD_PAD, True, False)
+        valid = start + tl.arange(0, TILE_) < ctx
+        m, l, acc = _online_softmax(q, k, v, valid[None, :], m, l, acc, qk_scale, softcap, PRECISION, KV_FP8,
+                                    SOFTCAP, True)
+    out = acc * (v_scale / l)[:, None]
     tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
              mask=row_mask)
 
@@ -116,9 +184,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     out = torch.empty_like(q)
+    qk_scale, softcap = _scales(scale, k_scale, softcap)
     _paged_decode[(B, Hkv)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale, k_scale, v_scale, sliding_window or 0,
-        softcap or 0.0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, out, block_tables, context_lens, qk_scale, v_scale, sliding_window or 0, softcap,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=D, TILE_=TILE, PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
@@ -127,32 +196,50 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return out
 
 
+@triton.jit
+def _prefill_tile(q, K, V, table_row, kv_offset, start, ctx, pos, window, m, l, acc, qk_scale, softcap, d,
+                  stride_kb, stride_ks, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_PAD: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr,
+                  BLOCKWISE: tl.constexpr, MASKED: tl.constexpr):
+    """Context tokens start .. start + TILE_N - 1 into the rows at positions `pos`: a row sees the keys up to
+    its own position (with a window, only the last `window` of them). Not MASKED: every row sees every key."""
+    k, v = _load_kv(K, V, table_row, kv_offset, start, ctx, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM,
+                    HEAD_PAD, MASKED, BLOCKWISE)
+    tok = (start + tl.arange(0, TILE_N))[None, :]
+    visible = (tok < ctx) & (tok <= pos[:, None]) & ((window <= 0) | (tok > pos[:, None] - window))  # (MASKED)
+    return _online_softmax(q, k, v, visible, m, l, acc, qk_scale, softcap, PRECISION, KV_FP8, SOFTCAP, MASKED)
+
+
 # The number of sequences is not a specialisation key either: a CUDA graph's fixed-size batch and an eager
 # step's count would otherwise compile kernels of their own.
 @triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
-def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_seqs, scale, k_scale, v_scale, window,
-                   softcap, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr):
+def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_seqs, num_kv_heads, qk_scale,
+                   v_scale, window, softcap, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+                   stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
+                   KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCKWISE: tl.constexpr):
+    # Programs are numbered (tile of query tokens, kv head), the kv head fastest. Sequence i owns the tiles
+    # [qs[i] // Q_TILE + i, qs[i+1] // Q_TILE + i + 1) (qs = query_start): at least one per Q_TILE of its q_len
+    # query tokens, and the grid's size, (T // Q_TILE + num_seqs) x kv heads, depends on the step's token and
+    # sequence counts only, not on how the tokens are split (a CUDA graph fixes both).
     pid = tl.program_id(0)
-    kvh = tl.program_id(1)
-    # Sequence i owns programs [qs[i] // Q_TILE + i, qs[i+1] // Q_TILE + i + 1) (qs = query_start): at least
-    # one per tile of its q_len query tokens, and the grid's size, T // Q_TILE + num_seqs, depends on the
-    # step's token and sequence counts only, not on how the tokens are split (a CUDA graph fixes both).
-    # Binary search for the last sequence whose first program is <= pid.
-    lo = pid * 0
+    kvh = pid % num_kv_heads
+    tile = pid // num_kv_heads
+    # Binary search for the last sequence whose first tile is <= this one.
+    lo = tile * 0
     hi = lo + num_seqs
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        owns = tl.load(query_start + mid) // Q_TILE + mid <= pid
+        owns = tl.load(query_start + mid) // Q_TILE + mid <= tile
         lo = tl.where(owns, mid, lo)
         hi = tl.where(owns, hi, mid)
     seq = lo
     q0 = tl.load(query_start + seq)
-    qt = pid - (q0 // Q_TILE + seq)  # this program's tile of the sequence's query tokens (past q_len: no work)
     q_len = tl.load(query_start + seq + 1) - q0
     ctx = tl.load(context_lens + seq)
+    # A sequence's first program takes its last query tokens (past q_len: no work), which see the most keys:
+    # the longest programs of a long prompt start first and the short ones fill the tail of the grid.
+    qt = (q0 + q_len) // Q_TILE + seq - tile
     r = tl.arange(0, Q_TILE * GROUP_PAD)  # row = (query token of this tile, head of this kv head)
     j = qt * Q_TILE + r // GROUP_PAD
     g = r % GROUP_PAD
@@ -166,45 +253,60 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_se
     m = tl.full([Q_TILE * GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([Q_TILE * GROUP_PAD], tl.float32)
     acc = tl.zeros([Q_TILE * GROUP_PAD, HEAD_PAD], tl.float32)
-    # Keys past this tile's last query token are masked for every row; a tile past q_len has no work.
-    end = tl.where(qt * Q_TILE < q_len, tl.minimum(ctx, ctx - q_len + (qt + 1) * Q_TILE), 0)
-    # With a sliding window a row sees keys pos - window + 1 .. pos: none before the first row's first one.
-    start = tl.where(window > 0, tl.maximum(ctx - q_len + qt * Q_TILE - window + 1, 0), 0)
-    while start < end:  # not a range(): Triton's interpreter cannot take a loaded value as its bound
-        tok = start + tl.arange(0, TILE_)
-        valid = tok < end
-        in_window = (window <= 0) | (tok[None, :] > pos[:, None] - window)
-        visible = valid[None, :] & (tok[None, :] <= pos[:, None]) & in_window
-        m, l, acc = _attend_tile(q, K, V, block_tables + seq * stride_bt, kvh * stride_kh, tok, valid,
-                                 visible, m, l, acc, scale, stride_kb, stride_ks, d, k_scale, v_scale, softcap,
-                                 BLOCK_SIZE, PRECISION, KV_FP8, SOFTCAP, HEAD_DIM, HEAD_PAD)
-        start += TILE_
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l == 0 only in rows that are not stored
+    # Key tiles [t * TILE_N, (t + 1) * TILE_N), this program's rows at positions first_pos .. last_pos: tiles
+    # t_first .. t_end - 1 hold keys some row sees; of them, tiles u_lo .. u_hi - 1 only keys that every row
+    # sees (at or before first_pos and, with a sliding window, at or after last_pos - window + 1), which need
+    # no mask. The others are the causal diagonal's (a tile or two) and a window's lower edge.
+    first_pos = ctx - q_len + qt * Q_TILE
+    last_pos = tl.minimum(first_pos + Q_TILE, ctx) - 1
+    t_end = tl.where(qt * Q_TILE < q_len, last_pos // TILE_N + 1, 0)
+    t_first = tl.minimum(tl.where(window > 0, tl.maximum(first_pos - window + 1, 0) // TILE_N, 0), t_end)
+    seen_by_all = tl.where(window > 0, tl.maximum(last_pos - window + 1, 0), 0)
+    u_lo = tl.minimum(tl.maximum((seen_by_all + TILE_N - 1) // TILE_N, t_first), t_end)
+    u_hi = tl.maximum(u_lo, tl.minimum((first_pos + 1) // TILE_N, t_end))
+    table_row = block_tables + seq * stride_bt
+    kv_offset = kvh * stride_kh
+    for t in range(t_first, u_lo):
+        m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
+                                  softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
+                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, True)
+    for t in range(u_lo, u_hi):
+        m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
+                                  softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
+                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, False)
+    for t in range(u_hi, t_end):
+        m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
+                                  softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
+                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, True)
+    out = acc * (v_scale / tl.where(l > 0, l, 1.0))[:, None]  # l == 0 only in rows that are not stored
     tl.store(Out + (q0 + j)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(Out.dtype.element_ty), mask=row_mask)
 
 
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
                             scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                            sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
-    """q [T, Hq, D] (each sequence's new tokens, its K/V already stored) over its cached context, causal."""
+                            sliding_window: int | None = None, softcap: float | None = None,
+                            config: PrefillConfig | None = None) -> Tensor:
+    """q [T, Hq, D] (each sequence's new tokens, its K/V already stored) over its cached context, causal.
+    config: the tile shape (default: prefill_config's for the step)."""
     _, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     group_pad = triton.next_power_of_2(group)
-    q_tile = max(1, Q_ROWS // group_pad)
+    cfg = config or prefill_config(meta.max_query_len, q.dtype)
+    q_tile = max(1, cfg.rows // group_pad)
     out = torch.empty_like(q)
     num_seqs = meta.context_lens.shape[0]  # a device tensor's shape: no sync, and fixed in a CUDA graph
-    grid = (q.shape[0] // q_tile + num_seqs, Hkv)
+    qk_scale, softcap = _scales(scale, k_scale, softcap)
+    grid = ((q.shape[0] // q_tile + num_seqs) * Hkv,)
     _paged_prefill[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.context_lens, num_seqs, scale,
-        k_scale, v_scale, sliding_window or 0, softcap or 0.0, q.stride(0), q.stride(1), k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        meta.block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_=TILE,
+        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.context_lens, num_seqs, Hkv,
+        qk_scale, v_scale, sliding_window or 0, softcap, q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_N=cfg.tile,
         PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
-        HEAD_PAD=triton.next_power_of_2(D),
+        HEAD_PAD=triton.next_power_of_2(D), BLOCKWISE=cfg.tile % block_size == 0,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return out
 

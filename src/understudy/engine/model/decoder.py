@@ -8,6 +8,8 @@ The families differ only in details that ModelConfig turns into flags (model/fam
 Every family's attention computes q, k and v with one GEMM (qkv_proj) and its MLP gate and up with one
 (gate_up_proj), as Phi-3's checkpoint stores them; model/layout.py says which rows of those a checkpoint's
 q_proj / k_proj / v_proj / gate_proj / up_proj fill. Other module names equal the checkpoint's.
+Every projection (and the logits) goes through layers/linear.py: F.linear, or for one row on CUDA a
+Triton GEMV where it was measured faster.
 
 The elementwise work between the matmuls goes through fused.py: on CUDA each of
 (residual add +) RMSNorm, RoPE of q and k (with the q/k norms and the store of k and v
@@ -27,11 +29,11 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from understudy.engine.layers import fused, quant
 from understudy.engine.layers.attention import AttentionFn, AttentionMetadata, reference_attention
+from understudy.engine.layers.linear import Linear, linear
 from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.rope import RotaryEmbedding, attention_factor, rope_inv_freq  # noqa: F401 (re-export)
 from understudy.engine.model.experts import SparseMoE
@@ -58,15 +60,15 @@ class RMSNorm(nn.Module):
         return fused.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
 
-def row_parallel(linear: nn.Linear, x: Tensor, tp) -> Tensor:
-    """linear(x); under tensor parallelism (model/sharding.py) x holds this rank's slice of the input features and
-    linear.weight the matching columns: the partial products are summed across ranks, then the bias
+def row_parallel(layer: nn.Linear, x: Tensor, tp) -> Tensor:
+    """layer(x); under tensor parallelism (model/sharding.py) x holds this rank's slice of the input features and
+    layer.weight the matching columns: the partial products are summed across ranks, then the bias
     (replicated) is added once."""
     if tp is None:
-        return linear(x)
-    out = F.linear(x, linear.weight)
+        return layer(x)
+    out = linear(x, layer.weight)
     tp.all_reduce(out)
-    return out if linear.bias is None else out + linear.bias
+    return out if layer.bias is None else out + layer.bias
 
 
 class Attention(nn.Module):
@@ -90,12 +92,12 @@ class Attention(nn.Module):
         self.attention_fn = attention_fn
         self.fused = config.fuse_qkv
         if self.fused:  # q, k and v rows of one matrix: one GEMM (model/layout.py)
-            self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+            self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
         else:  # FP8 checkpoints whose scales do not cut along the rows (Quantization.fuses)
-            self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias)
-            self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
-            self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+            self.q_proj = Linear(config.hidden_size, config.q_size, bias=config.qkv_bias)
+            self.k_proj = Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
+            self.v_proj = Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_offset)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, config.norm_offset)
@@ -131,11 +133,11 @@ class MLP(nn.Module):
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.fused = config.fuse_gate_up
         if self.fused:  # gate rows, then up rows, in one matrix: one GEMM (model/layout.py)
-            self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+            self.gate_up_proj = Linear(h, 2 * i, bias=bias)
         else:  # as Attention's
-            self.gate_proj = nn.Linear(h, i, bias=bias)
-            self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+            self.gate_proj = Linear(h, i, bias=bias)
+            self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
         self.act_and_mul = fused.gelu_tanh_and_mul if config.hidden_act == "gelu_pytorch_tanh" else fused.silu_and_mul
 
     def forward(self, x: Tensor) -> Tensor:
@@ -224,7 +226,7 @@ class CausalLM(nn.Module):
         # Tied models have no lm_head parameter at all: logits reuse the embedding matrix.
         # (A tied Parameter would be untied again by assign-style loading.)
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         if config.quantization is not None:  # FP8 projections (layers/quant.py)
             quant.install(self, config.quantization)
@@ -244,7 +246,7 @@ class CausalLM(nn.Module):
             logits_indices = meta.last_token_indices()
         hidden = self.model.norm(hidden[logits_indices])
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = linear(hidden, weight)  # one row (batch-1 decode): maybe the GEMV (layers/linear.py)
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2/3
 

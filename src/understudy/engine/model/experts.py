@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from understudy.engine.layers import moe
+from understudy.engine.layers.linear import Linear
 from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.quantization import expert_scale_shapes
 
@@ -81,7 +82,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router (layers/linear.py)
         self.experts = StackedExperts(config)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -221,11 +221,12 @@ class GroupEngine(LLMEngine):
             super().enable_cuda_graphs(mixed_steps)
             self.group.recv_all()
 
-    def _forward_eager(self, batch, rows):
-        return self._on_all_ranks(super()._forward_eager, batch, rows)
+    # (ids: never given here: a group's steps are not queued ahead, its ranks take their inputs from the host)
+    def _forward_eager(self, batch, rows, ids=None):
+        return self._on_all_ranks(super()._forward_eager, batch, rows, ids)
 
-    def _forward_graph(self, batch, rows, bucket):
-        return self._on_all_ranks(super()._forward_graph, batch, rows, bucket)
+    def _forward_graph(self, batch, rows, bucket, ids=None):
+        return self._on_all_ranks(super()._forward_graph, batch, rows, bucket, ids)
 
     def abandon(self) -> None:
         """A failed leader (serving/faults.py): the whole group ends with it, now."""

@@ -1,0 +1,44 @@
+"""The decoder's unquantized projections (q/k/v, o, gate/up, down, the MoE router, lm_head): F.linear, except
+one row on CUDA, where a table says the Triton GEMV beats cuBLAS.
+
+Batch-1 decode multiplies one token's row by each weight matrix: memory bound, and for small matrices mostly
+latency. cuBLAS reads the Llama-3-8B qkv at ~3.1 TB/s of the H200's ~4.3 and splits o and down over K with
+a reduce launch of its own (~1.6 us each); the MoE router (0.5 MB) takes 5 us. The FP8 layers' GEMV
+(quant.gemv, _fp8_kernels.gemv_kernel) runs with no scales on bf16/fp16 weights too, so shapes where it is
+faster (measured, DENSE_GEMV_CONFIGS) take it. Which path runs depends only on shapes and dtypes, fixed
+when a CUDA graph is captured: no host sync, nothing allocated by value. FP8 layers (quant.Fp8Linear) keep
+their own routing; on the CPU (and under the Triton interpreter, whose tensors are CPU ones) this is F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from understudy.engine.layers import fused, quant
+
+# (N, K) of a weight -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV for one row of bf16/fp16 x; shapes
+# not listed take cuBLAS. Paste the dict that `python bench/fp8.py --gemm-only --gemm-dtype bf16` prints (an
+# H200: only shapes where the GEMV beat cuBLAS in that sweep). Empty until that sweep has run on an H200.
+DENSE_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+_DTYPES = (torch.bfloat16, torch.float16)  # what the sweep measures (fp16 reads the same bytes as bf16)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias); one row (x [1, K] or [K], a decode step of one token) on CUDA in bf16/fp16
+    through the GEMV when DENSE_GEMV_CONFIGS lists the weight's shape."""
+    config = DENSE_GEMV_CONFIGS.get(tuple(weight.shape)) if x.numel() == x.shape[-1] else None
+    if (config is not None and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.stride(-1) == 1
+            and fused._use_triton(x)):
+        out = quant.gemv(x.reshape(1, -1), weight, None, bias, None, config)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward is `linear` (the decoder's projections are these; quant.install swaps the
+    ones a checkpoint quantizes for Fp8Linear)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
