@@ -128,8 +128,11 @@ def device_sync(device):
 
 def decode_steps(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync, before_decode=None) -> dict:
     """`batch` greedy requests of random prompts stepped to the end; step_stats of the decode steps (steps with
-    no prefill in them: prefill steps are not timed). before_decode(engine), not timed, runs before each decode
-    step; when it returns True it stepped the engine itself and the loop looks again."""
+    no prefill in them: prefill steps are not timed). A step's time is the interval between the returns of
+    engine.step() (which returns once the step's tokens are on the host), with no device sync in between: an
+    engine that queues the next step before reading this one's tokens keeps the device busy across steps, and
+    a sync would take that away. before_decode(engine), not timed, runs before each decode step; when it
+    returns True it stepped the engine itself and the loop looks again."""
     import torch
 
     from understudy.engine.core.sampling import SamplingParams
@@ -139,17 +142,21 @@ def decode_steps(engine, batch: int, prompt_len: int, tokens: int, vocab: int, s
         engine.add_request(f"b{batch}-{r}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(),
                            SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
     seconds, decoded = [], []
+    sync()
+    last = time.perf_counter()
     while engine.has_work:
         prefill = any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting
         if not prefill and before_decode is not None and before_decode(engine):
+            sync()
+            last = time.perf_counter()
             continue
-        sync()
-        t0 = time.perf_counter()
         outs = engine.step()
-        sync()
+        now = time.perf_counter()
         if not prefill:
-            seconds.append(time.perf_counter() - t0)
+            seconds.append(now - last)
             decoded.append(sum(len(o.new_token_ids) for o in outs))
+        last = now
+    sync()
     return step_stats(seconds, decoded)
 
 

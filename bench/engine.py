@@ -352,6 +352,14 @@ def main() -> None:
         for b in batches:
             results[b]["understudy"] = decode_steps(engine, b, args.prompt_len, tokens, shape["vocab_size"], sync)
             print(f"batch {b:>4}: understudy   {fmt_steps(results[b]['understudy'])}", flush=True)
+        # The same engine with every step waiting for the one before to be read (LLMEngine.overlap_decode off):
+        # what overlapping the host's work with the device's is worth, in the same run.
+        engine.overlap_decode = False
+        results[batches[0]]["understudy_not_overlapped"] = decode_steps(
+            engine, batches[0], args.prompt_len, tokens, shape["vocab_size"], sync)
+        engine.overlap_decode = True
+        print(f"batch {batches[0]:>4}: understudy, steps not overlapped "
+              f"{fmt_steps(results[batches[0]]['understudy_not_overlapped'])}", flush=True)
         if args.profile and not cpu:
             profile_engine(engine, "understudy", batch=batches[0], prompt_len=args.prompt_len,
                            vocab=shape["vocab_size"], prefill_lens=tuple(args.ttft_lens[-1:]))

@@ -11,6 +11,7 @@ device's memory bandwidth (measured by a device copy).
     PYTHONPATH=src python bench/fp8.py --layers 4 --tokens 32   # a quick smoke run on a GPU
     PYTHONPATH=src python bench/fp8.py --cpu                # a tiny model on the CPU (checks the wiring only)
     PYTHONPATH=src python bench/fp8.py --gemm-only          # the FP8 GEMV alone: per matrix, rows and tile config
+    PYTHONPATH=src python bench/fp8.py --gemm-only --gemm-dtype bf16   # the bf16 GEMV vs cuBLAS (layers/linear.py)
     PYTHONPATH=src python bench/fp8.py --gemm --batches 1 8 --tokens 64   # that sweep, then the engines
 """
 
@@ -106,20 +107,29 @@ GEMV_SHAPES = ((6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"),
 GEMV_TILES = ((4, 256, 1), (8, 256, 1), (4, 512, 1), (8, 512, 1), (16, 512, 1), (16, 256, 2), (16, 512, 4),
               (16, 1024, 4))
 ROTATE_BYTES = 256 << 20  # weights cycled through per timing: 5x the H200's 50 MB L2, so reads come from HBM
+# --gemm-dtype bf16/fp16: the unquantized one-row projections of layers/linear.py, Llama-3-8B's and
+# Qwen3-30B-A3B's (hidden 2048, 32 q heads and 4 kv heads of 128; the MoE router: 128 experts)
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE_SHAPES = GEMV_SHAPES + ((128256, 4096, "lm_head"), (5120, 2048, "moe qkv"), (2048, 4096, "moe o"),
+                              (128, 2048, "moe router"), (151936, 2048, "moe lm_head"))
+# the small matrices are latency: also few rows per program and all of K in one or two tiles (more warps)
+DENSE_TILES = GEMV_TILES + ((2, 512, 1), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4))
+MIN_SPEEDUP = 1.03  # a one-row shape joins linear.DENSE_GEMV_CONFIGS when the GEMV is this much faster
 
 
-def gemv_candidates(n: int, k: int, m: int) -> list[tuple[int, int, int, int]]:
-    """The GEMV configs swept for one shape: quant.gemv_config's default first, then GEMV_TILES x SPLIT_K,
-    leaving out splits that give the same split as a smaller one and grids of under one program per SM."""
+def gemv_candidates(n: int, k: int, m: int, tiles=GEMV_TILES) -> list[tuple[int, int, int, int]]:
+    """The GEMV configs swept for one shape: quant.gemv_config's default first, then tiles x SPLIT_K,
+    leaving out splits that give the same split as a smaller one and grids of under one program per SM
+    (per two rows for a matrix of fewer than 264)."""
     import triton
 
     from understudy.engine.layers import quant
 
     out = [quant.gemv_config(n, k, m)]
-    for bn, bk, warps in GEMV_TILES:
+    for bn, bk, warps in tiles:
         for split in (1, 2, 4, 8):
             k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
-            if triton.cdiv(k, k_split) != split or triton.cdiv(n, bn) * split < 132:
+            if triton.cdiv(k, k_split) != split or triton.cdiv(n, bn) * split < min(132, n // 2):
                 continue
             if (bn, bk, split, warps) not in out:
                 out.append((bn, bk, split, warps))
@@ -132,10 +142,15 @@ def _warm_gemv(tasks: list) -> None:
     from understudy.engine.model.quantization import Quantization
 
     for n, k, m, scheme, cfg in tasks:
+        if scheme in DENSE_DTYPES:  # unquantized weights: no scales (what runs is compiled, not the values)
+            dtype = DENSE_DTYPES[scheme]
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            quant.gemv(x, torch.empty(n, k, device="cuda", dtype=dtype), None, None, None, cfg)
+            continue
         block = (128, 128) if scheme == "block" else None
         w8, scale = quant.quantize(torch.randn(n, k, device="cuda"), scheme, block)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        quant.fp8_gemv(x, w8, scale, None, Quantization("fp8", scheme, "dynamic", block, "weight_scale"), cfg)
+        quant.gemv(x, w8, scale, None, Quantization("fp8", scheme, "dynamic", block, "weight_scale"), cfg)
     torch.cuda.synchronize()
 
 
@@ -211,7 +226,7 @@ def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
             t_bf = graph_seconds([lambda w=w: F.linear(x, w) for w in w16])
             t_dot = graph_seconds([lambda c=c: quant.fp8_linear(x, c.weight, c.scales, None, q) for c in layers])
             t_mm = graph_seconds([lambda c=c: c._scaled_mm(x, None) for c in layers]) if scheme != "block" else math.inf
-            times = {cfg: graph_seconds([lambda c=c, cfg=cfg: quant.fp8_gemv(x, c.weight, c.scales, None, q, cfg)
+            times = {cfg: graph_seconds([lambda c=c, cfg=cfg: quant.gemv(x, c.weight, c.scales, None, q, cfg)
                                          for c in layers])
                      for cfg in gemv_candidates(n, k, m)}
             default = quant.gemv_config(n, k, m)
@@ -240,6 +255,61 @@ def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
           f"(quant.GEMV_MAX_M = {max(wins, default=0)}{'' if wins == rows[:len(wins)] else ', not contiguous: check'})")
 
 
+def dense_sweep(hbm: float, name: str, rows: list[int], workers: int) -> None:
+    """Each DENSE_SHAPES matrix in bf16/fp16 at each row count: cuBLAS (F.linear) and the GEMV with no scales
+    (quant.gemv, every gemv_candidates config of DENSE_TILES), in the same run; then the one-row table of
+    layers/linear.py to paste: each shape's best config, commented out where it is not MIN_SPEEDUP x faster
+    than cuBLAS (linear.py routes only one row to the GEMV: other rows are printed for the record)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from understudy.engine.layers import quant
+
+    dtype = DENSE_DTYPES[name]
+    tasks = [(n, k, m, name, cfg) for n, k, _ in DENSE_SHAPES for m in rows
+             for cfg in gemv_candidates(n, k, m, DENSE_TILES)]
+    t0 = time.perf_counter()
+    precompile(tasks, workers)
+    print(f"# {len(tasks)} GEMV variants compiled in {time.perf_counter() - t0:.0f}s ({workers} processes); {name} "
+          f"weights, no scales; TB/s = weight bytes / time (the device copy: {hbm / 1e3:.2f} TB/s read+write)",
+          flush=True)
+    table = []
+    for n, k, what in DENSE_SHAPES:
+        nbytes = 2 * n * k
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+                   for _ in range(max(2, math.ceil(ROTATE_BYTES / nbytes)))]
+        launches = 240 if nbytes < ROTATE_BYTES else 48  # an lm_head reads 0.6-1 GB a call
+
+        def rate(t):
+            return f"{t * 1e6:6.1f} us {nbytes / t / 1e12:4.2f} TB/s"
+
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            t_cublas = graph_seconds([lambda w=w: F.linear(x, w) for w in weights], launches)
+            times = {cfg: graph_seconds([lambda w=w, cfg=cfg: quant.gemv(x, w, None, None, None, cfg)
+                                         for w in weights], launches)
+                     for cfg in gemv_candidates(n, k, m, DENSE_TILES)}
+            ranked = sorted(times, key=times.get)
+            best = ranked[0]
+            speedup = t_cublas / times[best]
+            print(f"{what:>12} {n}x{k} m={m}: cuBLAS {rate(t_cublas)} | GEMV best {best} {rate(times[best])} "
+                  f"= {speedup:.2f}x cuBLAS's speed; next: "
+                  + ", ".join(f"{c} {times[c] * 1e6:.1f} us" for c in ranked[1:4]), flush=True)
+            if m == 1:
+                table.append(("" if speedup >= MIN_SPEEDUP else "# ") + f"({n}, {k}): {best},  # {what}: "
+                             f"{times[best] * 1e6:.1f} us {nbytes / times[best] / 1e12:.2f} TB/s, cuBLAS "
+                             f"{t_cublas * 1e6:.1f} us {nbytes / t_cublas / 1e12:.2f} TB/s: {speedup:.2f}x")
+        del weights
+        torch.cuda.empty_cache()
+    print(f"# paste into src/understudy/engine/layers/linear.py (python bench/fp8.py --gemm-only --gemm-dtype {name}, "
+          f"this run; one row; commented out: under {MIN_SPEEDUP}x cuBLAS's speed, cuBLAS stays):")
+    print("DENSE_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {")
+    for line in table:
+        print(f"    {line}")
+    print("}")
+
+
 def tiny_checkpoint(work: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.helpers.tiny_model import make_tiny_llama
@@ -261,7 +331,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (reused between runs)")
     ap.add_argument("--gemm", action="store_true", help="sweep the FP8 GEMV alone (GPU), then the engines")
     ap.add_argument("--gemm-only", action="store_true", help="sweep the FP8 GEMV alone and stop")
-    ap.add_argument("--gemm-rows", type=int, nargs="+", default=[1, 2, 4, 8], help="rows the sweep times")
+    ap.add_argument("--gemm-dtype", default="fp8", choices=["fp8", *DENSE_DTYPES],
+                    help="weights of the sweep: fp8 (quant.GEMV_CONFIGS), or bf16/fp16 unquantized against cuBLAS "
+                         "at the Llama-3-8B and Qwen3-30B-A3B shapes (linear.DENSE_GEMV_CONFIGS)")
+    ap.add_argument("--gemm-rows", type=int, nargs="+", default=None,
+                    help="rows the sweep times (default 1 2 4 8; bf16/fp16: 1 2)")
     ap.add_argument("--gemm-scheme", default="channel", choices=["tensor", "channel", "block"],
                     help="weight scales of the sweep (channel: what --quantization fp8 makes)")
     ap.add_argument("--compile-workers", type=int, default=12, help="processes compiling the sweep's kernels")
@@ -277,7 +351,10 @@ def main() -> None:
         _, hbm = bandwidths()
         print(f"# device memory {hbm:.0f} GB/s (copy, read+write)", flush=True)
         if args.gemm or args.gemm_only:
-            gemm_sweep(hbm, args.gemm_scheme, args.gemm_rows, args.compile_workers)
+            if args.gemm_dtype == "fp8":
+                gemm_sweep(hbm, args.gemm_scheme, args.gemm_rows or [1, 2, 4, 8], args.compile_workers)
+            else:
+                dense_sweep(hbm, args.gemm_dtype, args.gemm_rows or [1, 2], args.compile_workers)
             if args.gemm_only:
                 return
         ckpt = cached_checkpoint(work, args.layers)

@@ -18,19 +18,31 @@ from understudy.engine.model.loader import iter_weights, load_config
 from tests.helpers.tiny_model import make_tiny_llama
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def model(request, tmp_path_factory):
+    """The tiny model on the CPU (eager steps), and on a GPU with the Triton attention, so that steps replay
+    CUDA graphs and the copies around them are the asynchronous ones."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from understudy.engine.layers.triton_attention import attention_for
+
     path = make_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=3)
     config = load_config(path)
     with torch.device("meta"):
-        m = CausalLM(config)
-    m.load_weights(iter_weights(path, torch.float32))
+        m = CausalLM(config, attention_for("triton")) if request.param == "cuda" else CausalLM(config)
+    m.load_weights(iter_weights(path, torch.float32), device=request.param)
     return m
 
 
-def engine(model, overlap: bool, **limits) -> LLMEngine:
+def engine(model, overlap: bool, num_blocks: int | None = None) -> LLMEngine:
+    device = model.lm_head.weight.device
     spec = KVSpec.for_budget(model.config, 8 << 20, 16, torch.float32)
-    e = LLMEngine(model, KVCache.local(spec, "cpu"), eos_token_ids=(), limits=EngineLimits(**limits))
+    if num_blocks is not None:
+        spec = dataclasses.replace(spec, num_blocks=num_blocks)
+    e = LLMEngine(model, KVCache.local(spec, device.type), eos_token_ids=(), limits=EngineLimits(max_num_seqs=8),
+                  device=device)
+    if device.type == "cuda":
+        e.enable_cuda_graphs(mixed_steps=True)
     e.overlap_decode = overlap
     return e
 
@@ -128,13 +140,9 @@ def test_the_kv_cache_running_out_stops_queueing_and_preempts_as_before(model):
     """A cache of a few blocks: the scheduler preempts; queued steps must neither take blocks the plain engine
     would not have nor change any token."""
     requests = {f"r{i}": (prompt(30 + i, 20), SamplingParams(max_tokens=24, temperature=0)) for i in range(4)}
-    spec_blocks = 12
     outs = []
     for overlap in (True, False):
-        spec = KVSpec.for_budget(model.config, 8 << 20, 16, torch.float32)
-        spec = dataclasses.replace(spec, num_blocks=spec_blocks)
-        e = LLMEngine(model, KVCache.local(spec, "cpu"), limits=EngineLimits())
-        e.overlap_decode = overlap
+        e = engine(model, overlap, num_blocks=12)
         outs.append(run(e, requests))
         assert e.blocks.num_free == e.blocks.capacity and e.scheduler.preemptions > 0
     assert outs[0] == outs[1]
