@@ -235,9 +235,10 @@ def _attention_case(dtype, group, block_size, q_lens, ctx, device="cpu", hkv=2, 
 
 
 # a mixed batch (a short prefill over a cached prefix, as after a failover, a decode, whole prompts); a
-# prefill longer than one program's tile of query tokens. (Decode batches go to the decode kernel, whose
-# loop bound the interpreter cannot take: they are checked on the GPU only.)
+# prefill longer than one program's tile of query tokens. (A decode batch, one new token per sequence, goes to
+# the decode kernel.)
 PREFILL_BATCHES = [([4, 1, 17, 30], [4, 20, 17, 100]), ([70, 3], [90, 200])]
+DECODE_BATCH = ([1, 1, 1], [1, 17, 40])
 
 
 def _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cpu", d=16):
@@ -258,9 +259,46 @@ def _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cpu", d
 # The interpreter's tl.dot on bf16 gives garbage (numpy has no bf16); the GPU runs bf16 (test below).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group,block_size", [(1, 16), (4, 16), (3, 4)])
-@pytest.mark.parametrize("q_lens,ctx", PREFILL_BATCHES)
+@pytest.mark.parametrize("q_lens,ctx", PREFILL_BATCHES + [DECODE_BATCH])
 def test_interpreted_paged_attention_matches_the_reference(interpreted, dtype, group, block_size, q_lens, ctx):
     _check_fast_attention(dtype, group, block_size, q_lens, ctx)
+
+
+def _check_prefill_configs(dtype, group, d, q_lens, ctx, device="cpu", fp8=False, **kw):
+    """Every config prefill_config may pick, on one case, against the reference. fp8: an FP8 cache (k_scale
+    0.5, v_scale 2.0); kw: sliding_window, softcap."""
+    from understudy.engine.layers.attention import FP8_KV, reference_attention, to_cache
+    from understudy.engine.layers.triton_attention import PREFILL_CONFIGS, paged_prefill_attention
+
+    torch.manual_seed(group * d + sum(q_lens))
+    q, k, v, kc, vc, meta = _attention_case(dtype, group, 16, q_lens, ctx, device, d=d)
+    if fp8:
+        kw.update(k_scale=0.5, v_scale=2.0)
+        kc, vc = to_cache(kc * 2, FP8_KV, 0.5), to_cache(vc * 2, FP8_KV, 2.0)
+    ref = reference_attention(q, k, v, kc, vc, meta, d ** -0.5, **kw)
+    for _, config in PREFILL_CONFIGS:
+        out = paged_prefill_attention(q, kc, vc, meta, d ** -0.5, config=config, **kw)
+        torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"{config}: {m}")
+
+
+# Cases that cross each config's tiles: a prompt of several programs' query tokens and key tiles (the causal
+# diagonal within and across tiles, the unmasked tiles before it), a chunk after a cached prefix (context >
+# query), the mixed-step layout with a decode row; GQA groups 1, 4 and 8; head_dim 64, 128 and 24 (padded).
+PREFILL_CONFIG_CASES = [(1, 64, [150], [150]), (4, 128, [100], [260]), (8, 64, [3, 1, 16, 40], [3, 50, 16, 200]),
+                        (4, 24, [70, 5], [70, 90])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group,d,q_lens,ctx", PREFILL_CONFIG_CASES)
+def test_interpreted_prefill_configs_match_the_reference(interpreted, dtype, group, d, q_lens, ctx):
+    _check_prefill_configs(dtype, group, d, q_lens, ctx)
+
+
+# An FP8 cache; a sliding window shorter than a program's query tokens (masked tiles only) and one longer
+# (unmasked tiles between the window's edge and the diagonal), with soft-capped scores (Gemma 2).
+@pytest.mark.parametrize("kw", [dict(fp8=True), dict(sliding_window=7), dict(sliding_window=100, softcap=2.0)])
+def test_interpreted_prefill_configs_fp8_window_softcap(interpreted, kw):
+    _check_prefill_configs(torch.float32, 4, 64, [150, 20], [180, 20], **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,6 +312,15 @@ def test_interpreted_paged_attention_matches_the_reference(interpreted, dtype, g
 @pytest.mark.parametrize("q_lens,ctx", [([1, 1, 1], [1, 17, 40])] + PREFILL_BATCHES + [([4, 9], [3000, 1500])])
 def test_cuda_paged_attention_matches_the_reference(dtype, group, block_size, q_lens, ctx):
     _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cuda", d=128)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,d,q_lens,ctx", PREFILL_CONFIG_CASES + [(4, 128, [1500], [1500]),
+                                                                       (8, 128, [1100, 7], [3000, 40])])
+@pytest.mark.parametrize("kw", [{}, dict(fp8=True), dict(sliding_window=100, softcap=2.0)])
+def test_cuda_prefill_configs_match_the_reference(dtype, group, d, q_lens, ctx, kw):
+    _check_prefill_configs(dtype, group, d, q_lens, ctx, device="cuda", **kw)
 
 
 @cuda_only

@@ -6,24 +6,29 @@ looking up each token's block in the block table, and keeps an online softmax.
 Reads only device tensors, so it can be captured in a CUDA graph.
 
 Prefill and mixed batches (unless `serve --prefill-attention reference`, which
-takes attention.reference_attention): one program per (tile of Q_ROWS // group
-query tokens of a sequence, kv head), each finding its sequence by a binary
-search over query_start_loc, so the grid depends only on the step's token and
-sequence counts and a mixed step can be captured in a CUDA graph
-(core/cuda_graphs.py). The same walk as decode, with a causal mask:
-query token j of a sequence with context c and q new tokens sits at position
-c - q + j and sees keys 0..c - q + j (its cached prefix and the new tokens up
-to itself). A step is one launch per layer and no host sync, where the
-reference path loops over sequences and syncs once per layer: that matters
-most for the first step after a failover, a short prefill over an adopted
-prefix. Both kernels are checked against the reference on a GPU
-(tests/engine/test_fused.py, test_cuda_paths.py); the prefill kernel also in
-Triton's interpreter.
+takes attention.reference_attention): one program per (tile of query tokens of
+a sequence, kv head): PrefillConfig.rows rows of (token, query head of the kv
+head), so a GQA group's heads share each K/V tile they load. Each program finds
+its sequence by a binary search over query_start_loc, so the grid depends only
+on the step's token and sequence counts (and the config, picked from
+max_query_len by prefill_config) and a mixed step can be captured in a CUDA
+graph (core/cuda_graphs.py). Query token j of a sequence with context c and q
+new tokens sits at position c - q + j and sees keys 0..c - q + j (its cached
+prefix and the new tokens up to itself). A program walks key tiles aligned to
+the cache's blocks: those every row sees without a mask (one block-table entry
+per block), then the one or two on its causal diagonal masked; tiles past the
+diagonal are never loaded. A step is one launch per layer and no host sync,
+where the reference path loops over sequences and syncs once per layer: that
+matters most for the first step after a failover, a short prefill over an
+adopted prefix. Both kernels are checked against the reference on a GPU
+(tests/engine/test_fused.py, test_cuda_paths.py) and in Triton's interpreter;
+bench/prefill_attention.py times the prefill configs.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +55,18 @@ class PrefillConfig:
     stages: int
 
 
-# (smallest max_query_len, config): a step takes the last entry whose bound its max_query_len reaches. A CUDA
-# graph's mixed step has its bucket's token count as max_query_len (core/cuda_graphs.py), so its buckets of
-# 256 tokens and more take the long-prompt config too. Picked by bench/prefill_attention.py on an H200.
+# (smallest max_query_len, config): a step takes the last entry whose bound its max_query_len reaches. From
+# bench/prefill_attention.py's sweep on an H200 (bf16, Llama-3-8B and Qwen3-30B-A3B layer shapes; us per call
+# against the kernel before the sweep, which walked every tile masked in a while loop and no pipelining):
+# rows 64 / tile 64 / 4 warps / 3 stages is the best or within 3% of it everywhere (512-token prompt 14 us,
+# was 27; mixed 32 x 16 tokens over 1000: 48, was 70), rows 128 / tile 32 / 4 warps / 3 stages the best at
+# 2048 tokens on Llama-3-8B (97 us = 355 TFLOP/s, was 250; flash SDPA 163) and within 3% of the best at
+# 8192 (1402 us = 392 TFLOP/s). A CUDA graph's mixed step has its bucket's token count (up to 512) as
+# max_query_len (core/cuda_graphs.py): the long-prompt entry starts above that, so graphs keep the short one,
+# which is 1.6x faster on a mixed step.
 PREFILL_CONFIGS: tuple[tuple[int, PrefillConfig], ...] = (
-    (0, PrefillConfig(rows=64, tile=64, warps=4, stages=2)),  # short prompts, mixed steps
-    (256, PrefillConfig(rows=128, tile=64, warps=8, stages=3)),  # long prompts: bigger tl.dot tiles
+    (0, PrefillConfig(rows=64, tile=64, warps=4, stages=3)),  # short prompts, mixed steps
+    (1024, PrefillConfig(rows=128, tile=32, warps=4, stages=3)),  # long prompts
 )
 
 
@@ -77,11 +88,12 @@ def _tanh(x):
 @triton.jit
 def _load_kv(K, V, table_row, kv_offset, start, n_keys, d, stride_kb, stride_ks, TILE_N: tl.constexpr,
              BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, MASKED: tl.constexpr,
-             BLOCKWISE: tl.constexpr):
+             BLOCKWISE: tl.constexpr, KV_ALIGN: tl.constexpr):
     """K and V ([TILE_N, HEAD_PAD] each) of context tokens start .. start + TILE_N - 1, their blocks looked up in
     the sequence's block table: zeros past n_keys (MASKED; else every token is < n_keys) and past HEAD_DIM (a head
     padded to the power of two HEAD_PAD). BLOCKWISE: start is a multiple of TILE_N, itself one of BLOCK_SIZE, so
-    the tile is whole blocks and takes one table entry per block instead of one per token."""
+    the tile is whole blocks and takes one table entry per block instead of one per token (KV_ALIGN: what the
+    cache's block and token strides are multiples of, _kv_align)."""
     tok = start + tl.arange(0, TILE_N)
     if BLOCKWISE:
         b = start // BLOCK_SIZE + tl.arange(0, TILE_N // BLOCK_SIZE)
@@ -90,7 +102,7 @@ def _load_kv(K, V, table_row, kv_offset, start, n_keys, d, stride_kb, stride_ks,
         else:
             blk = tl.load(table_row + b)
         off = blk.to(tl.int64)[:, None] * stride_kb + (tl.arange(0, BLOCK_SIZE) * stride_ks)[None, :]
-        off = tl.reshape(off, [TILE_N])
+        off = tl.multiple_of(tl.reshape(off, [TILE_N]), KV_ALIGN)  # what the reshape hides: vector loads
     else:
         blk = tl.load(table_row + tok // BLOCK_SIZE, mask=tok < n_keys, other=0)
         off = blk.to(tl.int64) * stride_kb + (tok % BLOCK_SIZE) * stride_ks
@@ -167,7 +179,7 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, qk_scale, v_scale, w
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # a sliding window: its last `window` keys
     for start in range(first, ctx, TILE_):
         k, v = _load_kv(K, V, block_tables + seq * stride_bt, kvh * stride_kh, start, ctx, d, stride_kb, stride_ks,
-                        TILE_, BLOCK_SIZE, HEAD_DIM, HEAD_PAD, True, False)
+                        TILE_, BLOCK_SIZE, HEAD_DIM, HEAD_PAD, True, False, 1)
         valid = start + tl.arange(0, TILE_) < ctx
         m, l, acc = _online_softmax(q, k, v, valid[None, :], m, l, acc, qk_scale, softcap, PRECISION, KV_FP8,
                                     SOFTCAP, True)
@@ -200,11 +212,11 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 def _prefill_tile(q, K, V, table_row, kv_offset, start, ctx, pos, window, m, l, acc, qk_scale, softcap, d,
                   stride_kb, stride_ks, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                   HEAD_PAD: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr,
-                  BLOCKWISE: tl.constexpr, MASKED: tl.constexpr):
+                  BLOCKWISE: tl.constexpr, KV_ALIGN: tl.constexpr, MASKED: tl.constexpr):
     """Context tokens start .. start + TILE_N - 1 into the rows at positions `pos`: a row sees the keys up to
     its own position (with a window, only the last `window` of them). Not MASKED: every row sees every key."""
     k, v = _load_kv(K, V, table_row, kv_offset, start, ctx, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM,
-                    HEAD_PAD, MASKED, BLOCKWISE)
+                    HEAD_PAD, MASKED, BLOCKWISE, KV_ALIGN)
     tok = (start + tl.arange(0, TILE_N))[None, :]
     visible = (tok < ctx) & (tok <= pos[:, None]) & ((window <= 0) | (tok > pos[:, None] - window))  # (MASKED)
     return _online_softmax(q, k, v, visible, m, l, acc, qk_scale, softcap, PRECISION, KV_FP8, SOFTCAP, MASKED)
@@ -217,7 +229,8 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_se
                    v_scale, window, softcap, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
-                   KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCKWISE: tl.constexpr):
+                   KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCKWISE: tl.constexpr,
+                   KV_ALIGN: tl.constexpr):
     # Programs are numbered (tile of query tokens, kv head), the kv head fastest. Sequence i owns the tiles
     # [qs[i] // Q_TILE + i, qs[i+1] // Q_TILE + i + 1) (qs = query_start): at least one per Q_TILE of its q_len
     # query tokens, and the grid's size, (T // Q_TILE + num_seqs) x kv heads, depends on the step's token and
@@ -269,15 +282,15 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_se
     for t in range(t_first, u_lo):
         m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
                                   softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
-                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, True)
+                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, True)
     for t in range(u_lo, u_hi):
         m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
                                   softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
-                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, False)
+                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, False)
     for t in range(u_hi, t_end):
         m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
                                   softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
-                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, True)
+                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, True)
     out = acc * (v_scale / tl.where(l > 0, l, 1.0))[:, None]  # l == 0 only in rows that are not stored
     tl.store(Out + (q0 + j)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(Out.dtype.element_ty), mask=row_mask)
@@ -305,10 +318,15 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: A
         k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_N=cfg.tile,
         PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
-        HEAD_PAD=triton.next_power_of_2(D), BLOCKWISE=cfg.tile % block_size == 0,
+        HEAD_PAD=triton.next_power_of_2(D), BLOCKWISE=cfg.tile % block_size == 0, KV_ALIGN=_kv_align(k_cache),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return out
+
+
+def _kv_align(k_cache: Tensor) -> int:
+    """The largest power of two up to 16 that the cache's block and token strides are multiples of."""
+    return math.gcd(k_cache.stride(0), k_cache.stride(1), 16)
 
 
 def _precision(q: Tensor) -> str:
