@@ -59,15 +59,22 @@ TINY = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_at
         "bos_token_id": None, "eos_token_id": 0}
 
 
-def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB, shape: dict = LLAMA3_8B,
-                    dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> int:
-    """An HF Llama directory of `shape` (Llama-3-8B's by default) with random weights (N(0, 0.02), norms 1)
-    drawn on `device`; returns its bytes."""
+def write_llama_dir(d: Path, shape: dict, layers: int, dtype: str) -> Path:
+    """config.json of an HF Llama of `shape` with `layers` decoder layers, and a byte-level tokenizer."""
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape, "num_hidden_layers": layers,
-           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
-           "hidden_act": "silu"}
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": dtype, "hidden_act": "silu"}
     (d / "config.json").write_text(json.dumps(cfg))
     write_byte_tokenizer(d)
+    return d
+
+
+def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB, shape: dict = LLAMA3_8B,
+                    dtype: torch.dtype = torch.bfloat16, device: str = "cuda", write_dir=write_llama_dir,
+                    weight_shapes=llama_weight_shapes) -> int:
+    """A model directory of `shape` (an HF Llama, Llama-3-8B's, by default) with random weights (N(0, 0.02),
+    norms 1) drawn on `device`; returns its bytes. Another family: write_dir(d, shape, layers, dtype name)
+    writes its config.json and tokenizer, weight_shapes(shape, layers) names its tensors (bench/moe.py's)."""
+    write_dir(d, shape, layers, str(dtype).removeprefix("torch."))
     from safetensors.torch import save_file
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -81,7 +88,7 @@ def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB, shape: dic
             index.update({n: name for n in shard})
             shard, size, k = {}, 0, k + 1
 
-    for name, shape_ in llama_weight_shapes(shape, layers).items():
+    for name, shape_ in weight_shapes(shape, layers).items():
         if name.endswith("norm.weight"):
             t = torch.ones(shape_, dtype=dtype)
         else:
@@ -98,13 +105,14 @@ def make_checkpoint(d: Path, layers: int, shard_bytes: int = 4 * GiB, shape: dic
 
 
 def cached_checkpoint(work: Path, layers: int, *, name: str = "llama3-8b-shape", shape: dict = LLAMA3_8B,
-                      dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> Path:
+                      dtype: torch.dtype = torch.bfloat16, device: str = "cuda", **family) -> Path:
     """make_checkpoint into work/<name>-<layers>l once (later runs with that --workdir reuse it), read
-    through once so that every run starts from the page cache."""
+    through once so that every run starts from the page cache. family: make_checkpoint's write_dir and
+    weight_shapes, for a model other than a Llama."""
     ckpt = work / f"{name}-{layers}l"
     ckpt.mkdir(parents=True, exist_ok=True)
     if not (ckpt / "done").exists():
-        make_checkpoint(ckpt, layers, shape=shape, dtype=dtype, device=device)
+        make_checkpoint(ckpt, layers, shape=shape, dtype=dtype, device=device, **family)
         (ckpt / "done").touch()
     subprocess.run(f"cat {ckpt}/*.safetensors > /dev/null", shell=True, check=True)
     return ckpt

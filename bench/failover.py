@@ -10,10 +10,19 @@ Prints, measured in the same run, over the kills:
   * a cold restart (new process -> first token) with HF transformers, as users run it today,
     and with understudy (fresh memory service, weights from disk).
 
+The model (random weights, a checkpoint written once per --workdir): a Llama-3-8B shape in bf16 (default) or,
+with --model qwen3-30b-a3b, a Qwen3-30B-A3B-shaped mixture of experts (bench/moe.py's shape, bf16 on disk),
+8 of its 48 decoder layers unless --layers says otherwise (all 48 are a 61 GB checkpoint). --quantization fp8:
+the engines quantize the weights to FP8 as they publish them into the memory service. --compare-dense: then
+the same kills on the dense bf16 Llama shape, and kill -> first token of both side by side, with their ratio.
+
     python bench/failover.py                    # Llama-3-8B shape, 10 kills
     python bench/failover.py --layers 4 --kills 3
+    python bench/failover.py --model qwen3-30b-a3b --quantization fp8 --compare-dense --workdir /tmp/us-ckpt
+                                                # FP8 MoE (8 layers), then dense bf16 (32 layers): both printed
     python bench/failover.py --plot failover.png  # also: tokens of every stream over time, kills marked
     python bench/failover.py --cpu --kills 3 --plot failover_cpu.png  # tiny model, host backend
+    python bench/failover.py --cpu --kills 2 --model qwen3-30b-a3b --quantization fp8 --compare-dense  # tiny MoE
 """
 
 from __future__ import annotations
@@ -31,11 +40,14 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
 from understudy.common.auth import admin_headers  # noqa: E402
 from engine import cached_checkpoint  # noqa: E402  (bench/engine.py)
+from moe import QWEN3_30B_A3B, write_model_dir  # noqa: E402  (bench/moe.py)
+from moe import TINY as TINY_MOE, weight_shapes as moe_weight_shapes  # noqa: E402
 
 
 def gpu_used_mib() -> int:
@@ -220,20 +232,52 @@ def first_token_after(port: int, ids: list[int], t0: float) -> float:
     return time.time() - t0
 
 
+# --model -> (its decoder layers, those run by default on a GPU): the MoE's 48 layers are a 61 GB checkpoint,
+# which would take most of a run to write and read, so by default it runs 8 (11 GB). --cpu: 2 (tiny shapes).
+LAYERS = {"llama3-8b": (32, 32), "qwen3-30b-a3b": (QWEN3_30B_A3B["num_hidden_layers"], 8)}
+
+
+def checkpoint(work: Path, model: str, layers: int, cpu: bool) -> Path:
+    """The model directory with random weights the engines serve, written once per --workdir."""
+    if model == "llama3-8b":
+        if cpu:
+            from tests.helpers.tiny_model import make_tiny_llama
+
+            return make_tiny_llama(work / "tiny", num_hidden_layers=layers)
+        return cached_checkpoint(work, layers)
+    return cached_checkpoint(work, layers, name="tiny-moe" if cpu else "qwen3-30b-a3b-shape",
+                             shape=TINY_MOE if cpu else QWEN3_30B_A3B,
+                             dtype=torch.float32 if cpu else torch.bfloat16, device="cpu" if cpu else "cuda",
+                             write_dir=write_model_dir, weight_shapes=moe_weight_shapes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true",
-                    help="a CPU run: a tiny random Llama, the host backend (the times say little; the plot shows the "
-                         "same shape)")
-    ap.add_argument("--layers", type=int, default=32)
+                    help="a CPU run: a tiny random model of --model's family, the host backend (the times say "
+                         "little; the plot shows the same shape)")
+    ap.add_argument("--model", choices=list(LAYERS), default="llama3-8b",
+                    help="the checkpoint's shape (random weights): Llama-3-8B, dense bf16 (default), or "
+                         "Qwen3-30B-A3B, a mixture of experts (bench/moe.py's shape, bf16 on disk)")
+    ap.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                    help="the engines' --quantization (fp8: the weights quantized to FP8 when published into the "
+                         "memory service)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of every model run (default: llama3-8b 32, all of them; qwen3-30b-a3b 8 of "
+                         "48; --cpu: 2)")
+    ap.add_argument("--compare-dense", action="store_true",
+                    help="after --model's kills, the same on the dense bf16 Llama-3-8B shape (--layers or its own "
+                         "default, --quantization none), then kill -> first token of both and their ratio")
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (steady load)")
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="where the checkpoints are written, reused when given again "
+                                                    "(default: a temp dir)")
     ap.add_argument("--kv-cache-memory", default=None, help="per engine (default: 8GiB on GPU, 16MiB with --cpu)")
     ap.add_argument("--prefill-attention", choices=["reference", "triton"], default=None,
                     help="the engines' --prefill-attention (default: theirs)")
     ap.add_argument("--plot", metavar="FILE.png", default=None,
-                    help="also draw the tokens of every load client over time with the kills marked (matplotlib)")
+                    help="also draw the tokens of every load client over time with the kills marked (matplotlib; "
+                         "--model's run)")
     args = ap.parse_args()
     # This process's client threads share one GIL: with the default 5 ms switch interval a thread that got
     # its token waits for the GIL in slices of 5 ms, which would be counted as failover time.
@@ -245,17 +289,41 @@ def main() -> None:
             ap.error("--plot needs matplotlib: python -m pip install matplotlib")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-failover-"))
-    backend, device = ("host", "cpu") if args.cpu else ("cuda", "cuda")
-    if args.cpu:
-        from tests.helpers.tiny_model import make_tiny_llama
+    runs = [(args.model, args.quantization)] + ([("llama3-8b", "none")] if args.compare_dense else [])
+    results = [measure(args, work, model, quantization, plot=args.plot if i == 0 else None)
+               for i, (model, quantization) in enumerate(runs)]
+    if args.compare_dense:
+        (a, b) = [r["kill_to_first_token_ms"] for r in results]
+        width = max(len(r["label"]) for r in results) + 1
+        print()
+        for r, ratio in zip(results, (f"   {args.model} / dense: p50 {statistics.median(a) / statistics.median(b):.2f}x"
+                                      f", max {max(a) / max(b):.2f}x", "")):
+            ft = r["kill_to_first_token_ms"]
+            print(f"kill -> first token, {r['label'] + ':':<{width}} p50 {statistics.median(ft):7.1f} ms   "
+                  f"max {max(ft):7.1f} ms{ratio}")
 
-        ckpt, vocab, prompt_len = make_tiny_llama(work / "tiny"), 256, 16
-    else:
-        ckpt, vocab, prompt_len = cached_checkpoint(work, args.layers), 120000, 64
+
+def measure(args, work: Path, model: str, quantization: str, plot: str | None) -> dict:
+    """One model's run, printed as it goes: its kills, the memory service's, the cold restarts; returns the
+    results (also printed as a last `json` line)."""
+    cpu = args.cpu
+    full, default = LAYERS[model]
+    layers = args.layers or (2 if cpu else default)
+    label = (f"{'tiny ' if cpu else ''}{model}, {layers} layers{'' if cpu else f' of {full}'}, "
+             f"{'--quantization fp8' if quantization == 'fp8' else 'float32' if cpu else 'bf16'}")
+    t0 = time.time()
+    ckpt = checkpoint(work, model, layers, cpu)
+    nbytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    torch.cuda.empty_cache()  # (a no-op unless the checkpoint was just drawn on the GPU here)
+    print(f"\n# {label}: {nbytes / 1e9:.3g} GB checkpoint on disk ({ckpt}, ready in {time.time() - t0:.0f} s); "
+          f"served with --quantization {quantization}", flush=True)
+    backend, device = ("host", "cpu") if cpu else ("cuda", "cuda")
+    vocab, prompt_len = (256, 16) if cpu else (120000, 64)  # 120000: within both models' vocabularies
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     engine_args = ["--model", str(ckpt), "--backend", backend, "--socket-dir", sock, "--memory-service", "connect",
-                   "--kv-cache-memory", args.kv_cache_memory or ("16MiB" if args.cpu else "8GiB"), "--max-num-seqs",
-                   "16", "--max-model-len", "512" if args.cpu else "2048", "--standby-wait", "600", "--no-progress"]
+                   "--kv-cache-memory", args.kv_cache_memory or ("16MiB" if cpu else "8GiB"), "--max-num-seqs",
+                   "16", "--max-model-len", "512" if cpu else "2048", "--standby-wait", "600", "--no-progress",
+                   "--quantization", quantization]
     if args.prefill_attention:
         engine_args += ["--prefill-attention", args.prefill_attention]
     ports = [18100, 18101]
@@ -267,10 +335,12 @@ def main() -> None:
 
     memory = Proc(PY + ["memory-server", "--backend", backend, "--socket-dir", sock])
     memory.wait_event("listening")
-    used_mib = (lambda: 0) if args.cpu else gpu_used_mib
-    results: dict = {"kill_to_active_ms": [], "kill_to_first_token_ms": []}
+    used_mib = (lambda: 0) if cpu else gpu_used_mib
+    results: dict = {"model": model, "layers": layers, "quantization": quantization, "label": label,
+                     "kill_to_active_ms": [], "kill_to_first_token_ms": []}
+    procs: dict[int, Proc] = {}
     try:
-        procs = {ports[0]: engine(ports[0], "primary")}
+        procs[ports[0]] = engine(ports[0], "primary")
         before = used_mib()
         procs[ports[1]] = engine(ports[1], "shadow")
         results["parked_shadow_MiB"] = used_mib() - before
@@ -340,13 +410,13 @@ def main() -> None:
             procs[standby].wait_event("memory_service_recovered", timeout=120)  # both back before the next kill
             print(f"memory service killed, {path} path: engines recovered {results[f'memory_{path}']}", flush=True)
         stop_clients(clients, results, kill_times)
-        if args.plot:
+        if plot:
             actives = [k + ms / 1e3 for k, ms in zip(kill_times, results["kill_to_active_ms"])]
-            plot_streams(args.plot, clients, kill_times, actives, memory_kill)
-            print(f"plot: {args.plot}", flush=True)
+            plot_streams(plot, clients, kill_times, actives, memory_kill)
+            print(f"plot: {plot}", flush=True)
+    finally:
         for p in procs.values():
             p.kill(signal.SIGTERM)
-    finally:
         memory.kill(signal.SIGTERM)
 
     # Cold restarts, measured the same way as shared/probes/cold_start_baseline.py.
@@ -356,7 +426,9 @@ def main() -> None:
             "torch.cuda.is_available() and torch.cuda.synchronize(); print('first_token', time.time())")
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    results["cold_hf_s"] = float(out.stdout.split("first_token")[-1]) - t0
+    results["cold_hf_s"] = float(out.stdout.split("first_token")[-1]) - t0 if "first_token" in out.stdout else None
+    if results["cold_hf_s"] is None:  # (a transformers that cannot build this model): the rest still runs
+        print(f"cold restart, HF transformers failed; skipped:\n{out.stderr[-3000:]}", flush=True)
     sock2 = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     t0 = time.time()
     memory = Proc(PY + ["memory-server", "--backend", backend, "--socket-dir", sock2])
@@ -369,7 +441,7 @@ def main() -> None:
     memory.kill(signal.SIGTERM)
 
     ft, act = results["kill_to_first_token_ms"], results["kill_to_active_ms"]
-    print()
+    print(f"\n# {label}")
     print(f"kill -> shadow active:      p50 {statistics.median(act):7.1f} ms   max {max(act):7.1f} ms")
     print(f"kill -> first token:        p50 {statistics.median(ft):7.1f} ms   max {max(ft):7.1f} ms")
     settled = results["settled_first_token_ms"]
@@ -386,10 +458,14 @@ def main() -> None:
     print(f"memory service SIGKILL -> new one started and given back the memory: {mr['kill_to_recovered_ms']:.0f} ms "
           f"(cold start, no standby; weights {mr['weights']}, kv {mr['kv']}; listening "
           f"{mr['kill_to_listening_ms']:.0f} ms after the kill, handing it over took {mr['give_back_ms']} ms)")
-    print(f"cold restart, HF transformers: {results['cold_hf_s']:.2f} s; understudy (fresh memory service): "
+    hf = results["cold_hf_s"]
+    print(f"cold restart, HF transformers{' (bf16: it does not quantize)' if quantization == 'fp8' else ''}: "
+          f"{'failed' if hf is None else f'{hf:.2f} s'}; understudy (fresh memory service): "
           f"{results['cold_understudy_s']:.2f} s")
-    print(f"cold restart (HF) / failover first token p50: {results['cold_hf_s'] * 1e3 / statistics.median(ft):.0f}x")
-    print("json", json.dumps(results))
+    if hf is not None:
+        print(f"cold restart (HF) / failover first token p50: {hf * 1e3 / statistics.median(ft):.0f}x")
+    print("json", json.dumps(results), flush=True)
+    return results
 
 
 if __name__ == "__main__":

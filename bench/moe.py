@@ -60,6 +60,28 @@ def write_model_dir(d: Path, shape: dict, layers: int, dtype: str) -> Path:
     return d
 
 
+def weight_shapes(shape: dict, layers: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape of the model write_model_dir describes (every layer sparse), the
+    experts under their own names as Qwen's checkpoints store them (the loader stacks them): with
+    bench/engine.py's cached_checkpoint(write_dir=write_model_dir, weight_shapes=weight_shapes), a checkpoint
+    on disk for benches that load one (bench/failover.py)."""
+    h, d, v, e, i = (shape[k] for k in ("hidden_size", "head_dim", "vocab_size", "num_experts",
+                                         "moe_intermediate_size"))
+    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+                       p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate.weight": (e, h)})
+        for x in range(e):
+            shapes.update({f"{p}mlp.experts.{x}.gate_proj.weight": (i, h), f"{p}mlp.experts.{x}.up_proj.weight": (i, h),
+                           f"{p}mlp.experts.{x}.down_proj.weight": (h, i)})
+    return shapes
+
+
 FP8_SPREAD = 32.0  # FP8 weights are drawn N(0, 32) (e4m3's range is +-448) with scales 0.02 / 32: N(0, 0.02) again
 
 
