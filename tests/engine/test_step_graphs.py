@@ -16,24 +16,13 @@ def test_step_graphs_in_the_interpreter():
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """fused's and the attention's Triton kernels on CPU tensors, interpreted; decode batches through the
-    prefill kernel (the decode kernel's loop bound is one the interpreter cannot take)."""
+    """fused's and the attention's Triton kernels on CPU tensors, interpreted (the decode kernel too: the
+    interpreter child takes loaded loop bounds, tests/helpers/interpreter.py)."""
     if not INTERPRETING:
         pytest.skip("runs in the TRITON_INTERPRET=1 child of test_step_graphs_in_the_interpreter")
-    from understudy.engine.layers import fused, triton_attention
-    from understudy.engine.layers.attention import AttentionMetadata
+    from understudy.engine.layers import fused
 
     monkeypatch.setattr(fused, "_use_triton", lambda x: True)
-
-    def decode_as_prefill(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=1.0, v_scale=1.0,
-                          sliding_window=None, softcap=None):
-        n = q.shape[0]
-        meta = AttentionMetadata(torch.arange(n + 1, dtype=torch.int32), context_lens, block_tables,
-                                 torch.zeros(n, dtype=torch.long), 2, 0, (), ())
-        return triton_attention.paged_prefill_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale,
-                                                        sliding_window, softcap)
-
-    monkeypatch.setattr(triton_attention, "paged_decode_attention", decode_as_prefill)
 
 
 def _engine(model, graphs: bool, max_num_seqs: int = 4):
