@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps, profile_engine  # noqa: E402  (also puts the repo root on sys.path)
-from tests.helpers.tiny_model import write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
+from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
@@ -65,16 +65,13 @@ def weight_shapes(shape: dict, layers: int) -> dict[str, tuple[int, ...]]:
     experts under their own names as Qwen's checkpoints store them (the loader stacks them): with
     bench/engine.py's cached_checkpoint(write_dir=write_model_dir, weight_shapes=weight_shapes), a checkpoint
     on disk for benches that load one (bench/failover.py)."""
-    h, d, v, e, i = (shape[k] for k in ("hidden_size", "head_dim", "vocab_size", "num_experts",
-                                         "moe_intermediate_size"))
-    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    h, d, e, i = (shape[k] for k in ("hidden_size", "head_dim", "num_experts", "moe_intermediate_size"))
+    # the attention, norms and embeddings are a Llama's (with an explicit head_dim); the MLP is not
+    shapes = {k: v for k, v in llama_weight_shapes({**shape, "intermediate_size": i}, layers).items()
+              if ".mlp." not in k}
     for n in range(layers):
         p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
-                       p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
                        p + "mlp.gate.weight": (e, h)})
         for x in range(e):
             shapes.update({f"{p}mlp.experts.{x}.gate_proj.weight": (i, h), f"{p}mlp.experts.{x}.up_proj.weight": (i, h),

@@ -28,7 +28,7 @@ def write_byte_tokenizer(d: Path) -> None:
 def llama_weight_shapes(cfg: dict, layers: int) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape of an HF Llama with this config.json and this many layers."""
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = h // cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for n in range(layers):
