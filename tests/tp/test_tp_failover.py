@@ -528,6 +528,8 @@ def test_up_relaunches_a_standby_group_after_a_kill(workdir, model_dir, prompts)
         _, parked = await_line(sup, child_event("waiting_for_failover_lock", "engine-0"), start=i, timeout=240)
         assert parked["child_pid"] == restarted["pid"] != started["child_pid"]
         _, regroup = await_line(sup, child_event("tp_group_started", "engine-0", child_pid=restarted["pid"]), start=i)
+        # the group starts before its HTTP listener: /health answers once "serving" is logged
+        await_line(sup, child_event("serving", "engine-0"), start=i)
         h = httpx.get(f"{url0}/health", timeout=10).json()
         assert (h["state"], h["tensor_parallel"], h["rank_pids"]) == (
             "STANDBY", 2, [regroup["ranks"]["0"], regroup["ranks"]["1"]]), h

@@ -267,12 +267,12 @@ def finish(config: ServeConfig, engine: LLMEngine, p: Placement, tokenizer: Toke
         torch.manual_seed(config.model.seed)
     info = {"role": role, "weights": stats["source"], "kv_blocks": spec.num_blocks, "backend": p.backend,
             "pid": os.getpid(), **info}
-    worker = Worker(AsyncEngine(engine), tokenizer, name, max_model_len,
+    worker = Worker(AsyncEngine(engine), tokenizer, openai,
                     default_max_tokens=config.kv.default_max_tokens, max_request_bytes=config.http.max_request_bytes,
                     info=info, weights=weights_client, holds=[p.lock],
                     lifecycle=Lifecycle("ACTIVE" if role == "primary" else "STANDBY"),
                     standby_wait=config.failover.standby_wait, step_timeout=step_timeout(config, p),
-                    openai=openai, access=access, cors=cors_of(config.access))
+                    access=access, cors=cors_of(config.access))
     worker.faults = FailFast(worker, p.lock)
     log(logger, "engine_ready", model=name, seconds=round(time.perf_counter() - t0, 3), dtype=str(p.dtype),
         max_model_len=max_model_len, kv_cache_tokens=spec.num_blocks * spec.block_size,

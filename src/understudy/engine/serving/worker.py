@@ -21,8 +21,9 @@ class Worker:
 
     engine: AsyncEngine
     tokenizer: Tokenizer
-    model_name: str
-    max_model_len: int
+    # The OpenAI routes' settings: served names (the first is the engine's model name), the context length,
+    # sampling defaults, parsers.
+    openai: OpenAIOptions
     default_max_tokens: int | None = None  # None: the rest of the context
     max_request_bytes: int = 4 << 20
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle("ACTIVE"))
@@ -39,17 +40,20 @@ class Worker:
     step_timeout: float = 60.0  # --step-timeout: the watchdog's bound on one step (0: off); /live's derives from it
     failure: str | None = None  # why the engine is DEAD after a fault (/health says it); serving/faults.py sets it
     faults: Any = None  # serving/faults.FailFast once built (bootstrap.finish)
-    # The OpenAI routes' settings (served names, sampling defaults, parsers); None: model_name and
-    # max_model_len alone.
-    openai: OpenAIOptions | None = None
     access: Access | None = None  # the credentials the app checks (common/auth.py); None: the node's admin token
     cors: CORS = field(default_factory=CORS)
 
     def __post_init__(self) -> None:
-        if self.openai is None:
-            self.openai = OpenAIOptions(served_model_names=(self.model_name,), max_model_len=self.max_model_len)
         if self.access is None:
             self.access = Access(load_admin_token())
+
+    @property
+    def model_name(self) -> str:
+        return self.openai.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.openai.max_model_len
 
     @property
     def state(self) -> str:
