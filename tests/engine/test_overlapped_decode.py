@@ -6,10 +6,14 @@ finish reasons must be exactly those of the engine that reads every step first, 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 
+from understudy.common.params import StructuredSpec
+from understudy.common.tokenizer import Tokenizer
+from understudy.engine.core.constraints import Constraints
 from understudy.engine.core.kv_cache import KVCache, KVSpec
 from understudy.engine.core.llm_engine import EngineLimits, LLMEngine
 from understudy.engine.core.sampling import SamplingParams
@@ -31,6 +35,7 @@ def model(request, tmp_path_factory):
     with torch.device("meta"):
         m = CausalLM(config, attention_for("triton")) if request.param == "cuda" else CausalLM(config)
     m.load_weights(iter_weights(path, torch.float32), device=request.param)
+    m.path = path  # (its byte-level tokenizer: the grammar test's)
     return m
 
 
@@ -39,7 +44,7 @@ def engine(model, overlap: bool, num_blocks: int | None = None) -> LLMEngine:
     spec = KVSpec.for_budget(model.config, 8 << 20, 16, torch.float32)
     if num_blocks is not None:
         spec = dataclasses.replace(spec, num_blocks=num_blocks)
-    e = LLMEngine(model, KVCache.local(spec, device.type), eos_token_ids=(), limits=EngineLimits(max_num_seqs=8),
+    e = LLMEngine(model, KVCache.local(spec, device.type), eos_token_ids=(), limits=EngineLimits(max_num_seqs=16),
                   device=device)
     if device.type == "cuda":
         e.enable_cuda_graphs(mixed_steps=True)
@@ -87,10 +92,16 @@ def test_greedy_seeded_and_logprob_requests_give_the_same_outputs(model):
         "bias": (prompt(3), SamplingParams(max_tokens=12, temperature=0, logit_bias=((17, 5.0),))),
         "min_tokens": (prompt(4), SamplingParams(max_tokens=15, temperature=0, min_tokens=6,
                                                  stop_token_ids=(17,), logit_bias=((17, 50.0),))),
+        # The penalties count the latest token too, which a queued step has only on the device. Unpenalised,
+        # this prompt's greedy tokens repeat one token three times in a row: the penalties must see it.
+        "presence": (prompt(8), SamplingParams(max_tokens=16, temperature=0, presence_penalty=2.0)),
+        "frequency": (prompt(8), SamplingParams(max_tokens=16, temperature=0, frequency_penalty=2.0)),
+        "repetition": (prompt(8), SamplingParams(max_tokens=16, temperature=0, repetition_penalty=2.0)),
+        "seeded_penalty": (prompt(8), SamplingParams(max_tokens=16, temperature=0.8, seed=3, frequency_penalty=1.5)),
     }
     overlapped, plain, e = both(model, requests)
     assert overlapped == plain
-    assert [len(v) for v in overlapped.values()] == [20, 17, 9, 12, 7]  # min_tokens: 6 tokens, then stop 17
+    assert [len(v) for v in overlapped.values()] == [20, 17, 9, 12, 7, 16, 16, 16, 16]  # min_tokens: 6, then 17
     assert overlapped["min_tokens"][-1] == ([17], "stop", None)
     assert sum(e.queued_after) > 10  # the decode steps were queued ahead
 
@@ -116,7 +127,7 @@ def test_an_abort_while_a_step_is_queued_loses_nothing_else(model):
     assert len(overlapped["r1"]) == 4 and len(overlapped["r0"]) == len(overlapped["r2"]) == 14
 
 
-def test_requests_that_arrive_or_read_their_output_are_not_queued_ahead(model):
+def test_arrivals_and_grammars_wait_for_the_host_and_penalties_do_not(model):
     e = engine(model, True)
     e.add_request("a", prompt(20), SamplingParams(max_tokens=30, temperature=0))
     for _ in range(3):
@@ -125,15 +136,24 @@ def test_requests_that_arrive_or_read_their_output_are_not_queued_ahead(model):
     e.add_request("b", prompt(21), SamplingParams(max_tokens=4, temperature=0))
     e.step()  # completes the queued step; "b" waits to be admitted, so nothing is queued behind it
     assert e._queued is None
-    e.add_request("c", prompt(22), SamplingParams(max_tokens=30, temperature=0.5, seed=1, presence_penalty=0.5))
     while e.has_work:
         e.step()
-        running = {s.request_id for s in e.scheduler.running}
-        if "c" in running and not e.scheduler.waiting:
-            assert e._queued is None  # a penalty counts the latest token: the host must read it first
-    penalised = run(engine(model, False), {"c": (prompt(22), SamplingParams(max_tokens=30, temperature=0.5,
-                                                                            seed=1, presence_penalty=0.5))})
-    assert len(penalised["c"]) == 30
+    e.add_request("c", prompt(22), SamplingParams(max_tokens=30, temperature=0.5, seed=1, presence_penalty=0.5))
+    for _ in range(4):
+        e.step()
+    assert e._queued is not None  # the penalty reads the queued-behind token on the device
+    while e.has_work:
+        e.step()
+    # a grammar advances over each token on the host before its next bitmask: never queued ahead
+    tokenizer = Tokenizer.from_pretrained(model.path)
+    e.constraints = Constraints(tokenizer, model.config.vocab_size, (), device=e.device)
+    e.add_request("d", prompt(23), SamplingParams(max_tokens=12, temperature=0,
+                                                  structured=StructuredSpec("regex", "[a-z]{12}")))
+    text = []
+    while e.has_work:
+        text += [t for o in e.step() for t in o.new_token_ids]
+        assert e._queued is None
+    assert re.fullmatch("[a-z]{12}", tokenizer.decode(text)), text
 
 
 def test_the_kv_cache_running_out_stops_queueing_and_preempts_as_before(model):

@@ -20,7 +20,7 @@ from understudy.engine.core.kv_cache import KVCache
 from understudy.engine.model.decoder import CausalLM
 from understudy.common.params import TokenLogprob
 from understudy.engine.core.host_copies import HostCopies, start_to_host, to_device
-from understudy.engine.core.sampling import LogprobTensors, Sampled, SamplingParams, reads_output, sample, token_logprobs
+from understudy.engine.core.sampling import LogprobTensors, Sampled, SamplingParams, sample, token_logprobs
 from understudy.engine.core.scheduler import Scheduler
 from understudy.engine.core.sequence import Sequence, Status
 
@@ -233,7 +233,6 @@ class LLMEngine:
         """Queue a step's forward and sampling on the device, and the copy of its results to the host.
         after: the step queued just before, whose sampled tokens are this one's inputs (overlapped decoding)."""
         self.steps += 1
-        ahead = 0 if after is None else 1
         # A CUDA graph when one takes the step's shape; steps that score prompt tokens run eagerly.
         bucket = None if self.graphs is None or rows.prompt_spans else self.graphs.bucket([n for _, n in batch])
         ids = None if after is None else self._tokens_of(after, [seq for seq, _ in batch])
@@ -248,7 +247,7 @@ class LLMEngine:
         if seqs:
             at = rows.sample_at
             sampled = sample(logits if at == list(range(logits.shape[0])) else logits[at], seqs,
-                             eos_token_ids=self.eos_token_ids, bitmask=bitmask, ahead=ahead)
+                             eos_token_ids=self.eos_token_ids, bitmask=bitmask, ahead=ids)
         prompt_lp = self._prompt_logprobs(batch, rows, logits) if rows.prompt_spans else None
         parts = []
         if sampled is not None:
@@ -262,7 +261,7 @@ class LLMEngine:
     def _launch_next_decode(self, prev: Launched) -> Launched | None:
         """The decode step after `prev`, queued now, with prev's sampled tokens (still on the device) as its
         inputs; None when the host must see prev's tokens first: prev is not a plain decode step, requests
-        wait to be admitted, a grammar or a penalty reads the latest token, a tensor-parallel group's ranks
+        wait to be admitted, a grammar must advance over the latest token, a tensor-parallel group's ranks
         take their inputs from the host, or the KV cache is full."""
         if (self.step_hook is not None or self.scheduler.waiting or prev.rows.prompt_spans or prev.rows.prefill_only
                 or len(prev.rows.sample) != len(prev.batch) or any(n != 1 for _, n in prev.batch)):
@@ -271,7 +270,7 @@ class LLMEngine:
         for seq, _ in prev.batch:
             if seq.status is not Status.RUNNING or not self._continues_after_next(seq):
                 continue  # finished (aborted), or prev's token is its last by length: nothing to queue for it
-            if seq.matcher is not None or reads_output(seq):
+            if seq.matcher is not None:  # its next bitmask needs the token on the host
                 return None
             batch.append((seq, 1))
         if not batch or not all(self.blocks.reserve(seq, 2) for seq, _ in batch):

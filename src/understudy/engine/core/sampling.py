@@ -59,23 +59,24 @@ class Sampled:
 
 
 def sample(logits: Tensor, seqs: list[Sequence], *, eos_token_ids: frozenset[int] | tuple[int, ...] = (),
-           bitmask: Tensor | None = None, ahead: int = 0) -> Sampled:
+           bitmask: Tensor | None = None, ahead: Tensor | None = None) -> Sampled:
     """The next token of each row of logits [B, V] (row i belongs to seqs[i]); nothing leaves the device.
-    ahead: tokens each sequence has sampled on the device that its `output` does not hold yet (a step queued
-    behind the one that samples them, engine/core/llm_engine.py); they count for min_tokens and the noise's
-    output position. Penalties read the output itself: such rows are never sampled ahead (reads_output)."""
+    ahead [B]: each sequence's latest token, sampled on the device and not in its `output` yet (a step queued
+    behind the one that sampled it, engine/core/llm_engine.py): it counts as output for min_tokens, the
+    penalties and the noise's output position."""
     device, batch = logits.device, logits.shape[0]
     params = [s.params for s in seqs]
     logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = logits[_index(logprob_rows, batch, device)].float().log_softmax(-1) if logprob_rows else None
     logits = apply_transforms(logits, seqs, eos_token_ids=eos_token_ids, bitmask=bitmask, ahead=ahead)
+    n_ahead = 0 if ahead is None else 1
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(random_rows) < batch:
         token_ids = logits.argmax(dim=-1)
     if random_rows:
         idx = _index(random_rows, batch, device)
         chosen = _race(filtered_probs(logits[idx], [params[i] for i in random_rows]),
-                       [seqs[i] for i in random_rows], ahead)
+                       [seqs[i] for i in random_rows], n_ahead)
         if len(random_rows) == batch:
             token_ids = chosen
         else:
@@ -88,18 +89,19 @@ def sample(logits: Tensor, seqs: list[Sequence], *, eos_token_ids: frozenset[int
 
 
 def apply_transforms(logits: Tensor, seqs: list[Sequence], *, eos_token_ids=(),
-                     bitmask: Tensor | None = None, ahead: int = 0) -> Tensor:
+                     bitmask: Tensor | None = None, ahead: Tensor | None = None) -> Tensor:
     """Bitmask, logit_bias, allowed_token_ids, min_tokens, repetition / presence / frequency penalties:
     a new float32 tensor (the input may be a CUDA graph's output buffer). A batch that asks for none of them
     (plain decoding, the usual step) gets the logits as they are, in float32: no [B, V] copy."""
-    if bitmask is None and not any(_transformed(s, ahead) for s in seqs):
+    n_ahead = 0 if ahead is None else 1
+    if bitmask is None and not any(_transformed(s, n_ahead) for s in seqs):
         return logits.float()
     logits = logits.to(torch.float32, copy=True)
     if bitmask is not None:
         allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
         logits.masked_fill_(~allowed, float("-inf"))
-    _apply_bias_and_masks(logits, seqs, frozenset(eos_token_ids), ahead)
-    _apply_penalties(logits, seqs)
+    _apply_bias_and_masks(logits, seqs, frozenset(eos_token_ids), n_ahead)
+    _apply_penalties(logits, seqs, ahead)
     return logits
 
 
@@ -122,13 +124,6 @@ def unpack_bitmask(bitmask: Tensor, vocab: int) -> Tensor:
 
 
 # -- the transforms ------------------------------------------------------------------------------------------
-
-
-def reads_output(s: Sequence) -> bool:
-    """Whether sampling the sequence's next token reads its output tokens (the penalties count them), so that
-    it cannot be sampled before the host has the latest one."""
-    p = s.params
-    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
 def _transformed(s: Sequence, ahead: int = 0) -> bool:
@@ -172,13 +167,14 @@ def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[i
         logits.index_put_((_tensor(rows, device), _tensor(toks, device)), torch.full((), float("-inf"), device=device))
 
 
-def _apply_penalties(logits: Tensor, seqs: list[Sequence]) -> None:
+def _apply_penalties(logits: Tensor, seqs: list[Sequence], ahead: Tensor | None = None) -> None:
     """Repetition penalty (HF / vLLM, over prompt + output tokens), then presence and frequency penalties
-    (OpenAI, over output tokens, the resumed ones included), in place."""
+    (OpenAI, over output tokens, the resumed ones included), in place. ahead: each row's latest output token,
+    still only on the device (see sample)."""
     device = logits.device
     rep_rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
     if rep_rows:
-        rows, toks = _history(seqs, rep_rows, device, whole_prompt=True)
+        rows, toks = _history(seqs, rep_rows, device, whole_prompt=True, ahead=ahead)
         seen = torch.zeros_like(logits, dtype=torch.bool)
         seen[rows, toks] = True
         penalty = _tensor([s.params.repetition_penalty for s in seqs], device, torch.float32)[:, None]
@@ -186,7 +182,7 @@ def _apply_penalties(logits: Tensor, seqs: list[Sequence]) -> None:
         logits.copy_(torch.where(seen, penalised, logits))
     pf_rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
     if pf_rows:
-        rows, toks = _history(seqs, pf_rows, device, whole_prompt=False)
+        rows, toks = _history(seqs, pf_rows, device, whole_prompt=False, ahead=ahead)
         counts = torch.zeros_like(logits)
         counts.index_put_((rows, toks), torch.ones_like(toks, dtype=torch.float32), accumulate=True)
         presence = _tensor([s.params.presence_penalty for s in seqs], device, torch.float32)[:, None]
@@ -194,9 +190,11 @@ def _apply_penalties(logits: Tensor, seqs: list[Sequence]) -> None:
         logits -= frequency * counts + presence * (counts > 0)
 
 
-def _history(seqs: list[Sequence], rows: list[int], device: torch.device, *, whole_prompt: bool) -> tuple[Tensor, Tensor]:
+def _history(seqs: list[Sequence], rows: list[int], device: torch.device, *, whole_prompt: bool,
+             ahead: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(row, token) index tensors over each listed row's prompt + output tokens (whole_prompt) or its output
-    tokens, the resumed ones (the tail of the prompt) included. The prompt lives on the device already."""
+    tokens, the resumed ones (the tail of the prompt) included, and its `ahead` token. The prompt lives on
+    the device already."""
     flat_output = _tensor([t for i in rows for t in seqs[i].output], device)
     parts, lengths, at = [], [], 0
     for i in rows:
@@ -206,6 +204,9 @@ def _history(seqs: list[Sequence], rows: list[int], device: torch.device, *, who
         head = prompt if whole_prompt else prompt[start:]
         parts += [head, flat_output[at:at + n_out]]
         lengths.append(len(head) + n_out)
+        if ahead is not None:
+            parts.append(ahead[i:i + 1])
+            lengths[-1] += 1
         at += n_out
     toks = torch.cat(parts)
     row_ids = torch.repeat_interleave(_tensor(rows, device), _tensor(lengths, device), output_size=len(toks))
