@@ -164,7 +164,7 @@ def describe_streams(results: dict) -> str:
 def steps_after(events: list[dict], active: dict) -> list[dict]:
     """The promoted engine's first steps (it logs step_timing for three): when each ended after ACTIVE, and
     how long its tokens then waited for the engine's HTTP loop (step_delivered)."""
-    keys = ("schedule_ms", "launch_ms", "sample_ms", "seqs", "tokens", "graph", "cuda_mallocs")
+    keys = ("launch_ms", "queue_next_ms", "complete_ms", "seqs", "tokens", "graph", "queued", "cuda_mallocs")
     later = [e for e in events if e["ts"] >= active["ts"]]
     steps = [{**{k: e.get(k) for k in keys}, "ended_after_active_ms": round((e["ts"] - active["ts"]) * 1e3, 1)}
              for e in later if e.get("event") == "step_timing"][:3]
