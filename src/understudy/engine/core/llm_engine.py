@@ -229,13 +229,13 @@ class LLMEngine:
                 cuda_mallocs=_cuda_segments(self.device) - segments)
         return outputs
 
-    def _launch(self, batch: list[tuple[Sequence, int]], rows: LogitRows, after: Launched | None = None) -> Launched:
+    def _launch(self, batch: list[tuple[Sequence, int]], rows: LogitRows, ids: torch.Tensor | None = None) -> Launched:
         """Queue a step's forward and sampling on the device, and the copy of its results to the host.
-        after: the step queued just before, whose sampled tokens are this one's inputs (overlapped decoding)."""
+        ids: the step's input tokens already on the device, one per sequence, sampled by the step queued just
+        before and not in the sequences' outputs yet (overlapped decoding)."""
         self.steps += 1
         # A CUDA graph when one takes the step's shape; steps that score prompt tokens run eagerly.
         bucket = None if self.graphs is None or rows.prompt_spans else self.graphs.bucket([n for _, n in batch])
-        ids = None if after is None else self._tokens_of(after, [seq for seq, _ in batch])
         if bucket is not None:
             logits = self._forward_graph(batch, rows, bucket, ids)
         else:
@@ -266,32 +266,27 @@ class LLMEngine:
         if (self.step_hook is not None or self.scheduler.waiting or prev.rows.prompt_spans or prev.rows.prefill_only
                 or len(prev.rows.sample) != len(prev.batch) or any(n != 1 for _, n in prev.batch)):
             return None
-        batch = []
-        for seq, _ in prev.batch:
+        batch, picked = [], []  # the sequences that go on, and their rows of prev (every row of prev sampled)
+        for row, (seq, _) in enumerate(prev.batch):
             if seq.status is not Status.RUNNING or not self._continues_after_next(seq):
                 continue  # finished (aborted), or prev's token is its last by length: nothing to queue for it
             if seq.matcher is not None:  # its next bitmask needs the token on the host
                 return None
             batch.append((seq, 1))
+            picked.append(row)
         if not batch or not all(self.blocks.reserve(seq, 2) for seq, _ in batch):
             return None  # (blocks a failed reserve took stay with their sequences: the next steps need them)
+        ids = prev.sampled.token_ids
+        if len(picked) < len(prev.batch):
+            ids = ids[to_device(picked, ids.device, torch.long)]
         n = len(batch)
-        return self._launch(batch, LogitRows(sample=list(range(n)), sample_at=list(range(n))), after=prev)
+        return self._launch(batch, LogitRows(sample=list(range(n)), sample_at=list(range(n))), ids)
 
     def _continues_after_next(self, seq: Sequence) -> bool:
         """Whether the sequence goes on after the token its last queued step samples, as far as lengths tell
         (an EOS or stop token is seen only when that token is read: the row queued after it is dropped)."""
         return (len(seq.output) + 1 < seq.params.max_tokens
                 and seq.num_tokens + 1 < self.scheduler.max_model_len)
-
-    def _tokens_of(self, prev: Launched, seqs: list[Sequence]) -> torch.Tensor:
-        """prev's sampled tokens (on the device) of `seqs`, in that order."""
-        rows = {id(seq): r for r, (seq, _) in enumerate(prev.batch)}  # every row of prev sampled (a decode step)
-        picked = [rows[id(seq)] for seq in seqs]
-        token_ids = prev.sampled.token_ids
-        if picked == list(range(token_ids.shape[0])):
-            return token_ids
-        return token_ids[to_device(picked, token_ids.device, torch.long)]
 
     def _complete(self, launched: Launched) -> list[StepOutput]:
         """Wait for a launched step's results and advance its sequences; rows of sequences that finished

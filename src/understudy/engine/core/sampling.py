@@ -126,14 +126,14 @@ def unpack_bitmask(bitmask: Tensor, vocab: int) -> Tensor:
 # -- the transforms ------------------------------------------------------------------------------------------
 
 
-def _transformed(s: Sequence, ahead: int = 0) -> bool:
+def _transformed(s: Sequence, n_ahead: int = 0) -> bool:
     """Whether a row's logits change before sampling (the transforms below; the grammar is the bitmask's)."""
     p = s.params
-    return bool(p.logit_bias or p.allowed_token_ids is not None or s.num_generated + ahead < p.min_tokens
+    return bool(p.logit_bias or p.allowed_token_ids is not None or s.num_generated + n_ahead < p.min_tokens
                 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
-def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[int], ahead: int = 0) -> None:
+def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[int], n_ahead: int = 0) -> None:
     """logit_bias, allowed_token_ids and min_tokens, in place (host lists -> one index tensor each)."""
     device, vocab = logits.device, logits.shape[1]
     rows, toks, vals = [], [], []
@@ -158,7 +158,7 @@ def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence], eos: frozenset[i
     rows, toks = [], []
     for i, s in enumerate(seqs):
         p = s.params
-        if s.num_generated + ahead < p.min_tokens:
+        if s.num_generated + n_ahead < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
             stops = [t for t in stops if 0 <= t < vocab]
             rows += [i] * len(stops)
@@ -241,9 +241,9 @@ def filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     return probs
 
 
-def _race(probs: Tensor, seqs: list[Sequence], ahead: int = 0) -> Tensor:
+def _race(probs: Tensor, seqs: list[Sequence], n_ahead: int = 0) -> Tensor:
     """argmax(p / E), E ~ Exp(1) per (row, token) from each row's (seed, output position)."""
-    keys = [_row_key(s.seed, s.num_generated + ahead) for s in seqs]
+    keys = [_row_key(s.seed, s.num_generated + n_ahead) for s in seqs]
     k1 = _tensor([_signed32(k & _M32) for k in keys], probs.device, torch.int32)[:, None]
     k2 = _tensor([_signed32(k >> 32) for k in keys], probs.device, torch.int32)[:, None]
     return probs.div_(exponentials(k1, k2, probs.shape[1])).argmax(dim=-1)
