@@ -20,7 +20,7 @@ from understudy.engine.layers import fused, quant
 
 # (N, K) of a weight -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV for one row of bf16/fp16 x; shapes
 # not listed take cuBLAS. Paste the dict that `python bench/fp8.py --gemm-only --gemm-dtype bf16` prints (an
-# H200: only shapes where the GEMV beat cuBLAS in that sweep). Empty until that sweep has run on an H200.
+# H200: only shapes where the GEMV beat cuBLAS in that sweep). This one: docs/logs/bench_gemv_bf16_h200.log.
 DENSE_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (6144, 4096): (2, 2048, 1, 4),  # qkv: 13.5 us 3.72 TB/s, cuBLAS 15.0 us 3.35 TB/s: 1.11x
     (4096, 4096): (2, 2048, 1, 4),  # o: 9.8 us 3.43 TB/s, cuBLAS 12.5 us 2.69 TB/s: 1.28x
