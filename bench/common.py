@@ -178,6 +178,24 @@ def fmt_steps(s: dict) -> str:
             f"{s['mean_tok_s']:.1f} tok/s; max {s['max_ms']:.2f} ms, {s['steps']} steps)")
 
 
+def without_pdl(engine, measure):
+    """measure(engine) with programmatic dependent launch off (layers/pdl.py: every kernel waits for the one before
+    to end before it is placed; the engine's CUDA graphs are captured again without it), then PDL on again
+    with graphs captured anew: what PDL is worth, in the same run. Returns measure's result."""
+    from understudy.engine.layers import pdl
+
+    def recapture(enabled: bool) -> None:
+        pdl.ENABLED = enabled
+        if engine.graphs is not None:
+            engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
+
+    recapture(False)
+    try:
+        return measure(engine)
+    finally:
+        recapture(True)
+
+
 def profile_steps(step, steps: int, label: str, top: int = 18) -> dict:
     """Run step() `steps` times under torch.profiler (CUDA kernels included, those inside CUDA graph replays
     too) and print where each step's time goes: its wall time (step() returns after a device sync), the sum

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, decode_steps, device_sync, fmt_steps, pinned_h2d_seconds, profile_engine  # noqa: E402  (puts the repo root on sys.path)
+from common import copy_bandwidth, decode_steps, device_sync, fmt_steps, pinned_h2d_seconds, profile_engine, without_pdl  # noqa: E402  (puts the repo root on sys.path)
 from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -368,6 +368,11 @@ def main() -> None:
         engine.overlap_decode = True
         print(f"batch {batches[0]:>4}: understudy, steps not overlapped "
               f"{fmt_steps(results[batches[0]]['understudy_not_overlapped'])}", flush=True)
+        if not cpu:  # and with each kernel placed only once the one before has ended (no PDL)
+            results[batches[0]]["understudy_no_pdl"] = without_pdl(engine, lambda e: decode_steps(
+                e, batches[0], args.prompt_len, tokens, shape["vocab_size"], sync))
+            print(f"batch {batches[0]:>4}: understudy, without PDL "
+                  f"{fmt_steps(results[batches[0]]['understudy_no_pdl'])}", flush=True)
         if args.profile and not cpu:
             profile_engine(engine, "understudy", batch=batches[0], prompt_len=args.prompt_len,
                            vocab=shape["vocab_size"], prefill_lens=tuple(args.ttft_lens[-1:]))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import decode_steps, device_sync, fmt_steps, profile_engine  # noqa: E402
+from common import decode_steps, device_sync, fmt_steps, profile_engine, without_pdl  # noqa: E402
 from engine import bandwidths, cached_checkpoint
 
 GiB = 1 << 30
@@ -90,6 +90,11 @@ def _run_mode(mode: str, ckpt: Path, args, cuda: bool, build_engine) -> dict:
             steps = decode_steps(engine, b, args.prompt_len, args.tokens, vocab, device_sync(engine.device))
             out["tok_s"][b] = steps["tok_s"]  # the median step's: one slow step would skew a mean
             print(f"{mode} batch {b:>4}: {fmt_steps(steps)}", flush=True)
+        if cuda:  # the first batch with no PDL (layers/pdl.py), same run
+            steps = without_pdl(engine, lambda e: decode_steps(e, args.batches[0], args.prompt_len, args.tokens,
+                                                               vocab, device_sync(e.device)))
+            out["tok_s_no_pdl"] = steps["tok_s"]
+            print(f"{mode} batch {args.batches[0]:>4}, without PDL: {fmt_steps(steps)}", flush=True)
         if args.profile and cuda:
             profile_engine(engine, mode, batch=args.batches[0], prompt_len=args.prompt_len, vocab=vocab)
     finally:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps, profile_engine  # noqa: E402  (also puts the repo root on sys.path)
+from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps, profile_engine, without_pdl  # noqa: E402  (also puts the repo root on sys.path)
 from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
@@ -323,6 +323,12 @@ def run(args, model_dir: Path, dtype_name: str, quantization: str, work: Path, b
                   f"{hit_bytes / one / bandwidth:.0%} of the copy bandwidth over its experts' bytes; all "
                   f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the median step's "
                   f"{steps['median_ms']:.2f} ms", flush=True)
+            if b == args.batches[0] and not cpu:  # the same batch with no PDL (layers/pdl.py), same run
+                no_pdl = without_pdl(engine, lambda e: decode(e, b, args.prompt_len, args.tokens,
+                                                              mcfg.vocab_size, sync)[0])
+                results[b]["steps_no_pdl"] = no_pdl
+                print(f"batch {b:>4}: without PDL {fmt_steps(no_pdl)}: {no_pdl['tok_s'] / roof:.0%} of the roofline",
+                      flush=True)
         if args.profile and not cpu:
             for batch in sorted({1, max(args.batches)}):
                 profile_engine(engine, f"{dtype_name} {quantization}", batch=batch, prompt_len=args.prompt_len,

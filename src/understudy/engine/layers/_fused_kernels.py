@@ -12,6 +12,8 @@ import os
 import triton
 import triton.language as tl
 
+from understudy.engine.layers._pdl_kernels import wait_prior
+
 try:
     from triton.language.extra import libdevice
 except ImportError:  # an older Triton: tl.cos/tl.sin only
@@ -25,9 +27,11 @@ PRECISE_TRIG = libdevice is not None and os.environ.get("TRITON_INTERPRET", "0")
 
 @triton.jit
 def rms_norm(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, stride_ro, eps,
-             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = False):
+             HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = False,
+             PDL: tl.constexpr = False):
     """Y = W * rmsnorm(X [+ R]) over BLOCK_M rows; with R, also RO = X + R (the new residual).
     OFFSET (Gemma): Y = rmsnorm(X) * (1 + W), all in fp32."""
+    wait_prior(PDL)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -79,9 +83,11 @@ def _cos_sin(freqs, PRECISE: tl.constexpr):
 @triton.jit
 def rope(Q, K, QO, KO, POS, INV_FREQ, stride_ft, mscale, n_q_heads, n_k_heads,
          stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-         HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISE: tl.constexpr):
+         HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISE: tl.constexpr,
+         PDL: tl.constexpr = False):
     """Grid (tokens, q head blocks + k head blocks). cos/sin come from the position, in fp32, times mscale.
     INV_FREQ is one row for all tokens (stride_ft 0) or one per token; dims past 2 * HALF are not written."""
+    wait_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -100,9 +106,11 @@ def rope(Q, K, QO, KO, POS, INV_FREQ, stride_ft, mscale, n_q_heads, n_k_heads,
 
 
 @triton.jit
-def silu_mul(G, U, O, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr, GELU: tl.constexpr = False):
+def silu_mul(G, U, O, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr, GELU: tl.constexpr = False,
+PDL: tl.constexpr = False):
     """O = silu(G) * U over n elements, rows of n_cols (O contiguous; G and U rows `stride_*` apart, so the
     two halves of a fused gate_up output are read in place); GELU: gelu_tanh(G) * U (Gemma)."""
+    wait_prior(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     row = offs // n_cols
@@ -170,12 +178,13 @@ def rope_store(Q, K, V, QO, KO, KC, VC, SLOTS, POS, INV_FREQ, QW, KW, stride_ft,
                n_q_heads, n_k_heads, head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, stride_ch, stride_vcs, stride_vch,
                HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISE: tl.constexpr,
-               NORM: tl.constexpr, OFFSET: tl.constexpr, CACHE_FP8: tl.constexpr):
+               NORM: tl.constexpr, OFFSET: tl.constexpr, CACHE_FP8: tl.constexpr, PDL: tl.constexpr = False):
     """`rope` plus what comes before and after it in a layer. Grid (tokens, q head blocks + kv head blocks).
     q heads: [RMS-normalize by QW (NORM; OFFSET: Gemma's 1 + w)], rotate, write to QO. kv heads: k the same
     (KW), written to KO and to the key cache KC at SLOTS[t]; v written unchanged to the value cache VC there.
     A slot < 0 (a padded token) writes no cache. Whole heads (BLOCK_D >= head_dim): dims past 2 * HALF pass
     through (partial rotary)."""
+    wait_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)

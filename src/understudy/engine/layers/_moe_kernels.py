@@ -44,11 +44,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from understudy.engine.layers._pdl_kernels import wait_prior
+
 
 @triton.jit
 def align(TOPK_IDS, SORTED, BLOCK_EXPERT, NUM_PADDED, CURSOR, n_slots, n_experts, max_blocks,
-          BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS_PER_PASS: tl.constexpr):
+          BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS_PER_PASS: tl.constexpr,
+          PDL: tl.constexpr = False):
     """Sort the n_slots expert ids of TOPK_IDS (flat [T * top_k]) into BLOCK_M-aligned runs per expert."""
+    wait_prior(PDL)
     bins = tl.arange(0, BINS)
     is_expert = bins < n_experts
     lane = tl.arange(0, CHUNK)
@@ -124,12 +128,14 @@ def expert_gemm(A, W, S, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots
                 stride_a, stride_we, stride_wn, stride_se, stride_sn, stride_out, N: tl.constexpr, K: tl.constexpr,
                 TOP_K: tl.constexpr, GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr,
                 SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                PDL: tl.constexpr = False):
     """OUT[slot, n] = A[row] . W[expert, n, :] for the slots of one block (row = slot // top_k when A holds
     one row per token). GATED: W's rows are [gate; up] (2N of them) and OUT = silu(gate) * up. WEIGHTED:
     OUT is scaled by the slot's routing weight ROUTE_W[slot]. Accumulates in fp32, rounds once. FP8 weights
     (SCHEME 1, 2): S[expert] holds their scales, row r's at (r // SB_N) * stride_sn (+ the K block).
     N, K and TOP_K are fixed for a model, so they are compile-time constants (a pipelined K loop)."""
+    wait_prior(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M < tl.load(NUM_PADDED):
@@ -170,12 +176,14 @@ def expert_gemm(A, W, S, OUT, SORTED, BLOCK_EXPERT, NUM_PADDED, ROUTE_W, n_slots
 @triton.jit
 def gemv_gate_up(X, W, S, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, stride_wn, stride_se, stride_sn,
                  stride_h, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                 SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """Small batches, no sorting: program (s, j) owns slot s = token * TOP_K + k if no earlier slot chose
     the same expert e, and computes columns j of HIDDEN[s'] = w[s'] * silu(x . gate_e) * (x . up_e) for
     every slot s' routed to e (a token picks an expert once, so at most n_tokens <= BLOCK_M rows): each
     selected expert's tile is read once, by one program. The routing weight is applied here, so the down
     kernel's sum over a token's slots is the block's output. Other programs return at once."""
+    wait_prior(PDL)
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
     tok = tl.arange(0, BLOCK_M)
@@ -218,13 +226,14 @@ def gemv_gate_up(X, W, S, HIDDEN, IDS, ROUTE_W, n_tokens, stride_x, stride_we, s
 def gemv_down(HIDDEN, W, S, OUT, IDS, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_out,
               N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
               SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
     """Small batches: program (t, j) writes columns j of OUT[t] = sum over k of HIDDEN[t * TOP_K + k] .
     W[ids[t, k]] (the routing weights are already in HIDDEN): the top-k sum in the fp32 accumulator, rounded
     once. One loop over (k, K-tile) pairs, so the loads stay pipelined across a token's experts. The dot's
     16 rows hold the token's one row and zeros (tl.dot wants 16); a batch of a few tokens is bound by the
     weights' bytes, not by the tensor cores. The experts change along the loop, so FP8 scales apply per K tile
     (SCHEME 2; the launcher passes per-row scales as blocks of one row by all K columns)."""
+    wait_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     rows = tl.arange(0, 16)
@@ -265,13 +274,14 @@ def _widen(w, s_rows, k0, ok, SCHEME: tl.constexpr, SB_K: tl.constexpr):
 def fma_gate_up(X, W, S, HIDDEN, IDS, ROUTE_W, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h,
                 N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
                 SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """One or two tokens (decode): program (s, j) computes HIDDEN[s, cols j] = w * silu(x . gate_e) * (x . up_e)
     for slot s = token * TOP_K + k and its expert e, on the CUDA cores (a token's dot products do not fill
     a tensor-core tile). It reads BLOCK_N gate rows and the BLOCK_N up rows that pair with them, K-contiguous,
     the whole K in a loop unrolled at compile time so that all its loads can be in flight at once; fp32
     products accumulate per element and are summed across K once, at the end. No deduplication: two tokens
     that chose one expert read it twice (the second time mostly from L2)."""
+    wait_prior(PDL)
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = s // TOP_K
@@ -308,11 +318,12 @@ def fma_gate_up(X, W, S, HIDDEN, IDS, ROUTE_W, stride_x, stride_we, stride_wn, s
 def fma_down(HIDDEN, W, S, OUT, IDS, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_out,
              N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr,
              SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """One or two tokens: program (t, j) writes OUT[t, rows j] = sum over k of W[ids[t, k], rows] . HIDDEN[t *
     TOP_K + k] (routing weights already in HIDDEN) on the CUDA cores: for each of the token's experts a
     contiguous [BLOCK_N, K] strip of its down matrix, every (expert, K tile) load unrolled at compile time so
     they can all be in flight; the top-k sum stays in the fp32 accumulator, summed across K and rounded once."""
+    wait_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -340,9 +351,11 @@ def fma_down(HIDDEN, W, S, OUT, IDS, stride_h, stride_we, stride_wn, stride_se, 
 
 @triton.jit
 def route(LOGITS, WEIGHTS, IDS, n_experts, stride_logits,
-          TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+          TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+          PDL: tl.constexpr = False):
     """One token per program: softmax over its router logits in fp32, the TOP_K largest probabilities
     (largest first; the lower expert id wins a tie) and their ids, renormalized to sum to 1 if asked."""
+    wait_prior(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     ok = e < n_experts

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from understudy.engine.layers.attention import FP8_KV, store_kv
+from understudy.engine.layers import pdl
 
 __all__ = [
     "add_rms_norm",
@@ -272,6 +273,7 @@ def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
         k.rms_norm[(_cdiv(n_rows, block_m),)](
             x2, r2, weight, y, ro, n_rows, n_cols, x2.stride(0), r2.stride(0), y.stride(0), ro.stride(0), eps,
             HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, OFFSET=offset, num_warps=num_warps,
+            **pdl.launch_kwargs(x.device),
         )
     return y.view(shape), (None if residual is None else ro.view(shape))
 
@@ -320,6 +322,7 @@ def _apply_rope_triton(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor
             q, k, qo, ko, positions, inv_freq, inv_freq.stride(0) if inv_freq.dim() == 2 else 0, mscale, n_q, n_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
             HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, PRECISE=kern.PRECISE_TRIG, num_warps=num_warps,
+            **pdl.launch_kwargs(q.device),
         )
     return qo, ko
 
@@ -386,7 +389,7 @@ def _rope_and_store_triton(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, i
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), *k_strides, *v_strides,
             HALF=half, BLOCK_D=block_d, BLOCK_H=block_h, PRECISE=kern.PRECISE_TRIG, NORM=norm, OFFSET=offset,
-            CACHE_FP8=k_cache.dtype == FP8_KV, num_warps=num_warps,
+            CACHE_FP8=k_cache.dtype == FP8_KV, num_warps=num_warps, **pdl.launch_kwargs(q.device),
         )
     return qo, ko
 
@@ -402,7 +405,7 @@ def _silu_and_mul_triton(gate: Tensor, up: Tensor, gelu: bool = False) -> Tensor
     if n:
         block, cols = 1024, max(gate.shape[-1], 1)
         kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, cols, gate.stride(0), up.stride(0), BLOCK=block,
-                                          GELU=gelu, num_warps=4)
+                                          GELU=gelu, num_warps=4, **pdl.launch_kwargs(gate.device))
     return out.reshape(shape)
 
 

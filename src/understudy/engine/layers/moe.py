@@ -45,6 +45,7 @@ from torch import Tensor
 
 from understudy.engine.layers import fused
 from understudy.engine.layers.quant import dequantize
+from understudy.engine.layers import pdl
 
 _KERNELS: ModuleType | None = None  # _moe_kernels, imported on first use; tests swap in an interpreted copy
 
@@ -150,7 +151,8 @@ def route_triton(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[
     if T:
         _kernels().route[(T,)](router_logits, weights, ids, E, router_logits.stride(0), TOP_K=top_k,
                                K_POW2=fused._next_pow2(top_k), RENORMALIZE=renormalize,
-                               BLOCK_E=fused._next_pow2(E), num_warps=1 if E <= 256 else 4)
+                               BLOCK_E=fused._next_pow2(E), num_warps=1 if E <= 256 else 4,
+                               **pdl.launch_kwargs(router_logits.device))
     return weights, ids
 
 
@@ -168,7 +170,7 @@ def align(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, 
     cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
     k.align[(1,)](ids.reshape(-1), sorted_slots, block_expert, num_padded, cursor, n, num_experts, max_blocks,
                   BLOCK_M=block_m, BINS=fused._next_pow2(num_experts + 1), CHUNK=128, BLOCKS_PER_PASS=64,
-                  num_warps=4)
+                  num_warps=4, **pdl.launch_kwargs(dev))
     return sorted_slots, block_expert, num_padded
 
 
@@ -308,12 +310,13 @@ def _gemv_gate_up(x: Tensor, gate_up: Tensor, weights: Tensor, ids: Tensor, tile
         kern.fma_gate_up[grid](
             x, gate_up, s, hidden, ids, weights, x.stride(0), gate_up.stride(0), gate_up.stride(1), se, sn,
             hidden.stride(0), N=inter, K=H, TOP_K=top_k, **scheme, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, **pdl.launch_kwargs(x.device))
     elif kind == "mma":
         kern.gemv_gate_up[grid](
             x, gate_up, s, hidden, ids, weights, T, x.stride(0), gate_up.stride(0), gate_up.stride(1), se, sn,
             hidden.stride(0), N=inter, K=H, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme, BLOCK_M=16,
-            BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x), num_warps=warps, num_stages=stages)
+            BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x), num_warps=warps, num_stages=stages,
+            **pdl.launch_kwargs(x.device))
     else:
         raise ValueError(f"no gate_up kernel {tiles}")
     return hidden
@@ -332,12 +335,13 @@ def _gemv_down(hidden: Tensor, down: Tensor, ids: Tensor, tiles: tuple, scales: 
         kern.fma_down[grid](
             hidden, down, s, out, ids, hidden.stride(0), down.stride(0), down.stride(1), se, sn, out.stride(0),
             N=H, K=inter, TOP_K=top_k, **scheme, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, **pdl.launch_kwargs(hidden.device))
     elif kind == "mma":
         kern.gemv_down[grid](
             hidden, down, s, out, ids, hidden.stride(0), down.stride(0), down.stride(1), se, sn, out.stride(0),
             N=H, K=inter, TOP_K=top_k, K_POW2=fused._next_pow2(top_k), **scheme, BLOCK_N=block_n,
-            BLOCK_K=block_k, PRECISION=_precision(hidden), num_warps=warps, num_stages=stages)
+            BLOCK_K=block_k, PRECISION=_precision(hidden), num_warps=warps, num_stages=stages,
+            **pdl.launch_kwargs(hidden.device))
     else:
         raise ValueError(f"no down kernel {tiles}")
     return out
@@ -361,11 +365,12 @@ def _experts_grouped(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, 
         x, gate_up, s_up, hidden, sorted_slots, block_expert, num_padded, weights, n,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), se_up, sn_up, hidden.stride(0), N=inter, K=H,
         TOP_K=top_k, GATED=True, A_PER_TOKEN=True, WEIGHTED=False, **scheme_up, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=up_k, PRECISION=precision, num_warps=warps, num_stages=stages)
+        BLOCK_K=up_k, PRECISION=precision, num_warps=warps, num_stages=stages, **pdl.launch_kwargs(x.device))
     per_slot = torch.empty(n, H, dtype=x.dtype, device=x.device)
     kern.expert_gemm[(grid_m, fused._cdiv(H, block_n))](
         hidden, down, s_down, per_slot, sorted_slots, block_expert, num_padded, weights, n,
         hidden.stride(0), down.stride(0), down.stride(1), se_down, sn_down, per_slot.stride(0), N=H, K=inter,
         TOP_K=top_k, GATED=False, A_PER_TOKEN=False, WEIGHTED=True, **scheme_down, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=down_k, PRECISION=precision, num_warps=warps, num_stages=stages)
+        BLOCK_N=block_n, BLOCK_K=down_k, PRECISION=precision, num_warps=warps, num_stages=stages,
+        **pdl.launch_kwargs(x.device))
     return per_slot.view(T, top_k, H).sum(dim=1)  # one kernel; torch sums half types in fp32

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from understudy.engine.model.quantization import Quantization, scale_shape
+from understudy.engine.layers import pdl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -105,7 +106,8 @@ def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     quantize_rows_kernel[(x.shape[0],)](x, q, scale, x.shape[1], x.stride(0), q.stride(0),
-                                        BLOCK=triton.next_power_of_2(x.shape[1]), FP8_MAX=FP8_MAX)
+                                        BLOCK=triton.next_power_of_2(x.shape[1]), FP8_MAX=FP8_MAX,
+                                        **pdl.launch_kwargs(x.device))
     return q, scale
 
 
@@ -214,6 +216,7 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, qu
         SCHEME=_SCHEME[quant.weights], SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        **pdl.launch_kwargs(x.device),
     )
     return out
 
@@ -281,11 +284,12 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
         scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
         SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
+        LINES=max(1, block_k * weight.element_size() // 128), **pdl.launch_kwargs(x.device),
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
         gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
             dest, scale, b, out, N, dest.stride(0), dest.stride(1), out.stride(0), SPLIT_K=split_k,
-            SCHEME=scheme, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+            SCHEME=scheme, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl.launch_kwargs(x.device))
     return out
 
 

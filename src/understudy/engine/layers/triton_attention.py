@@ -37,6 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from understudy.engine.layers.attention import FP8_KV, AttentionFn, AttentionMetadata, reference_attention
+from understudy.engine.layers import pdl
+from understudy.engine.layers._pdl_kernels import wait_prior
 
 TILE = 64  # context tokens per iteration of the decode kernel
 Q_ROWS = 64  # the fewest query rows (tokens x heads of a kv head) of a prefill program: a GQA group of up to 64
@@ -163,7 +165,8 @@ def _paged_decode(Q, K, V, Out, block_tables, context_lens, qk_scale, v_scale, w
                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                  SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr):
+                  SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    wait_prior(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     ctx = tl.load(context_lens + seq)
@@ -203,7 +206,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=D, TILE_=TILE, PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
-        HEAD_PAD=triton.next_power_of_2(D),
+        HEAD_PAD=triton.next_power_of_2(D), **pdl.launch_kwargs(q.device),
     )
     return out
 
@@ -230,7 +233,8 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_se
                    stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
                    KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCKWISE: tl.constexpr,
-                   KV_ALIGN: tl.constexpr):
+                   KV_ALIGN: tl.constexpr, PDL: tl.constexpr = False):
+    wait_prior(PDL)
     # Programs are numbered (tile of query tokens, kv head), the kv head fastest. Sequence i owns the tiles
     # [qs[i] // Q_TILE + i, qs[i+1] // Q_TILE + i + 1) (qs = query_start): at least one per Q_TILE of its q_len
     # query tokens, and the grid's size, (T // Q_TILE + num_seqs) x kv heads, depends on the step's token and
@@ -319,7 +323,7 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: A
         GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_N=cfg.tile,
         PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
         HEAD_PAD=triton.next_power_of_2(D), BLOCKWISE=cfg.tile % block_size == 0, KV_ALIGN=_kv_align(k_cache),
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(q.device),
     )
     return out
 
