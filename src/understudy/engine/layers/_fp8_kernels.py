@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from understudy.engine.layers._pdl_kernels import prefetch_l2, wait_prior
+from understudy.engine.layers._pdl_kernels import wait_prior
 
 
 @triton.jit
@@ -91,7 +91,7 @@ PDL: tl.constexpr = False):
 def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_os,
                 TILES: tl.constexpr, SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                PARTIAL: tl.constexpr, LINES: tl.constexpr = 1, PDL: tl.constexpr = False):
+                PARTIAL: tl.constexpr, PDL: tl.constexpr = False):
     """Program (j, s): rows j*BLOCK_N.. of W against all M (<= BLOCK_M) rows of X over TILES tiles of
     BLOCK_K columns from s*TILES*BLOCK_K (what runs past K is masked off). PARTIAL: store the fp32 sum in
     Out[s] (block scales applied, no others, no bias: gemv_reduce_kernel finishes), else finish here.
@@ -106,19 +106,13 @@ def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, strid
     shared memory every iteration. SCHEME -1 (unquantized weights): S is not read.
     One row (BLOCK_M 1, batch-1 decode): products accumulate elementwise, summed across threads once at the
     end. More rows: each row's tile product is summed over K every iteration (warp shuffles), since one
-    [BLOCK_N, BLOCK_K] accumulator per row would not fit in registers.
-    PDL (layers/pdl.py): before waiting for the kernel before, the program asks for its weights in L2, LINES
-    128-byte lines per row of each tile."""
+    [BLOCK_N, BLOCK_K] accumulator per row would not fit in registers."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     w_rows = W + rn[:, None].to(tl.int64) * stride_wn
-    if PDL:  # weights are no kernel's output: this program's slice goes to L2 while the kernel before runs
-        for t in range(0, TILES):
-            line = (pid_k * TILES + t) * BLOCK_K + tl.arange(0, LINES) * (BLOCK_K // LINES)
-            prefetch_l2(w_rows + line[None, :], n_ok[:, None] & (line < K)[None, :], W)
     wait_prior(PDL)
     # block scales: the launcher makes BLOCK_N divide SB_N, so the tile's rows share one row of blocks
     s_row = S + (pid_n * BLOCK_N // SB_N) * stride_sn

@@ -284,7 +284,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
         scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
         SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
-        LINES=max(1, block_k * weight.element_size() // 128), **pdl.launch_kwargs(x.device),
+        **pdl.launch_kwargs(x.device),
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
         gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
