@@ -16,9 +16,10 @@ import numpy as np
 from understudy.engine.core.sequence import Sequence
 
 
-def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
-    """Stable across processes (a promoted shadow must compute the same hashes)."""
-    return hashlib.blake2b(parent + np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+def block_hash(parent: bytes, token_bytes: bytes) -> bytes:
+    """The hash of a block whose token ids are `token_bytes` (int64, native order) after the prefix hashed as
+    `parent`. Stable across processes (a promoted shadow must compute the same hashes)."""
+    return hashlib.blake2b(parent + token_bytes, digest_size=16).digest()
 
 
 class BlockManager:
@@ -68,8 +69,11 @@ class BlockManager:
 
         Each hash is computed once; callers read the first upto_tokens // block_size entries."""
         bs, hashes = self.block_size, seq.block_hashes
-        for i in range(len(hashes), upto_tokens // bs):
-            hashes.append(block_hash(hashes[-1] if hashes else b"", seq.token_slice(i * bs, (i + 1) * bs)))
+        done, full = len(hashes), upto_tokens // bs
+        if full > done:  # the new blocks' tokens as bytes in one conversion, sliced per block
+            data, width = np.asarray(seq.token_slice(done * bs, full * bs), dtype=np.int64).tobytes(), bs * 8
+            for i in range(full - done):
+                hashes.append(block_hash(hashes[-1] if hashes else b"", data[i * width:(i + 1) * width]))
         return hashes
 
     def match_prefix(self, seq: Sequence) -> None:
@@ -78,9 +82,10 @@ class BlockManager:
         At least one token is always left to compute, so there are logits to sample from."""
         assert not seq.block_table
         self.prefix_queries += seq.num_tokens
-        hashes = self.hashes(seq, seq.num_tokens - 1)
-        for h in hashes[:(seq.num_tokens - 1) // self.block_size]:
-            block = self.by_hash.get(h)
+        # Hash block by block up to the first miss: the rest are hashed later (seal), off the critical path
+        # when the engine does it while the device computes (LLMEngine._forward_eager).
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            block = self.by_hash.get(self.hashes(seq, (i + 1) * self.block_size)[i])
             if block is None:
                 break
             if self.refs[block] == 0:
@@ -97,8 +102,7 @@ class BlockManager:
         need = self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table)
         if need > self.num_free:
             return False
-        for _ in range(need):
-            seq.block_table.append(self._take())
+        seq.block_table += [self._take() for _ in range(need)]
         return True
 
     def seal(self, seq: Sequence) -> list[tuple[int, bytes]]:

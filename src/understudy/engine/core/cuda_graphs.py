@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from understudy.logs import log
-from understudy.engine.layers.attention import AttentionMetadata
+from understudy.engine.layers.attention import AttentionMetadata, new_token_positions, new_token_slots, padded_tables
 from understudy.engine.core.host_copies import copy_to_device
 from understudy.engine.core.kv_cache import KVCaches
 from understudy.engine.model.decoder import CausalLM
@@ -160,21 +160,16 @@ class StepGraphs:
         ids, positions, slots, rows = (host64[:t], host64[t:2 * t], host64[2 * t:3 * t], host64[3 * t:])
         query_start, ctx = host32[:s + 1], host32[s + 1:]
         ids[:used] = input_ids
-        q = np.asarray(query_lens, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(q)]).astype(np.int64)
+        starts, seq, pos = new_token_positions(query_lens, context_lens)
         query_start[:n + 1] = starts
         ctx[:n] = context_lens
         pad = t - used
         # wide enough for every real sequence, and for the dummy sequence's (zero) row of block 0
         width = max([len(tb) for tb in tables] + [1 if b.decode else -(-pad // bs), 1])
-        table = np.zeros((s, width), dtype=np.int32)
-        for i, tb in enumerate(tables):
-            table[i, :len(tb)] = tb
-        if n:  # each token's sequence, position (its context ends with the new tokens) and cache slot
-            seq = np.repeat(np.arange(n), q)
-            pos = np.arange(used) - starts[seq] + (np.asarray(context_lens, dtype=np.int64) - q)[seq]
-            positions[:used] = pos
-            slots[:used] = table[seq, pos // bs].astype(np.int64) * bs + pos % bs
+        table = padded_tables(tables, s, width)
+        # each token's position (its context ends with the new tokens) and cache slot
+        positions[:used] = pos
+        slots[:used] = new_token_slots(table, seq, pos, bs)
         if b.decode:  # padded rows: token 0 at position 0, context 1, slot 0 of the reserved block 0
             query_start[n:] = np.arange(n, s + 1)
             ctx[n:] = 1

@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from understudy.logs import log
@@ -31,6 +32,7 @@ from understudy.engine.model.config import ModelConfig
 logger = logging.getLogger("understudy.engine.core.kv_cache")
 
 INDEX_ENTRY = 16  # bytes per block: a BLAKE2b-128 prefix hash
+_NO_HASH = bytes(INDEX_ENTRY)  # the entry of a block that holds nothing complete
 SCRATCH_CHUNK = 64 << 20
 
 
@@ -195,7 +197,9 @@ class KVCache:
         """Record sealed (hash) and recycled (None) blocks; stream-ordered after the K/V writes."""
         if not updates:
             return
-        blocks = torch.tensor([b for b, _ in updates], dtype=torch.long)
-        values = torch.tensor([list(h) if h else [0] * INDEX_ENTRY for _, h in updates], dtype=torch.uint8)
+        blocks = np.fromiter((b for b, _ in updates), dtype=np.int64, count=len(updates))
+        # one bytes object for all the entries (a recycled block's is zeros), not a list of ints per entry
+        raw = bytearray(b"".join(h or _NO_HASH for _, h in updates))
+        values = np.frombuffer(raw, dtype=np.uint8).reshape(len(updates), INDEX_ENTRY)
         device = self.index.device  # (copies that do not wait for a step queued on the device)
         self.index.index_copy_(0, to_device(blocks, device), to_device(values, device))

@@ -110,16 +110,20 @@ class Scheduler:
 
     def _prefix_in_flight(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
         """Whether a running sequence's prefill is computing blocks this one would find cached once sealed."""
-        if seq.scoring_prompt:
+        if seq.scoring_prompt or not prefilling:
             return False
-        shareable = (seq.num_tokens - 1) // self.blocks.block_size  # what match_prefix may share
+        bs = self.blocks.block_size
+        shareable = (seq.num_tokens - 1) // bs  # what match_prefix may share
         if shareable == 0:
             return False
-        mine = self.blocks.hashes(seq, shareable * self.blocks.block_size)
+        # Its first block's hash only, until a prefill shares it: hashing a long prompt is on its first
+        # token's path (match_prefix hashes up to the first miss, the engine the rest during the forward).
+        first = self.blocks.hashes(seq, bs)[0]
         for other in prefilling:  # (past its prompt, a sequence has sealed every full prompt block)
             theirs = self.blocks.hashes(other, len(other.prompt))
-            if not theirs or theirs[0] != mine[0]:
+            if not theirs or theirs[0] != first:
                 continue
+            mine = self.blocks.hashes(seq, shareable * bs)
             common = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
             if other.num_sealed < common:
                 return True

@@ -18,12 +18,44 @@ Layout of one step (continuous batching):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from understudy.engine.core.host_copies import to_device
+
+
+def new_token_positions(query_lens: Sequence[int] | np.ndarray, context_lens: Sequence[int] | np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query starts [B+1], each new token's sequence [T], its absolute position [T]) of a step, int64: a
+    sequence's new tokens are the last query_len of its context."""
+    q = np.asarray(query_lens, dtype=np.int64)
+    starts = np.zeros(len(q) + 1, dtype=np.int64)
+    np.cumsum(q, out=starts[1:])
+    seq = np.repeat(np.arange(len(q)), q)
+    # token j of the step, in sequence i, is at position context_len_i - q_i + (j - start_i)
+    first = np.asarray(context_lens, dtype=np.int64) - q - starts[:-1]
+    return starts, seq, np.arange(starts[-1]) + np.repeat(first, q)
+
+
+def new_token_slots(tables: np.ndarray, seq: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """The cache slot (block * block_size + offset) of each token, from the padded block tables [B, width]."""
+    return tables[seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+
+def padded_tables(tables: Sequence[Sequence[int]], rows: int, width: int) -> np.ndarray:
+    """The block tables as one int32 [rows, width] array, each row padded with 0 (rows >= len(tables))."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    out = np.zeros((rows, width), dtype=np.int32)
+    # the concatenated tables, row by row, land where each row's first len entries are
+    out[:len(tables)][np.arange(width) < lens[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
+    return out
 
 
 @dataclass
@@ -37,6 +69,7 @@ class AttentionMetadata:
     # Host copies so the reference path can loop over sequences without device syncs.
     query_start_loc_host: tuple[int, ...]
     context_lens_host: tuple[int, ...]
+    token_positions: Tensor | None = None  # [T] int64 on the device, made by build (see positions())
 
     @property
     def num_seqs(self) -> int:
@@ -48,11 +81,10 @@ class AttentionMetadata:
 
     def positions(self) -> Tensor:
         """Absolute position of every new token (the new tokens end the context)."""
-        out = []
-        for i, ctx in enumerate(self.context_lens_host):
-            q_len = self.query_start_loc_host[i + 1] - self.query_start_loc_host[i]
-            out.extend(range(ctx - q_len, ctx))
-        return torch.tensor(out, dtype=torch.long, device=self.slot_mapping.device)
+        if self.token_positions is None:  # metadata not made by build
+            _, _, pos = new_token_positions(np.diff(self.query_start_loc_host), self.context_lens_host)
+            self.token_positions = to_device(pos, self.slot_mapping.device)
+        return self.token_positions
 
     @classmethod
     def build(
@@ -63,30 +95,32 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str | None = None,
     ) -> "AttentionMetadata":
-        """Build the metadata from per-sequence Python lists (what a scheduler has)."""
+        """Build the metadata from per-sequence Python lists (what a scheduler has); the device tensors are
+        copied without waiting for the device's queued work (core/host_copies.py)."""
         if not (len(query_lens) == len(context_lens) == len(block_tables)):
             raise ValueError("query_lens, context_lens and block_tables must have one entry per sequence")
-        starts = [0]
-        slots: list[int] = []
-        for q_len, ctx, table in zip(query_lens, context_lens, block_tables):
-            if not 0 < q_len <= ctx:
-                raise ValueError(f"need 0 < query_len <= context_len, got {q_len} and {ctx}")
-            if len(table) * block_size < ctx:
-                raise ValueError(f"block table of {len(table)} blocks is too short for {ctx} tokens")
-            starts.append(starts[-1] + q_len)
-            for pos in range(ctx - q_len, ctx):
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-        width = max(len(t) for t in block_tables)
-        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        q = np.asarray(query_lens, dtype=np.int64)
+        ctx = np.asarray(context_lens, dtype=np.int64)
+        widths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+        bad_len, short = ~((0 < q) & (q <= ctx)), widths * block_size < ctx
+        if (bad_len | short).any():  # the first bad sequence, as a loop over them would say
+            i = int(np.argmax(bad_len | short))
+            if bad_len[i]:
+                raise ValueError(f"need 0 < query_len <= context_len, got {q[i]} and {ctx[i]}")
+            raise ValueError(f"block table of {widths[i]} blocks is too short for {ctx[i]} tokens")
+        tables = padded_tables(block_tables, len(block_tables), int(widths.max()))
+        starts, seq, pos = new_token_positions(q, ctx)
+        device = torch.device(device or "cpu")
         return cls(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            max_query_len=max(query_lens),
-            max_context_len=max(context_lens),
-            query_start_loc_host=tuple(starts),
+            query_start_loc=to_device(starts, device, torch.int32),
+            context_lens=to_device(ctx, device, torch.int32),
+            block_tables=to_device(tables, device),
+            slot_mapping=to_device(new_token_slots(tables, seq, pos, block_size), device),
+            max_query_len=int(q.max()),
+            max_context_len=int(ctx.max()),
+            query_start_loc_host=tuple(starts.tolist()),
             context_lens_host=tuple(context_lens),
+            token_positions=to_device(pos, device),
         )
 
 
