@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from understudy.logs import log
+from understudy.engine.layers import pdl
 from understudy.engine.layers.attention import AttentionMetadata, new_token_positions, new_token_slots, padded_tables
 from understudy.engine.core.host_copies import copy_to_device
 from understudy.engine.core.kv_cache import KVCaches
@@ -120,7 +121,8 @@ class StepGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log(logger, "cuda_graphs_captured", decode=[b.tokens for b in self.decode_buckets],
-            mixed_tokens=[b.tokens for b in self.mixed_buckets])
+            mixed_tokens=[b.tokens for b in self.mixed_buckets],
+            pdl=pdl.launch_kwargs(self.device)["PDL"])  # the Triton kernels overlap their launches (layers/pdl.py)
 
     def bucket(self, query_lens: list[int]) -> Bucket | None:
         """The graph a step with these new-token counts per sequence replays; None: run it eagerly."""
