@@ -84,6 +84,14 @@ def prompt(i: int, n: int = 7) -> list[int]:
     return [(31 * i + 7 * j) % 256 for j in range(n)]
 
 
+def test_it_is_on_by_default_only_where_steps_run_asynchronously(model):
+    # (on the CPU a step computes while it is launched: queueing the next one would only delay each token)
+    device = model.lm_head.weight.device
+    e = LLMEngine(model, KVCache.local(KVSpec.for_budget(model.config, 1 << 20, 16, torch.float32), device.type),
+                  device=device)
+    assert e.overlap_decode == (device.type == "cuda")
+
+
 def test_greedy_seeded_and_logprob_requests_give_the_same_outputs(model):
     requests = {
         "greedy": (prompt(0), SamplingParams(max_tokens=20, temperature=0)),

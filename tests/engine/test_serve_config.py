@@ -103,7 +103,7 @@ def test_identity_fields_are_what_snapshot_identity_uses():
                          "gpu_memory_utilization", "log_format", "log_level", "no_progress"}
     # each field changes the identity exactly when it is an identity field
     other = {"model": "/models/other", "served_model_name": ("m",), "dtype": "float16", "enforce_eager": True,
-             "attention": "triton", "prefill_attention": "reference", "max_model_len": 256, "role": "shadow",
+             "overlap_decode": "on", "attention": "triton", "prefill_attention": "reference", "max_model_len": 256, "role": "shadow",
              "failover_dir": "/x", "standby_wait": 1.0, "step_timeout": 5.0, "register": ("http://h:1",),
              "advertise_url": "http://h:2",
              "registration_ttl": 3.0, "backend": "host", "device": 3, "tensor_parallel": 4, "socket_dir": "/y",
@@ -148,17 +148,20 @@ def test_the_node_gives_the_frontend_the_engines_model_flags():
 
 
 def test_build_engine_gives_an_engine_to_step_by_hand():
-    """The public builder bench/ uses: the default model, its own memory service, stepped without HTTP."""
+    """The public builder bench/ uses: the default model, its own memory service, stepped without HTTP
+    (--overlap-decode on, which the CPU's auto leaves off: the flag reaches the engine)."""
     from understudy.engine.core.sampling import SamplingParams
     from understudy.engine.launch import build_engine
 
     socket_dir = Path(tempfile.mkdtemp(prefix="us-cfg-", dir="/tmp"))
-    config = ServeConfig(device=DeviceOptions(backend=BACKEND, socket_dir=str(socket_dir)),
+    config = ServeConfig(model=ModelOptions(overlap_decode="on"),
+                         device=DeviceOptions(backend=BACKEND, socket_dir=str(socket_dir)),
                          kv=KVOptions(kv_cache_memory=32 << 20), output=OutputOptions(no_progress=True))
     built = build_engine(config)
     try:
         assert built.memory_server is not None and built.worker.state == "ACTIVE"
         engine = built.engine
+        assert engine.overlap_decode
         prompt = built.worker.tokenizer.encode("The capital of France is")
         engine.add_request("r", prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         tokens = []

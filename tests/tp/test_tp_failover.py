@@ -66,8 +66,10 @@ BLOCK = 16
 MAX_TOKENS = 48 if BACKEND == "host" else 400  # none is over before the kill lands (24 were, once, on 2 busy cores)
 FEW = 3  # tokens every stream has received before the kill
 STREAMS = 6
+# --overlap-decode on: on the CPU too, so that the decode steps queued ahead send their ids to the worker by
+# broadcast (parallel/group.py), which the parity and kill tests then cover
 ENGINE_ARGS = ["--kv-cache-memory", "16MiB", "--max-model-len", "512", "--block-size", str(BLOCK),
-               "--max-num-seqs", "16", "--dtype", "float32"]
+               "--max-num-seqs", "16", "--dtype", "float32", "--overlap-decode", "on"]
 ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
 EXIT_GROUP_LOST = 4
 

@@ -64,6 +64,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: no CUDA graphs (decode steps, and prefill / mixed steps of up to 512 tokens with "
                         "--prefill-attention triton), also in a --tensor-parallel group (slower; for debugging)")
+    g.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
+                   help="queue each decode step on the device behind the one before it, before that one's "
+                        "tokens are read, so that the host's work of a step (reading tokens, stop checks, "
+                        "scheduling, launching) runs while the device computes (docs/engine.md, \"Overlapped "
+                        "decoding\"); vLLM calls this async scheduling. auto (default): on with CUDA, off on the "
+                        "CPU, whose steps compute while they are launched: there it would only deliver each "
+                        "token one step later")
     g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
                    help="attention kernels: triton (paged decode and prefill kernels, CUDA only) or reference "
                         "(plain torch); "

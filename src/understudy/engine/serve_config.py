@@ -50,6 +50,7 @@ class ModelOptions:
     served_model_name: tuple[str, ...] = _field(identity=True, factory=tuple)
     dtype: str = _field("auto", identity=True)  # auto or one of DTYPE_NAMES (half / float: argparse maps them)
     enforce_eager: bool = _field(False, identity=True)
+    overlap_decode: str = _field("auto", identity=False)  # auto (on CUDA), on, off: LLMEngine.overlap_decode
     attention: str = _field("auto", identity=True)  # auto, reference, triton
     prefill_attention: str = _field("triton", identity=True)  # reference, triton
     quantization: str = _field("none", identity=True)  # none, fp8 (FP8 weights quantized when published)

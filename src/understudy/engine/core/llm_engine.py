@@ -88,13 +88,15 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.graphs = None  # StepGraphs once enable_cuda_graphs() ran
         # Queue each decode step behind the one before it when the host need not read that one's tokens first
-        # (step()); False: every step waits for the one before to be read.
-        self.overlap_decode = True
+        # (step()); False: every step waits for the one before to be read. Off the CPU only: there a step
+        # computes while it is launched, so queueing the next one would only deliver each token a step later.
+        self.overlap_decode = self.device.type == "cuda"
         self._queued: Launched | None = None  # the step queued behind the one step() completes
         # The grammar engine of structured requests (engine/core/constraints.py); None: they are refused.
         self.constraints = constraints
         # Tensor parallelism: called with each step's inputs just before the forward (graph: a decode step
-        # replayed from the CUDA graphs), so that the group's other ranks run the same step
+        # replayed from the CUDA graphs; ids: the new tokens on the device when the step was queued ahead and
+        # input_ids hold placeholders), so that the group's other ranks run the same step
         # (engine/parallel/group.py). None on one device.
         self.step_hook = None
         self.timed_steps = 0  # this many next steps log their phase timings (step_timing)
@@ -262,9 +264,8 @@ class LLMEngine:
     def _launch_next_decode(self, prev: Launched) -> Launched | None:
         """The decode step after `prev`, queued now, with prev's sampled tokens (still on the device) as its
         inputs; None when the host must see prev's tokens first: prev is not a plain decode step, requests
-        wait to be admitted, a grammar must advance over the latest token, a tensor-parallel group's ranks
-        take their inputs from the host, or the KV cache is full."""
-        if (self.step_hook is not None or self.scheduler.waiting or prev.rows.prompt_spans or prev.rows.prefill_only
+        wait to be admitted, a grammar must advance over the latest token, or the KV cache is full."""
+        if (self.scheduler.waiting or prev.rows.prompt_spans or prev.rows.prefill_only
                 or len(prev.rows.sample) != len(prev.batch) or any(n != 1 for _, n in prev.batch)):
             return None
         batch, picked = [], []  # the sequences that go on, and their rows of prev (every row of prev sampled)
@@ -335,7 +336,7 @@ class LLMEngine:
         ids: the new tokens already on the device (one per sequence), instead of the host's."""
         inputs = self._step_inputs(batch, ahead=0 if ids is None else 1)
         if self.step_hook is not None:
-            self.step_hook(*inputs, graph=True)
+            self.step_hook(*inputs, graph=True, ids=ids)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
         logits = self.graphs.run(*inputs, logits_at=rows.sample_at, bucket=bucket, device_ids=ids)
@@ -380,7 +381,7 @@ class LLMEngine:
             ids = to_device(np.fromiter(input_ids, dtype=np.int64, count=len(input_ids)), self.device)
         logits_at = to_device(positions or [0], self.device, torch.long)  # [0]: a throwaway row
         if self.step_hook is not None:
-            self.step_hook(input_ids, query_lens, context_lens, tables, graph=False)
+            self.step_hook(input_ids, query_lens, context_lens, tables, graph=False, ids=ids if ahead else None)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
         logits = self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)

@@ -84,7 +84,10 @@ def join(store, rank: int, size: int, device: torch.device) -> TensorParallel:
     def all_reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t)
 
-    return TensorParallel(rank, size, all_reduce)
+    def broadcast(t: torch.Tensor) -> None:
+        dist.broadcast(t, src=0)
+
+    return TensorParallel(rank, size, all_reduce, broadcast)
 
 
 class Channel:

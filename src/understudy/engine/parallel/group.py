@@ -99,6 +99,7 @@ class Group:
         self.workers: list[RankProcess] = []
         self.closing = False  # the leader is exiting normally: workers leaving is expected
         self.stepping = False  # a step's inputs went out: the ranks are inside the same forward
+        self.tp = None  # this rank's TensorParallel (comm.join), once the group has joined
         self._fatal = threading.Lock()
         self._calls = threading.Lock()  # one request/reply exchange at a time
         # Let go of on a fatal exit before the process exits: a CUDA process takes a while to tear
@@ -199,10 +200,14 @@ class Group:
             return self.recv_all()
 
     def step(self, input_ids: list[int], query_lens: list[int], context_lens: list[int],
-             tables: list[list[int]], graph: bool) -> None:
-        """LLMEngine.step_hook: the other ranks run this step's forward (or replay its graph) with us."""
-        self.send_all(("step", input_ids, query_lens, context_lens, tables, graph))
+             tables: list[list[int]], graph: bool, ids=None) -> None:
+        """LLMEngine.step_hook: the other ranks run this step's forward (or replay its graph) with us. ids: the
+        new tokens of a decode step queued ahead, on our device only (sampled by the step before): the ranks
+        take them from a broadcast, input_ids being placeholders."""
+        self.send_all(("step", input_ids, query_lens, context_lens, tables, graph, ids is not None))
         self.stepping = True
+        if ids is not None:
+            self.tp.broadcast(ids.contiguous())  # (the source: not written)
 
 
 class GroupEngine(LLMEngine):
@@ -221,7 +226,6 @@ class GroupEngine(LLMEngine):
             super().enable_cuda_graphs(mixed_steps)
             self.group.recv_all()
 
-    # (ids: never given here: a group's steps are not queued ahead, its ranks take their inputs from the host)
     def _forward_eager(self, batch, rows, ids=None):
         return self._on_all_ranks(super()._forward_eager, batch, rows, ids)
 
@@ -341,6 +345,7 @@ def build_group(config: ServeConfig) -> Built:
     log(logger, "tp_group_started", size=size, ranks={0: os.getpid(), **{w.rank: w.pid for w in group.workers}},
         devices=list(range(d.device, d.device + local)), store_port=store.port, nnodes=d.nnodes)
     tp = join(store, 0, size, device)  # every rank loads its shard meanwhile
+    group.tp = tp
     model, weights_client, stats = weights.load(path, model_path, model_config, dtype,
                                                 progress=not config.output.no_progress,
                                                 name=f"engine-{os.getpid()}", attention_fn=attention_fn, tp=tp)

@@ -149,17 +149,25 @@ class Rank:
         return {}
 
     def step(self, input_ids: list[int], query_lens: list[int], context_lens: list[int],
-             tables: list[list[int]], graph: bool) -> None:
-        """The leader's forward, minus the logits (engine.LLMEngine._forward_eager / _forward_graph)."""
+             tables: list[list[int]], graph: bool, ids_from_leader: bool = False) -> None:
+        """The leader's forward, minus the logits (engine.LLMEngine._forward_eager / _forward_graph).
+        ids_from_leader: a decode step the leader queued ahead, whose new tokens (sampled by the step before,
+        on the leader's device) come by broadcast; input_ids are placeholders."""
         import torch
 
+        from understudy.engine.core.host_copies import to_device
         from understudy.engine.layers.attention import AttentionMetadata
 
+        ids = None
+        if ids_from_leader:
+            ids = torch.empty(len(query_lens), dtype=torch.long, device=self.device)
+            self.tp.broadcast(ids)
         if graph:
-            self.graphs.run(input_ids, query_lens, context_lens, tables, logits_at=[])
+            self.graphs.run(input_ids, query_lens, context_lens, tables, logits_at=[], device_ids=ids)
             return
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.kv.spec.block_size, device=self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids is None:
+            ids = to_device(input_ids, self.device, torch.long)  # (no stream sync: queued behind the step before)
         with torch.inference_mode():
             self.model.model(ids, meta.positions(), meta, self.kv.layers)
 
