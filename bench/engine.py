@@ -362,10 +362,10 @@ def main() -> None:
             print(f"batch {b:>4}: understudy   {fmt_steps(results[b]['understudy'])}", flush=True)
         # The same engine with every step waiting for the one before to be read (LLMEngine.overlap_decode off):
         # what overlapping the host's work with the device's is worth, in the same run.
-        engine.overlap_decode = False
+        overlapped, engine.overlap_decode = engine.overlap_decode, False
         results[batches[0]]["understudy_not_overlapped"] = decode_steps(
             engine, batches[0], args.prompt_len, tokens, shape["vocab_size"], sync)
-        engine.overlap_decode = True
+        engine.overlap_decode = overlapped
         print(f"batch {batches[0]:>4}: understudy, steps not overlapped "
               f"{fmt_steps(results[batches[0]]['understudy_not_overlapped'])}", flush=True)
         if not cpu:  # and with each kernel placed only once the one before has ended (no PDL)

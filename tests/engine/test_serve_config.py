@@ -34,6 +34,12 @@ def test_the_config_is_frozen():
     assert hash(config) == hash(parse_serve_args(ARGV))  # frozen all the way down: it can key a dict
 
 
+def test_async_scheduling_is_vllms_spelling_of_overlap_decode_on():
+    assert parse_serve_args([]).model.overlap_decode == "auto"
+    assert parse_serve_args(["--async-scheduling"]).model.overlap_decode == "on"
+    assert parse_serve_args(["--overlap-decode", "off"]).model.overlap_decode == "off"
+
+
 def test_sizes_are_parsed_into_ints_by_argparse():
     assert parse_serve_args(["--kv-cache-memory", "8GiB"]).kv.kv_cache_memory == 8 << 30
     assert parse_serve_args(["--kv-cache-memory", "512MiB"]).kv.kv_cache_memory == 512 << 20

@@ -71,6 +71,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "decoding\"); vLLM calls this async scheduling. auto (default): on with CUDA, off on the "
                         "CPU, whose steps compute while they are launched: there it would only deliver each "
                         "token one step later")
+    g.add_argument("--async-scheduling", dest="overlap_decode", action="store_const", const="on",
+                   help="vLLM's spelling of --overlap-decode on")
     g.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto",
                    help="attention kernels: triton (paged decode and prefill kernels, CUDA only) or reference "
                         "(plain torch); "
