@@ -243,7 +243,12 @@ class LLMEngine:
             logits = self._forward_graph(batch, rows, bucket, ids)
         else:
             logits = self._forward_eager(batch, rows, ids)
-        # The forward is launched (on CUDA it runs while the host goes on): now the grammar bitmasks.
+        # The forward is launched (on CUDA it runs while the host goes on): now the hashes of the blocks it fills,
+        # which blocks.seal needs once it is done (a long prompt's hundred hashes would otherwise delay its
+        # first token; a step queued ahead has a token the host does not know yet), and the grammar bitmasks.
+        if ids is None:
+            for seq, n in batch:
+                self.blocks.hashes(seq, seq.num_computed + n)
         seqs = [batch[i][0] for i in rows.sample]
         bitmask = self.constraints.bitmask(seqs) if self.constraints is not None and seqs else None
         sampled = None
@@ -384,13 +389,7 @@ class LLMEngine:
             self.step_hook(input_ids, query_lens, context_lens, tables, graph=False, ids=ids if ahead else None)
         if self.fault_hook is not None:  # fault injection (serving/faults.py): raises or hangs mid-forward
             self.fault_hook()
-        logits = self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
-        if not ahead:
-            # The device runs the forward now: hash the blocks it fills meanwhile, which blocks.seal needs once
-            # it is done (a long prompt's hundred hashes would otherwise delay its first token).
-            for seq, n in batch:
-                self.blocks.hashes(seq, seq.num_computed + n)
-        return logits
+        return self.model(ids, meta.positions(), meta, self.kv.layers, logits_at)
 
     def _prompt_logprobs(self, batch: list[tuple[Sequence, int]], rows: LogitRows, logits: torch.Tensor):
         """The prompt tokens this step's chunks predict, their logprobs (still on the device) and each

@@ -58,7 +58,7 @@ class TensorParallel:
     size: int
     all_reduce: Callable[[torch.Tensor], None]  # in place: the sum over the group's ranks
     # in place: rank 0's values on every rank (the ids of a decode step queued ahead: core/llm_engine.py)
-    broadcast: Callable[[torch.Tensor], None] | None = None
+    broadcast: Callable[[torch.Tensor], None]
 
 
 def check_shardable(config: ModelConfig, size: int) -> None:

@@ -225,7 +225,8 @@ def engine_limits(config: ServeConfig, model_path: Path,
 def start_engine(config: ServeConfig, engine: LLMEngine, p: Placement) -> None:
     """CUDA graphs for steps (unless --enforce-eager), overlapped decoding as --overlap-decode says, then the
     warm-up."""
-    engine.overlap_decode = {"on": True, "off": False}.get(config.model.overlap_decode, p.use_cuda)
+    if config.model.overlap_decode != "auto":  # (auto: the engine's own default, on with CUDA)
+        engine.overlap_decode = config.model.overlap_decode == "on"
     if p.use_cuda and not config.model.enforce_eager:
         if p.attention_fn is None:  # --backend auto that found CUDA (with --backend cuda, ServeConfig said so)
             raise SystemExit("understudy serve: CUDA graphs need --attention triton (or --enforce-eager)")
