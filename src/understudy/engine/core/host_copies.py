@@ -23,6 +23,8 @@ def to_device(values: list | np.ndarray | Tensor, device: torch.device, dtype: t
         host = torch.from_numpy(values)
     elif isinstance(values, Tensor):
         host = values
+    elif dtype in (torch.long, torch.int32):  # (numpy reads a long prompt's list ~4x faster than torch.tensor)
+        host = torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
     else:
         host = torch.tensor(values, dtype=dtype)
     if dtype is not None and host.dtype != dtype:
