@@ -206,7 +206,7 @@ def test_each_rank_publishes_its_slice_of_every_expert(server, moe_dir):
     from understudy.engine.model.sharding import TensorParallel
 
     _, path = moe_dir("qwen3_moe")
-    tp = TensorParallel(1, 2, lambda t: None)  # no collective runs here
+    tp = TensorParallel(1, 2, lambda t: None, lambda t: None)  # no collective runs here
     model, client, _ = weights.load(str(server.path), path, load_config(path), torch.float32, progress=False, tp=tp)
     try:
         state, half = model.state_dict(), 16

@@ -89,7 +89,7 @@ def test_each_rank_publishes_its_own_shard(server, tmp_path):
     config = load_config(path)
     full = load_file(str(path / "model.safetensors"))
     noop = lambda t: None  # noqa: E731 - no collective runs here
-    tp = TensorParallel(1, 2, noop)
+    tp = TensorParallel(1, 2, noop, noop)
     model, client, stats = weights.load(str(server.path), path, config, torch.float32, progress=False, tp=tp)
     try:
         assert stats["source"] == "published" and model.config == rank_config(config, 2)
@@ -98,7 +98,7 @@ def test_each_rank_publishes_its_own_shard(server, tmp_path):
             got = checkpoint_view(name, model.config, state.__getitem__)[1]
             assert torch.equal(got, shard_tensor(name, tensor, 1, 2, config)), name
         assert client.layout.extra["tensor_parallel"] == [1, 2]
-        for other in (TensorParallel(0, 2, noop), None):
+        for other in (TensorParallel(0, 2, noop, noop), None):
             with pytest.raises(weights.WeightsMismatch, match="rank 1's shard of a --tensor-parallel 2 group"):
                 weights.load(str(server.path), path, config, torch.float32, progress=False, tp=other, timeout=5)
     finally:
@@ -114,7 +114,7 @@ def test_each_rank_publishes_its_rows_of_each_part_of_a_fused_checkpoint(server,
     path = tmp_path / "phi3"
     hf.save_pretrained(path, safe_serialization=True)
     config = load_config(path)
-    tp = TensorParallel(1, 2, lambda t: None)  # no collective runs here
+    tp = TensorParallel(1, 2, lambda t: None, lambda t: None)  # no collective runs here
     model, client, _ = weights.load(str(server.path), path, config, torch.float32, progress=False, tp=tp)
     try:
         state, full = model.state_dict(), hf.state_dict()
