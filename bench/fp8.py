@@ -120,9 +120,13 @@ DENSE_SHAPES = GEMV_SHAPES + ((128256, 4096, "lm_head"), (5120, 2048, "moe qkv")
 # the small matrices are latency: also few rows per program and all of K in one or two tiles (more warps)
 DENSE_TILES = GEMV_TILES + ((2, 512, 1), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4))
 MIN_SPEEDUP = 1.03  # a one-row shape joins linear.DENSE_GEMV_CONFIGS when the GEMV is this much faster
+# One FP8 row: wider tiles too (32-128 weight bytes per thread), each with 8- and 16-byte loads (VEC) and
+# widened by the cvt instructions or by integer ops (_fp8_kernels._widen): configs of six entries
+FP8_ROW_TILES = tuple((bn, bk, w) for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048, 4096) for w in (1, 2, 4, 8)
+                      if 32 <= bn * bk // (32 * w) <= 128 and bk // (32 * w) >= 8)
 
 
-def gemv_candidates(n: int, k: int, m: int, tiles=GEMV_TILES) -> list[tuple[int, int, int, int]]:
+def gemv_candidates(n: int, k: int, m: int, tiles=GEMV_TILES, splits=(1, 2, 4, 8)) -> list[tuple[int, ...]]:
     """The GEMV configs swept for one shape: quant.gemv_config's default first, then tiles x SPLIT_K,
     leaving out splits that give the same split as a smaller one and grids of under one program per SM
     (per two rows for a matrix of fewer than 264)."""
@@ -132,12 +136,24 @@ def gemv_candidates(n: int, k: int, m: int, tiles=GEMV_TILES) -> list[tuple[int,
 
     out = [quant.gemv_config(n, k, m)]
     for bn, bk, warps in tiles:
-        for split in (1, 2, 4, 8):
+        for split in splits:
             k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
             if triton.cdiv(k, k_split) != split or triton.cdiv(n, bn) * split < min(132, n // 2):
                 continue
             if (bn, bk, split, warps) not in out:
                 out.append((bn, bk, split, warps))
+    return out
+
+
+def fp8_candidates(n: int, k: int, m: int) -> list[tuple[int, ...]]:
+    """The FP8 sweep's configs: gemv_candidates', and for one row FP8_ROW_TILES x VEC 8/16 x widening."""
+    if m > 1:
+        return gemv_candidates(n, k, m)
+    out = gemv_candidates(n, k, m)
+    for bn, bk, split, warps in gemv_candidates(n, k, m, FP8_ROW_TILES, splits=(1, 2))[1:]:
+        for vec in (8, 16):
+            if bk // (32 * warps) >= vec:
+                out += [(bn, bk, split, warps, vec, bits) for bits in (0, 1)]
     return out
 
 
@@ -209,7 +225,7 @@ def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
 
     block = (128, 128) if scheme == "block" else None
     q = Quantization("fp8", scheme, "dynamic", block, "weight_scale")
-    tasks = [(n, k, m, scheme, cfg) for n, k, _ in GEMV_SHAPES for m in rows for cfg in gemv_candidates(n, k, m)]
+    tasks = [(n, k, m, scheme, cfg) for n, k, _ in GEMV_SHAPES for m in rows for cfg in fp8_candidates(n, k, m)]
     t0 = time.perf_counter()
     precompile(tasks, workers)
     print(f"# {len(tasks)} GEMV variants compiled in {time.perf_counter() - t0:.0f}s ({workers} processes); "
@@ -233,7 +249,7 @@ def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
             t_mm = graph_seconds([lambda c=c: c._scaled_mm(x, None) for c in layers]) if scheme != "block" else math.inf
             times = {cfg: graph_seconds([lambda c=c, cfg=cfg: quant.gemv(x, c.weight, c.scales, None, q, cfg)
                                          for c in layers])
-                     for cfg in gemv_candidates(n, k, m)}
+                     for cfg in fp8_candidates(n, k, m)}
             default = quant.gemv_config(n, k, m)
             ranked = sorted(times, key=times.get)
             best = ranked[0]
@@ -248,16 +264,24 @@ def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
                   f"{default} {rate(times[default])} | best {best} {rate(times[best])} "
                   f"({n * k / times[best] / 1e9 / (hbm / 2):.0%} of read bw, {t_bf / times[best]:.2f}x bf16's speed)"
                   "; next: " + ", ".join(f"{c} {n * k / times[c] / 1e9:.0f}" for c in ranked[1:4]), flush=True)
+            if m == 1:  # the one-row variants side by side: 8- vs 16-byte loads, cvt vs integer widening
+                groups = {"8-byte loads": lambda c: len(c) < 5 or c[4] == 8, "16-byte": lambda c: len(c) > 4 and c[4] == 16,
+                          "cvt widening": lambda c: len(c) < 6 or not c[5], "integer widening": lambda c: len(c) > 5 and c[5]}
+                print("         " + " | ".join(
+                    f"{label} best {min(filter(pick, times), key=times.get)} "
+                    f"{n * k / times[min(filter(pick, times), key=times.get)] / 1e9:.0f} GB/s"
+                    for label, pick in groups.items()), flush=True)
         del w16, layers
         torch.cuda.empty_cache()
     print("# paste into src/understudy/engine/layers/quant.py (best per shape, this run):")
-    print("GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {")
+    print("GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, ...]] = {")
     for (n, k, m), (cfg, gbs) in best_cfgs.items():
         print(f"    ({n}, {k}, {m}): {cfg},  # {gbs:.0f} GB/s")
     print("}")
     wins = [m for m in rows if gemv_wins[m]]
     print(f"# GEMV faster than _scaled_mm and the tl.dot GEMM on every shape at rows {wins} "
           f"(quant.GEMV_MAX_M = {max(wins, default=0)}{'' if wins == rows[:len(wins)] else ', not contiguous: check'})")
+    return {key: cfg for key, (cfg, _) in best_cfgs.items()}
 
 
 def dense_sweep(hbm: float, name: str, rows: list[int], workers: int) -> None:
@@ -334,7 +358,8 @@ def main() -> None:
                     help="GPU: also print where a decode step's time goes at the first batch, per mode "
                          "(torch.profiler: wall, kernels, the gap, the top kernels)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (reused between runs)")
-    ap.add_argument("--gemm", action="store_true", help="sweep the FP8 GEMV alone (GPU), then the engines")
+    ap.add_argument("--gemm", action="store_true",
+                    help="sweep the FP8 GEMV alone (GPU), then the engines with the sweep's best configs")
     ap.add_argument("--gemm-only", action="store_true", help="sweep the FP8 GEMV alone and stop")
     ap.add_argument("--gemm-dtype", default="fp8", choices=["fp8", *DENSE_DTYPES],
                     help="weights of the sweep: fp8 (quant.GEMV_CONFIGS), or bf16/fp16 unquantized against cuBLAS "
@@ -357,7 +382,11 @@ def main() -> None:
         print(f"# device memory {hbm:.0f} GB/s (copy, read+write)", flush=True)
         if args.gemm or args.gemm_only:
             if args.gemm_dtype == "fp8":
-                gemm_sweep(hbm, args.gemm_scheme, args.gemm_rows or [1, 2, 4, 8], args.compile_workers)
+                best = gemm_sweep(hbm, args.gemm_scheme, args.gemm_rows or [1, 2, 4, 8], args.compile_workers)
+                from understudy.engine.layers import quant
+
+                quant.GEMV_CONFIGS.update(best)  # --gemm: the engines below run with this run's best tiles
+                print(f"# the engines below use this sweep's best GEMV configs ({len(best)} shapes)", flush=True)
             else:
                 dense_sweep(hbm, args.gemm_dtype, args.gemm_rows or [1, 2], args.compile_workers)
             if args.gemm_only:

@@ -25,6 +25,23 @@ import triton.language as tl
 
 from understudy.engine.layers._pdl_kernels import wait_prior
 
+# e4m3's exponent bias is 7, fp32's 127: an e4m3 magnitude placed under fp32's exponent reads 2**-120 of its
+# value (_widen, BITS)
+_E4M3_UNDER_FP32: tl.constexpr = tl.constexpr(2.0 ** 120)
+
+
+@triton.jit
+def _widen(w, BITS: tl.constexpr):
+    """The fp32 values of a weight tile. BITS (FP8 e4m3 weights): by integer ops and one multiply instead of
+    the conversion instructions (e4m3 -> f16x2 -> f32), which cap the FP8 GEMV's rate. Exact: the 7
+    magnitude bits go under fp32's exponent (subnormals onto fp32 subnormals, which the multiply keeps:
+    Triton does not flush them), then times 2**120; e4m3fn has no infinities."""
+    if BITS:
+        u = w.to(tl.uint8, bitcast=True).to(tl.uint32)
+        f = (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True)
+        return f * _E4M3_UNDER_FP32
+    return w.to(tl.float32)
+
 
 @triton.jit
 def _scale_and_bias(acc, S, B, n, n_ok, SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -91,7 +108,7 @@ PDL: tl.constexpr = False):
 def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_os,
                 TILES: tl.constexpr, SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                PARTIAL: tl.constexpr, PDL: tl.constexpr = False):
+                PARTIAL: tl.constexpr, BITS: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (j, s): rows j*BLOCK_N.. of W against all M (<= BLOCK_M) rows of X over TILES tiles of
     BLOCK_K columns from s*TILES*BLOCK_K (what runs past K is masked off). PARTIAL: store the fp32 sum in
     Out[s] (block scales applied, no others, no bias: gemv_reduce_kernel finishes), else finish here.
@@ -124,8 +141,8 @@ def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, strid
         k0 = (pid_k * TILES + i) * BLOCK_K
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        w = tl.load(w_rows + tl.max_contiguous(k, VEC)[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
+        w = _widen(tl.load(w_rows + tl.max_contiguous(k, VEC)[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                           other=0.0), BITS)
         if SCHEME == 2:
             if SB_K % BLOCK_K == 0:  # the tile lies in one block column: one scale
                 s = tl.load(s_row + k0 // SB_K)

@@ -224,7 +224,7 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, qu
 # (N, K, rows) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV, rows a power of two (a batch of 3 uses
 # the entry for 4). Paste the dict that `bench/fp8.py --gemm-only` prints last (best per Llama-3-8B shape on
 # an H200); shapes not listed take gemv_config's rule.
-GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, ...]] = {
     (6144, 4096, 1): (4, 512, 1, 1),  # 2625 GB/s (cuBLAS bf16: 3353 GB/s of twice the bytes)
     (4096, 4096, 1): (16, 1024, 1, 4),  # 2202 GB/s
     (28672, 4096, 1): (4, 256, 1, 1),  # 3698 GB/s
@@ -261,13 +261,15 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    block_n, block_k, split_k, warps = config or gemv_config(N, K, M)
+    block_n, block_k, split_k, warps, *extra = config or gemv_config(N, K, M)
     block = quant.block if quant is not None and quant.block else (1, 1)
     scheme = -1 if quant is None else _SCHEME[quant.weights]  # -1: no scale (S is never read)
     if scheme == 2:  # the tile's rows must share their row of scale blocks
         block_n = min(block_n, block[0] & -block[0])
-    # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program
-    vec = min(16 // x.element_size(), block_k // (32 * warps))
+    # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program; a
+    # config's fifth entry asks for another width (16 FP8 bytes: x then changes layout every tile)
+    vec = extra[0] if extra else min(16 // x.element_size(), block_k // (32 * warps))
+    bits = bool(extra[1]) if len(extra) > 1 else False
     if vec < 1:
         raise ValueError(f"GEMV tile of {block_k} columns is narrower than {warps} warps")
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole tiles per split
@@ -284,7 +286,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
         scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
         SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
-        **pdl.launch_kwargs(x.device),
+        BITS=bits and weight.dtype == FP8, **pdl.launch_kwargs(x.device),
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
         gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
