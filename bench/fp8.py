@@ -120,8 +120,8 @@ DENSE_SHAPES = GEMV_SHAPES + ((128256, 4096, "lm_head"), (5120, 2048, "moe qkv")
 # the small matrices are latency: also few rows per program and all of K in one or two tiles (more warps)
 DENSE_TILES = GEMV_TILES + ((2, 512, 1), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4))
 MIN_SPEEDUP = 1.03  # a one-row shape joins linear.DENSE_GEMV_CONFIGS when the GEMV is this much faster
-# One FP8 row: wider tiles too (32-128 weight bytes per thread), each with 8- and 16-byte loads (VEC) and
-# widened by the cvt instructions or by integer ops (_fp8_kernels._widen): configs of six entries
+# One FP8 row: wider tiles too, 32-128 weight bytes per thread (docs/logs/bench_fp8_h200_gemv_round8.log:
+# they won on every shape; that run also measured 16-byte loads and widening e4m3 by integer ops, both slower)
 FP8_ROW_TILES = tuple((bn, bk, w) for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048, 4096) for w in (1, 2, 4, 8)
                       if 32 <= bn * bk // (32 * w) <= 128 and bk // (32 * w) >= 8)
 
@@ -145,15 +145,11 @@ def gemv_candidates(n: int, k: int, m: int, tiles=GEMV_TILES, splits=(1, 2, 4, 8
     return out
 
 
-def fp8_candidates(n: int, k: int, m: int) -> list[tuple[int, ...]]:
-    """The FP8 sweep's configs: gemv_candidates', and for one row FP8_ROW_TILES x VEC 8/16 x widening."""
-    if m > 1:
-        return gemv_candidates(n, k, m)
+def fp8_candidates(n: int, k: int, m: int) -> list[tuple[int, int, int, int]]:
+    """The FP8 sweep's configs: gemv_candidates', and for one row FP8_ROW_TILES' too."""
     out = gemv_candidates(n, k, m)
-    for bn, bk, split, warps in gemv_candidates(n, k, m, FP8_ROW_TILES, splits=(1, 2))[1:]:
-        for vec in (8, 16):
-            if bk // (32 * warps) >= vec:
-                out += [(bn, bk, split, warps, vec, bits) for bits in (0, 1)]
+    if m == 1:
+        out += [c for c in gemv_candidates(n, k, m, FP8_ROW_TILES, splits=(1, 2)) if c not in out]
     return out
 
 
@@ -264,17 +260,10 @@ def gemm_sweep(hbm: float, scheme: str, rows: list[int], workers: int) -> None:
                   f"{default} {rate(times[default])} | best {best} {rate(times[best])} "
                   f"({n * k / times[best] / 1e9 / (hbm / 2):.0%} of read bw, {t_bf / times[best]:.2f}x bf16's speed)"
                   "; next: " + ", ".join(f"{c} {n * k / times[c] / 1e9:.0f}" for c in ranked[1:4]), flush=True)
-            if m == 1:  # the one-row variants side by side: 8- vs 16-byte loads, cvt vs integer widening
-                groups = {"8-byte loads": lambda c: len(c) < 5 or c[4] == 8, "16-byte": lambda c: len(c) > 4 and c[4] == 16,
-                          "cvt widening": lambda c: len(c) < 6 or not c[5], "integer widening": lambda c: len(c) > 5 and c[5]}
-                print("         " + " | ".join(
-                    f"{label} best {min(filter(pick, times), key=times.get)} "
-                    f"{n * k / times[min(filter(pick, times), key=times.get)] / 1e9:.0f} GB/s"
-                    for label, pick in groups.items()), flush=True)
         del w16, layers
         torch.cuda.empty_cache()
     print("# paste into src/understudy/engine/layers/quant.py (best per shape, this run):")
-    print("GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, ...]] = {")
+    print("GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {")
     for (n, k, m), (cfg, gbs) in best_cfgs.items():
         print(f"    ({n}, {k}, {m}): {cfg},  # {gbs:.0f} GB/s")
     print("}")

@@ -347,36 +347,6 @@ def test_interpreted_fp8_gemv_matches_the_dequantized_reference(interpreted, wei
     torch.testing.assert_close(without_bias.float(), ref - b.float(), **tol)
 
 
-def _every_e4m3_value(n: int, k: int, device: str) -> torch.Tensor:
-    """An [n, k] FP8 weight holding every finite e4m3 value, subnormals and both zeros among them."""
-    codes = torch.arange(256, dtype=torch.uint8)
-    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn's two NaNs
-    return codes.repeat(-(-n * k // len(codes)))[: n * k].view(torch.float8_e4m3fn).reshape(n, k).to(device)
-
-
-def _check_integer_widening(device: str, config: tuple[int, int, int, int, int]) -> None:
-    torch.manual_seed(3)
-    w8 = _every_e4m3_value(24, 640, device)
-    scale = torch.rand(24, device=device) + 0.5
-    x = torch.randn(2, 640, device=device, dtype=torch.float32)
-    layer = Quantization("test", "channel", "dynamic", None, "weight_scale")
-    by_bits = quant.gemv(x[:1], w8, scale, None, layer, (*config, 1))
-    # the same products as the cvt instructions' (so the same bits), and the dequantized reference's values
-    assert torch.equal(by_bits, quant.gemv(x[:1], w8, scale, None, layer, (*config, 0)))
-    ref = x[:1] @ quant.dequantize(w8, scale, "channel").T
-    torch.testing.assert_close(by_bits, ref, rtol=1e-5, atol=1e-3)
-
-
-def test_interpreted_integer_widening_of_every_e4m3_value_is_exact(interpreted):
-    _check_integer_widening("cpu", (8, 128, 1, 1, 4))
-
-
-@cuda_only
-@pytest.mark.parametrize("config", [(8, 512, 1, 1, 8), (4, 1024, 2, 2, 16)])
-def test_cuda_integer_widening_of_every_e4m3_value_is_exact(config):
-    _check_integer_widening("cuda", config)
-
-
 def _fp8_attention_case(device, dtype):
     from understudy.engine.layers.attention import AttentionMetadata
 

@@ -115,3 +115,56 @@ def test_cuda_linear_routes_one_row_to_the_listed_gemv_inside_a_graph(monkeypatc
     static_x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(static_out, quant.gemv(static_x, w, None, b, None, config))
+
+
+# The MLP's down projection reading a gate_up output: the GEMV applies the activation as it reads its input
+# (quant.gemv act=...), which must give the bits of the standalone activation kernel then the GEMV.
+def _gated_case(m: int, n: int, k: int, dtype, device: str, fp8: bool):
+    x, w, b, _ = _case(m, n, k, dtype, device)
+    gate_up = torch.randn(m, 2 * k, generator=torch.Generator(device).manual_seed(5), device=device).to(dtype) * 3
+    if not fp8:
+        return gate_up, w, None, b, None
+    from understudy.engine.model.quantization import Quantization
+
+    w8, scale = quant.quantize(w.float(), "channel")
+    return gate_up, w8, scale, b, Quantization("test", "channel", "dynamic", None, "weight_scale")
+
+
+def _check_gated_gemv(device: str, m: int, config, dtype, fp8: bool, act: str) -> None:
+    from understudy.engine.layers import fused
+
+    gate_up, w, scale, b, q = _gated_case(m, 40, 264, dtype, device, fp8)
+    gate, up = gate_up.chunk(2, dim=-1)
+    x = fused._silu_and_mul_triton(gate, up, gelu=act == "gelu_tanh")  # the standalone kernel
+    expected = quant.gemv(x, w, scale, b, q, config)
+    assert torch.equal(quant.gemv(gate_up, w, scale, b, q, config, act=act), expected)
+    with pytest.raises(ValueError, match="gated"):
+        quant.gemv(x, w, scale, b, q, config, act=act)  # K columns where the gated input has 2K
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m,config,act", [(1, (8, 64, 2, 1), "silu"), (1, (4, 128, 1, 1), "gelu_tanh"),
+                                          (3, (8, 64, 1, 1), "silu")])
+def test_interpreted_gemv_applies_the_gated_activation_as_it_reads(interpreted, m, config, act, fp8):
+    _check_gated_gemv("cpu", m, config, torch.bfloat16, fp8, act)
+
+
+@cuda_only
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_cuda_gemv_applies_the_gated_activation_as_it_reads(monkeypatch, act, fp8):
+    _check_gated_gemv("cuda", 1, (4, 128, 2, 1), torch.bfloat16, fp8, act)
+    # the layers route a one-row gate_up through it (Linear: where DENSE_GEMV_CONFIGS lists the shape)
+    from understudy.engine.layers import fused
+
+    gate_up, w, scale, b, q = _gated_case(1, 40, 264, torch.bfloat16, "cuda", fp8)
+    if fp8:
+        layer = quant.Fp8Linear(264, 40, True, q).cuda()
+        layer.weight.data, layer.bias.data = w, b
+        setattr(layer, q.scale_name, torch.nn.Parameter(scale, requires_grad=False))
+    else:
+        monkeypatch.setitem(linear.DENSE_GEMV_CONFIGS, (40, 264), (4, 128, 2, 1))
+        layer = linear.Linear(264, 40, bias=True).to("cuda", torch.bfloat16)
+        layer.weight.data, layer.bias.data = w, b
+    for rows in (gate_up, torch.cat([gate_up, gate_up])):  # one row: the GEMV; two: the kernel then the matmul
+        assert torch.equal(layer.gated(rows, act), layer(fused.act_and_mul(*rows.chunk(2, dim=-1), act)))

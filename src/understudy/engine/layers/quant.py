@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from understudy.engine.model.quantization import Quantization, scale_shape
-from understudy.engine.layers import pdl
+from understudy.engine.layers import fused, pdl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -161,6 +161,15 @@ class Fp8Linear(nn.Module):
             out = fp8_linear(flat, self.weight, self.scales, bias, self.quant)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def gated(self, gate_up: Tensor, act: str) -> Tensor:
+        """self(act(gate) * up) of a gate_up output [..., 2 * in_features] (gate columns, then up): on the
+        GEMV's path the GEMV computes the activation as it reads its input (one launch, same bits)."""
+        flat = gate_up.reshape(-1, gate_up.shape[-1])
+        if gate_up.device.type == "cuda" and flat.shape[0] <= GEMV_MAX_M:
+            out = gemv(flat, self.weight, self.scales, self.bias, self.quant, act=act)
+            return out.reshape(*gate_up.shape[:-1], self.out_features)
+        return self(fused.act_and_mul(*gate_up.chunk(2, dim=-1), act))
+
     def _scaled_mm(self, x: Tensor, bias: Tensor | None) -> Tensor:
         xq, x_scale = quantize_activations(x, self.input_scale)
         w_scale = self.scales
@@ -223,12 +232,13 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, qu
 
 # (N, K, rows) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV, rows a power of two (a batch of 3 uses
 # the entry for 4). Paste the dict that `bench/fp8.py --gemm-only` prints last (best per Llama-3-8B shape on
-# an H200); shapes not listed take gemv_config's rule.
-GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, ...]] = {
-    (6144, 4096, 1): (4, 512, 1, 1),  # 2625 GB/s (cuBLAS bf16: 3353 GB/s of twice the bytes)
-    (4096, 4096, 1): (16, 1024, 1, 4),  # 2202 GB/s
-    (28672, 4096, 1): (4, 256, 1, 1),  # 3698 GB/s
-    (4096, 14336, 1): (16, 1024, 1, 4),  # 3117 GB/s
+# an H200: docs/logs/bench_fp8_h200_gemv_round8.log); shapes not listed take gemv_config's rule. gate_up takes
+# the best config without a split K (2% behind the best alone, which needs the reduce kernel's launch after it).
+GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (6144, 4096, 1): (2, 4096, 1, 2),  # 2986 GB/s (cuBLAS bf16: 3350 GB/s of twice the bytes)
+    (4096, 4096, 1): (2, 1024, 1, 1),  # 2767 GB/s
+    (28672, 4096, 1): (2, 4096, 1, 2),  # 3885 GB/s ((4, 1024, 2, 4) and its reduce: 3972)
+    (4096, 14336, 1): (4, 1024, 1, 2),  # 3556 GB/s
 }
 
 
@@ -246,30 +256,35 @@ def gemv_config(n: int, k: int, m: int) -> tuple[int, int, int, int]:
     return block_n, block_k, split, 1
 
 
+# gemv's `act`: the gated activation its input is made of (_fp8_kernels._gemv_input)
+GATED_ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
+
+
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, quant: Quantization | None,
-         config: tuple[int, int, int, int] | None = None) -> Tensor:
+         config: tuple[int, int, int, int] | None = None, act: str | None = None) -> Tensor:
     """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) for few rows (_fp8_kernels.gemv_kernel); quant
     None: `weight` is unquantized (x's dtype, no scale: layers/linear.py). Any device Triton runs on (CUDA,
-    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple."""
+    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple. `act` ("silu", "gelu_tanh"):
+    x is a gate_up output [M, 2K] and the input is act(gate) * up, computed as the kernel reads it."""
     import triton
 
     from understudy.engine.layers._fp8_kernels import gemv_kernel, gemv_reduce_kernel
 
-    M, K = x.shape
+    M, K = x.shape[0], weight.shape[1]
+    if x.shape[1] != (2 * K if act else K):
+        raise ValueError(f"GEMV input of {x.shape[1]} columns for a weight of {K}" + (" (gated: 2x)" if act else ""))
     N = weight.shape[0]
     x = x.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    block_n, block_k, split_k, warps, *extra = config or gemv_config(N, K, M)
+    block_n, block_k, split_k, warps = config or gemv_config(N, K, M)
     block = quant.block if quant is not None and quant.block else (1, 1)
     scheme = -1 if quant is None else _SCHEME[quant.weights]  # -1: no scale (S is never read)
     if scheme == 2:  # the tile's rows must share their row of scale blocks
         block_n = min(block_n, block[0] & -block[0])
-    # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program; a
-    # config's fifth entry asks for another width (16 FP8 bytes: x then changes layout every tile)
-    vec = extra[0] if extra else min(16 // x.element_size(), block_k // (32 * warps))
-    bits = bool(extra[1]) if len(extra) > 1 else False
+    # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program
+    vec = min(16 // x.element_size(), block_k // (32 * warps))
     if vec < 1:
         raise ValueError(f"GEMV tile of {block_k} columns is narrower than {warps} warps")
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole tiles per split
@@ -286,7 +301,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
         scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
         SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
-        BITS=bits and weight.dtype == FP8, **pdl.launch_kwargs(x.device),
+        ACT=GATED_ACTS[act], **pdl.launch_kwargs(x.device),
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
         gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
