@@ -23,7 +23,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from understudy.engine.layers._fused_kernels import gated
 from understudy.engine.layers._pdl_kernels import wait_prior
 
 
@@ -89,23 +88,10 @@ PDL: tl.constexpr = False):
 
 
 @triton.jit
-def _gemv_input(X, k, mask, K, ACT: tl.constexpr):
-    """fp32 values of columns k of one input row at X. ACT 1 / 2: the row is a gate_up output (gate in
-    columns [0, K), up in [K, 2K)) and the input is silu(gate) * up / gelu_tanh(gate) * up, rounded to its
-    dtype as the standalone kernel rounds it (_fused_kernels.gated): the MLP's down projection reads it
-    without a launch of its own."""
-    x = tl.load(X + k, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        return x
-    u = tl.load(X + K + k, mask=mask, other=0.0).to(tl.float32)
-    return gated(x, u, X.dtype.element_ty, ACT == 2).to(tl.float32)
-
-
-@triton.jit
 def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_os,
                 TILES: tl.constexpr, SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                PARTIAL: tl.constexpr, ACT: tl.constexpr = 0, PDL: tl.constexpr = False):
+                PARTIAL: tl.constexpr, PDL: tl.constexpr = False):
     """Program (j, s): rows j*BLOCK_N.. of W against all M (<= BLOCK_M) rows of X over TILES tiles of
     BLOCK_K columns from s*TILES*BLOCK_K (what runs past K is masked off). PARTIAL: store the fp32 sum in
     Out[s] (block scales applied, no others, no bias: gemv_reduce_kernel finishes), else finish here.
@@ -118,8 +104,6 @@ def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, strid
     thread), and the max_contiguous hint gives the weight tile the same one (8 bytes per thread for FP8, 16
     for bf16/fp16 weights); with 16 FP8 bytes per thread the two layouts differ and Triton moves x through
     shared memory every iteration. SCHEME -1 (unquantized weights): S is not read.
-    ACT (1 silu, 2 gelu_tanh): X holds gate_up rows [M, 2K] and the input is the gated activation of their
-    halves (_gemv_input).
     One row (BLOCK_M 1, batch-1 decode): products accumulate elementwise, summed across threads once at the
     end. More rows: each row's tile product is summed over K every iteration (warp shuffles), since one
     [BLOCK_N, BLOCK_K] accumulator per row would not fit in registers."""
@@ -148,13 +132,13 @@ def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, strid
             else:
                 s = tl.load(s_row + k[None, :] // SB_K, mask=k_ok[None, :], other=0.0)
         if BLOCK_M == 1:
-            x = _gemv_input(X, k[None, :], k_ok[None, :], K, ACT)
+            x = tl.load(X + k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
             if SCHEME == 2:
                 x = x * s
             acc_tile += w * x
         else:
             for m in tl.static_range(BLOCK_M):
-                x = _gemv_input(X + m * stride_xm, k[None, :], k_ok[None, :] & (m < M), K, ACT)
+                x = tl.load(X + m * stride_xm + k[None, :], mask=k_ok[None, :] & (m < M), other=0.0).to(tl.float32)
                 if SCHEME == 2:
                     x = x * s
                 part = tl.sum(w * x, 1)

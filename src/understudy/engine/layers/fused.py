@@ -224,11 +224,6 @@ def gelu_tanh_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     return gelu_tanh_and_mul_ref(gate, up)
 
 
-def act_and_mul(gate: Tensor, up: Tensor, act: str) -> Tensor:
-    """act(gate) * up, `act` by name: "silu" or "gelu_tanh" (quant.GATED_ACTS)."""
-    return (gelu_tanh_and_mul if act == "gelu_tanh" else silu_and_mul)(gate, up)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers for the Triton kernels in _fused_kernels.py (imported on first use: no Triton needed before)
 # ---------------------------------------------------------------------------------------------

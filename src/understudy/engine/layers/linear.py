@@ -46,24 +46,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def gated_linear(gate_up: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
-    """linear(act(gate) * up, weight, bias) of a gate_up output [..., 2K] (gate columns, then up): where
-    `linear` takes the GEMV, the GEMV computes the activation as it reads its input (one launch, same bits)."""
-    config = DENSE_GEMV_CONFIGS.get(tuple(weight.shape)) if gate_up.numel() == gate_up.shape[-1] else None
-    if (config is not None and gate_up.dtype in _DTYPES and weight.dtype == gate_up.dtype
-            and weight.stride(-1) == 1 and fused._use_triton(gate_up)):
-        out = quant.gemv(gate_up.reshape(1, -1), weight, None, bias, None, config, act=act)
-        return out.reshape(*gate_up.shape[:-1], weight.shape[0])
-    return F.linear(fused.act_and_mul(*gate_up.chunk(2, dim=-1), act), weight, bias)
-
-
 class Linear(nn.Linear):
     """nn.Linear whose forward is `linear` (the decoder's projections are these; quant.install swaps the
     ones a checkpoint quantizes for Fp8Linear)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
-
-    def gated(self, gate_up: Tensor, act: str) -> Tensor:
-        """self(act(gate) * up) of a gate_up output (gated_linear)."""
-        return gated_linear(gate_up, self.weight, self.bias, act)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from understudy.engine.model.quantization import Quantization, scale_shape
-from understudy.engine.layers import fused, pdl
+from understudy.engine.layers import pdl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -161,15 +161,6 @@ class Fp8Linear(nn.Module):
             out = fp8_linear(flat, self.weight, self.scales, bias, self.quant)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def gated(self, gate_up: Tensor, act: str) -> Tensor:
-        """self(act(gate) * up) of a gate_up output [..., 2 * in_features] (gate columns, then up): on the
-        GEMV's path the GEMV computes the activation as it reads its input (one launch, same bits)."""
-        flat = gate_up.reshape(-1, gate_up.shape[-1])
-        if gate_up.device.type == "cuda" and flat.shape[0] <= GEMV_MAX_M:
-            out = gemv(flat, self.weight, self.scales, self.bias, self.quant, act=act)
-            return out.reshape(*gate_up.shape[:-1], self.out_features)
-        return self(fused.act_and_mul(*gate_up.chunk(2, dim=-1), act))
-
     def _scaled_mm(self, x: Tensor, bias: Tensor | None) -> Tensor:
         xq, x_scale = quantize_activations(x, self.input_scale)
         w_scale = self.scales
@@ -232,12 +223,12 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, qu
 
 # (N, K, rows) -> (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) of the GEMV, rows a power of two (a batch of 3 uses
 # the entry for 4). Paste the dict that `bench/fp8.py --gemm-only` prints last (best per Llama-3-8B shape on
-# an H200: docs/logs/bench_fp8_h200_gemv_round8.log); shapes not listed take gemv_config's rule. gate_up takes
-# the best config without a split K (2% behind the best alone, which needs the reduce kernel's launch after it).
+# an H200: docs/logs/bench_fp8_h200_gemv_round8.log, whose configs also carry the load width and widening
+# it tried, 8 and 0 here: the kernel's only ones); shapes not listed take gemv_config's rule.
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
     (6144, 4096, 1): (2, 4096, 1, 2),  # 2986 GB/s (cuBLAS bf16: 3350 GB/s of twice the bytes)
     (4096, 4096, 1): (2, 1024, 1, 1),  # 2767 GB/s
-    (28672, 4096, 1): (2, 4096, 1, 2),  # 3885 GB/s ((4, 1024, 2, 4) and its reduce: 3972)
+    (28672, 4096, 1): (4, 1024, 2, 4),  # 3972 GB/s
     (4096, 14336, 1): (4, 1024, 1, 2),  # 3556 GB/s
 }
 
@@ -256,23 +247,16 @@ def gemv_config(n: int, k: int, m: int) -> tuple[int, int, int, int]:
     return block_n, block_k, split, 1
 
 
-# gemv's `act`: the gated activation its input is made of (_fp8_kernels._gemv_input)
-GATED_ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
-
-
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, quant: Quantization | None,
-         config: tuple[int, int, int, int] | None = None, act: str | None = None) -> Tensor:
+         config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) for few rows (_fp8_kernels.gemv_kernel); quant
     None: `weight` is unquantized (x's dtype, no scale: layers/linear.py). Any device Triton runs on (CUDA,
-    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple. `act` ("silu", "gelu_tanh"):
-    x is a gate_up output [M, 2K] and the input is act(gate) * up, computed as the kernel reads it."""
+    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple."""
     import triton
 
     from understudy.engine.layers._fp8_kernels import gemv_kernel, gemv_reduce_kernel
 
-    M, K = x.shape[0], weight.shape[1]
-    if x.shape[1] != (2 * K if act else K):
-        raise ValueError(f"GEMV input of {x.shape[1]} columns for a weight of {K}" + (" (gated: 2x)" if act else ""))
+    M, K = x.shape
     N = weight.shape[0]
     x = x.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -301,7 +285,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
         scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
         SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
-        ACT=GATED_ACTS[act], **pdl.launch_kwargs(x.device),
+        **pdl.launch_kwargs(x.device),
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
         gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](

@@ -138,16 +138,14 @@ class MLP(nn.Module):
             self.gate_proj = Linear(h, i, bias=bias)
             self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        self.act = "gelu_tanh" if config.hidden_act == "gelu_pytorch_tanh" else "silu"
+        self.act_and_mul = fused.gelu_tanh_and_mul if config.hidden_act == "gelu_pytorch_tanh" else fused.silu_and_mul
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and self.tp is None:  # down_proj's one-row GEMV applies the activation as it reads
-            return self.down_proj.gated(self.gate_up_proj(x), self.act)
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return row_parallel(self.down_proj, fused.act_and_mul(gate, up, self.act), self.tp)
+        return row_parallel(self.down_proj, self.act_and_mul(gate, up), self.tp)
 
 
 class DecoderLayer(nn.Module):
