@@ -417,3 +417,36 @@ def test_cuda_disabled_falls_back_to_reference(monkeypatch):
     assert torch.equal(fused.rms_norm(x, torch.ones(64, device="cuda"), 1e-6),
                        fused.rms_norm_ref(x, torch.ones(64, device="cuda"), 1e-6))
 
+
+
+def _argmax_cases(device: str):
+    """Rows with ties (the first index wins), a NaN (torch's argmax picks it), -inf everywhere, +inf, the
+    largest value in the last and the first chunk, and a width off the kernel's chunks."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 10000, device=device)
+    x[0, [17, 4100, 9999]] = 50.0  # ties across chunks
+    x[1, [5000, 300]] = float("nan")
+    x[1, 7] = 1e30
+    x[2] = float("-inf")
+    x[3, 8191] = float("inf")
+    x[4, 9999] = 9.0
+    x[5, 0] = 9.0
+    x[6, 4096:4100] = 7.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interpreted_argmax_is_torchs(interpreted, dtype):
+    x = _argmax_cases("cpu").to(dtype)
+    assert torch.equal(fused._argmax_triton(x), x.argmax(dim=-1))
+    assert torch.equal(fused._argmax_triton(x[:, 3:4000]), x[:, 3:4000].argmax(dim=-1))  # strided rows
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_argmax_is_torchs(dtype):
+    x = _argmax_cases("cuda").to(dtype)
+    assert torch.equal(fused.argmax(x), x.argmax(dim=-1))
+    wide = torch.randn(3, 128256, device="cuda", dtype=dtype)  # a Llama-3 vocabulary
+    assert torch.equal(fused.argmax(wide), wide.argmax(dim=-1))
+    assert torch.equal(fused.argmax(wide[:, 1:]), wide[:, 1:].argmax(dim=-1))

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from understudy.common.params import SamplingParams, TokenLogprob  # SamplingParams: also imported from here
 from understudy.engine.core.host_copies import to_device
+from understudy.engine.layers import fused
 
 if TYPE_CHECKING:
     from understudy.engine.core.sequence import Sequence
@@ -72,7 +73,7 @@ def sample(logits: Tensor, seqs: list[Sequence], *, eos_token_ids: frozenset[int
     n_ahead = 0 if ahead is None else 1
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(random_rows) < batch:
-        token_ids = logits.argmax(dim=-1)
+        token_ids = fused.argmax(logits)  # torch.argmax's answer, one Triton pass on CUDA
     if random_rows:
         idx = _index(random_rows, batch, device)
         chosen = _race(filtered_probs(logits[idx], [params[i] for i in random_rows]),

@@ -218,3 +218,39 @@ def rope_store(Q, K, V, QO, KO, KC, VC, SLOTS, POS, INV_FREQ, QW, KW, stride_ft,
         v = tl.load(V + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
         tl.store(VC + slot * stride_vcs + heads[:, None] * stride_vch + d[None, :],
                  _to_cache(v, v_scale, CACHE_FP8, VC.dtype.element_ty), mask=stored)
+
+
+@triton.jit
+def argmax_chunks(X, MaxOut, IdxOut, NanOut, n_cols, stride_x, CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    """Program (row, c): the largest value of columns [c*BLOCK, (c+1)*BLOCK) of X's row, the first column
+    holding it, and the first NaN's column (n_cols where none): argmax_rows combines the chunks."""
+    wait_prior(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    v = tl.load(X + row * stride_x + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    nan = (v != v) & ok
+    top = tl.max(tl.where(nan, float("-inf"), v), 0)
+    first = tl.min(tl.where(ok & (v == top), cols, n_cols), 0)
+    tl.store(MaxOut + row * CHUNKS + c, top)
+    tl.store(IdxOut + row * CHUNKS + c, first)
+    tl.store(NanOut + row * CHUNKS + c, tl.min(tl.where(nan, cols, n_cols), 0))
+
+
+@triton.jit
+def argmax_rows(MaxIn, IdxIn, NanIn, Out, n_cols, CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+                PDL: tl.constexpr = False):
+    """Out[row]: torch.argmax of the row from its chunks: the first NaN if there is one, else the first
+    column of the largest value (chunks are in column order, so the smallest index wins a tie)."""
+    wait_prior(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    ok = c < CHUNKS
+    top = tl.load(MaxIn + row * CHUNKS + c, mask=ok, other=float("-inf"))
+    idx = tl.load(IdxIn + row * CHUNKS + c, mask=ok, other=n_cols)
+    nan = tl.min(tl.load(NanIn + row * CHUNKS + c, mask=ok, other=n_cols), 0)
+    best = tl.max(top, 0)
+    first = tl.min(tl.where(ok & (top == best), idx, n_cols), 0)
+    tl.store(Out + row, tl.where(nan < n_cols, nan, first).to(tl.int64))

@@ -24,6 +24,8 @@ Numerics of the Triton path, against the reference:
   rope_and_store: the q/k norms rounded as rms_norm's, then apply_rope's rotation (partial rotary too),
     k rounded to the model dtype before the cache cast (FP8: / scale, saturated), as store_kv.
   silu_and_mul: SiLU in fp32, rounded to the gate's dtype (as torch does), times up.
+  argmax: torch.argmax's answer exactly (first index of the largest value, a NaN above everything), in two
+    launches of many programs (torch's reduction of one 128k-vocabulary row runs ~28 us on an H200).
 
 The kernels live in _fused_kernels.py, imported on the first CUDA call only: this
 module imports (and the CPU path runs) without Triton. Set UNDERSTUDY_FUSED_KERNELS=0 to send CUDA tensors to the reference
@@ -44,6 +46,7 @@ from understudy.engine.layers import pdl
 __all__ = [
     "add_rms_norm",
     "apply_rope",
+    "argmax",
     "gelu_tanh_and_mul",
     "rms_norm",
     "rope_and_store",
@@ -215,6 +218,14 @@ def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     if _use_triton(gate):
         return _silu_and_mul_triton(gate, up)
     return silu_and_mul_ref(gate, up)
+
+
+def argmax(x: Tensor) -> Tensor:
+    """x.argmax(dim=-1) of a 2-D tensor (int64): each row's first index of its largest value, or of its first
+    NaN (as torch); the sampler's greedy pick."""
+    if _use_triton(x) and x.dim() == 2 and x.shape[0] and x.shape[1]:
+        return _argmax_triton(x)
+    return x.argmax(dim=-1)
 
 
 def gelu_tanh_and_mul(gate: Tensor, up: Tensor) -> Tensor:
@@ -407,6 +418,25 @@ def _silu_and_mul_triton(gate: Tensor, up: Tensor, gelu: bool = False) -> Tensor
         kern.silu_mul[(_cdiv(n, block),)](gate, up, out, n, cols, gate.stride(0), up.stride(0), BLOCK=block,
                                           GELU=gelu, num_warps=4, **pdl.launch_kwargs(gate.device))
     return out.reshape(shape)
+
+
+_ARGMAX_BLOCK = 4096  # columns per program: a 128k vocabulary is 32 programs a row
+
+
+def _argmax_triton(x: Tensor) -> Tensor:
+    kern = _kernels()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rows, cols = x.shape
+    chunks = _cdiv(cols, _ARGMAX_BLOCK)
+    top = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
+    idx = torch.empty(rows, chunks, dtype=torch.int32, device=x.device)
+    nan = torch.empty(rows, chunks, dtype=torch.int32, device=x.device)
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    kern.argmax_chunks[(rows, chunks)](x, top, idx, nan, cols, x.stride(0), CHUNKS=chunks, BLOCK=_ARGMAX_BLOCK,
+                                       num_warps=8, **pdl.launch_kwargs(x.device))
+    kern.argmax_rows[(rows,)](top, idx, nan, out, cols, CHUNKS=chunks, BLOCK=_next_pow2(chunks), num_warps=1,
+                              **pdl.launch_kwargs(x.device))
+    return out
 
 
 def _rows(x: Tensor) -> Tensor:
