@@ -115,3 +115,65 @@ def test_cuda_linear_routes_one_row_to_the_listed_gemv_inside_a_graph(monkeypatc
     static_x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(static_out, quant.gemv(static_x, w, None, b, None, config))
+
+
+# A gate_up projection's GEMV applying the MLP's activation in its epilogue (quant.gemv gated=): the bits of
+# the projection, then the standalone activation kernel.
+def _gate_up_case(m: int, dtype, device: str, fp8: bool):
+    from understudy.engine.model.quantization import Quantization
+
+    x, w, b, _ = _case(m, 2 * 36, 200, dtype, device)
+    if not fp8:
+        return x, w, None, b, None
+    w8, scale = quant.quantize(w.float(), "channel")
+    return x, w8, scale, b, Quantization("test", "channel", "dynamic", None, "weight_scale")
+
+
+def _check_gated_gemv(device: str, dtype, m: int, config, fp8: bool, act: str) -> None:
+    from understudy.engine.layers import fused
+
+    x, w, scale, b, q = _gate_up_case(m, dtype, device, fp8)
+    gate, up = quant.gemv(x, w, scale, b, q, config).chunk(2, dim=-1)
+    expected = fused._silu_and_mul_triton(gate, up, gelu=act == "gelu_tanh")
+    assert torch.equal(quant.gemv(x, w, scale, b, q, config, gated=act), expected)
+
+
+# configs: K split (the reduce kernel applies the activation) or not, rows 1 and 3, fp32 and bf16 sums
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m,config,dtype,act", [(1, (4, 64, 1, 1), torch.bfloat16, "silu"),
+                                                (1, (2, 64, 3, 1), torch.float32, "gelu_tanh"),
+                                                (3, (8, 128, 2, 2), torch.bfloat16, "silu")])
+def test_interpreted_gate_up_gemv_applies_the_activation_in_its_epilogue(interpreted, m, config, dtype, act, fp8):
+    _check_gated_gemv("cpu", dtype, m, config, fp8, act)
+
+
+def test_a_gated_gemv_refuses_block_scales_and_odd_rows():
+    from understudy.engine.model.quantization import Quantization
+
+    blocks = Quantization("test", "block", "dynamic", (128, 128), "weight_scale_inv")
+    assert not quant.gemv_takes_gated(torch.empty(256, 128), blocks)
+    assert not quant.gemv_takes_gated(torch.empty(7, 128), None)
+    with pytest.raises(ValueError, match="gated GEMV"):
+        quant.gemv(torch.randn(1, 128), torch.randn(7, 128), None, None, None, (4, 128, 1, 1), gated="silu")
+
+
+@cuda_only
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_cuda_gate_up_gemv_applies_the_activation_in_its_epilogue(monkeypatch, act, fp8):
+    from understudy.engine.layers import fused
+
+    for config in [(4, 128, 2, 1), (2, 1024, 1, 4)]:
+        _check_gated_gemv("cuda", torch.bfloat16, 1, config, fp8, act)
+    # the layers route one row through it (Linear: where DENSE_GEMV_CONFIGS lists the shape), more rows not
+    x, w, scale, b, q = _gate_up_case(1, torch.bfloat16, "cuda", fp8)
+    if fp8:
+        layer = quant.Fp8Linear(200, 72, True, q).cuda()
+        layer.weight.data, layer.bias.data = w, b
+        setattr(layer, q.scale_name, torch.nn.Parameter(scale, requires_grad=False))
+    else:
+        monkeypatch.setitem(linear.DENSE_GEMV_CONFIGS, (72, 200), (4, 128, 2, 1))
+        layer = linear.Linear(200, 72, bias=True).to("cuda", torch.bfloat16)
+        layer.weight.data, layer.bias.data = w, b
+    for rows in (x, torch.cat([x, x])):
+        assert torch.equal(layer.gated(rows, act), fused.act_and_mul(*layer(rows).chunk(2, dim=-1), act))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from understudy.engine.layers._fused_kernels import gated
 from understudy.engine.layers._pdl_kernels import wait_prior
 
 
@@ -38,6 +39,16 @@ def _scale_and_bias(acc, S, B, n, n_ok, SCHEME: tl.constexpr, HAS_BIAS: tl.const
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
     return acc
+
+
+@triton.jit
+def _store_gated(Out, gate, up, rm, j, j_ok, m_ok, stride_om, GATED: tl.constexpr):
+    """Out[m, j] = act(gate) * up (GATED 1 silu, 2 gelu_tanh) of a gate_up projection's finished sums, each
+    rounded to Out's dtype first as the stored gate_up output would be: the bits of the projection then
+    _fused_kernels.silu_mul."""
+    dtype = Out.dtype.element_ty
+    out = gated(gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32), dtype, GATED == 2)
+    tl.store(Out + rm[:, None] * stride_om + j[None, :], out, mask=m_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -91,7 +102,7 @@ PDL: tl.constexpr = False):
 def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_os,
                 TILES: tl.constexpr, SCHEME: tl.constexpr, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                PARTIAL: tl.constexpr, PDL: tl.constexpr = False):
+                PARTIAL: tl.constexpr, GATED: tl.constexpr = 0, PDL: tl.constexpr = False):
     """Program (j, s): rows j*BLOCK_N.. of W against all M (<= BLOCK_M) rows of X over TILES tiles of
     BLOCK_K columns from s*TILES*BLOCK_K (what runs past K is masked off). PARTIAL: store the fp32 sum in
     Out[s] (block scales applied, no others, no bias: gemv_reduce_kernel finishes), else finish here.
@@ -104,14 +115,23 @@ def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, strid
     thread), and the max_contiguous hint gives the weight tile the same one (8 bytes per thread for FP8, 16
     for bf16/fp16 weights); with 16 FP8 bytes per thread the two layouts differ and Triton moves x through
     shared memory every iteration. SCHEME -1 (unquantized weights): S is not read.
+    GATED (1 silu, 2 gelu_tanh; unquantized, per-tensor or per-channel weights): W is a gate_up projection
+    (gate rows [0, N/2), up rows [N/2, N)) and Out gets act(gate) * up [M, N/2]: the program's rows are
+    gate and up rows j, j + N/2 side by side, so its epilogue has both sums of each j (_store_gated).
     One row (BLOCK_M 1, batch-1 decode): products accumulate elementwise, summed across threads once at the
     end. More rows: each row's tile product is summed over K every iteration (warp shuffles), since one
     [BLOCK_N, BLOCK_K] accumulator per row would not fit in registers."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    if GATED:  # gate row j, up row j + N/2, the next j, ...
+        half = N // 2
+        j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        rn = j + (tl.arange(0, BLOCK_N) % 2) * half
+        n_ok = j < half
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
     w_rows = W + rn[:, None].to(tl.int64) * stride_wn
     wait_prior(PDL)
     # block scales: the launcher makes BLOCK_N divide SB_N, so the tile's rows share one row of blocks
@@ -151,20 +171,35 @@ def gemv_kernel(X, W, S, B, Out, M, N, K, stride_xm, stride_wn, stride_om, strid
         tl.store(Out + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :], out, mask=mask)
     else:
         out = _scale_and_bias(out, S, B, rn[None, :], n_ok[None, :], SCHEME, HAS_BIAS)
-        tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+        if GATED:
+            gate, up = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N // 2, 2]))
+            jo = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            _store_gated(Out, gate, up, rm, jo, jo < N // 2, rm < M, stride_om, GATED)
+        else:
+            tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def gemv_reduce_kernel(P, S, B, Out, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr,
-                       SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                       SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr = 0,
+                       PDL: tl.constexpr = False):
     """Out[m, n] = scale(n) * sum over s of P[s, m, n] (+ bias[n]): the split-K partial sums of
-    gemv_kernel added in split order (so the same inputs give the same bits), scaled, cast."""
+    gemv_kernel added in split order (so the same inputs give the same bits), scaled, cast. GATED: columns
+    n < N/2 are gate sums, n + N/2 their up sums, and Out[m, n] = act(gate) * up (gemv_kernel's GATED)."""
     wait_prior(PDL)
     m = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    n_ok = n < N
+    n_ok = n < (N // 2 if GATED else N)
     acc = tl.zeros([BLOCK], tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(P + s * stride_ps + m * stride_pm + n, mask=n_ok, other=0.0)
     acc = _scale_and_bias(acc, S, B, n, n_ok, SCHEME, HAS_BIAS)
-    tl.store(Out + m * stride_om + n, acc.to(Out.dtype.element_ty), mask=n_ok)
+    if GATED:
+        up = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            up += tl.load(P + s * stride_ps + m * stride_pm + N // 2 + n, mask=n_ok, other=0.0)
+        up = _scale_and_bias(up, S, B, N // 2 + n, n_ok, SCHEME, HAS_BIAS)
+        row = m + tl.zeros([1], tl.int64)
+        _store_gated(Out, acc[None, :], up[None, :], row, n, n_ok, row >= 0, stride_om, GATED)
+    else:
+        tl.store(Out + m * stride_om + n, acc.to(Out.dtype.element_ty), mask=n_ok)

@@ -117,14 +117,22 @@ PDL: tl.constexpr = False):
     col = offs - row * n_cols
     g = tl.load(G + row * stride_g + col, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(O + offs, gated(g, u, O.dtype.element_ty, GELU), mask=ok)
+
+
+@triton.jit
+def gated(g, u, dtype, GELU: tl.constexpr):
+    """silu(g) * u (GELU: gelu_tanh(g) * u) of fp32 values, rounded as torch rounds the two ops in `dtype`:
+    the activation, then the product. silu_mul's, and the gate_up GEMV's epilogue's (_fp8_kernels GATED):
+    both give the same bits."""
     if GELU:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) * (g + 0.044715 g^3)
         e = tl.exp(-2.0 * tl.abs(inner))  # tanh without overflow
         tanh = tl.where(inner >= 0, (1.0 - e) / (1.0 + e), (e - 1.0) / (1.0 + e))
-        act = (0.5 * g * (1.0 + tanh)).to(G.dtype.element_ty)
+        act = (0.5 * g * (1.0 + tanh)).to(dtype)
     else:
-        act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty)  # silu(gate), rounded to its dtype like torch
-    tl.store(O + offs, (act.to(tl.float32) * u).to(O.dtype.element_ty), mask=ok)
+        act = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return (act.to(tl.float32) * u).to(dtype)
 
 
 @triton.jit

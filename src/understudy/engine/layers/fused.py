@@ -44,6 +44,7 @@ from understudy.engine.layers.attention import FP8_KV, store_kv
 from understudy.engine.layers import pdl
 
 __all__ = [
+    "act_and_mul",
     "add_rms_norm",
     "apply_rope",
     "argmax",
@@ -233,6 +234,11 @@ def gelu_tanh_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     if _use_triton(gate):
         return _silu_and_mul_triton(gate, up, gelu=True)
     return gelu_tanh_and_mul_ref(gate, up)
+
+
+def act_and_mul(gate: Tensor, up: Tensor, act: str) -> Tensor:
+    """act(gate) * up, `act` by name: "silu" or "gelu_tanh" (the MLP's; quant.GATED_ACTS)."""
+    return (gelu_tanh_and_mul if act == "gelu_tanh" else silu_and_mul)(gate, up)
 
 
 # ---------------------------------------------------------------------------------------------

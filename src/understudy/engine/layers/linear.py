@@ -46,9 +46,25 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def gated_linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+    """act(gate) * up of a gate_up projection (gate rows of `weight`, then up rows): where `linear` takes the
+    GEMV, the GEMV applies the activation in its epilogue (one launch, same bits); else linear, then
+    fused.act_and_mul."""
+    config = DENSE_GEMV_CONFIGS.get(tuple(weight.shape)) if x.numel() == x.shape[-1] else None
+    if (config is not None and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.stride(-1) == 1
+            and fused._use_triton(x) and quant.gemv_takes_gated(weight, None)):
+        out = quant.gemv(x.reshape(1, -1), weight, None, bias, None, config, gated=act)
+        return out.reshape(*x.shape[:-1], weight.shape[0] // 2)
+    return fused.act_and_mul(*linear(x, weight, bias).chunk(2, dim=-1), act)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose forward is `linear` (the decoder's projections are these; quant.install swaps the
     ones a checkpoint quantizes for Fp8Linear)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+    def gated(self, x: Tensor, act: str) -> Tensor:
+        """act(gate) * up of this gate_up projection's output (gated_linear)."""
+        return gated_linear(x, self.weight, self.bias, act)

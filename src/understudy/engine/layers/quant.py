@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from understudy.engine.model.quantization import Quantization, scale_shape
-from understudy.engine.layers import pdl
+from understudy.engine.layers import fused, pdl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -161,6 +161,15 @@ class Fp8Linear(nn.Module):
             out = fp8_linear(flat, self.weight, self.scales, bias, self.quant)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def gated(self, x: Tensor, act: str) -> Tensor:
+        """act(gate) * up of this gate_up projection's output (gate columns, then up): on the one-row GEMV's
+        path in its epilogue (one launch, the same bits as the projection then the activation kernel)."""
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cuda" and flat.shape[0] <= GEMV_MAX_M and gemv_takes_gated(self.weight, self.quant):
+            out = gemv(flat, self.weight, self.scales, self.bias, self.quant, gated=act)
+            return out.reshape(*x.shape[:-1], self.out_features // 2)
+        return fused.act_and_mul(*self(x).chunk(2, dim=-1), act)
+
     def _scaled_mm(self, x: Tensor, bias: Tensor | None) -> Tensor:
         xq, x_scale = quantize_activations(x, self.input_scale)
         w_scale = self.scales
@@ -247,19 +256,27 @@ def gemv_config(n: int, k: int, m: int) -> tuple[int, int, int, int]:
     return block_n, block_k, split, 1
 
 
+# gemv's `gated`: the activation a gate_up projection's GEMV applies in its epilogue (_fp8_kernels GATED)
+GATED_ACTS = {"silu": 1, "gelu_tanh": 2}
+
+
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, quant: Quantization | None,
-         config: tuple[int, int, int, int] | None = None) -> Tensor:
+         config: tuple[int, int, int, int] | None = None, gated: str | None = None) -> Tensor:
     """x [M, K] @ dequantize(weight [N, K], scale).T (+ bias) for few rows (_fp8_kernels.gemv_kernel); quant
     None: `weight` is unquantized (x's dtype, no scale: layers/linear.py). Any device Triton runs on (CUDA,
-    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple."""
+    or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple. `gated` ("silu", "gelu_tanh"):
+    `weight` is a gate_up projection (gate rows, then up rows) and the result is act(gate) * up [M, N/2],
+    the activation applied as the sums are finished (not for 128x128 block scales: gemv_takes_gated)."""
     import triton
 
     from understudy.engine.layers._fp8_kernels import gemv_kernel, gemv_reduce_kernel
 
     M, K = x.shape
     N = weight.shape[0]
+    if gated and not gemv_takes_gated(weight, quant):
+        raise ValueError(f"a gated GEMV needs an even number of rows and no block scales (weight {tuple(weight.shape)})")
     x = x.contiguous()
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(M, N // 2 if gated else N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
     block_n, block_k, split_k, warps = config or gemv_config(N, K, M)
@@ -267,6 +284,8 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
     scheme = -1 if quant is None else _SCHEME[quant.weights]  # -1: no scale (S is never read)
     if scheme == 2:  # the tile's rows must share their row of scale blocks
         block_n = min(block_n, block[0] & -block[0])
+    if gated:  # each program takes gate and up rows in pairs
+        block_n = max(2, block_n + block_n % 2)
     # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program
     vec = min(16 // x.element_size(), block_k // (32 * warps))
     if vec < 1:
@@ -280,18 +299,25 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
     dest = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if partial else out
     b = bias if bias is not None else out
     scale = scale if scale is not None else out  # any pointer: not read
-    gemv_kernel[(triton.cdiv(N, block_n), split_k)](
+    gemv_kernel[(triton.cdiv(N // 2, block_n // 2) if gated else triton.cdiv(N, block_n), split_k)](
         x, weight, scale, b, dest, M, N, K, x.stride(0), weight.stride(0), dest.stride(-2),
         scale.stride(0) if scheme == 2 else 0, dest.stride(0) if partial else 0, TILES=k_split // block_k,
         SCHEME=scheme, SB_N=block[0], SB_K=block[1], HAS_BIAS=bias is not None and not partial,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PARTIAL=partial,
-        **pdl.launch_kwargs(x.device),
+        GATED=GATED_ACTS.get(gated, 0), **pdl.launch_kwargs(x.device),
         num_warps=warps, num_stages=1)  # Triton software-pipelines only loads that feed tl.dot
     if partial:
-        gemv_reduce_kernel[(M, triton.cdiv(N, 1024))](
+        gemv_reduce_kernel[(M, triton.cdiv(out.shape[1], 1024))](
             dest, scale, b, out, N, dest.stride(0), dest.stride(1), out.stride(0), SPLIT_K=split_k,
-            SCHEME=scheme, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4, **pdl.launch_kwargs(x.device))
+            SCHEME=scheme, HAS_BIAS=bias is not None, BLOCK=1024, GATED=GATED_ACTS.get(gated, 0), num_warps=4,
+            **pdl.launch_kwargs(x.device))
     return out
+
+
+def gemv_takes_gated(weight: Tensor, quant: Quantization | None) -> bool:
+    """Whether gemv(..., gated=) runs for this weight: gate and up rows pair up, and no 128x128 block scales
+    (a program's gate and up rows would sit in different rows of scale blocks)."""
+    return weight.shape[0] % 2 == 0 and (quant is None or quant.weights != "block")
 
 
 # --------------------------------------------------------------------------- the model's linears

@@ -138,14 +138,14 @@ class MLP(nn.Module):
             self.gate_proj = Linear(h, i, bias=bias)
             self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
-        self.act_and_mul = fused.gelu_tanh_and_mul if config.hidden_act == "gelu_pytorch_tanh" else fused.silu_and_mul
+        self.act = "gelu_tanh" if config.hidden_act == "gelu_pytorch_tanh" else "silu"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.fused:  # a one-row GEMV applies the activation in its epilogue (layers/linear.py gated_linear)
+            h = self.gate_up_proj.gated(x, self.act)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return row_parallel(self.down_proj, self.act_and_mul(gate, up), self.tp)
+            h = fused.act_and_mul(self.gate_proj(x), self.up_proj(x), self.act)
+        return row_parallel(self.down_proj, h, self.tp)
 
 
 class DecoderLayer(nn.Module):
