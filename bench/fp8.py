@@ -13,6 +13,7 @@ device's memory bandwidth (measured by a device copy).
     PYTHONPATH=src python bench/fp8.py --gemm-only          # the FP8 GEMV alone: per matrix, rows and tile config
     PYTHONPATH=src python bench/fp8.py --gemm-only --gemm-dtype bf16   # the bf16 GEMV vs cuBLAS (layers/linear.py)
     PYTHONPATH=src python bench/fp8.py --gemm --batches 1 8 --tokens 64   # that sweep, then the engines
+    PYTHONPATH=src python bench/fp8.py --batches 1 --tokens 64 --gated-ab   # gated gate_up epilogue on/off
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def _run_mode(mode: str, ckpt: Path, args, cuda: bool, build_engine) -> dict:
                                                                vocab, device_sync(e.device)))
             out["tok_s_no_pdl"] = steps["tok_s"]
             print(f"{mode} batch {args.batches[0]:>4}, without PDL: {fmt_steps(steps)}", flush=True)
+        if args.gated_ab and cuda:
+            ab = gated_epilogue_ab(engine, "unquantized" if mode == "bf16" else "fp8", lambda e: decode_steps(
+                e, args.batches[0], args.prompt_len, args.tokens, vocab, device_sync(e.device))["tok_s"])
+            out["gated_ab"] = ab
+            print(f"{mode} batch {args.batches[0]:>4}: gate_up GEMV's gated epilogue on "
+                  + " ".join(f"{t:.1f}" for t in ab["on"]) + " | off " + " ".join(f"{t:.1f}" for t in ab["off"])
+                  + " tok/s (alternating)", flush=True)
         if args.profile and cuda:
             profile_engine(engine, mode, batch=args.batches[0], prompt_len=args.prompt_len, vocab=vocab)
     finally:
@@ -102,6 +110,26 @@ def _run_mode(mode: str, ckpt: Path, args, cuda: bool, build_engine) -> dict:
     del engine, built
     if cuda:
         torch.cuda.empty_cache()
+    return out
+
+
+def gated_epilogue_ab(engine, kind: str, measure, rounds: int = 3) -> dict[str, list[float]]:
+    """measure(engine) (tok/s) with the gate_up GEMV's gated epilogue on and off for this kind of weights
+    (quant.GATED_EPILOGUE: "unquantized" or "fp8"), alternating `rounds` times, the engine's CUDA graphs
+    captured anew each time; the setting is restored after."""
+    from understudy.engine.layers import quant
+
+    kept = quant.GATED_EPILOGUE[kind]
+    out = {"on": [], "off": []}
+    try:
+        for _ in range(rounds):
+            for label in out:
+                quant.GATED_EPILOGUE[kind] = label == "on"
+                engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
+                out[label].append(measure(engine))
+    finally:
+        quant.GATED_EPILOGUE[kind] = kept
+        engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
     return out
 
 
@@ -358,6 +386,9 @@ def main() -> None:
     ap.add_argument("--gemm-scheme", default="channel", choices=["tensor", "channel", "block"],
                     help="weight scales of the sweep (channel: what --quantization fp8 makes)")
     ap.add_argument("--compile-workers", type=int, default=12, help="processes compiling the sweep's kernels")
+    ap.add_argument("--gated-ab", action="store_true",
+                    help="GPU: also time each engine's first batch with the gate_up GEMV's gated epilogue on and off "
+                         "(quant.GATED_EPILOGUE), alternating three times")
     ap.add_argument("--scaled-mm-everywhere", action="store_true",
                     help="a third engine whose FP8 matmuls all take torch._scaled_mm (decode too)")
     args = ap.parse_args()

@@ -151,8 +151,11 @@ def test_a_gated_gemv_refuses_block_scales_and_odd_rows():
     from understudy.engine.model.quantization import Quantization
 
     blocks = Quantization("test", "block", "dynamic", (128, 128), "weight_scale_inv")
-    assert not quant.gemv_takes_gated(torch.empty(256, 128), blocks)
-    assert not quant.gemv_takes_gated(torch.empty(7, 128), None)
+    assert not quant._can_gate(torch.empty(256, 128), blocks)
+    assert not quant._can_gate(torch.empty(7, 128), None) and not quant.gemv_takes_gated(torch.empty(7, 128), None)
+    with pytest.raises(ValueError, match="gated GEMV"):
+        quant.gemv(torch.randn(1, 128), torch.randn(256, 128).to(torch.float8_e4m3fn), torch.ones(2, 1), None,
+                   blocks, (4, 128, 1, 1), gated="silu")
     with pytest.raises(ValueError, match="gated GEMV"):
         quant.gemv(torch.randn(1, 128), torch.randn(7, 128), None, None, None, (4, 128, 1, 1), gated="silu")
 
@@ -162,6 +165,8 @@ def test_a_gated_gemv_refuses_block_scales_and_odd_rows():
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_cuda_gate_up_gemv_applies_the_activation_in_its_epilogue(monkeypatch, act, fp8):
     from understudy.engine.layers import fused
+
+    monkeypatch.setitem(quant.GATED_EPILOGUE, "fp8", True)  # the layer routes FP8 through it where this says
 
     for config in [(4, 128, 2, 1), (2, 1024, 1, 4)]:
         _check_gated_gemv("cuda", torch.bfloat16, 1, config, fp8, act)
