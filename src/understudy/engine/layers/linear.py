@@ -35,12 +35,21 @@ DENSE_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
 _DTYPES = (torch.bfloat16, torch.float16)  # what the sweep measures (fp16 reads the same bytes as bf16)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias); one row (x [1, K] or [K], a decode step of one token) on CUDA in bf16/fp16
-    through the GEMV when DENSE_GEMV_CONFIGS lists the weight's shape."""
+def _gemv_config(x: Tensor, weight: Tensor) -> tuple[int, int, int, int] | None:
+    """The GEMV's tiles when `linear` sends x through it (one row on CUDA in bf16/fp16, a shape that
+    DENSE_GEMV_CONFIGS lists), else None (F.linear)."""
     config = DENSE_GEMV_CONFIGS.get(tuple(weight.shape)) if x.numel() == x.shape[-1] else None
     if (config is not None and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.stride(-1) == 1
             and fused._use_triton(x)):
+        return config
+    return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias); one row (x [1, K] or [K], a decode step of one token) on CUDA in bf16/fp16
+    through the GEMV when DENSE_GEMV_CONFIGS lists the weight's shape."""
+    config = _gemv_config(x, weight)
+    if config is not None:
         out = quant.gemv(x.reshape(1, -1), weight, None, bias, None, config)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
@@ -50,9 +59,8 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Te
     """act(gate) * up of a gate_up projection (gate rows of `weight`, then up rows): where `linear` takes the
     GEMV, the GEMV applies the activation in its epilogue (one launch, same bits); else linear, then
     fused.act_and_mul."""
-    config = DENSE_GEMV_CONFIGS.get(tuple(weight.shape)) if x.numel() == x.shape[-1] else None
-    if (config is not None and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.stride(-1) == 1
-            and fused._use_triton(x) and quant.gemv_takes_gated(weight, None)):
+    config = _gemv_config(x, weight)
+    if config is not None and quant.gemv_takes_gated(weight, None):
         out = quant.gemv(x.reshape(1, -1), weight, None, bias, None, config, gated=act)
         return out.reshape(*x.shape[:-1], weight.shape[0] // 2)
     return fused.act_and_mul(*linear(x, weight, bias).chunk(2, dim=-1), act)

@@ -271,7 +271,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
     None: `weight` is unquantized (x's dtype, no scale: layers/linear.py). Any device Triton runs on (CUDA,
     or CPU tensors under TRITON_INTERPRET=1). `config`: gemv_config's tuple. `gated` ("silu", "gelu_tanh"):
     `weight` is a gate_up projection (gate rows, then up rows) and the result is act(gate) * up [M, N/2],
-    the activation applied as the sums are finished (not for 128x128 block scales: gemv_takes_gated)."""
+    the activation applied as the sums are finished (not for 128x128 block scales: _can_gate)."""
     import triton
 
     from understudy.engine.layers._fp8_kernels import gemv_kernel, gemv_reduce_kernel
