@@ -178,6 +178,13 @@ def fmt_steps(s: dict) -> str:
             f"{s['mean_tok_s']:.1f} tok/s; max {s['max_ms']:.2f} ms, {s['steps']} steps)")
 
 
+def recapture_graphs(engine) -> None:
+    """Capture the engine's CUDA graphs anew, with the buckets it had (after a change to what its kernels
+    launch: PDL, a kernel variant); nothing without graphs."""
+    if engine.graphs is not None:
+        engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
+
+
 def without_pdl(engine, measure):
     """measure(engine) with programmatic dependent launch off (layers/pdl.py: every kernel waits for the one before
     to end before it is placed; the engine's CUDA graphs are captured again without it), then PDL on again
@@ -186,8 +193,7 @@ def without_pdl(engine, measure):
 
     def recapture(enabled: bool) -> None:
         pdl.ENABLED = enabled
-        if engine.graphs is not None:
-            engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
+        recapture_graphs(engine)
 
     recapture(False)
     try:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import decode_steps, device_sync, fmt_steps, profile_engine, without_pdl  # noqa: E402
+from common import (decode_steps, device_sync, fmt_steps, profile_engine, recapture_graphs,  # noqa: E402
+                    without_pdl)
 from engine import bandwidths, cached_checkpoint
 
 GiB = 1 << 30
@@ -125,11 +126,11 @@ def gated_epilogue_ab(engine, kind: str, measure, rounds: int = 3) -> dict[str, 
         for _ in range(rounds):
             for label in out:
                 quant.GATED_EPILOGUE[kind] = label == "on"
-                engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
+                recapture_graphs(engine)
                 out[label].append(measure(engine))
     finally:
         quant.GATED_EPILOGUE[kind] = kept
-        engine.enable_cuda_graphs(mixed_steps=bool(engine.graphs.mixed_buckets))
+        recapture_graphs(engine)
     return out
 
 
