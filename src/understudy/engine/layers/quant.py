@@ -290,7 +290,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, q
     if scheme == 2:  # the tile's rows must share their row of scale blocks
         block_n = min(block_n, block[0] & -block[0])
     if gated:  # each program takes gate and up rows in pairs
-        block_n = max(2, block_n + block_n % 2)
+        block_n = max(2, block_n)
     # per thread: 16 bytes of x (8 bf16, 4 fp32), and at least one column per thread of the program
     vec = min(16 // x.element_size(), block_k // (32 * warps))
     if vec < 1:
