@@ -301,6 +301,53 @@ def test_interpreted_prefill_configs_fp8_window_softcap(interpreted, kw):
     _check_prefill_configs(torch.float32, 4, 64, [150, 20], [180, 20], **kw)
 
 
+def _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cpu", d=16, fp8=False, **kw):
+    """The decode kernel with each (sequence, kv head)'s context split over `splits` programs against the
+    reference, twice over (the split counters must be back at zero for the second launch). fp8: an FP8 cache
+    (k_scale 0.5, v_scale 2.0); kw: sliding_window, softcap."""
+    from understudy.engine.layers.attention import FP8_KV, reference_attention, to_cache
+    from understudy.engine.layers.triton_attention import _SPLIT_COUNTERS, paged_decode_attention
+
+    torch.manual_seed(len(ctx) * splits + split_tokens)
+    q, k, v, kc, vc, meta = _attention_case(dtype, group, 16, [1] * len(ctx), ctx, device, d=d)
+    if fp8:
+        kw.update(k_scale=0.5, v_scale=2.0)
+        kc, vc = to_cache(kc * 2, FP8_KV, 0.5), to_cache(vc * 2, FP8_KV, 2.0)
+    ref = reference_attention(q, k, v, kc, vc, meta, d ** -0.5, **kw)
+    for _ in range(2):
+        out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, d ** -0.5, splits=splits,
+                                     split_tokens=split_tokens, **kw)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+        assert not _SPLIT_COUNTERS[torch.device(device)].any()
+
+
+# Contexts of one tile, of a split's minimum and of many tiles (uneven runs: 300 keys in tiles of 64 over 4
+# splits), GQA groups 1 and 4, more splits asked than the context can fill.
+SPLIT_DECODE_CASES = [(4, [1, 31, 32, 300], 4, 32), (1, [700, 64], 16, 64), (4, [129], 3, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group,ctx,splits,split_tokens", SPLIT_DECODE_CASES)
+def test_interpreted_split_decode_matches_the_reference(interpreted, dtype, group, ctx, splits, split_tokens):
+    _check_split_decode(dtype, group, ctx, splits, split_tokens)
+
+
+@pytest.mark.parametrize("kw", [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=200, softcap=2.0)])
+def test_interpreted_split_decode_fp8_window_softcap(interpreted, kw):
+    _check_split_decode(torch.float32, 4, [300, 5], 4, 32, **kw)
+
+
+def test_decode_splits_fill_the_gpu_only_for_small_batches():
+    from understudy.engine.layers.triton_attention import MAX_SPLITS, decode_splits
+
+    assert decode_splits(1, 8, torch.device("cpu")) == 1  # the interpreter: no multiprocessors to fill
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cuda = torch.device("cuda", 0)
+        assert decode_splits(1, 8, cuda) == min(MAX_SPLITS, -(-2 * sms // 8))
+        assert decode_splits(sms, 1, cuda) == 1
+
+
 # ------------------------------------------------------------------------------------------
 # compiled kernels (CUDA)
 # ------------------------------------------------------------------------------------------
@@ -312,6 +359,15 @@ def test_interpreted_prefill_configs_fp8_window_softcap(interpreted, kw):
 @pytest.mark.parametrize("q_lens,ctx", [([1, 1, 1], [1, 17, 40])] + PREFILL_BATCHES + [([4, 9], [3000, 1500])])
 def test_cuda_paged_attention_matches_the_reference(dtype, group, block_size, q_lens, ctx):
     _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cuda", d=128)
+
+
+# The split counts decode_splits gives a batch of 1 on an H200 (16), with contexts from one tile to 8000 keys.
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,ctx,splits,split_tokens", SPLIT_DECODE_CASES + [(4, [8000, 1, 257, 2048], 16, 128)])
+@pytest.mark.parametrize("kw", [{}, dict(fp8=True), dict(sliding_window=1000, softcap=30.0)])
+def test_cuda_split_decode_matches_the_reference(dtype, group, ctx, splits, split_tokens, kw):
+    _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cuda", d=128, **kw)
 
 
 @cuda_only

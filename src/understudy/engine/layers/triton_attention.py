@@ -1,9 +1,14 @@
 """Paged attention in Triton, for the CUDA path (and its CUDA graphs).
 
-Decode: one program per (sequence, kv head). It loads the query heads that
-share the kv head (GQA), walks the sequence's context in tiles of TILE tokens,
-looking up each token's block in the block table, and keeps an online softmax.
-Reads only device tensors, so it can be captured in a CUDA graph.
+Decode: one program per (sequence, kv head), or per (sequence, kv head, split)
+when a small batch would leave most of the GPU idle (flash-decoding: one
+sequence's 8 kv heads are 8 programs on 132 multiprocessors). It loads the
+query heads that share the kv head (GQA), walks its run of the context in
+tiles of TILE tokens, looking up each token's block in the block table, and
+keeps an online softmax; the last split to finish merges the others' partial
+results, so a step is still one launch. Reads only device tensors, and the
+split count depends on the batch's shape only, so it can be captured in a CUDA
+graph.
 
 Prefill and mixed batches (unless `serve --prefill-attention reference`, which
 takes attention.reference_attention): one program per (tile of query tokens of
@@ -41,6 +46,8 @@ from understudy.engine.layers import pdl
 from understudy.engine.layers._pdl_kernels import wait_prior
 
 TILE = 64  # context tokens per iteration of the decode kernel
+SPLIT_TOKENS = 128  # the fewest keys one program of a split decode takes (bench/flashinfer_attention.py)
+MAX_SPLITS = 16  # the most programs one (sequence, kv head) of a decode step is split over
 Q_ROWS = 64  # the fewest query rows (tokens x heads of a kv head) of a prefill program: a GQA group of up to 64
 LOG2E = 1.4426950408889634  # the kernels' softmax is in base 2 (exp2), its scale times log2(e)
 
@@ -161,52 +168,135 @@ def _scales(scale: float, k_scale: float, softcap: float | None) -> tuple[float,
 # A block table's row stride is its width, which changes from step to step: not a specialisation key, or
 # a width never seen in warm-up (a multiple of 16, say) would compile a new kernel inside a step.
 @triton.jit(do_not_specialize=["stride_bt"])
-def _paged_decode(Q, K, V, Out, block_tables, context_lens, qk_scale, v_scale, window, softcap,
-                  stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_lens, qk_scale, v_scale, window,
+                  softcap, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, TILE_: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                  SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                  SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                  SPLIT_TOKENS: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (seq, kv head, split). SPLITS > 1 (flash-decoding): the sequence's context is cut into up to
+    SPLITS runs of whole tiles, at least SPLIT_TOKENS keys each (a short context takes fewer splits, one
+    below 2 x SPLIT_TOKENS, and the spare programs end at once); each run's program writes its normalised
+    partial output and log-sum-exp to Partial / Lse, and the last of them to finish (an atomic count in
+    Counters, which it sets back to 0 for the next launch) merges them into Out. One launch either way."""
     wait_prior(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(context_lens + seq)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_PAD)
-    head_ok = g < GROUP
-    row_mask = head_ok[:, None] & (d[None, :] < HEAD_DIM)
-    heads = kvh * GROUP + g
-    q = tl.load(Q + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # a sliding window: its last `window` keys
-    for start in range(first, ctx, TILE_):
-        k, v = _load_kv(K, V, block_tables + seq * stride_bt, kvh * stride_kh, start, ctx, d, stride_kb, stride_ks,
-                        TILE_, BLOCK_SIZE, HEAD_DIM, HEAD_PAD, True, False, 1)
-        valid = start + tl.arange(0, TILE_) < ctx
-        m, l, acc = _online_softmax(q, k, v, valid[None, :], m, l, acc, qk_scale, softcap, PRECISION, KV_FP8,
-                                    SOFTCAP, True)
-    out = acc * (v_scale / l)[:, None]
-    tl.store(Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_mask)
+    n_tiles = tl.cdiv(ctx - first, TILE_)
+    if SPLITS == 1:
+        per = n_tiles
+        splits = 1
+    else:
+        splits = tl.minimum(tl.maximum((ctx - first) // SPLIT_TOKENS, 1), SPLITS)
+        per = tl.cdiv(n_tiles, splits)  # tiles per split; then as many splits as that needs: none is empty
+        splits = tl.cdiv(n_tiles, per)
+    if split < splits:
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_PAD)
+        head_ok = g < GROUP
+        row_mask = head_ok[:, None] & (d[None, :] < HEAD_DIM)
+        heads = kvh * GROUP + g
+        q = tl.load(Q + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=row_mask, other=0.0)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+        lo = first + split * per * TILE_
+        hi = tl.minimum(lo + per * TILE_, ctx)
+        for start in range(lo, hi, TILE_):
+            k, v = _load_kv(K, V, block_tables + seq * stride_bt, kvh * stride_kh, start, hi, d, stride_kb,
+                            stride_ks, TILE_, BLOCK_SIZE, HEAD_DIM, HEAD_PAD, True, False, 1)
+            valid = start + tl.arange(0, TILE_) < hi
+            m, l, acc = _online_softmax(q, k, v, valid[None, :], m, l, acc, qk_scale, softcap, PRECISION, KV_FP8,
+                                        SOFTCAP, True)
+        out_ptr = Out + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        if splits == 1:
+            tl.store(out_ptr, (acc * (v_scale / l)[:, None]).to(Out.dtype.element_ty), mask=row_mask)
+        else:
+            pair = seq * tl.num_programs(1) + kvh
+            tile = g[:, None] * HEAD_PAD + d[None, :]
+            rows = head_ok[:, None] & (d[None, :] < HEAD_PAD)  # the group's real heads: no padded rows stored
+            tl.store(Partial + (pair * SPLITS + split) * GROUP_PAD * HEAD_PAD + tile, acc / l[:, None], mask=rows)
+            tl.store(Lse + (pair * SPLITS + split) * GROUP_PAD + g, m + tl.log2(l), mask=head_ok)
+            tl.debug_barrier()  # every thread's partial is written before the count says so (release)
+            if tl.atomic_add(Counters + pair, 1, sem="acq_rel") == splits - 1:
+                # The last split merges. .cg loads read L2, where the other programs' stores are, never a line
+                # this multiprocessor's L1 kept from an earlier launch. All splits' loads are issued at once.
+                s = tl.arange(0, SPLITS_PAD)
+                lse = tl.load(Lse + (pair * SPLITS + s)[:, None] * GROUP_PAD + g[None, :],
+                              mask=(s < splits)[:, None] & head_ok[None, :], other=float("-inf"),
+                              cache_modifier=".cg")
+                big = tl.where(head_ok, tl.max(lse, 0), 0.0)  # a padded head's rows are all -inf
+                w = tl.exp2(lse - big[None, :])  # [SPLITS_PAD, GROUP_PAD]; 0 past `splits`
+                acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+                for i in tl.static_range(SPLITS):
+                    part = tl.load(Partial + (pair * SPLITS + i) * GROUP_PAD * HEAD_PAD + tile,
+                                   mask=rows & (i < splits), other=0.0, cache_modifier=".cg")
+                    w_i = tl.sum(tl.where(s[:, None] == i, w, 0.0), 0)
+                    acc += w_i[:, None] * part
+                total = tl.sum(w, 0)
+                tl.store(out_ptr, (acc * (v_scale / total)[:, None]).to(Out.dtype.element_ty), mask=row_mask)
+                tl.store(Counters + pair, 0)
+
+
+_SPLIT_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """How many programs share one (sequence, kv head)'s context in the decode kernel: 1 once the batch's
+    (sequence, kv head) pairs fill the GPU's multiprocessors (and off CUDA), else enough for two programs per
+    multiprocessor, up to MAX_SPLITS. Shapes only, so each CUDA graph's bucket has its own, fixed."""
+    if device.type != "cuda" or batch * kv_heads >= _sm_count(device):
+        return 1
+    return min(MAX_SPLITS, -(-2 * _sm_count(device) // (batch * kv_heads)))
+
+
+def _split_counters(device: torch.device, pairs: int) -> Tensor:
+    """The decode kernel's per-(sequence, kv head) counts of finished splits: zeros that every launch leaves
+    as zeros, so one buffer per device serves every launch and every CUDA graph. Made on the first split
+    launch, which the engine's eager warm-up runs before any capture."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None or counters.numel() < pairs:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the decode kernel's split counters must be made before a CUDA graph capture: "
+                               "run one eager decode step of the largest split batch first")
+        counters = _SPLIT_COUNTERS[device] = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            context_lens: Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                           sliding_window: int | None = None, softcap: float | None = None) -> Tensor:
-    """q [B, Hq, D] (one token per sequence) over cached context -> [B, Hq, D]."""
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           splits: int | None = None, split_tokens: int = SPLIT_TOKENS) -> Tensor:
+    """q [B, Hq, D] (one token per sequence) over cached context -> [B, Hq, D]. splits: programs per
+    (sequence, kv head) (default: decode_splits'), each over at least split_tokens keys."""
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
+    group_pad = max(16, triton.next_power_of_2(group))
+    head_pad = triton.next_power_of_2(D)
+    splits = splits or decode_splits(B, Hkv, q.device)
     out = torch.empty_like(q)
+    if splits > 1:
+        partial = torch.empty(B * Hkv * splits, group_pad, head_pad, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B * Hkv * splits, group_pad, dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, B * Hkv)
+    else:
+        partial = lse = counters = out  # not read
     qk_scale, softcap = _scales(scale, k_scale, softcap)
-    _paged_decode[(B, Hkv)](
-        q, k_cache, v_cache, out, block_tables, context_lens, qk_scale, v_scale, sliding_window or 0, softcap,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=D, TILE_=TILE, PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
-        HEAD_PAD=triton.next_power_of_2(D), **pdl.launch_kwargs(q.device),
+    _paged_decode[(B, Hkv, splits)](
+        q, k_cache, v_cache, out, partial, lse, counters, block_tables, context_lens, qk_scale, v_scale,
+        sliding_window or 0, softcap, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_=TILE, PRECISION=_precision(q),
+        KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap), HEAD_PAD=head_pad, SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits), SPLIT_TOKENS=split_tokens, **pdl.launch_kwargs(q.device),
     )
     return out
 
