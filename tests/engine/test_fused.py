@@ -318,7 +318,7 @@ def _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cpu", d
         out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, d ** -0.5, splits=splits,
                                      split_tokens=split_tokens, **kw)
         torch.testing.assert_close(out, ref, **TOL[dtype])
-        assert not _SPLIT_COUNTERS[torch.device(device)].any()
+        assert not _SPLIT_COUNTERS[q.device].any()
 
 
 # Contexts of one tile, of a split's minimum and of many tiles (uneven runs: 300 keys in tiles of 64 over 4

@@ -236,7 +236,7 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
                                    mask=rows & (i < splits), other=0.0, cache_modifier=".cg")
                     w_i = tl.sum(tl.where(s[:, None] == i, w, 0.0), 0)
                     acc += w_i[:, None] * part
-                total = tl.sum(w, 0)
+                total = tl.where(head_ok, tl.sum(w, 0), 1.0)
                 tl.store(out_ptr, (acc * (v_scale / total)[:, None]).to(Out.dtype.element_ty), mask=row_mask)
                 tl.store(Counters + pair, 0)
 
