@@ -20,6 +20,7 @@ FlashInfer output is checked against ours.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import time
@@ -139,12 +140,15 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=list(CASES) + list(DECODE_CASES),
                     default=list(CASES) + list(DECODE_CASES))
     ap.add_argument("--backends", nargs="+", default=["fa2", "fa3"], help="FlashInfer prefill backends to time")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="also time our decode kernel at these split counts (default: decode_splits' only)")
+    ap.add_argument("--no-flashinfer", action="store_true", help="time our kernels only")
     args = ap.parse_args()
-    import flashinfer
+    flashinfer = None if args.no_flashinfer else importlib.import_module("flashinfer")
     from understudy.engine.layers.triton_attention import paged_decode_attention, paged_prefill_attention
 
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, flashinfer {flashinfer.__version__}",
-          flush=True)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, flashinfer "
+          f"{flashinfer.__version__ if flashinfer else '(not run)'}", flush=True)
     shape = SHAPES["llama3-8b"]
     hq, hkv, d = shape
     scale = d ** -0.5
@@ -176,6 +180,11 @@ def main() -> None:
                 timed(f"understudy triton, split_tokens {tokens}", lambda tokens=tokens: paged_decode_attention(
                     q, kc, vc, meta.block_tables, meta.context_lens, scale, split_tokens=tokens), reference,
                     flops, rows)
+            for n in args.splits:
+                timed(f"understudy triton, {n} splits", lambda n=n: paged_decode_attention(
+                    q, kc, vc, meta.block_tables, meta.context_lens, scale, splits=n), reference, flops, rows)
+        if args.no_flashinfer:
+            continue
         try:
             variants = (decode_variants(flashinfer, shape, ctx, meta, scale) if decode else
                         prefill_variants(flashinfer, shape, q_lens, ctx, meta, scale, args.backends))

@@ -244,6 +244,7 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
 _SPLIT_COUNTERS: dict[torch.device, Tensor] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
