@@ -344,7 +344,10 @@ def test_decode_splits_fill_the_gpu_only_for_small_batches():
     if torch.cuda.is_available():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         cuda = torch.device("cuda", 0)
-        assert decode_splits(1, 8, cuda) == min(MAX_SPLITS, -(-2 * sms // 8))
+        for batch in (1, 4, 16):
+            splits = decode_splits(batch, 8, cuda)
+            assert splits & (splits - 1) == 0 and splits <= MAX_SPLITS  # a power of two
+            assert splits == MAX_SPLITS or splits * batch * 8 >= 1.4 * sms  # about two programs per multiprocessor
         assert decode_splits(sms, 1, cuda) == 1
 
 

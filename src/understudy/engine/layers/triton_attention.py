@@ -252,10 +252,12 @@ def _sm_count(device: torch.device) -> int:
 def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """How many programs share one (sequence, kv head)'s context in the decode kernel: 1 once the batch's
     (sequence, kv head) pairs fill the GPU's multiprocessors (and off CUDA), else enough for two programs per
-    multiprocessor, up to MAX_SPLITS. Shapes only, so each CUDA graph's bucket has its own, fixed."""
+    multiprocessor (to the nearest power of two), up to MAX_SPLITS. Shapes only, so each CUDA graph's bucket has its own, fixed."""
     if device.type != "cuda" or batch * kv_heads >= _sm_count(device):
         return 1
-    return min(MAX_SPLITS, -(-2 * _sm_count(device) // (batch * kv_heads)))
+    wanted = -(-2 * _sm_count(device) // (batch * kv_heads))
+    # the nearest power of two: on an H200, 3 and 9 splits were slower than 4 and 8 (docs/benchmarks.md)
+    return min(MAX_SPLITS, 1 << round(math.log2(wanted)))
 
 
 def _split_counters(device: torch.device, pairs: int) -> Tensor:
