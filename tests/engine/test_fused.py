@@ -264,17 +264,23 @@ def test_interpreted_paged_attention_matches_the_reference(interpreted, dtype, g
     _check_fast_attention(dtype, group, block_size, q_lens, ctx)
 
 
+def _fp8_caches(kc, vc, kw: dict):
+    """The caches in FP8 with k_scale 0.5 and v_scale 2.0 (added to the attention call's kw)."""
+    from understudy.engine.layers.attention import FP8_KV, to_cache
+
+    kw.update(k_scale=0.5, v_scale=2.0)
+    return to_cache(kc * 2, FP8_KV, 0.5), to_cache(vc * 2, FP8_KV, 2.0)
+
+
 def _check_prefill_configs(dtype, group, d, q_lens, ctx, device="cpu", fp8=False, **kw):
     """Every config prefill_config may pick, on one case, against the reference. fp8: an FP8 cache (k_scale
     0.5, v_scale 2.0); kw: sliding_window, softcap."""
-    from understudy.engine.layers.attention import FP8_KV, reference_attention, to_cache
+    from understudy.engine.layers.attention import reference_attention
     from understudy.engine.layers.triton_attention import PREFILL_CONFIGS, paged_prefill_attention
 
     torch.manual_seed(group * d + sum(q_lens))
     q, k, v, kc, vc, meta = _attention_case(dtype, group, 16, q_lens, ctx, device, d=d)
-    if fp8:
-        kw.update(k_scale=0.5, v_scale=2.0)
-        kc, vc = to_cache(kc * 2, FP8_KV, 0.5), to_cache(vc * 2, FP8_KV, 2.0)
+    kc, vc = _fp8_caches(kc, vc, kw) if fp8 else (kc, vc)
     ref = reference_attention(q, k, v, kc, vc, meta, d ** -0.5, **kw)
     for _, config in PREFILL_CONFIGS:
         out = paged_prefill_attention(q, kc, vc, meta, d ** -0.5, config=config, **kw)
@@ -305,14 +311,12 @@ def _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cpu", d
     """The decode kernel with each (sequence, kv head)'s context split over `splits` programs against the
     reference, twice over (the split counters must be back at zero for the second launch). fp8: an FP8 cache
     (k_scale 0.5, v_scale 2.0); kw: sliding_window, softcap."""
-    from understudy.engine.layers.attention import FP8_KV, reference_attention, to_cache
+    from understudy.engine.layers.attention import reference_attention
     from understudy.engine.layers.triton_attention import _SPLIT_COUNTERS, paged_decode_attention
 
     torch.manual_seed(len(ctx) * splits + split_tokens)
     q, k, v, kc, vc, meta = _attention_case(dtype, group, 16, [1] * len(ctx), ctx, device, d=d)
-    if fp8:
-        kw.update(k_scale=0.5, v_scale=2.0)
-        kc, vc = to_cache(kc * 2, FP8_KV, 0.5), to_cache(vc * 2, FP8_KV, 2.0)
+    kc, vc = _fp8_caches(kc, vc, kw) if fp8 else (kc, vc)
     ref = reference_attention(q, k, v, kc, vc, meta, d ** -0.5, **kw)
     for _ in range(2):
         out = paged_decode_attention(q, kc, vc, meta.block_tables, meta.context_lens, d ** -0.5, splits=splits,
@@ -326,15 +330,15 @@ def _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cpu", d
 SPLIT_DECODE_CASES = [(4, [1, 31, 32, 300], 4, 32), (1, [700, 64], 16, 64), (4, [129], 3, 16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group,ctx,splits,split_tokens", SPLIT_DECODE_CASES)
-def test_interpreted_split_decode_matches_the_reference(interpreted, dtype, group, ctx, splits, split_tokens):
-    _check_split_decode(dtype, group, ctx, splits, split_tokens)
+# ... and an FP8 cache, sliding windows that start inside the first split and past it, soft-capped scores.
+SPLIT_DECODE_KW = [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=200, softcap=2.0)]
 
 
-@pytest.mark.parametrize("kw", [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=200, softcap=2.0)])
-def test_interpreted_split_decode_fp8_window_softcap(interpreted, kw):
-    _check_split_decode(torch.float32, 4, [300, 5], 4, 32, **kw)
+@pytest.mark.parametrize("dtype,group,ctx,splits,split_tokens,kw",
+                         [(dtype, *case, {}) for dtype in (torch.float32, torch.float16) for case in SPLIT_DECODE_CASES]
+                         + [(torch.float32, 4, [300, 5], 4, 32, kw) for kw in SPLIT_DECODE_KW])
+def test_interpreted_split_decode_matches_the_reference(interpreted, dtype, group, ctx, splits, split_tokens, kw):
+    _check_split_decode(dtype, group, ctx, splits, split_tokens, **kw)
 
 
 def test_decode_splits_fill_the_gpu_only_for_small_batches():
