@@ -15,6 +15,13 @@ before each step's shapes) is timed apart, on the host, since the engine would p
 FlashInfer output is checked against ours.
 
     PYTHONPATH=src python bench/flashinfer_attention.py     # needs a GPU and `pip install flashinfer-python`
+    PYTHONPATH=src python bench/flashinfer_attention.py --no-flashinfer --cases "decode 4@2048" --splits 4 8 16
+
+On the device machine (no index to install from, 64 MiB of carried files) the H200 runs used flashinfer-python
+0.7.4's wheel cut to 34 MB: its Python files and data/{include,cutlass,cccl,spdlog}, and of data/csrc only
+the top-level batch_prefill*, batch_decode*, page* and header files; apache-tvm-ffi's wheel beside it; with
+FLASHINFER_CUDA_ARCH_LIST=9.0a and FLASHINFER_WORKSPACE_BASE set (its JIT cache, which can be carried to the
+next call). The image's nvidia-ml-py stands in for its pynvml dependency.
 """
 
 from __future__ import annotations
