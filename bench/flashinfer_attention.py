@@ -107,32 +107,13 @@ def decode_variants(flashinfer, shape, ctx, meta, scale):
     return out
 
 
-def loop_seconds(call, launches: int = 50) -> float:
-    """Seconds per call of `launches` back-to-back launches between two CUDA events (median of 5)."""
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(launches):
-            call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3 / launches)
-    return statistics.median(times)
-
-
 def timed(label, call, reference, flops, rows):
     """Check call's output against ours, time it; print and record one line."""
     try:
         err = (call().float() - reference.float()).abs().max().item()
         if err > TOLERANCE:
             raise AssertionError(f"differs from ours by {err:.1e}")
-        try:
-            t = seconds(call, cuda=True)
-        except Exception as e:  # noqa: BLE001  (a kernel a CUDA graph cannot capture: timed from the host)
-            print(f"    {label}: not capturable ({str(e).splitlines()[0][:120]}); timed in a launch loop", flush=True)
-            t = loop_seconds(call)
+        t = seconds(call, cuda=True)
     except Exception as e:  # noqa: BLE001  (one variant failing is reported, the run goes on)
         print(f"    {label}: failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}", flush=True)
         traceback.print_exc(limit=3)
