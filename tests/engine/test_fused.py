@@ -330,8 +330,9 @@ def _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cpu", d
 SPLIT_DECODE_CASES = [(4, [1, 31, 32, 300], 4, 32), (1, [700, 64], 16, 64), (4, [129], 3, 16)]
 
 
-# ... and an FP8 cache, sliding windows that start inside the first split and past it, soft-capped scores.
-SPLIT_DECODE_KW = [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=200, softcap=2.0)]
+# ... and an FP8 cache, sliding windows that start inside the first split and past it, soft-capped scores, a
+# head of 24 (padded to 32: its padded columns are neither stored nor merged).
+SPLIT_DECODE_KW = [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=200, softcap=2.0), dict(d=24)]
 
 
 @pytest.mark.parametrize("dtype,group,ctx,splits,split_tokens,kw",
@@ -339,6 +340,13 @@ SPLIT_DECODE_KW = [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=
                          + [(torch.float32, 4, [300, 5], 4, 32, kw) for kw in SPLIT_DECODE_KW])
 def test_interpreted_split_decode_matches_the_reference(interpreted, dtype, group, ctx, splits, split_tokens, kw):
     _check_split_decode(dtype, group, ctx, splits, split_tokens, **kw)
+
+
+def test_split_decode_refuses_more_pairs_than_its_counters():
+    from understudy.engine.layers.triton_attention import MAX_SPLIT_PAIRS, _split_counters
+
+    with pytest.raises(ValueError, match=f"at most {MAX_SPLIT_PAIRS}"):
+        _split_counters(torch.device("cpu"), MAX_SPLIT_PAIRS + 1)
 
 
 def test_decode_splits_fill_the_gpu_only_for_small_batches():

@@ -48,6 +48,7 @@ from understudy.engine.layers._pdl_kernels import wait_prior
 TILE = 64  # context tokens per iteration of the decode kernel
 SPLIT_TOKENS = 128  # the fewest keys one program of a split decode takes (bench/flashinfer_attention.py)
 MAX_SPLITS = 16  # the most programs one (sequence, kv head) of a decode step is split over
+MAX_SPLIT_PAIRS = 4096  # the most (sequence, kv head) pairs of a split decode: its counters' size
 Q_ROWS = 64  # the fewest query rows (tokens x heads of a kv head) of a prefill program: a GQA group of up to 64
 LOG2E = 1.4426950408889634  # the kernels' softmax is in base 2 (exp2), its scale times log2(e)
 
@@ -217,8 +218,8 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
         else:
             pair = seq * tl.num_programs(1) + kvh
             tile = g[:, None] * HEAD_PAD + d[None, :]
-            rows = head_ok[:, None] & (d[None, :] < HEAD_PAD)  # the group's real heads: no padded rows stored
-            tl.store(Partial + (pair * SPLITS + split) * GROUP_PAD * HEAD_PAD + tile, acc / l[:, None], mask=rows)
+            tl.store(Partial + (pair * SPLITS + split) * GROUP_PAD * HEAD_PAD + tile, acc / l[:, None],
+                     mask=row_mask)
             tl.store(Lse + (pair * SPLITS + split) * GROUP_PAD + g, m + tl.log2(l), mask=head_ok)
             tl.debug_barrier()  # every thread's partial is written before the count says so (release)
             if tl.atomic_add(Counters + pair, 1, sem="acq_rel") == splits - 1:
@@ -233,7 +234,7 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
                 acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
                 for i in tl.static_range(SPLITS):
                     part = tl.load(Partial + (pair * SPLITS + i) * GROUP_PAD * HEAD_PAD + tile,
-                                   mask=rows & (i < splits), other=0.0, cache_modifier=".cg")
+                                   mask=row_mask & (i < splits), other=0.0, cache_modifier=".cg")
                     w_i = tl.sum(tl.where(s[:, None] == i, w, 0.0), 0)
                     acc += w_i[:, None] * part
                 total = tl.where(head_ok, tl.sum(w, 0), 1.0)
@@ -252,7 +253,8 @@ def _sm_count(device: torch.device) -> int:
 def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """How many programs share one (sequence, kv head)'s context in the decode kernel: 1 once the batch's
     (sequence, kv head) pairs fill the GPU's multiprocessors (and off CUDA), else enough for two programs per
-    multiprocessor (to the nearest power of two), up to MAX_SPLITS. Shapes only, so each CUDA graph's bucket has its own, fixed."""
+    multiprocessor (to the nearest power of two), up to MAX_SPLITS. Shapes only, so each CUDA graph's bucket
+    has its own, fixed."""
     if device.type != "cuda" or batch * kv_heads >= _sm_count(device):
         return 1
     wanted = -(-2 * _sm_count(device) // (batch * kv_heads))
@@ -262,14 +264,17 @@ def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 def _split_counters(device: torch.device, pairs: int) -> Tensor:
     """The decode kernel's per-(sequence, kv head) counts of finished splits: zeros that every launch leaves
-    as zeros, so one buffer per device serves every launch and every CUDA graph. Made on the first split
-    launch, which the engine's eager warm-up runs before any capture."""
+    as zeros, so one buffer per device serves every launch and every CUDA graph. Made once, at its full
+    size (a graph keeps its address), on the first split launch, which the engine's eager warm-up runs before
+    any capture."""
+    if pairs > MAX_SPLIT_PAIRS:  # decode_splits never splits more pairs than the GPU has multiprocessors
+        raise ValueError(f"a split decode of {pairs} (sequence, kv head) pairs: at most {MAX_SPLIT_PAIRS}")
     counters = _SPLIT_COUNTERS.get(device)
-    if counters is None or counters.numel() < pairs:
+    if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the decode kernel's split counters must be made before a CUDA graph capture: "
                                "run one eager decode step of the largest split batch first")
-        counters = _SPLIT_COUNTERS[device] = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
+        counters = _SPLIT_COUNTERS[device] = torch.zeros(MAX_SPLIT_PAIRS, dtype=torch.int32, device=device)
     return counters
 
 
