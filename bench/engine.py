@@ -5,10 +5,12 @@ Prints:
   * load: our publish into the memory service (GB/s) next to the pinned host->device bandwidth and to
     safetensors.torch.load_file(device="cuda");
   * time to first token on an idle engine for prompts of --ttft-lens tokens (random ids, a distinct prompt
-    each time, so no prefix-cache hit): p50 and max of --ttft-repeats runs after one untimed run per length,
+    each time, so no prefix-cache hit; with --ttft-prefix P, each after a cached prefix of P tokens, as a
+    follow-up turn of a chat is): p50 and max of --ttft-repeats runs after one untimed run per length,
     next to the floor max(weight bytes read / copy bandwidth, FLOPs / --peak-tflops). The bytes: every
-    weight but the embedding table (only the prompt's rows of it are read); the FLOPs: 2 x the matmul weights
-    x prompt tokens, causal attention (QK^T and PV), and the lm_head for the one sampled row. The copy
+    weight but the embedding table (only the prompt's rows of it are read), and a cached prefix's K/V; the
+    FLOPs: 2 x the matmul weights x prompt tokens, causal attention (QK^T and PV, over the prefix too), and
+    the lm_head for the one sampled row. The copy
     bandwidth (bytes read + written by a 4 GiB device copy) is measured in the run;
   * decode tokens/s at --batches (Llama-3-8B at batch 128 decodes from CUDA graphs: --max-num-seqs is the
     largest batch and the KV cache holds it), as the median step's tokens over its time (the headline: one
@@ -143,21 +145,26 @@ def safetensors_load(d: Path, device: str) -> float:
 
 # -- the floor of a prefill -------------------------------------------------------------------------------
 
-def prefill_flops(shape: dict, layers: int, prompt: int) -> float:
-    """The FLOPs a prefill of `prompt` tokens must do: every matmul weight once per token, causal attention
-    (QK^T and PV over the keys at or before each query), the lm_head for the last position only."""
+def prefill_flops(shape: dict, layers: int, prompt: int, prefix: int = 0) -> float:
+    """The FLOPs a prefill of `prompt` tokens after `prefix` cached ones must do: every matmul weight once per
+    new token, causal attention (QK^T and PV over the keys at or before each query), the lm_head for the last
+    position only."""
     h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     hd = h // shape["num_attention_heads"]
     q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    attention = 2 * prompt * (prompt + 1) * q  # sum over queries j of j keys, x2 (QK^T, PV), x2 (mul+add) / 2
+    attention = 2 * prompt * (2 * prefix + prompt + 1) * q  # sum over queries j of prefix + j keys, x2 (QK^T,
+    # PV), x2 (mul+add)
     return layers * (2 * prompt * per_layer + attention) + 2 * v * h
 
 
-def prefill_bytes(shape: dict, weights_bytes: int, prompt: int, itemsize: int) -> float:
-    """The weight bytes a prefill must read: all but the embedding table, of which the prompt's rows."""
+def prefill_bytes(shape: dict, weights_bytes: int, prompt: int, itemsize: int, layers: int = 0,
+                  prefix: int = 0) -> float:
+    """The bytes a prefill must read: the weights but the embedding table, of which the prompt's rows, and the
+    K/V of `prefix` cached tokens in `layers` layers."""
     h, v = shape["hidden_size"], shape["vocab_size"]
-    return weights_bytes - v * h * itemsize + min(prompt, v) * h * itemsize
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    return weights_bytes - v * h * itemsize + min(prompt, v) * h * itemsize + layers * prefix * 2 * kv * itemsize
 
 
 def matmul_tflops(device: str, dtype: torch.dtype) -> float:
@@ -173,16 +180,22 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
 
 # -- understudy -------------------------------------------------------------------------------------------
 
-def time_to_first_token(engine, prompt: int, repeats: int, vocab: int, sync) -> dict:
+def time_to_first_token(engine, prompt: int, repeats: int, vocab: int, sync, prefix: int = 0) -> dict:
     """Seconds from add_request to the first token on the host, on an idle engine, for distinct random
-    prompts of `prompt` tokens: the first run (untimed for p50, reported as `first_ms`) then `repeats`."""
+    prompts of `prompt` tokens: the first run (untimed for p50, reported as `first_ms`) then `repeats`.
+    prefix: each prompt follows `prefix` random tokens that an untimed request put in the prefix cache first,
+    so only its own `prompt` tokens are computed."""
     from understudy.engine.core.sampling import SamplingParams
 
     assert not engine.has_work, "TTFT is measured on an idle engine"
     gen = torch.Generator().manual_seed(1000 + prompt)
     times = []
     for r in range(1 + repeats):
-        ids = torch.randint(0, vocab, (prompt,), generator=gen).tolist()
+        ids = torch.randint(0, vocab, (prefix + prompt,), generator=gen).tolist()
+        if prefix:  # the earlier turn: its blocks sealed in the prefix cache
+            engine.add_request(f"turn{prompt}-{r}", ids[:prefix], SamplingParams(max_tokens=1, ignore_eos=True))
+            while engine.has_work:
+                engine.step()
         computed = engine.prompt_tokens_computed
         sync()
         t0 = time.perf_counter()
@@ -193,7 +206,7 @@ def time_to_first_token(engine, prompt: int, repeats: int, vocab: int, sync) -> 
         times.append(time.perf_counter() - t0)
         if engine.prompt_tokens_computed - computed != prompt:
             print(f"# warning: {prompt}-token prompt computed {engine.prompt_tokens_computed - computed} tokens "
-                  f"(a prefix-cache hit?)", flush=True)
+                  f"(a prefix-cache hit, or a miss on its {prefix}-token prefix?)", flush=True)
         while engine.has_work:
             engine.step()
     timed = times[1:]
@@ -269,6 +282,9 @@ def main() -> None:
     ap.add_argument("--ttft-lens", type=int, nargs="*", default=[32, 512, 2048],
                     help="prompt lengths of the time-to-first-token runs (none: skip them)")
     ap.add_argument("--ttft-repeats", type=int, default=None, help="timed TTFT runs per length (default 5)")
+    ap.add_argument("--ttft-prefix", type=int, default=0, metavar="P",
+                    help="time each --ttft-lens prompt after a cached prefix of P tokens (a multiple of the 16-token "
+                         "block: all of it cached), as a chat's follow-up turn: only its own tokens are computed")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help=f"the TTFT floor's compute peak (default {H200_BF16_DENSE_TFLOPS:g}, H200 bf16 dense; "
                          "--cpu: a float32 matmul measured in the run)")
@@ -318,7 +334,7 @@ def main() -> None:
     # The engine as `understudy serve` builds it (a memory service of its own that the weights are published
     # into, a KV cache, CUDA graphs up to the largest batch, warm-up), stepped here by hand instead of served
     # over HTTP.
-    max_len = max([args.prompt_len + tokens, *[n + 1 for n in args.ttft_lens]]) + 16
+    max_len = max([args.prompt_len + tokens, *[args.ttft_prefix + n + 1 for n in args.ttft_lens]]) + 16
     config = ServeConfig(
         model=ModelOptions(model=str(ckpt), dtype=str(dtype)[6:], max_model_len=max_len,
                            prefill_attention="reference" if cpu else args.prefill_attention,
@@ -348,13 +364,15 @@ def main() -> None:
             print(f"# warning: batches above {graph_batch} decode eagerly", flush=True)
 
         for n in args.ttft_lens:
-            ttft[n] = time_to_first_token(engine, n, ttft_repeats, shape["vocab_size"], sync)
-            floor_mem = prefill_bytes(shape, nbytes, n, dtype.itemsize) / copy_bw
-            floor_flops = prefill_flops(shape, layers, n) / (peak * 1e12)
+            ttft[n] = time_to_first_token(engine, n, ttft_repeats, shape["vocab_size"], sync, args.ttft_prefix)
+            floor_mem = prefill_bytes(shape, nbytes, n, dtype.itemsize, layers, args.ttft_prefix) / copy_bw
+            floor_flops = prefill_flops(shape, layers, n, args.ttft_prefix) / (peak * 1e12)
             ttft[n].update(floor_ms=max(floor_mem, floor_flops) * 1e3, floor_bytes_ms=floor_mem * 1e3,
                            floor_flops_ms=floor_flops * 1e3)
             t = ttft[n]
-            print(f"TTFT {n:>5} tokens: p50 {t['p50_ms']:8.2f} ms (max {t['max_ms']:.2f}, first {t['first_ms']:.2f}) "
+            after = f" after {args.ttft_prefix} cached" if args.ttft_prefix else ""
+            print(f"TTFT {n:>5} tokens{after}: p50 {t['p50_ms']:8.2f} ms (max {t['max_ms']:.2f}, "
+                  f"first {t['first_ms']:.2f}) "
                   f"floor {t['floor_ms']:7.2f} ms (bytes {floor_mem * 1e3:.2f}, FLOPs {floor_flops * 1e3:.2f}) "
                   f"= {t['p50_ms'] / t['floor_ms']:.1f}x the floor", flush=True)
         for b in batches:
@@ -416,15 +434,17 @@ def main() -> None:
             e = results[b]["transformers_eager"]["tok_s"]
             line += f" {e:>9.1f} {u / e:>6.2f}x"
         print(line)
+    after = f" after {args.ttft_prefix} cached" if args.ttft_prefix else ""
     for n, t in ttft.items():
-        print(f"TTFT {n:>5} tokens: p50 {t['p50_ms']:.2f} ms = {t['p50_ms'] / t['floor_ms']:.1f}x the floor "
+        print(f"TTFT {n:>5} tokens{after}: p50 {t['p50_ms']:.2f} ms = {t['p50_ms'] / t['floor_ms']:.1f}x the floor "
               f"{t['floor_ms']:.2f} ms")
     print(f"roofline at batch {batches[0]}: {roofline:.0%} (weights {nbytes / 1e9:.2f} GB x tok/s / "
           f"{copy_bw / 1e9:.0f} GB/s measured by a device copy)")
     print(f"load: {load_gbps:.1f} GB/s" + (f" = {load_gbps / h2d:.0%} of pinned H2D ({h2d:.1f} GB/s)" if h2d else "")
           + f"; safetensors load_file {st_gbps:.1f} GB/s")
     print("json", json.dumps({"device": device, "layers": layers, "tokens": tokens, "prompt_len": args.prompt_len,
-                              "results": results, "ttft": ttft, "roofline_b1": roofline, "load_GBps": load_gbps,
+                              "results": results, "ttft": ttft,
+                              "ttft_prefix": args.ttft_prefix, "roofline_b1": roofline, "load_GBps": load_gbps,
                               "h2d_GBps": h2d, "copy_GBps": copy_bw / 1e9, "safetensors_GBps": st_gbps,
                               "weights_bytes": nbytes, "peak_tflops": peak, "hf_errors": hf_errors}))
 

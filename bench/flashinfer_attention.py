@@ -2,10 +2,11 @@
 takes a library's kernel where it is faster on the H200, and keeps its own where it is not.
 
 Ours: triton_attention.paged_prefill_attention (prefill_config's pick for the step, as the engine runs it) and
-paged_decode_attention (decode_splits' split count; also unsplit, as before round 9, and other minimum runs
-per split). FlashInfer's: BatchPrefillWithPagedKVCacheWrapper with each backend it has for the
-device (fa2; fa3, Hopper's wgmma/TMA kernels) and BatchDecodeWithPagedKVCacheWrapper (CUDA cores, and its
-tensor-core variant), over the same K/V tensors ([blocks, 16, kv heads, head_dim] is FlashInfer's NHD layout)
+paged_decode_attention (split_count's split count; also unsplit, as before round 9, and other minimum runs
+per split); a prefill whose programs split (a short chunk over a long cached prefix) is also timed
+unsplit. FlashInfer's: BatchPrefillWithPagedKVCacheWrapper with each backend it has for the device (fa2;
+fa3, Hopper's wgmma/TMA kernels) and BatchDecodeWithPagedKVCacheWrapper (CUDA cores, and its tensor-core
+variant), over the same K/V tensors ([blocks, 16, kv heads, head_dim] is FlashInfer's NHD layout)
 and block tables. FlashInfer compiles its kernels on first use (JIT, the device's nvcc); that time is printed.
 
 Shape: a Llama-3-8B layer (32 q heads, 8 kv heads, head_dim 128), bf16. Prefill cases are
@@ -129,7 +130,7 @@ def main() -> None:
                     default=list(CASES) + list(DECODE_CASES))
     ap.add_argument("--backends", nargs="+", default=["fa2", "fa3"], help="FlashInfer prefill backends to time")
     ap.add_argument("--splits", type=int, nargs="*", default=[],
-                    help="also time our decode kernel at these split counts (default: decode_splits' only)")
+                    help="also time our kernels at these split counts (default: split_count's only)")
     ap.add_argument("--no-flashinfer", action="store_true", help="time our kernels only")
     args = ap.parse_args()
     flashinfer = None if args.no_flashinfer else importlib.import_module("flashinfer")
@@ -158,10 +159,11 @@ def main() -> None:
             ours = lambda: paged_prefill_attention(q, kc, vc, meta, scale)  # noqa: E731
         reference = ours()
         t_ours = timed("understudy triton", ours, reference, flops, rows)
-        if decode:  # the decode kernel's split choices: none (the kernel before), other minimum runs
-            from understudy.engine.layers.triton_attention import decode_splits
+        from understudy.engine.layers.triton_attention import (MAX_PREFILL_SPLITS, prefill_config, prefill_programs,
+                                                                split_count)
 
-            print(f"    (default: {decode_splits(len(q_lens), hkv, q.device)} splits)", flush=True)
+        if decode:  # the decode kernel's split choices: none (the kernel before), other minimum runs
+            print(f"    (default: {split_count(len(q_lens) * hkv, q.device)} splits)", flush=True)
             timed("understudy triton, 1 split", lambda: paged_decode_attention(
                 q, kc, vc, meta.block_tables, meta.context_lens, scale, splits=1), reference, flops, rows)
             for tokens in SPLIT_TOKENS:
@@ -171,6 +173,17 @@ def main() -> None:
             for n in args.splits:
                 timed(f"understudy triton, {n} splits", lambda n=n: paged_decode_attention(
                     q, kc, vc, meta.block_tables, meta.context_lens, scale, splits=n), reference, flops, rows)
+        else:  # a prefill's programs split only when they are too few to fill the GPU (a short chunk)
+            cfg = prefill_config(meta.max_query_len, q.dtype)
+            splits = split_count(prefill_programs(sum(q_lens), len(q_lens), hq // hkv, hkv, cfg), q.device,
+                                 MAX_PREFILL_SPLITS)
+            print(f"    (default: {splits} splits)", flush=True)
+            if splits > 1:
+                timed("understudy triton, 1 split", lambda: paged_prefill_attention(
+                    q, kc, vc, meta, scale, splits=1), reference, flops, rows)
+            for n in args.splits:
+                timed(f"understudy triton, {n} splits", lambda n=n: paged_prefill_attention(
+                    q, kc, vc, meta, scale, splits=n), reference, flops, rows)
         if args.no_flashinfer:
             continue
         try:

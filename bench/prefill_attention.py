@@ -39,9 +39,11 @@ import common  # noqa: E402,F401  (puts the repo root on sys.path, for the tests
 
 SHAPES = {"llama3-8b": (32, 8, 128), "qwen3-30b-a3b": (32, 4, 128)}  # q heads, kv heads, head_dim
 BLOCK = 16
-# name: (new tokens per sequence, context per sequence)
+# name: (new tokens per sequence, context per sequence); "chunk N@P": N new tokens after P cached ones (a long
+# prompt's last chunk, a chat's follow-up turn)
 CASES = {"prompt 512": ([512], [512]), "prompt 2048": ([2048], [2048]), "prompt 8192": ([8192], [8192]),
-         "chunk 2048@6144": ([2048], [8192]), "mixed 32x16@1000": ([16] * 32, [1000] * 32)}
+         "chunk 2048@6144": ([2048], [8192]), "mixed 32x16@1000": ([16] * 32, [1000] * 32),
+         "chunk 16@2048": ([16], [2064]), "chunk 64@8192": ([64], [8256]), "chunk 256@8192": ([256], [8448])}
 CPU_SHAPES = {"tiny": (4, 2, 16)}
 CPU_CASES = {"prompt 40": ([40], [40]), "chunk 24@40": ([24], [64]), "mixed 4x3@20": ([3] * 4, [20] * 4)}
 

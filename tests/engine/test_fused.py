@@ -342,6 +342,45 @@ def test_interpreted_split_decode_matches_the_reference(interpreted, dtype, grou
     _check_split_decode(dtype, group, ctx, splits, split_tokens, **kw)
 
 
+def _check_split_prefill(dtype, group, d, q_lens, ctx, splits, split_tokens, device="cpu", fp8=False, **kw):
+    """The prefill kernel, every config, with each program's keys split over `splits` programs, against the
+    reference, twice over (the split counters back at zero after each). fp8, kw: as _check_prefill_configs.
+    The reference runs in fp32 and is rounded once: in fp16 its own roundings were as far from that as the
+    tolerance (a case with soft-capped scores, on an H200), and both kernels compute in fp32."""
+    from understudy.engine.layers.attention import reference_attention
+    from understudy.engine.layers.triton_attention import PREFILL_CONFIGS, _SPLIT_COUNTERS, paged_prefill_attention
+
+    torch.manual_seed(group * d + sum(q_lens) + splits)
+    q, k, v, kc, vc, meta = _attention_case(dtype, group, 16, q_lens, ctx, device, d=d)
+    kc, vc = _fp8_caches(kc, vc, kw) if fp8 else (kc, vc)
+    wide = (lambda t: t) if fp8 else (lambda t: t.float())
+    ref = reference_attention(q.float(), k.float(), v.float(), wide(kc), wide(vc), meta, d ** -0.5, **kw).to(dtype)
+    for _, config in PREFILL_CONFIGS:
+        for _ in range(2):
+            out = paged_prefill_attention(q, kc, vc, meta, d ** -0.5, config=config, splits=splits,
+                                          split_tokens=split_tokens, **kw)
+            torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"{config}: {m}")
+            assert not _SPLIT_COUNTERS[q.device].any()
+
+
+# A short chunk over a long cached prefix (the case splitting is for: a follow-up turn), a whole prompt (on its
+# causal diagonal a split can hold keys that some of a program's rows do not see yet: those rows weigh nothing
+# in that split), a mixed step with decode rows and a context shorter than one split; uneven runs, more splits
+# asked than the keys fill.
+SPLIT_PREFILL_CASES = [(4, 64, [20], [700], 4, 64), (1, 64, [150], [150], 3, 32),
+                       (4, 32, [1, 9, 1], [300, 9, 1], 16, 32)]
+SPLIT_PREFILL_KW = [dict(fp8=True), dict(sliding_window=90), dict(sliding_window=200, softcap=2.0)]
+
+
+@pytest.mark.parametrize("dtype,group,d,q_lens,ctx,splits,split_tokens,kw",
+                         [(dtype, *case, {}) for dtype in (torch.float32, torch.float16)
+                          for case in SPLIT_PREFILL_CASES]
+                         + [(torch.float32, 4, 24, [30, 2], [400, 70], 4, 32, kw) for kw in SPLIT_PREFILL_KW])
+def test_interpreted_split_prefill_matches_the_reference(interpreted, dtype, group, d, q_lens, ctx, splits,
+                                                         split_tokens, kw):
+    _check_split_prefill(dtype, group, d, q_lens, ctx, splits, split_tokens, **kw)
+
+
 def test_split_decode_refuses_more_pairs_than_its_counters():
     from understudy.engine.layers.triton_attention import MAX_SPLIT_PAIRS, _split_counters
 
@@ -383,6 +422,16 @@ def test_cuda_paged_attention_matches_the_reference(dtype, group, block_size, q_
 @pytest.mark.parametrize("kw", [{}, dict(fp8=True), dict(sliding_window=1000, softcap=30.0)])
 def test_cuda_split_decode_matches_the_reference(dtype, group, ctx, splits, split_tokens, kw):
     _check_split_decode(dtype, group, ctx, splits, split_tokens, device="cuda", d=128, **kw)
+
+
+# The split count split_count gives a 64-token chunk on an H200 (8), and 16 (more than it gives a prefill).
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,d,q_lens,ctx,splits,split_tokens", SPLIT_PREFILL_CASES
+                         + [(4, 128, [64], [8000], 8, 128), (4, 128, [16, 1, 40], [4000, 3000, 40], 16, 128)])
+@pytest.mark.parametrize("kw", [{}, dict(fp8=True), dict(sliding_window=1000, softcap=30.0)])
+def test_cuda_split_prefill_matches_the_reference(dtype, group, d, q_lens, ctx, splits, split_tokens, kw):
+    _check_split_prefill(dtype, group, d, q_lens, ctx, splits, split_tokens, device="cuda", **kw)
 
 
 @cuda_only

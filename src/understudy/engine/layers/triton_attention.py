@@ -22,12 +22,15 @@ new tokens sits at position c - q + j and sees keys 0..c - q + j (its cached
 prefix and the new tokens up to itself). A program walks key tiles aligned to
 the cache's blocks: those every row sees without a mask (one block-table entry
 per block), then the one or two on its causal diagonal masked; tiles past the
-diagonal are never loaded. A step is one launch per layer and no host sync,
-where the reference path loops over sequences and syncs once per layer: that
-matters most for the first step after a failover, a short prefill over an
-adopted prefix. Both kernels are checked against the reference on a GPU
-(tests/engine/test_fused.py, test_cuda_paths.py) and in Triton's interpreter;
-bench/prefill_attention.py times the prefill configs.
+diagonal are never loaded. When a step's programs are too few to fill the GPU
+(a short chunk over a long cached prefix: a chat's follow-up turn), each one's
+key tiles are split over up to 8 programs and merged as the decode kernel's
+are. A step is one launch per layer and no host sync, where the reference
+path loops over sequences and syncs once per layer: that matters most for the
+first step after a failover, a short prefill over an adopted prefix. Both
+kernels are checked against the reference on a GPU (tests/engine/test_fused.py,
+test_cuda_paths.py) and in Triton's interpreter; bench/prefill_attention.py
+times the prefill configs.
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ from understudy.engine.layers._pdl_kernels import wait_prior
 TILE = 64  # context tokens per iteration of the decode kernel
 SPLIT_TOKENS = 128  # the fewest keys one program of a split decode takes (bench/flashinfer_attention.py)
 MAX_SPLITS = 16  # the most programs one (sequence, kv head) of a decode step is split over
-MAX_SPLIT_PAIRS = 4096  # the most (sequence, kv head) pairs of a split decode: its counters' size
+# ... and one (query tile, kv head) of a prefill: its merge reads 4-8x the rows of a decode's, and on an H200
+# 8 splits beat 16 on every short chunk timed (a 16-token chunk over 8192 keys: 38 against 44 us)
+MAX_PREFILL_SPLITS = 8
+MAX_SPLIT_PAIRS = 4096  # the most runs of keys one split launch splits: its counters' size
 Q_ROWS = 64  # the fewest query rows (tokens x heads of a kv head) of a prefill program: a GQA group of up to 64
 LOG2E = 1.4426950408889634  # the kernels' softmax is in base 2 (exp2), its scale times log2(e)
 
@@ -166,6 +172,45 @@ def _scales(scale: float, k_scale: float, softcap: float | None) -> tuple[float,
     return scale * k_scale * LOG2E, 0.0
 
 
+@triton.jit
+def _write_split(Partial, Lse, Counters, pair, split, splits, acc, m, l, r, d, row_ok, row_mask,
+                 ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS: tl.constexpr):
+    """One split of a program's keys done: the normalised partial output and log-sum-exp of its rows `r` (a
+    row that saw no key of this split, on a causal diagonal say, weighs nothing) into the pair's slots.
+    Returns whether this split is the pair's last to finish, which then merges (an atomic count in
+    Counters)."""
+    slot = pair * SPLITS + split
+    seen = l > 0
+    tl.store(Partial + (slot * ROWS + r[:, None]) * HEAD_PAD + d[None, :], acc / tl.where(seen, l, 1.0)[:, None],
+             mask=row_mask)
+    tl.store(Lse + slot * ROWS + r, tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=row_ok)
+    tl.debug_barrier()  # every thread's partial is written before the count says so (release)
+    return tl.atomic_add(Counters + pair, 1, sem="acq_rel") == splits - 1
+
+
+@triton.jit
+def _merge_splits(Partial, Lse, Counters, pair, splits, r, d, row_ok, row_mask, ROWS: tl.constexpr,
+                  HEAD_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """The last split's merge: the pair's partial outputs weighted by their softmax mass, [ROWS, HEAD_PAD];
+    sets the pair's count back to 0 for the next launch. .cg loads read L2, where the other programs' stores
+    are, never a line this multiprocessor's L1 kept from an earlier launch; all splits' loads are issued at
+    once."""
+    s = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(Lse + (pair * SPLITS + s)[:, None] * ROWS + r[None, :], mask=(s < splits)[:, None] & row_ok[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    big = tl.max(lse, 0)
+    big = tl.where(big == float("-inf"), 0.0, big)  # a row that is not stored: all -inf
+    w = tl.exp2(lse - big[None, :])  # [SPLITS_PAD, ROWS]; 0 past `splits`
+    acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
+    for i in tl.static_range(SPLITS):
+        part = tl.load(Partial + ((pair * SPLITS + i) * ROWS + r[:, None]) * HEAD_PAD + d[None, :],
+                       mask=row_mask & (i < splits), other=0.0, cache_modifier=".cg")
+        acc += tl.sum(tl.where(s[:, None] == i, w, 0.0), 0)[:, None] * part
+    tl.store(Counters + pair, 0)
+    total = tl.sum(w, 0)
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
 # A block table's row stride is its width, which changes from step to step: not a specialisation key, or
 # a width never seen in warm-up (a multiple of 16, say) would compile a new kernel inside a step.
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -217,29 +262,11 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
             tl.store(out_ptr, (acc * (v_scale / l)[:, None]).to(Out.dtype.element_ty), mask=row_mask)
         else:
             pair = seq * tl.num_programs(1) + kvh
-            tile = g[:, None] * HEAD_PAD + d[None, :]
-            tl.store(Partial + (pair * SPLITS + split) * GROUP_PAD * HEAD_PAD + tile, acc / l[:, None],
-                     mask=row_mask)
-            tl.store(Lse + (pair * SPLITS + split) * GROUP_PAD + g, m + tl.log2(l), mask=head_ok)
-            tl.debug_barrier()  # every thread's partial is written before the count says so (release)
-            if tl.atomic_add(Counters + pair, 1, sem="acq_rel") == splits - 1:
-                # The last split merges. .cg loads read L2, where the other programs' stores are, never a line
-                # this multiprocessor's L1 kept from an earlier launch. All splits' loads are issued at once.
-                s = tl.arange(0, SPLITS_PAD)
-                lse = tl.load(Lse + (pair * SPLITS + s)[:, None] * GROUP_PAD + g[None, :],
-                              mask=(s < splits)[:, None] & head_ok[None, :], other=float("-inf"),
-                              cache_modifier=".cg")
-                big = tl.where(head_ok, tl.max(lse, 0), 0.0)  # a padded head's rows are all -inf
-                w = tl.exp2(lse - big[None, :])  # [SPLITS_PAD, GROUP_PAD]; 0 past `splits`
-                acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-                for i in tl.static_range(SPLITS):
-                    part = tl.load(Partial + (pair * SPLITS + i) * GROUP_PAD * HEAD_PAD + tile,
-                                   mask=row_mask & (i < splits), other=0.0, cache_modifier=".cg")
-                    w_i = tl.sum(tl.where(s[:, None] == i, w, 0.0), 0)
-                    acc += w_i[:, None] * part
-                total = tl.where(head_ok, tl.sum(w, 0), 1.0)
-                tl.store(out_ptr, (acc * (v_scale / total)[:, None]).to(Out.dtype.element_ty), mask=row_mask)
-                tl.store(Counters + pair, 0)
+            if _write_split(Partial, Lse, Counters, pair, split, splits, acc, m, l, g, d, head_ok, row_mask,
+                            GROUP_PAD, HEAD_PAD, SPLITS):
+                out = _merge_splits(Partial, Lse, Counters, pair, splits, g, d, head_ok, row_mask, GROUP_PAD,
+                                    HEAD_PAD, SPLITS, SPLITS_PAD)
+                tl.store(out_ptr, (out * v_scale).to(Out.dtype.element_ty), mask=row_mask)
 
 
 _SPLIT_COUNTERS: dict[torch.device, Tensor] = {}
@@ -250,32 +277,48 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """How many programs share one (sequence, kv head)'s context in the decode kernel: 1 once the batch's
-    (sequence, kv head) pairs fill the GPU's multiprocessors (and off CUDA), else enough for two programs per
-    multiprocessor (to the nearest power of two), up to MAX_SPLITS. Shapes only, so each CUDA graph's bucket
-    has its own, fixed."""
-    if device.type != "cuda" or batch * kv_heads >= _sm_count(device):
+def split_count(programs: int, device: torch.device, most: int = MAX_SPLITS) -> int:
+    """How many programs share each of a launch's `programs` runs of keys ((sequence, kv head) pairs of a
+    decode, (query tile, kv head) of a prefill): 1 once they fill the GPU's multiprocessors (and off CUDA),
+    else enough for two programs per multiprocessor (to the nearest power of two), up to `most`. Shapes
+    only, so each CUDA graph's bucket has its own, fixed."""
+    if device.type != "cuda" or programs >= _sm_count(device):
         return 1
-    wanted = -(-2 * _sm_count(device) // (batch * kv_heads))
+    wanted = -(-2 * _sm_count(device) // programs)
     # the nearest power of two: on an H200, 3 and 9 splits were slower than 4 and 8 (docs/benchmarks.md)
-    return min(MAX_SPLITS, 1 << round(math.log2(wanted)))
+    return min(most, 1 << round(math.log2(wanted)))
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """The decode kernel's split count for a batch (split_count over its (sequence, kv head) pairs)."""
+    return split_count(batch * kv_heads, device)
 
 
 def _split_counters(device: torch.device, pairs: int) -> Tensor:
-    """The decode kernel's per-(sequence, kv head) counts of finished splits: zeros that every launch leaves
+    """The split launches' counts of finished splits, one per run of keys: zeros that every launch leaves
     as zeros, so one buffer per device serves every launch and every CUDA graph. Made once, at its full
     size (a graph keeps its address), on the first split launch, which the engine's eager warm-up runs before
     any capture."""
-    if pairs > MAX_SPLIT_PAIRS:  # decode_splits never splits more pairs than the GPU has multiprocessors
-        raise ValueError(f"a split decode of {pairs} (sequence, kv head) pairs: at most {MAX_SPLIT_PAIRS}")
+    if pairs > MAX_SPLIT_PAIRS:  # split_count never splits more runs than the GPU has multiprocessors
+        raise ValueError(f"a split launch of {pairs} runs of keys: at most {MAX_SPLIT_PAIRS}")
     counters = _SPLIT_COUNTERS.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the decode kernel's split counters must be made before a CUDA graph capture: "
-                               "run one eager decode step of the largest split batch first")
+            raise RuntimeError("the attention kernels' split counters must be made before a CUDA graph capture: "
+                               "run one eager split launch (a decode step of batch 1, say) first")
         counters = _SPLIT_COUNTERS[device] = torch.zeros(MAX_SPLIT_PAIRS, dtype=torch.int32, device=device)
     return counters
+
+
+def _split_buffers(out: Tensor, pairs: int, splits: int, rows: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A split launch's partial outputs [pairs x splits, rows, head_pad] and log-sum-exps (fp32), made per
+    launch (a CUDA graph keeps its own), and the device's counters. Unsplit: `out` in their place, never read."""
+    if splits == 1:
+        return out, out, out
+    device, head_pad = out.device, triton.next_power_of_2(head_dim)
+    return (torch.empty(pairs * splits, rows, head_pad, dtype=torch.float32, device=device),
+            torch.empty(pairs * splits, rows, dtype=torch.float32, device=device),
+            _split_counters(device, pairs))
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -289,14 +332,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     group = Hq // Hkv
     group_pad = max(16, triton.next_power_of_2(group))
     head_pad = triton.next_power_of_2(D)
-    splits = splits or decode_splits(B, Hkv, q.device)
+    splits = splits or split_count(B * Hkv, q.device)
     out = torch.empty_like(q)
-    if splits > 1:
-        partial = torch.empty(B * Hkv * splits, group_pad, head_pad, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B * Hkv * splits, group_pad, dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, B * Hkv)
-    else:
-        partial = lse = counters = out  # not read
+    partial, lse, counters = _split_buffers(out, B * Hkv, splits, group_pad, D)
     qk_scale, softcap = _scales(scale, k_scale, softcap)
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, partial, lse, counters, block_tables, context_lens, qk_scale, v_scale,
@@ -326,12 +364,16 @@ def _prefill_tile(q, K, V, table_row, kv_offset, start, ctx, pos, window, m, l, 
 # The number of sequences is not a specialisation key either: a CUDA graph's fixed-size batch and an eager
 # step's count would otherwise compile kernels of their own.
 @triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
-def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_seqs, num_kv_heads, qk_scale,
-                   v_scale, window, softcap, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
-                   stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
-                   KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCKWISE: tl.constexpr,
-                   KV_ALIGN: tl.constexpr, PDL: tl.constexpr = False):
+def _paged_prefill(Q, K, V, Out, Partial, Lse, Counters, block_tables, query_start, context_lens, num_seqs,
+                   num_kv_heads, qk_scale, v_scale, window, softcap, stride_qt, stride_qh, stride_kb, stride_ks,
+                   stride_kh, stride_bt, stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   Q_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr,
+                   PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_PAD: tl.constexpr,
+                   BLOCKWISE: tl.constexpr, KV_ALIGN: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   SPLIT_TOKENS: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (tile of query tokens x kv head, split). SPLITS > 1: a program's key tiles are cut into up to
+    SPLITS runs of at least SPLIT_TOKENS keys, merged as the decode kernel's are (_write_split, _merge_splits):
+    a short chunk over a long cached prefix (a follow-up turn of a chat) is a few programs otherwise."""
     wait_prior(PDL)
     # Programs are numbered (tile of query tokens, kv head), the kv head fastest. Sequence i owns the tiles
     # [qs[i] // Q_TILE + i, qs[i+1] // Q_TILE + i + 1) (qs = query_start): at least one per Q_TILE of its q_len
@@ -379,51 +421,89 @@ def _paged_prefill(Q, K, V, Out, block_tables, query_start, context_lens, num_se
     seen_by_all = tl.where(window > 0, tl.maximum(last_pos - window + 1, 0), 0)
     u_lo = tl.minimum(tl.maximum((seen_by_all + TILE_N - 1) // TILE_N, t_first), t_end)
     u_hi = tl.maximum(u_lo, tl.minimum((first_pos + 1) // TILE_N, t_end))
-    table_row = block_tables + seq * stride_bt
-    kv_offset = kvh * stride_kh
-    for t in range(t_first, u_lo):
-        m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
-                                  softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
-                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, True)
-    for t in range(u_lo, u_hi):
-        m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
-                                  softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
-                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, False)
-    for t in range(u_hi, t_end):
-        m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc, qk_scale,
-                                  softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM, HEAD_PAD,
-                                  PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, True)
-    out = acc * (v_scale / tl.where(l > 0, l, 1.0))[:, None]  # l == 0 only in rows that are not stored
-    tl.store(Out + (q0 + j)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_mask)
+    # This split's run of the program's key tiles [t_first, t_end), as the decode kernel cuts a context.
+    n_tiles = t_end - t_first
+    split = tl.program_id(1)
+    if SPLITS == 1:
+        a = t_first
+        b = t_end
+        splits = 1
+    else:
+        splits = tl.minimum(tl.maximum(n_tiles * TILE_N // SPLIT_TOKENS, 1), SPLITS)
+        per = tl.maximum(tl.cdiv(n_tiles, splits), 1)
+        splits = tl.maximum(tl.cdiv(n_tiles, per), 1)  # none is empty (a program past its rows: one, storing nothing)
+        a = t_first + split * per
+        b = tl.minimum(a + per, t_end)
+    if split < splits:
+        table_row = block_tables + seq * stride_bt
+        kv_offset = kvh * stride_kh
+        for t in range(a, tl.minimum(u_lo, b)):
+            m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc,
+                                      qk_scale, softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM,
+                                      HEAD_PAD, PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, True)
+        for t in range(tl.maximum(u_lo, a), tl.minimum(u_hi, b)):
+            m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc,
+                                      qk_scale, softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM,
+                                      HEAD_PAD, PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, False)
+        for t in range(tl.maximum(u_hi, a), b):
+            m, l, acc = _prefill_tile(q, K, V, table_row, kv_offset, t * TILE_N, ctx, pos, window, m, l, acc,
+                                      qk_scale, softcap, d, stride_kb, stride_ks, TILE_N, BLOCK_SIZE, HEAD_DIM,
+                                      HEAD_PAD, PRECISION, KV_FP8, SOFTCAP, BLOCKWISE, KV_ALIGN, True)
+        out_ptr = Out + (q0 + j)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        if splits == 1:
+            out = acc * (v_scale / tl.where(l > 0, l, 1.0))[:, None]  # l == 0 only in rows that are not stored
+            tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=row_mask)
+        else:
+            if _write_split(Partial, Lse, Counters, pid, split, splits, acc, m, l, r, d, row_ok, row_mask,
+                            Q_TILE * GROUP_PAD, HEAD_PAD, SPLITS):
+                out = _merge_splits(Partial, Lse, Counters, pid, splits, r, d, row_ok, row_mask,
+                                    Q_TILE * GROUP_PAD, HEAD_PAD, SPLITS, SPLITS_PAD)
+                tl.store(out_ptr, (out * v_scale).to(Out.dtype.element_ty), mask=row_mask)
 
 
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
                             scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
                             sliding_window: int | None = None, softcap: float | None = None,
-                            config: PrefillConfig | None = None) -> Tensor:
+                            config: PrefillConfig | None = None, splits: int | None = None,
+                            split_tokens: int = SPLIT_TOKENS) -> Tensor:
     """q [T, Hq, D] (each sequence's new tokens, its K/V already stored) over its cached context, causal.
-    config: the tile shape (default: prefill_config's for the step)."""
+    config: the tile shape (default: prefill_config's for the step); splits: programs per (query tile, kv
+    head) (default: split_count's for the grid), each over at least split_tokens keys."""
     _, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     group_pad = triton.next_power_of_2(group)
     cfg = config or prefill_config(meta.max_query_len, q.dtype)
-    q_tile = max(1, cfg.rows // group_pad)
+    q_tile = _query_tile(cfg, group)
     out = torch.empty_like(q)
     num_seqs = meta.context_lens.shape[0]  # a device tensor's shape: no sync, and fixed in a CUDA graph
     qk_scale, softcap = _scales(scale, k_scale, softcap)
-    grid = ((q.shape[0] // q_tile + num_seqs) * Hkv,)
-    _paged_prefill[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.context_lens, num_seqs, Hkv,
-        qk_scale, v_scale, sliding_window or 0, softcap, q.stride(0), q.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), out.stride(0), out.stride(1),
+    programs = prefill_programs(q.shape[0], num_seqs, group, Hkv, cfg)
+    splits = splits or split_count(programs, q.device, MAX_PREFILL_SPLITS)
+    partial, lse, counters = _split_buffers(out, programs, splits, q_tile * group_pad, D)
+    _paged_prefill[(programs, splits)](
+        q, k_cache, v_cache, out, partial, lse, counters, meta.block_tables, meta.query_start_loc,
+        meta.context_lens, num_seqs, Hkv, qk_scale, v_scale, sliding_window or 0, softcap, q.stride(0),
+        q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_SIZE=block_size, HEAD_DIM=D, TILE_N=cfg.tile,
         PRECISION=_precision(q), KV_FP8=k_cache.dtype == FP8_KV, SOFTCAP=bool(softcap),
         HEAD_PAD=triton.next_power_of_2(D), BLOCKWISE=cfg.tile % block_size == 0, KV_ALIGN=_kv_align(k_cache),
-        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(q.device),
+        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), SPLIT_TOKENS=split_tokens, num_warps=cfg.warps,
+        num_stages=cfg.stages, **pdl.launch_kwargs(q.device),
     )
     return out
+
+
+def _query_tile(config: PrefillConfig, group: int) -> int:
+    """Query tokens per prefill program: the config's rows over the GQA group's heads (padded)."""
+    return max(1, config.rows // triton.next_power_of_2(group))
+
+
+def prefill_programs(tokens: int, num_seqs: int, group: int, kv_heads: int, config: PrefillConfig) -> int:
+    """The prefill kernel's programs (before splits) for a step of `tokens` new tokens over `num_seqs`
+    sequences: at least one per query tile of each sequence, times the kv heads (_paged_prefill)."""
+    return (tokens // _query_tile(config, group) + num_seqs) * kv_heads
 
 
 def _kv_align(k_cache: Tensor) -> int:
