@@ -6,6 +6,7 @@ steps (the default), then, on the same memory services (it imports the weights),
 /engine/generate; tokens/s = B * tokens / wall time, after one warm-up request.
 
     python bench/tp_decode.py                 # 2 GPUs: Llama-3-8B shape (bf16), TP=2
+    python bench/tp_decode.py --model qwen3-30b-a3b   # the MoE shape, 8 layers, its experts split over the ranks
     python bench/tp_decode.py --cpu           # smoke check: tiny model, host backend, gloo (eager only)
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
 from failover import stream  # noqa: E402  (bench/failover.py)
-from tp_failover import memory_services, prepare  # noqa: E402  (bench/tp_failover.py)
+from tp_failover import add_model_args, memory_services, prepare  # noqa: E402  (bench/tp_failover.py)
 
 
 def tokens_per_second(port: int, batch: int, tokens: int, vocab: int) -> float:
@@ -49,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="smoke check on the CPU: tiny model, host backend, gloo")
     ap.add_argument("--tensor-parallel", type=int, default=2, help="ranks per group (default: 2)")
-    ap.add_argument("--layers", type=int, default=32, help="layers of the Llama-3-8B-shaped model (GPU)")
+    add_model_args(ap)
     ap.add_argument("--batches", default="1,8,32", help="concurrent requests, comma-separated (default: 1,8,32)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per request (default: 128)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint is written (and reused)")
@@ -62,7 +63,8 @@ def main() -> None:
                    "--tensor-parallel", str(tp), "--kv-cache-memory", "32MiB" if args.cpu else "8GiB",
                    "--max-num-seqs", str(max(batches)), "--max-model-len", "2048", "--no-progress"]
     modes = [("eager", ["--enforce-eager"])] if args.cpu else [("graphs", []), ("eager", ["--enforce-eager"])]
-    results: dict = {"tensor_parallel": tp, "device": "cpu" if args.cpu else "cuda", "tokens": args.tokens}
+    results: dict = {"tensor_parallel": tp, "device": "cpu" if args.cpu else "cuda", "model": args.model,
+                     "tokens": args.tokens}
     mems = memory_services(backend, tp, sock)
     try:
         for mode, extra in modes:

@@ -16,6 +16,7 @@ Prints, measured in the same run:
 
     python bench/tp_failover.py                      # 2 GPUs: Llama-3-8B shape (bf16), TP=2, 5 kills
     python bench/tp_failover.py --layers 8 --kills 3
+    python bench/tp_failover.py --model qwen3-30b-a3b  # the MoE shape (8 layers), experts split over the ranks
     python bench/tp_failover.py --cpu                # smoke check: tiny model, host backend, gloo
 """
 
@@ -36,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, Proc  # noqa: E402  (bench/common.py)
-from failover import (LoadClient, describe_steps, describe_streams, first_token_after,  # noqa: E402  (bench/failover.py)
-                      steps_after, stop_clients)
+from failover import (LAYERS, LoadClient, checkpoint, describe_steps, describe_streams,  # noqa: E402  (bench/failover.py)
+                      first_token_after, steps_after, stop_clients)
 
 
 def gpu_used_mib() -> list[int]:
@@ -70,7 +71,7 @@ class Group:
 
 
 def prepare(args: argparse.Namespace) -> tuple[str, Path, int]:
-    """Environment and checkpoint of a TP bench (args: --cpu, --layers, --workdir):
+    """Environment and checkpoint of a TP bench (args: --cpu, --model, --layers, --workdir):
     (memory backend, checkpoint directory, vocabulary size)."""
     # This host's GPUs are shared: NVLink multicast stays off (KINDS.md of the device machines).
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -78,14 +79,23 @@ def prepare(args: argparse.Namespace) -> tuple[str, Path, int]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="us-bench-tp-"))
     if args.cpu:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.cpu and args.model == "llama3-8b":
         from tests.helpers.tiny_model import make_tiny_llama  # the tests' tiny Llama (4 heads / 2 KV heads divide by 2)
 
         ckpt = make_tiny_llama(work / "tiny-llama", max_position_embeddings=4096)
-    else:
-        from engine import cached_checkpoint  # bench/engine.py (imports torch's CUDA side)
-
-        ckpt = cached_checkpoint(work, args.layers)
+    else:  # bench/failover.py's: the Llama-3-8B shape, or the Qwen3-30B-A3B-shaped MoE (--cpu: a tiny one)
+        ckpt = checkpoint(work, args.model, args.layers or (2 if args.cpu else LAYERS[args.model][1]), args.cpu)
     return ("host" if args.cpu else "cuda"), ckpt, json.loads((ckpt / "config.json").read_text())["vocab_size"]
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model and --layers of the TP benches (bench/failover.py's models)."""
+    ap.add_argument("--model", choices=list(LAYERS), default="llama3-8b",
+                    help="the checkpoint's shape (random weights): Llama-3-8B, dense bf16 (default), or Qwen3-30B-A3B, "
+                         "a mixture of experts whose experts' intermediate dimension the ranks share")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: llama3-8b 32; qwen3-30b-a3b 8 of 48, as bench/failover.py; "
+                         "--cpu: 2 of the tiny MoE, the tiny Llama's own)")
 
 
 def memory_services(backend: str, tp: int, sock: str) -> list[Proc]:
@@ -101,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="smoke check on the CPU: tiny model, host backend, gloo")
     ap.add_argument("--tensor-parallel", type=int, default=2, help="ranks per group (default: 2)")
-    ap.add_argument("--layers", type=int, default=32, help="layers of the Llama-3-8B-shaped model (GPU)")
+    add_model_args(ap)
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (steady load)")
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens per client request")
@@ -123,7 +133,8 @@ def main() -> None:
     sock = tempfile.mkdtemp(prefix="us-", dir="/tmp")
     ports = [18200, 18201]
     probe = [1, 2, 3, 4, 5, 6, 7, 8]
-    results: dict = {"device": "cpu (host backend, gloo)" if args.cpu else "cuda (NCCL)", "tensor_parallel": tp,
+    results: dict = {"device": "cpu (host backend, gloo)" if args.cpu else "cuda (NCCL)", "model": args.model,
+                     "tensor_parallel": tp,
                      "kills": [], "kill_to_first_token_ms": [], "kill_to_active_ms": []}
     mems = memory_services(backend, tp, sock)
     groups: dict[int, Group] = {}
