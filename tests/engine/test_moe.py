@@ -1,4 +1,4 @@
-"""Mixture of experts (Qwen3-MoE, Mixtral): the model against transformers, the fused Triton kernel against
+"""Mixture of experts (Qwen3-MoE, Mixtral, GLM-4.5): the model against transformers, the fused Triton kernel against
 the reference, tensor parallelism, and the stacked expert weights through the memory service; FP8 experts
 (checkpoints quantized here per channel and in 128x128 blocks, served against their dequantized twins on
 the reference and through the Triton kernels in the interpreter; `--quantization fp8` published and imported).
@@ -33,6 +33,12 @@ FAMILIES = {
                       moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
     # every layer sparse, top-2 renormalized
     "mixtral": dict(num_hidden_layers=2, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+    # layer 0 dense (first_k_dense_replace); DeepSeek-V3's router: the top 2 of 4 groups of 2 experts, the
+    # weights renormalized and scaled; two experts' width of shared MLP; q/k/v biases, q/k norms, RoPE on
+    # half of each head
+    "glm4_moe": dict(num_hidden_layers=3, head_dim=32, intermediate_size=96, n_routed_experts=8,
+                     num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, n_group=4, topk_group=2,
+                     first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True),
 }
 
 # compressed-tensors' per-channel FP8 (scales stored [N, 1]) and the fp8 method's 128x128 blocks
@@ -49,13 +55,17 @@ def build_hf_moe(family: str, seed: int = 0, **shape):
     import transformers
 
     config_cls, model_cls = {"qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
-                             "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[family]
+                             "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+                             "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM)}[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**TINY, **FAMILIES[family], **shape})).eval().to(torch.float32)
     with torch.no_grad():  # norms away from 1, so a weight loaded under the wrong name shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
+        for name, b in model.named_buffers():  # GLM-4.5's choice bias (zeros): one that changes the choice
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
     return model
 
 
@@ -85,6 +95,10 @@ def test_config_says_which_layers_are_sparse(moe_dir, family):
     if family == "qwen3_moe":
         assert cfg.moe_layers == (0, 2) and cfg.moe_intermediate_size == 32 and not cfg.norm_topk_prob
         assert cfg.qk_norm
+    elif family == "glm4_moe":
+        assert cfg.moe_layers == (1, 2) and cfg.shared_expert_intermediate_size == 64 and cfg.norm_topk_prob
+        assert (cfg.moe_router, cfg.moe_groups, cfg.moe_top_groups, cfg.routed_scaling_factor) == ("sigmoid", 4, 2, 2.5)
+        assert cfg.qk_norm and cfg.qkv_bias and cfg.rotary_dim == 16 and cfg.extra_checkpoint_layers == 1
     else:
         assert cfg.moe_layers == (0, 1) and cfg.moe_intermediate_size == 48 and cfg.norm_topk_prob
 
@@ -93,8 +107,8 @@ def test_config_says_which_layers_are_sparse(moe_dir, family):
 def test_greedy_and_logits_match_transformers(moe_dir, family):
     hf, path = moe_dir(family)
     ours = load_model(path, dtype=torch.float32)
-    layer0 = ours.model.layers[0].mlp.experts
-    assert layer0.gate_up_proj.shape == (8, 2 * ours.config.moe_intermediate_size, 64)  # stacked at load
+    sparse = ours.model.layers[ours.config.moe_layers[0]].mlp.experts
+    assert sparse.gate_up_proj.shape == (8, 2 * ours.config.moe_intermediate_size, 64)  # stacked at load
     with torch.no_grad():
         expected = hf(torch.tensor([PROMPT])).logits[0]
     meta = AttentionMetadata.build([len(PROMPT)], [len(PROMPT)], [[5, 1, 3]], block_size=4)
@@ -133,6 +147,27 @@ def test_fp8_moe_checkpoints_the_experts_cannot_take_are_refused_when_read(moe_d
     ModelConfig.from_hf_dict({**d, "quantization_config": CHANNEL})  # while per-channel experts are served
 
 
+@pytest.mark.parametrize("renormalize,groups,top_groups", [(True, 4, 2), (False, 1, 1), (True, 8, 3)])
+def test_biased_routing_chooses_and_weighs_as_transformers(renormalize, groups, top_groups):
+    """moe.route_biased against transformers' GLM-4.5 router on 64 random tokens: the same experts and weights."""
+    import transformers
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    config = transformers.Glm4MoeConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=groups,
+                                        topk_group=top_groups, norm_topk_prob=renormalize, routed_scaling_factor=1.8)
+    torch.manual_seed(groups + top_groups)
+    router = Glm4MoeTopkRouter(config)
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.5)
+        router.e_score_correction_bias.normal_(0.0, 0.3)
+    x = torch.randn(64, 32)
+    logits, want_weights, want_ids = router(x)
+    weights, ids = moe.route_biased(logits, router.e_score_correction_bias, 4, groups, top_groups, renormalize, 1.8)
+    order, want_order = ids.sort(dim=-1), want_ids.sort(dim=-1)  # the order within a token's top k is free
+    assert torch.equal(order.values, want_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), want_weights.gather(1, want_order.indices))
+
+
 def test_gguf_mixture_of_experts_is_refused_when_read(tmp_path):
     import gguf
     import numpy as np
@@ -168,9 +203,11 @@ def _stacked(path: Path, family: str, dtype: torch.dtype) -> dict[str, torch.Ten
     return {name: t.to(dtype) for name, t in out.items()}
 
 
-@pytest.mark.parametrize("family,dtype", [("qwen3_moe", torch.float32), ("mixtral", torch.bfloat16)])
+@pytest.mark.parametrize("family,dtype", [("qwen3_moe", torch.float32), ("mixtral", torch.bfloat16),
+                                          ("glm4_moe", torch.bfloat16)])
 def test_stacked_experts_are_published_and_imported_with_zero_copies(server, moe_dir, family, dtype):
-    """float32: each expert's matrix read from the file straight into its slice; bfloat16: converted."""
+    """float32: each expert's matrix read from the file straight into its slice; bfloat16: converted (GLM-4.5's
+    router kept in float32, as transformers keeps it)."""
     from understudy.engine.model import weights
 
     _, path = moe_dir(family)
@@ -184,7 +221,10 @@ def test_stacked_experts_are_published_and_imported_with_zero_copies(server, moe
             assert torch.equal(state[name], want), name
             # the shadow's stacked tensor maps the same bytes at another address
             assert torch.equal(state2[name], want) and state2[name].data_ptr() != state[name].data_ptr()
-        assert "model.layers.0.mlp.gate.weight" in state  # Mixtral's router under the model's name
+        router = f"model.layers.{config.moe_layers[0]}.mlp.gate.weight"
+        assert router in state  # Mixtral's router under the model's name
+        if family == "glm4_moe":
+            assert state[router].dtype == torch.float32 and state2[router].dtype == torch.float32
         ids = torch.tensor(PROMPT)
         meta = AttentionMetadata.build([len(PROMPT)], [len(PROMPT)], [[5, 1, 3]], block_size=4)
 
@@ -198,6 +238,32 @@ def test_stacked_experts_are_published_and_imported_with_zero_copies(server, moe
     finally:
         client.close()
         client2.close()
+
+
+def test_a_checkpoints_multi_token_prediction_layer_is_not_loaded(server, moe_dir, tmp_path):
+    """GLM-4.5's checkpoints hold a layer past the model's (num_nextn_predict_layers: model.layers.{L}.*), which
+    transformers does not load: neither do loading nor publishing, which never read its bytes; a layer past
+    that is still an error."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from understudy.engine.model import weights
+
+    hf, path = moe_dir("glm4_moe")
+    copy = tmp_path / "with-mtp"
+    shutil.copytree(path, copy)
+    mtp = {"model.layers.3.eh_proj.weight": torch.randn(64, 128),
+           "model.layers.3.mlp.experts.0.gate_proj.weight": torch.randn(32, 64)}
+    save_file(mtp, str(copy / "model-mtp.safetensors"))
+    assert greedy_generate(load_model(copy, dtype=torch.float32), [PROMPT], NEW_TOKENS) == \
+        [hf_greedy(hf, PROMPT, NEW_TOKENS)]
+    model, client, stats = weights.load(str(server.path), copy, load_config(copy), torch.float32, progress=False)
+    client.close()
+    assert stats["source"] == "published"
+    save_file({"model.layers.4.eh_proj.weight": torch.randn(64, 128)}, str(copy / "model-mtp.safetensors"))
+    with pytest.raises(KeyError, match="model.layers.4.eh_proj.weight"):
+        load_model(copy, dtype=torch.float32)
 
 
 def test_each_rank_publishes_its_slice_of_every_expert(server, moe_dir):
@@ -220,13 +286,15 @@ def test_each_rank_publishes_its_slice_of_every_expert(server, moe_dir):
         client.close()
 
 
-def test_tensor_parallel_2_gives_transformers_tokens(moe_dir):
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe"])
+def test_tensor_parallel_2_gives_transformers_tokens(moe_dir, family):
     """`understudy serve --tensor-parallel 2` on gloo (two ranks, each with its own memory service): the
-    experts' partial sums all-reduced, greedy tokens as transformers' (which the TP=1 model matches above)."""
+    experts' partial sums (and GLM-4.5's shared experts') all-reduced, greedy tokens as transformers' (which
+    the TP=1 model matches above)."""
     from tests.helpers.procs import tp2_group
     from tests.helpers.streams import body, ndjson, tokens_of
 
-    hf, path = moe_dir("mixtral")
+    hf, path = moe_dir(family)
     with tp2_group(path, "moe-test", "--max-model-len", "256") as http:
         for prompt in (PROMPT, [5, 9, 200]):
             got = tokens_of(ndjson(http.post("/engine/generate", json=body(prompt, NEW_TOKENS))))
@@ -240,7 +308,8 @@ def test_tensor_parallel_2_gives_transformers_tokens(moe_dir):
 
 # experts 128 wide (a whole block), hidden 160 (a ragged second column block and row block)
 FP8_SHAPE = {"qwen3_moe": dict(hidden_size=160, moe_intermediate_size=128),
-             "mixtral": dict(hidden_size=160, intermediate_size=128)}
+             "mixtral": dict(hidden_size=160, intermediate_size=128),
+             "glm4_moe": dict(hidden_size=160, moe_intermediate_size=128)}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
@@ -287,14 +356,15 @@ def _prompt_logits(model, prompt=PROMPT):
     return model(torch.tensor(prompt), meta.positions(), meta, caches, logits_indices=torch.arange(len(prompt)))
 
 
-FP8_CASES = [("qwen3_moe", "block"), ("qwen3_moe", "channel"), ("mixtral", "block")]
+FP8_CASES = [("qwen3_moe", "block"), ("qwen3_moe", "channel"), ("mixtral", "block"), ("glm4_moe", "block")]
 
 
 @pytest.mark.parametrize("family,scheme", FP8_CASES)
 def test_fp8_moe_checkpoint_serves_as_its_dequantized_twin(tmp_path, family, scheme):
     fp8_dir, twin_dir = fp8_moe_pair(tmp_path, family, scheme)
     fp8, twin = load_model(fp8_dir, dtype=torch.float32), load_model(twin_dir, dtype=torch.float32)
-    experts = fp8.model.layers[0].mlp.experts
+    sparse = fp8.model.layers[fp8.config.moe_layers[0]].mlp
+    experts = sparse.experts
     assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
     scales = experts.scales()
     assert scales.gate_up.dtype == torch.float32
@@ -303,7 +373,10 @@ def test_fp8_moe_checkpoint_serves_as_its_dequantized_twin(tmp_path, family, sch
         assert hasattr(experts, "gate_up_proj_scale_inv")  # transformers' name for block scales
     else:
         assert (scales.gate_up.shape, scales.down.shape) == ((8, 256), (8, 160))
-    assert fp8.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router is never quantized
+    assert sparse.gate.weight.dtype == torch.float32  # the router is never quantized
+    if family == "glm4_moe":  # the shared experts are (a dense MLP's FP8 linears; unfused: 96-row dense MLPs)
+        shared = sparse.shared_experts
+        assert (shared.gate_up_proj if shared.fused else shared.gate_proj).weight.dtype == torch.float8_e4m3fn
     # The CPU path is the exact reference: each expert dequantized, then the twin's math.
     torch.testing.assert_close(_prompt_logits(fp8), _prompt_logits(twin), rtol=1e-5, atol=1e-5)
     prompts = [PROMPT, [5, 9, 200], [42]]
@@ -514,11 +587,13 @@ def test_interpreted_align_groups_every_slot_by_expert(interpreted):
         assert all(flat[s] == block_expert[b] for s in row.tolist() if s < flat.numel())
 
 
-def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, moe_dir):
-    """The whole forward with the fused MoE (and every other fused op) on the Triton path."""
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe"])
+def test_interpreted_kernels_in_the_model(interpreted, monkeypatch, moe_dir, family):
+    """The whole forward with the fused MoE (and every other fused op) on the Triton path (GLM-4.5: its
+    router's choice, in torch's ops, into the same kernels, and its shared experts' MLP)."""
     from understudy.engine.layers import fused
 
-    _, path = moe_dir("mixtral")
+    _, path = moe_dir(family)
     model = load_model(path, dtype=torch.float32)
     meta = AttentionMetadata.build([len(PROMPT)], [len(PROMPT)], [[5, 1, 3]], block_size=4)
 

@@ -81,6 +81,27 @@ def route_ref(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Ten
     return weights, ids
 
 
+def route_biased(router_logits: Tensor, bias: Tensor, top_k: int, groups: int, top_groups: int,
+                 renormalize: bool, scaling: float) -> tuple[Tensor, Tensor]:
+    """(weights [T, k] fp32, expert ids [T, k] int64) as DeepSeek-V3's and GLM-4.5's routers choose them:
+    sigmoid scores in fp32; the choice ranks score + bias (a per-expert correction that balances the load,
+    which does not weigh the outputs), among the experts of the `top_groups` groups (of `groups` equal ones)
+    whose two best biased scores sum highest; the chosen experts' plain scores, renormalized to sum to 1
+    (`renormalize`), times `scaling`. torch's ops on every device (no host sync: a CUDA graph captures it)."""
+    scores = torch.sigmoid(router_logits.float())
+    choice = scores + bias.float()
+    if groups > 1:
+        T, E = choice.shape
+        best_two = choice.view(T, groups, E // groups).topk(2, dim=-1).values.sum(dim=-1)
+        kept = torch.zeros_like(best_two).scatter_(1, best_two.topk(top_groups, dim=-1).indices, 1.0)
+        choice = choice.masked_fill(kept.repeat_interleave(E // groups, dim=1) == 0, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
 def experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tensor,
             scales: Fp8Scales | None = None) -> Tensor:
     """The experts' weighted sum for each row of x [T, H]; weights/ids [T, k] from `route`; `scales`: the

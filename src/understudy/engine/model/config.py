@@ -18,10 +18,11 @@ from understudy.engine.model.families import UnsupportedFamilyFeature, family_fi
 from understudy.engine.model.quantization import FUSED, Quantization, UnsupportedQuantization, check_experts
 from understudy.engine.model.quantization import from_hf_dict as quantization_from_hf_dict
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral", "gemma2", "gemma3_text", "phi3",
+                         "glm4_moe")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
                            "MixtralForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                           "Phi3ForCausalLM")
+                           "Phi3ForCausalLM", "Glm4MoeForCausalLM")
 # Implemented in model/rope.py. "su" (Phi-3's old name for longrope) is read as longrope.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors", "yarn", "dynamic", "longrope")
 
@@ -83,12 +84,22 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     architectures: tuple[str, ...] = field(default=())
     quantization: Quantization | None = None  # FP8 weights (model/quantization.py); None: unquantized
-    # Mixture of experts (Qwen3-MoE, Mixtral; model/experts.py): num_experts 0 means a dense model.
+    # Mixture of experts (Qwen3-MoE, Mixtral, GLM-4.5; model/experts.py): num_experts 0 means a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0  # top-k experts per token
     moe_intermediate_size: int = 0  # each expert's MLP width
     norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1 (Mixtral always)
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the sparse block; the others are dense
+    # GLM-4.5 (DeepSeek-V3's router): sigmoid scores, a per-expert bias for the choice, group-limited top-k
+    # (layers/moe.route_biased); "softmax": softmax over all experts, the top k (Qwen3-MoE, Mixtral)
+    moe_router: str = "softmax"
+    moe_groups: int = 1  # the experts' groups ...
+    moe_top_groups: int = 1  # ... and how many of them a token's experts may come from
+    routed_scaling_factor: float = 1.0  # the routing weights' scale
+    shared_expert_intermediate_size: int = 0  # an MLP every token goes through beside its experts (0: none)
+    # Layers a checkpoint holds past the model's (GLM-4.5's multi-token prediction, num_nextn_predict_layers):
+    # not loaded, as transformers does not load them
+    extra_checkpoint_layers: int = 0
 
     @property
     def q_size(self) -> int:
@@ -107,9 +118,12 @@ class ModelConfig:
 
     @property
     def fuse_gate_up(self) -> bool:
-        """Whether the dense MLPs hold gate and up as one gate_up_proj (as fuse_qkv)."""
+        """Whether the dense MLPs (and MoE blocks' shared experts) hold gate and up as one gate_up_proj (as
+        fuse_qkv)."""
         dense = [i for i in range(self.num_hidden_layers) if i not in self.moe_layers]
-        return self._fuses("gate_up_proj", (self.intermediate_size,) * 2, dense, "mlp")
+        shared = self.shared_expert_intermediate_size
+        return self._fuses("gate_up_proj", (self.intermediate_size,) * 2, dense, "mlp") and (
+            not shared or self._fuses("gate_up_proj", (shared,) * 2, self.moe_layers, "mlp.shared_experts"))
 
     def _fuses(self, fused: str, rows: tuple[int, ...], layers, block: str) -> bool:
         if self.fused_checkpoint or self.quantization is None:  # Phi-3: as its checkpoint stores them
@@ -174,7 +188,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or bool(d.get("use_qk_norm")),
             dtype=_DTYPES[dtype_name],
             **family,
             bos_token_id=d.get("bos_token_id"),
@@ -244,16 +258,18 @@ def _quantization(d: dict[str, Any]) -> Quantization | None:
 
 
 def _mixture_of_experts(d: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """The MoE fields of a Qwen3-MoE or Mixtral config.json ({} for a dense model).
+    """The MoE fields of a Qwen3-MoE, Mixtral or GLM-4.5 config.json ({} for a dense model).
 
     Qwen3-MoE: the sparse block replaces the MLP of every decoder_sparse_step-th layer not listed in
     mlp_only_layers (those keep a dense MLP of intermediate_size); the top-k probabilities are renormalized
     when norm_topk_prob is set. Mixtral: every layer, experts of intermediate_size, always renormalized.
+    GLM-4.5: the layers from first_k_dense_replace on, n_shared_experts experts' width of shared MLP, and
+    DeepSeek-V3's router (n_group, topk_group, routed_scaling_factor; norm_topk_prob by default).
     """
-    if model_type not in ("qwen3_moe", "mixtral"):
+    if model_type not in ("qwen3_moe", "mixtral", "glm4_moe"):
         return {}
-    # transformers>=5 writes num_local_experts for both; Qwen's own files say num_experts.
-    experts = d.get("num_experts") or d.get("num_local_experts")
+    # transformers>=5 writes num_local_experts for both; Qwen's own files say num_experts, GLM's n_routed_experts.
+    experts = d.get("num_experts") or d.get("num_local_experts") or d.get("n_routed_experts")
     if not experts or not d.get("num_experts_per_tok"):
         raise UnsupportedModelError(f"{model_type} config.json lacks num_experts / num_experts_per_tok")
     layers = range(d["num_hidden_layers"])
@@ -262,6 +278,17 @@ def _mixture_of_experts(d: dict[str, Any], model_type: str) -> dict[str, Any]:
             raise UnsupportedModelError("Mixtral with sliding_window set is not supported")
         fields = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
                       moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, moe_layers=tuple(layers))
+    elif model_type == "glm4_moe":
+        groups, top_groups = d.get("n_group") or 1, d.get("topk_group") or 1
+        if experts % groups or not 1 <= top_groups <= groups:
+            raise UnsupportedModelError(f"glm4_moe: {experts} experts in n_group {groups}, topk_group {top_groups}")
+        fields = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                      moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=d.get("norm_topk_prob", True),
+                      moe_layers=tuple(i for i in layers if i >= d.get("first_k_dense_replace", 1)),
+                      moe_router="sigmoid", moe_groups=groups, moe_top_groups=top_groups,
+                      routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+                      shared_expert_intermediate_size=d["moe_intermediate_size"] * d.get("n_shared_experts", 1),
+                      extra_checkpoint_layers=d.get("num_nextn_predict_layers") or d.get("num_mtp_layers") or 0)
     else:
         step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
         fields = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],

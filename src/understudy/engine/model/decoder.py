@@ -37,7 +37,7 @@ from understudy.engine.layers.linear import Linear, linear
 from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.rope import RotaryEmbedding, attention_factor, rope_inv_freq  # noqa: F401 (re-export)
 from understudy.engine.model.experts import SparseMoE
-from understudy.engine.model.layout import Slice, checkpoint_target
+from understudy.engine.model.layout import Slice, checkpoint_target, extra_layer
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
 
@@ -128,9 +128,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     tp = None  # as Attention.tp: this rank's share of the intermediate size
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, bias = config.hidden_size, config.mlp_bias
+        i = intermediate_size or config.intermediate_size  # a MoE block's shared experts: their own width
         self.fused = config.fuse_gate_up
         if self.fused:  # gate rows, then up rows, in one matrix: one GEMM (model/layout.py)
             self.gate_up_proj = Linear(h, 2 * i, bias=bias)
@@ -141,11 +142,13 @@ class MLP(nn.Module):
         self.act = "gelu_tanh" if config.hidden_act == "gelu_pytorch_tanh" else "silu"
 
     def forward(self, x: Tensor) -> Tensor:
+        return row_parallel(self.down_proj, self.hidden(x), self.tp)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """act(gate(x)) * up(x): under tensor parallelism, this rank's slice of it."""
         if self.fused:  # a one-row GEMV applies the activation in its epilogue (layers/linear.py gated_linear)
-            h = self.gate_up_proj.gated(x, self.act)
-        else:
-            h = fused.act_and_mul(self.gate_proj(x), self.up_proj(x), self.act)
-        return row_parallel(self.down_proj, h, self.tp)
+            return self.gate_up_proj.gated(x, self.act)
+        return fused.act_and_mul(self.gate_proj(x), self.up_proj(x), self.act)
 
 
 class DecoderLayer(nn.Module):
@@ -160,7 +163,11 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(h, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(h, eps, offset)
         # mixture-of-experts models: the sparse block where the config says (model/experts.py)
-        self.mlp = SparseMoE(config) if index in config.moe_layers else MLP(config)
+        if index not in config.moe_layers:
+            self.mlp = MLP(config)
+        else:
+            shared = config.shared_expert_intermediate_size
+            self.mlp = SparseMoE(config, MLP(config, shared) if shared else None)
 
     def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, inv_freq: Tensor,
                 meta: AttentionMetadata, kv_cache: KVCache) -> tuple[Tensor, Tensor]:
@@ -265,7 +272,7 @@ class CausalLM(nn.Module):
         loaded: set[str] = set()
         filled: dict[str, int] = {}  # fused and stacked tensors: elements copied in so far
         for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq") or quant.is_kv_scale(name):
+            if name.endswith("rotary_emb.inv_freq") or quant.is_kv_scale(name) or extra_layer(name, self.config):
                 continue  # old checkpoints saved it; we recompute it. KV-cache scales: quant.read_kv_scales
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # some tied checkpoints still store a copy

@@ -3,6 +3,9 @@
 Checkpoints store one small matrix per expert and projection:
     Qwen3-MoE  model.layers.L.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight,  router mlp.gate.weight
     Mixtral    model.layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight,        router block_sparse_moe.gate.weight
+    GLM-4.5    as Qwen3-MoE, the router's mlp.gate.e_score_correction_bias beside its weight, and the shared
+               experts' mlp.shared_experts.{gate_proj,up_proj,down_proj}.weight (a dense MLP: mlp.shared_experts.
+               gate_up_proj in the model, as every MLP's gate and up)
 The model holds them stacked per layer, in the layout the kernels read (engine/layers/moe.py):
     model.layers.L.mlp.experts.gate_up_proj  [E, 2*I, H]   expert e's gate rows, then its up rows
     model.layers.L.mlp.experts.down_proj     [E, H, I]
@@ -72,22 +75,55 @@ class StackedExperts(nn.Module):
                              self.quant.block if self.quant.weights == "block" else None)
 
 
-class SparseMoE(nn.Module):
-    """Router + experts in place of a layer's MLP: each token goes through its top-k experts, whose outputs
-    are summed with the router's weights."""
-
-    tp = None  # sharding.TensorParallel: this rank holds a slice of each expert's intermediate dimension
+class BiasedRouter(nn.Module):
+    """DeepSeek-V3's and GLM-4.5's router (layers/moe.route_biased): its logits in fp32 from fp32 weights, as
+    transformers keeps them (`_keep_in_fp32_modules`), and the per-expert correction bias of the choice."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(config.num_experts), requires_grad=False)
+        self.top_k, self.renormalize = config.num_experts_per_tok, config.norm_topk_prob
+        self.groups, self.top_groups = config.moe_groups, config.moe_top_groups
+        self.scaling = config.routed_scaling_factor
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """Kept in fp32 whatever dtype the model serves in (layers/quant.cast_model)."""
+        return {"weight": torch.float32, "e_score_correction_bias": torch.float32}
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = torch.nn.functional.linear(x.float(), self.weight)
+        return moe.route_biased(logits, self.e_score_correction_bias, self.top_k, self.groups, self.top_groups,
+                                self.renormalize, self.scaling)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts in place of a layer's MLP: each token goes through its top-k experts, whose outputs
+    are summed with the router's weights; with `shared` (GLM-4.5's shared experts, a dense MLP the decoder
+    builds), every token goes through that MLP too, added to the sum."""
+
+    tp = None  # sharding.TensorParallel: this rank holds a slice of each expert's intermediate dimension
+
+    def __init__(self, config: ModelConfig, shared: nn.Module | None = None):
+        super().__init__()
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
-        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router (layers/linear.py)
+        if config.moe_router == "sigmoid":
+            self.gate = BiasedRouter(config)
+        else:
+            self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router (layers/linear.py)
         self.experts = StackedExperts(config)
+        self.shared_experts = shared
 
     def forward(self, x: Tensor) -> Tensor:
-        out = moe.routed_experts(x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
-                                 self.renormalize, self.experts.scales())
+        if isinstance(self.gate, BiasedRouter):
+            out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, *self.gate(x),
+                              self.experts.scales())
+        else:
+            out = moe.routed_experts(x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
+                                     self.renormalize, self.experts.scales())
+        if self.shared_experts is not None:  # its down projection's partial sums join the experts', one all-reduce
+            out = out + self.shared_experts.down_proj(self.shared_experts.hidden(x))
         if self.tp is not None:  # each rank's experts produced partial sums over its slice of I
             self.tp.all_reduce(out)
         return out

@@ -9,6 +9,8 @@
               sliding_window_pattern-1 of sliding_window_pattern, and their own RoPE base (rope_local_base_freq)
   Phi-3/Phi-4 fused qkv_proj and gate_up_proj in the checkpoint (loaded as they are), longrope,
               partial rotary (partial_rotary_factor), sliding_window when set
+  GLM-4.5     partial rotary (half of each head unless the file says), q/k/v biases (attention_bias), q/k
+              norms (use_qk_norm), a mixture of experts with shared experts (config.py, model/experts.py)
 
 `family_fields` returns the keyword arguments of ModelConfig that differ from Llama's.
 """
@@ -49,7 +51,8 @@ def family_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     if model_type == "phi3":
         out["fused_checkpoint"] = True
     rope = d.get("rope_parameters") or {}
-    out["partial_rotary_factor"] = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    unset = 0.5 if model_type == "glm4_moe" else 1.0  # GLM-4.5 turns half of each head when its file says nothing
+    out["partial_rotary_factor"] = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or unset)
     return out
 
 

@@ -2,7 +2,7 @@
 
 The model keeps fewer, larger matrices than most checkpoints store (one GEMM where there were three or two):
     self_attn.qkv_proj          the rows of q_proj, then k_proj, then v_proj (weights, biases, FP8 scales)
-    mlp.gate_up_proj            the rows of gate_proj, then up_proj
+    mlp.gate_up_proj            the rows of gate_proj, then up_proj (and mlp.shared_experts.gate_up_proj)
     mlp.experts.gate_up_proj    [E, 2I, H]: expert e's gate rows, then its up rows  (MoE: model/experts.py)
     mlp.experts.down_proj       [E, H, I]
     mlp.experts.gate_up_proj_scale(_inv), down_proj_scale(_inv)   FP8 experts' scales, stacked the same way
@@ -32,8 +32,8 @@ _EXPERT = re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_pro
 _EXPERT_PART = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": None, "w2": None}
 # A separate projection the model holds as rows of a fused one: its weight, bias and FP8 weight scales.
 # (A static `input_scale` is one per projection: such checkpoints stay unfused, Quantization.fuses.)
-_PART = re.compile(r"(.*)\.(self_attn\.(?:q_proj|k_proj|v_proj)|mlp\.(?:gate_proj|up_proj))\.(weight|bias|weight_scale|"
-                   r"weight_scale_inv)")
+_PART = re.compile(r"(.*)\.(self_attn\.(?:q_proj|k_proj|v_proj)|mlp\.(?:shared_experts\.)?(?:gate_proj|up_proj))\."
+                   r"(weight|bias|weight_scale|weight_scale_inv)")
 _FUSED_OF = {part: (fused, i) for fused, parts in FUSED.items() for i, part in enumerate(parts)}
 
 
@@ -90,13 +90,23 @@ def checkpoint_target(name: str, config: ModelConfig) -> str | Slice:
     m = _PART.fullmatch(name)
     if m is not None:
         prefix, module, leaf = m.groups()
-        block, proj = module.split(".")
+        block, _, proj = module.rpartition(".")  # mlp.shared_experts: a MoE block's shared MLP
         fused, i = _FUSED_OF[proj]
         if config.fuse_qkv if fused == "qkv_proj" else config.fuse_gate_up:
             param = f"{prefix}.{block}.{fused}.{leaf}"
             return Slice(param, i, fused_parts(param, config))
         return name
     return name.replace(".block_sparse_moe.gate.", ".mlp.gate.")  # Mixtral's router
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def extra_layer(name: str, config: ModelConfig) -> bool:
+    """Whether a checkpoint tensor belongs to a layer past the model's that the checkpoint may hold
+    (ModelConfig.extra_checkpoint_layers: GLM-4.5's multi-token-prediction layer), which is not loaded."""
+    m = _LAYER.match(name)
+    return m is not None and 0 <= int(m.group(1)) - config.num_hidden_layers < config.extra_checkpoint_layers
 
 
 def parameter_of(name: str, config: ModelConfig) -> str:

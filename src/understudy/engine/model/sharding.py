@@ -16,7 +16,9 @@ rank's parameters already have its shard's shapes, under the model's names:
     MoE experts (model/experts.py)               each expert's gate/up rows and down columns as the MLP's,
                                                  so a rank's stacked tensors hold its slice of every expert's
                                                  intermediate dimension; the router is replicated (every rank
-                                                 routes every token alike) and the block's output all-reduced
+                                                 routes every token alike) and the block's output all-reduced;
+                                                 shared experts (GLM-4.5) are cut as a dense MLP, their partial
+                                                 sums added to the experts' before that one all-reduce
 
 A checkpoint's separate q_proj (...) is cut as above and fills its part of the rank's fused matrix
 (layout.checkpoint_target); a checkpoint that stores the fused matrix (Phi-3) is cut part by part.
@@ -41,10 +43,10 @@ from understudy.engine.model.config import ModelConfig
 from understudy.engine.model.layout import fused_parts, part_rows
 
 # Checkpoint and parameter names: the dense projections (weights and biases) and one expert's matrices.
-COLUMN = re.compile(r".*\.(?:self_attn\.(?:q_proj|k_proj|v_proj|qkv_proj)|mlp\.(?:gate_proj|up_proj|gate_up_proj))"
-                    r"\.(?:weight|bias)"
+COLUMN = re.compile(r".*\.(?:self_attn\.(?:q_proj|k_proj|v_proj|qkv_proj)"
+                    r"|mlp\.(?:shared_experts\.)?(?:gate_proj|up_proj|gate_up_proj))\.(?:weight|bias)"
                     r"|.*\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(?:gate_proj|up_proj|w1|w3)\.weight")
-ROW = re.compile(r".*\.(?:self_attn\.o_proj|mlp\.down_proj)\.weight"
+ROW = re.compile(r".*\.(?:self_attn\.o_proj|mlp\.(?:shared_experts\.)?down_proj)\.weight"
                  r"|.*\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(?:down_proj|w2)\.weight")
 # The experts' stacked tensors under the model's names [E, rows, cols] (a checkpoint written by transformers>=5)
 STACKED = {".mlp.experts.gate_up_proj": 1, ".mlp.experts.down_proj": 2}
@@ -69,7 +71,8 @@ def check_shardable(config: ModelConfig, size: int) -> None:
     problems = []
     for what, n in (("attention heads", config.num_attention_heads), ("KV heads", config.num_key_value_heads),
                     ("intermediate size", config.intermediate_size),
-                    ("experts' intermediate size", config.moe_intermediate_size)):
+                    ("experts' intermediate size", config.moe_intermediate_size),
+                    ("shared experts' intermediate size", config.shared_expert_intermediate_size)):
         if n % size:
             problems.append(f"{n} {what}")
     if problems:
@@ -84,7 +87,8 @@ def rank_config(config: ModelConfig, size: int) -> ModelConfig:
     return replace(config, num_attention_heads=config.num_attention_heads // size,
                    num_key_value_heads=config.num_key_value_heads // size,
                    intermediate_size=config.intermediate_size // size,
-                   moe_intermediate_size=config.moe_intermediate_size // size)
+                   moe_intermediate_size=config.moe_intermediate_size // size,
+                   shared_expert_intermediate_size=config.shared_expert_intermediate_size // size)
 
 
 def shard_dim(name: str) -> int | None:

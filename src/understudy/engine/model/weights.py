@@ -26,7 +26,7 @@ from understudy.engine.model.fast_load import Staging, StoredTensor, copy_direct
 from understudy.engine.layers import quant
 from understudy.engine.model.loader import is_gguf, iter_weights, read_kv_scales, safetensors_files
 from understudy.engine.model.decoder import CausalLM
-from understudy.engine.model.layout import Slice, checkpoint_target, checkpoint_view, parameter_of
+from understudy.engine.model.layout import Slice, checkpoint_target, checkpoint_view, extra_layer, parameter_of
 from understudy.engine.model.sharding import TensorParallel, install, rank_config, shard_ranges, shard_tensor
 
 logger = logging.getLogger("understudy.engine.model.weights")
@@ -93,6 +93,7 @@ def _sources(path, specs: dict, dtype: torch.dtype, config: ModelConfig, tp: Ten
     stored: dict[str, StoredTensor] = {}
     for file in safetensors_files(path):
         stored.update(read_header(file))
+    stored = {n: t for n, t in stored.items() if not extra_layer(n, config)}  # never read (GLM-4.5's MTP layer)
     if size > 1:  # a shard that is one run along dim 0 is a contiguous run of the stored bytes: still direct
         stored = {n: _row_shard(n, t, rank, size, config) for n, t in stored.items()}
     direct = {n: t for n, t in stored.items() if _spec(n, specs, config) == (t.shape, t.dtype)}
