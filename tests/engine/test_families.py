@@ -52,6 +52,12 @@ MODELS = {
     "qwen2-dynamic": ("Qwen2Config", "Qwen2ForCausalLM",
                       dict(max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
                            use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    # GLM-4.5: a dense first layer, then experts chosen by DeepSeek-V3's router (the top 1 of 2 groups),
+    # shared experts, q/k/v biases, q/k norms, RoPE on half of each head (tests/engine/test_moe.py: more)
+    "glm4-moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.0,
+                      attention_bias=True, use_qk_norm=True)),
 }
 
 
