@@ -388,18 +388,19 @@ def test_split_decode_refuses_more_pairs_than_its_counters():
         _split_counters(torch.device("cpu"), MAX_SPLIT_PAIRS + 1)
 
 
-def test_decode_splits_fill_the_gpu_only_for_small_batches():
-    from understudy.engine.layers.triton_attention import MAX_SPLITS, decode_splits
+def test_split_count_fills_the_gpu_only_for_small_launches():
+    from understudy.engine.layers.triton_attention import MAX_PREFILL_SPLITS, MAX_SPLITS, split_count
 
-    assert decode_splits(1, 8, torch.device("cpu")) == 1  # the interpreter: no multiprocessors to fill
+    assert split_count(8, torch.device("cpu")) == 1  # the interpreter: no multiprocessors to fill
     if torch.cuda.is_available():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         cuda = torch.device("cuda", 0)
         for batch in (1, 4, 16):
-            splits = decode_splits(batch, 8, cuda)
+            splits = split_count(batch * 8, cuda)
             assert splits & (splits - 1) == 0 and splits <= MAX_SPLITS  # a power of two
             assert splits == MAX_SPLITS or splits * batch * 8 >= 1.4 * sms  # about two programs per multiprocessor
-        assert decode_splits(sms, 1, cuda) == 1
+        assert split_count(sms, cuda) == 1
+        assert split_count(16, cuda, MAX_PREFILL_SPLITS) == MAX_PREFILL_SPLITS  # a prefill's cap (16 on an H200)
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_cuda_paged_attention_matches_the_reference(dtype, group, block_size, q_
     _check_fast_attention(dtype, group, block_size, q_lens, ctx, device="cuda", d=128)
 
 
-# The split counts decode_splits gives a batch of 1 on an H200 (16), with contexts from one tile to 8000 keys.
+# The split counts split_count gives a decode batch of 1 on an H200 (16), with contexts from one tile to 8000 keys.
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group,ctx,splits,split_tokens", SPLIT_DECODE_CASES + [(4, [8000, 1, 257, 2048], 16, 128)])

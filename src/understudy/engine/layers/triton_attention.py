@@ -173,6 +173,19 @@ def _scales(scale: float, k_scale: float, softcap: float | None) -> tuple[float,
 
 
 @triton.jit
+def _split_run(n_tiles, keys, split, SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr):
+    """(start, stop, splits): split `split`'s run [start, stop) of `n_tiles` tiles holding `keys` keys, cut into
+    up to SPLITS runs of whole tiles and at least SPLIT_TOKENS keys each (one run below 2 x SPLIT_TOKENS), and
+    how many runs there are: as many as the tiles per run need, so none is empty (no tiles: one empty run, a
+    program past its rows, which stores nothing). A split at or past `splits` has nothing to do."""
+    splits = tl.minimum(tl.maximum(keys // SPLIT_TOKENS, 1), SPLITS)
+    per = tl.maximum(tl.cdiv(n_tiles, splits), 1)
+    splits = tl.maximum(tl.cdiv(n_tiles, per), 1)
+    start = split * per
+    return start, tl.minimum(start + per, n_tiles), splits
+
+
+@triton.jit
 def _write_split(Partial, Lse, Counters, pair, split, splits, acc, m, l, r, d, row_ok, row_mask,
                  ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS: tl.constexpr):
     """One split of a program's keys done: the normalised partial output and log-sum-exp of its rows `r` (a
@@ -233,12 +246,13 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # a sliding window: its last `window` keys
     n_tiles = tl.cdiv(ctx - first, TILE_)
     if SPLITS == 1:
-        per = n_tiles
+        lo = first
+        hi = ctx
         splits = 1
     else:
-        splits = tl.minimum(tl.maximum((ctx - first) // SPLIT_TOKENS, 1), SPLITS)
-        per = tl.cdiv(n_tiles, splits)  # tiles per split; then as many splits as that needs: none is empty
-        splits = tl.cdiv(n_tiles, per)
+        start, stop, splits = _split_run(n_tiles, ctx - first, split, SPLITS, SPLIT_TOKENS)
+        lo = first + start * TILE_
+        hi = tl.minimum(first + stop * TILE_, ctx)
     if split < splits:
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_PAD)
@@ -249,8 +263,6 @@ def _paged_decode(Q, K, V, Out, Partial, Lse, Counters, block_tables, context_le
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-        lo = first + split * per * TILE_
-        hi = tl.minimum(lo + per * TILE_, ctx)
         for start in range(lo, hi, TILE_):
             k, v = _load_kv(K, V, block_tables + seq * stride_bt, kvh * stride_kh, start, hi, d, stride_kb,
                             stride_ks, TILE_, BLOCK_SIZE, HEAD_DIM, HEAD_PAD, True, False, 1)
@@ -289,11 +301,6 @@ def split_count(programs: int, device: torch.device, most: int = MAX_SPLITS) -> 
     return min(most, 1 << round(math.log2(wanted)))
 
 
-def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """The decode kernel's split count for a batch (split_count over its (sequence, kv head) pairs)."""
-    return split_count(batch * kv_heads, device)
-
-
 def _split_counters(device: torch.device, pairs: int) -> Tensor:
     """The split launches' counts of finished splits, one per run of keys: zeros that every launch leaves
     as zeros, so one buffer per device serves every launch and every CUDA graph. Made once, at its full
@@ -326,7 +333,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                            sliding_window: int | None = None, softcap: float | None = None,
                            splits: int | None = None, split_tokens: int = SPLIT_TOKENS) -> Tensor:
     """q [B, Hq, D] (one token per sequence) over cached context -> [B, Hq, D]. splits: programs per
-    (sequence, kv head) (default: decode_splits'), each over at least split_tokens keys."""
+    (sequence, kv head) (default: split_count's), each over at least split_tokens keys."""
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
@@ -421,19 +428,16 @@ def _paged_prefill(Q, K, V, Out, Partial, Lse, Counters, block_tables, query_sta
     seen_by_all = tl.where(window > 0, tl.maximum(last_pos - window + 1, 0), 0)
     u_lo = tl.minimum(tl.maximum((seen_by_all + TILE_N - 1) // TILE_N, t_first), t_end)
     u_hi = tl.maximum(u_lo, tl.minimum((first_pos + 1) // TILE_N, t_end))
-    # This split's run of the program's key tiles [t_first, t_end), as the decode kernel cuts a context.
-    n_tiles = t_end - t_first
+    # This split's run of the program's key tiles [t_first, t_end), cut as the decode kernel cuts a context.
     split = tl.program_id(1)
     if SPLITS == 1:
         a = t_first
         b = t_end
         splits = 1
     else:
-        splits = tl.minimum(tl.maximum(n_tiles * TILE_N // SPLIT_TOKENS, 1), SPLITS)
-        per = tl.maximum(tl.cdiv(n_tiles, splits), 1)
-        splits = tl.maximum(tl.cdiv(n_tiles, per), 1)  # none is empty (a program past its rows: one, storing nothing)
-        a = t_first + split * per
-        b = tl.minimum(a + per, t_end)
+        start, stop, splits = _split_run(t_end - t_first, (t_end - t_first) * TILE_N, split, SPLITS, SPLIT_TOKENS)
+        a = t_first + start
+        b = t_first + stop
     if split < splits:
         table_row = block_tables + seq * stride_bt
         kv_offset = kvh * stride_kh
