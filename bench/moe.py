@@ -146,13 +146,12 @@ def step_bytes(config, batch: int, context: float, distinct: list[int], itemsize
 
 def count_distinct_experts(engine) -> list[int]:
     """One decode step run eagerly, the experts each MoE layer's batch was routed to counted on the side."""
-    from understudy.engine.layers import moe
     from understudy.engine.model.experts import SparseMoE
 
     counts, hooks = [], []
 
     def record(block, args):
-        _, ids = moe.route(block.gate(args[0]), block.top_k, block.renormalize)
+        _, ids = block.gate.route(args[0])
         counts.append(int(ids.unique().numel()))
 
     for module in engine.model.modules():
@@ -173,14 +172,13 @@ def blocks_alone(model, batch: int, sync) -> tuple[float, float, int]:
     experts of layer 0) on `batch` random rows, replayed from a CUDA graph on a GPU: the kernels without
     the engine around them. Layer 0 alone reads the same experts over and over; the chain of all layers
     reads as many bytes as the step does."""
-    from understudy.engine.layers import moe
     from understudy.engine.model.experts import SparseMoE
 
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     w = blocks[0].gate.weight
     x = torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype)
     with torch.inference_mode():
-        distinct = int(moe.route(blocks[0].gate(x), blocks[0].top_k, blocks[0].renormalize)[1].unique().numel())
+        distinct = int(blocks[0].gate.route(x)[1].unique().numel())
         one = _replay_seconds(lambda: blocks[0](x), sync, w.device, reps=len(blocks))
         chain = _replay_seconds(lambda: [b(x) for b in blocks], sync, w.device, reps=1)
     return one, chain, distinct

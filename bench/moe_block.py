@@ -10,7 +10,7 @@ were routed to) would take at that time. Paths: grouped (route + align + two gro
 what every batch ran before the GEMV path), gemv (at most 16 tokens), auto (what moe.routed_experts picks),
 and at T <= 2 "before" (the GEMV path as it was before the CUDA-core kernels: a route launch and the
 tensor-core tiles, moe.MMA_GEMV). The block is the router GEMM, moe.route_triton and moe.experts_triton:
-what model/experts.py's SparseMoE runs (moe.routed_experts). --fp8 channel|block: the experts in FP8 (W8A16
+what model/experts.py's SparseMoE runs (its router's route, then moe.experts: moe.routed_experts). --fp8 channel|block: the experts in FP8 (W8A16
 kernels) with per-row or 128x128 block scales, one byte a weight plus the scales counted.
 
 --sweep (at T = 1 and 2, about 2-3 minutes on an H200, most of it compiling): every gate_up candidate (tiles,

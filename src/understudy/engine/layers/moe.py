@@ -12,8 +12,8 @@ them in registers (W8A16: activations stay in the model's dtype); the reference 
 runs exactly (fp32), rounds it to the activations' dtype and runs the same math, so an FP8 model served on
 the CPU gives what its dequantized twin gives.
 
-`experts` (weights / ids from `route`) and `routed_experts` (router logits: route + experts, what the
-decoder's SparseMoE calls) dispatch on the device of their input:
+`experts` (weights / ids from `route`, or `route_biased`: what the decoder's SparseMoE calls after its router)
+and `routed_experts` (router logits: route + experts) dispatch on the device of their input:
   CUDA tensors  -> the Triton kernels of _moe_kernels.py, a fixed number of launches whatever the routing,
                    no host sync, so a decode step with it can be captured in a CUDA graph:
                    up to GEMV_MAX_TOKENS tokens (decode), `route` then two GEMV-shaped launches and no
@@ -113,7 +113,7 @@ def experts(x: Tensor, gate_up: Tensor, down: Tensor, weights: Tensor, ids: Tens
 
 def routed_experts(x: Tensor, router_logits: Tensor, gate_up: Tensor, down: Tensor, top_k: int, renormalize: bool,
                    scales: Fp8Scales | None = None) -> Tensor:
-    """The whole block after its router GEMM (what the decoder's SparseMoE calls): `route`, then `experts`."""
+    """The whole block after its router GEMM: `route`, then `experts` (a softmax router's SparseMoE)."""
     return experts(x, gate_up, down, *route(router_logits, top_k, renormalize), scales)
 
 

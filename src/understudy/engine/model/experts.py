@@ -75,6 +75,19 @@ class StackedExperts(nn.Module):
                              self.quant.block if self.quant.weights == "block" else None)
 
 
+class SoftmaxRouter(Linear):
+    """Qwen3-MoE's and Mixtral's router: its logits (a Linear, layers/linear.py), softmax over every expert,
+    the top k (layers/moe.route: one Triton launch on CUDA)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, config.num_experts, bias=False)
+        self.top_k, self.renormalize = config.num_experts_per_tok, config.norm_topk_prob
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights [T, k] fp32, expert ids [T, k]) of each row of x."""
+        return moe.route(self(x), self.top_k, self.renormalize)
+
+
 class BiasedRouter(nn.Module):
     """DeepSeek-V3's and GLM-4.5's router (layers/moe.route_biased): its logits in fp32 from fp32 weights, as
     transformers keeps them (`_keep_in_fp32_modules`), and the per-expert correction bias of the choice."""
@@ -91,7 +104,8 @@ class BiasedRouter(nn.Module):
         """Kept in fp32 whatever dtype the model serves in (layers/quant.cast_model)."""
         return {"weight": torch.float32, "e_score_correction_bias": torch.float32}
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights [T, k] fp32, expert ids [T, k]) of each row of x."""
         logits = torch.nn.functional.linear(x.float(), self.weight)
         return moe.route_biased(logits, self.e_score_correction_bias, self.top_k, self.groups, self.top_groups,
                                 self.renormalize, self.scaling)
@@ -106,22 +120,13 @@ class SparseMoE(nn.Module):
 
     def __init__(self, config: ModelConfig, shared: nn.Module | None = None):
         super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.renormalize = config.norm_topk_prob
-        if config.moe_router == "sigmoid":
-            self.gate = BiasedRouter(config)
-        else:
-            self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router (layers/linear.py)
+        self.gate = BiasedRouter(config) if config.moe_router == "sigmoid" else SoftmaxRouter(config)
         self.experts = StackedExperts(config)
         self.shared_experts = shared
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.gate, BiasedRouter):
-            out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, *self.gate(x),
-                              self.experts.scales())
-        else:
-            out = moe.routed_experts(x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
-                                     self.renormalize, self.experts.scales())
+        out = moe.experts(x, self.experts.gate_up_proj, self.experts.down_proj, *self.gate.route(x),
+                          self.experts.scales())
         if self.shared_experts is not None:  # its down projection's partial sums join the experts', one all-reduce
             out = out + self.shared_experts.down_proj(self.shared_experts.hidden(x))
         if self.tp is not None:  # each rank's experts produced partial sums over its slice of I
