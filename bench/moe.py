@@ -1,17 +1,19 @@
 """Mixture-of-experts decode speed on a GPU, next to its memory-bandwidth roofline, in the same run.
 
-A Qwen3-30B-A3B-shaped model (48 layers, hidden 2048, 128 experts, top-8, experts 768 wide, 32 query /
-4 KV heads of 128, vocabulary 151936) with random bf16 weights. The weights never touch a disk: this
-script publishes them, drawn on the device, into a memory service under the identity the engine computes
-for the model directory (config.json + tokenizer only), and the engine built as `understudy serve` builds
-it then imports them (the path a shadow takes), stacked experts included.
+A mixture of experts of a real model's shape with random bf16 weights (--model): Qwen3-30B-A3B (the default:
+48 layers, hidden 2048, 128 experts, top-8, experts 768 wide, 32 query / 4 KV heads of 128, vocabulary 151936),
+Mixtral-8x7B (8 experts 14336 wide, top-2) or GLM-4.5-Air (a dense first layer, then 128 experts top-8 under a
+biased sigmoid router plus a shared expert; 22 of its 46 layers by default, which fit one H200 in bf16). The
+weights never touch a disk: this script publishes them, drawn on the device, into a memory service under the
+identity the engine computes for the model directory (config.json + tokenizer only), and the engine built as
+`understudy serve` builds it then imports them (the path a shadow takes), stacked experts included.
 
 For each batch size it prints decode tokens/s of the median step (the headline: one slow step, a JIT
 compile or a GC pause, would skew a mean; the mean and the slowest step are printed beside it) and the
-roofline: the bytes one decode step must read at least (attention weights, the router, the weights of the
-distinct experts the batch's tokens were routed to, counted per layer in an eager step of the same run,
-the KV cache read by attention, the lm_head and the embedding rows) over the device's copy bandwidth,
-measured here too.
+roofline: the bytes one decode step must read at least (every weight the engine holds but the routed experts
+and the embedding: attention, routers, shared experts, dense layers, norms, the lm_head; the weights of the
+distinct experts the batch's tokens were routed to, counted per layer in an eager step of the same run; the
+KV cache read by attention and the embedding rows) over the device's copy bandwidth, measured here too.
 
 With --fp8 the same model then runs again as `serve --quantization fp8` serves it (attention and experts
 in FP8 with per-channel scales, the router, embeddings and lm_head in bf16), its weights drawn in FP8 into a
@@ -21,6 +23,7 @@ weights count one byte each, plus their float32 scales).
     PYTHONPATH=src python bench/moe.py                       # the full shape, batches 1 32 128
     PYTHONPATH=src python bench/moe.py --layers 4 --tokens 16   # a quick GPU smoke run
     PYTHONPATH=src python bench/moe.py --fp8 --batches 1 32 --tokens 16   # bf16 and FP8, about 3 minutes
+    PYTHONPATH=src python bench/moe.py --model glm-4.5-air --batches 1 32   # GLM-4.5-Air, 22 layers
     PYTHONPATH=src python bench/moe.py --cpu                 # a tiny shape on the CPU (host memory service)
 """
 
@@ -41,19 +44,47 @@ from common import PY, Proc, copy_bandwidth, decode_steps, fmt_steps, profile_en
 from tests.helpers.tiny_model import llama_weight_shapes, write_byte_tokenizer  # noqa: E402  (a byte-level BPE, no merges)
 
 GiB = 1 << 30
-QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
-                     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                     moe_intermediate_size=768, vocab_size=151936)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-            vocab_size=256)
+# Each shape is its family's config.json (the layer count aside), as the published checkpoints write it.
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     vocab_size=151936, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                     rope_theta=1000000.0)
+# Mixtral-8x7B: 8 experts 14336 wide (intermediate_size), top-2; 93 GB in bf16
+MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, rope_theta=1000000.0)
+# GLM-4.5-Air: layer 0 dense, then 128 experts top-8 under a sigmoid router with a score bias, one shared
+# expert, q/k/v biases, RoPE on half of each head, 96 query heads; 106B parameters (212 GB in bf16: its
+# default layer count here fits one H200)
+GLM_45_AIR = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", hidden_size=4096,
+                  intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8,
+                  head_dim=128, n_routed_experts=128, num_experts_per_tok=8, moe_intermediate_size=1408,
+                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                  routed_scaling_factor=1.0, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=False,
+                  num_nextn_predict_layers=1, vocab_size=151552, rope_theta=1000000.0)
+# name: (shape, decoder layers run by default on one H200 in bf16)
+MODELS = {"qwen3-30b-a3b": (QWEN3_30B_A3B, 48), "mixtral-8x7b": (MIXTRAL_8X7B, 32), "glm-4.5-air": (GLM_45_AIR, 22)}
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def tiny(shape: dict) -> dict:
+    """The same family at a size the CPU runs in seconds (8 experts, top-2)."""
+    small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_experts_per_tok=2, vocab_size=256)
+    small.update({k: 8 for k in EXPERT_COUNT_KEYS if k in shape})
+    if "moe_intermediate_size" in shape:
+        small["moe_intermediate_size"] = 32
+    return {**shape, **small}
+
+
+TINY = tiny(QWEN3_30B_A3B)
 
 
 def write_model_dir(d: Path, shape: dict, layers: int, dtype: str) -> Path:
-    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **shape, "num_hidden_layers": layers,
-           "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "rms_norm_eps": 1e-6,
-           "rope_theta": 1000000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-           "torch_dtype": dtype, "hidden_act": "silu", "bos_token_id": None, "eos_token_id": 0}
+    cfg = {**shape, "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+           "tie_word_embeddings": False, "torch_dtype": dtype, "hidden_act": "silu", "bos_token_id": None,
+           "eos_token_id": 0}
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
     write_byte_tokenizer(d)
@@ -61,7 +92,7 @@ def write_model_dir(d: Path, shape: dict, layers: int, dtype: str) -> Path:
 
 
 def weight_shapes(shape: dict, layers: int) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape of the model write_model_dir describes (every layer sparse), the
+    """Checkpoint tensor name -> shape of the Qwen3-MoE model write_model_dir describes (every layer sparse), the
     experts under their own names as Qwen's checkpoints store them (the loader stacks them): with
     bench/engine.py's cached_checkpoint(write_dir=write_model_dir, weight_shapes=weight_shapes), a checkpoint
     on disk for benches that load one (bench/failover.py)."""
@@ -124,24 +155,33 @@ def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype, quanti
     return client, sum(t.numel() * t.dtype.itemsize for t in model.state_dict().values())
 
 
-def expert_bytes(config, fp8: bool) -> int:
-    """The bytes of one expert's gate, up and down: 2 bytes a weight in bf16; FP8: 1, plus a float32 scale
-    per output row (per-channel, as --quantization fp8 makes them)."""
-    h, i = config.hidden_size, config.moe_intermediate_size
-    return 3 * h * i + (2 * i + h) * 4 if fp8 else 3 * h * i * 2
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def step_bytes(config, batch: int, context: float, distinct: list[int], itemsize: int, fp8: bool = False) -> float:
-    """The bytes a decode step of `batch` sequences of mean length `context` must read at least; `itemsize`:
-    the model dtype's (router, KV cache, lm_head, embeddings). fp8: attention's q, k, v, o and the experts
-    are FP8 (one byte a weight, plus per-row float32 scales)."""
-    h, q, kv = config.hidden_size, config.q_size, config.kv_size
-    attention = (h * (q + 2 * kv) + q * h) * (1 if fp8 else itemsize) + ((q + 2 * kv + h) * 4 if fp8 else 0)
-    per_layer = (attention  # q, k, v, o
-                 + (config.num_experts * h  # router
-                    + batch * context * 2 * kv) * itemsize)  # K and V of every cached token
-    experts = sum(distinct) * expert_bytes(config, fp8)  # gate, up, down of each distinct expert
-    return config.num_hidden_layers * per_layer + experts + (config.vocab_size * h + batch * h) * itemsize
+def expert_bytes(model) -> list[int]:
+    """Per MoE layer, the bytes of one routed expert: its gate, up and down (and their FP8 scales), read off
+    the engine's own stacked parameters."""
+    from understudy.engine.model.experts import SparseMoE
+
+    return [_nbytes(m.experts.parameters()) // m.experts.gate_up_proj.shape[0]
+            for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def step_bytes(model, batch: int, context: float, distinct: list[int], kv_itemsize: int) -> float:
+    """The bytes a decode step of `batch` sequences of mean length `context` must read at least, from the
+    engine's parameters as they are held (FP8 weights one byte each, their scales included): every weight
+    but the routed experts and the embedding, the `distinct` experts each MoE layer's batch was routed to,
+    one embedding row per sequence and the K and V of every cached token."""
+    from understudy.engine.model.experts import SparseMoE
+
+    config = model.config
+    experts = _nbytes(p for m in model.modules() if isinstance(m, SparseMoE) for p in m.experts.parameters())
+    embedding = model.model.embed_tokens.weight
+    dense = _nbytes(model.parameters()) - experts - (_nbytes([embedding]) if model.lm_head is not None else 0)
+    rows = batch * config.hidden_size * embedding.element_size()
+    kv = config.num_hidden_layers * batch * context * 2 * config.kv_size * kv_itemsize
+    return dense + rows + sum(n * e for n, e in zip(distinct, expert_bytes(model))) + kv
 
 
 def count_distinct_experts(engine) -> list[int]:
@@ -168,9 +208,9 @@ def count_distinct_experts(engine) -> list[int]:
 
 
 def blocks_alone(model, batch: int, sync) -> tuple[float, float, int]:
-    """(seconds of layer 0's MoE block, seconds of every layer's MoE block one after another, distinct
-    experts of layer 0) on `batch` random rows, replayed from a CUDA graph on a GPU: the kernels without
-    the engine around them. Layer 0 alone reads the same experts over and over; the chain of all layers
+    """(seconds of the first MoE layer's block, seconds of every layer's MoE block one after another, distinct
+    experts of that layer) on `batch` random rows, replayed from a CUDA graph on a GPU: the kernels without
+    the engine around them. That layer alone reads the same experts over and over; the chain of all layers
     reads as many bytes as the step does."""
     from understudy.engine.model.experts import SparseMoE
 
@@ -227,11 +267,16 @@ def decode(engine, batch: int, prompt_len: int, tokens: int, vocab: int, sync) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="a tiny MoE on the CPU (checks that the script runs)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b",
+                    help="the shape whose random weights are served (default qwen3-30b-a3b)")
+    ap.add_argument("--cpu", action="store_true", help="a tiny MoE of that family on the CPU (checks that the script "
+                                                       "runs)")
     ap.add_argument("--fp8", action="store_true",
                     help="also run the model as --quantization fp8 serves it (FP8 attention and experts, "
                          "per-channel scales) after the bf16 run, and print both per batch")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 48; --cpu: 2)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the model's, or as many as fit one H200 in bf16: 48 for "
+                         "qwen3-30b-a3b, 32 for mixtral-8x7b, 22 of glm-4.5-air's 46; --cpu: 2)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -240,11 +285,12 @@ def main() -> None:
     args = ap.parse_args()
 
     cpu = args.cpu
-    shape, dtype_name = (TINY, "float32") if cpu else (QWEN3_30B_A3B, "bfloat16")
-    layers = args.layers or (2 if cpu else 48)
+    shape, default_layers = MODELS[args.model]
+    shape, dtype_name = (tiny(shape), "float32") if cpu else (shape, "bfloat16")
+    layers = args.layers or (2 if cpu else default_layers)
     device = torch.device("cpu" if cpu else "cuda")
     work = Path(tempfile.mkdtemp(prefix="us-moe-", dir="/tmp"))  # short: unix socket paths are limited
-    model_dir = write_model_dir(work / "qwen3-30b-a3b-shape", shape, layers, dtype_name)
+    model_dir = write_model_dir(work / f"{args.model}-shape", shape, layers, dtype_name)
     bandwidth = copy_bandwidth(device)
     results = run(args, model_dir, dtype_name, "none", work / "bf16", bandwidth)
     fp8_results = run(args, model_dir, dtype_name, "fp8", work / "fp8", bandwidth) if args.fp8 else None
@@ -255,7 +301,7 @@ def main() -> None:
             print(f"batch {b:>4}: {dtype_name} {r['tok_s']:>9.1f} ({r['fraction']:4.0%} of {r['roofline_tok_s']:.0f})"
                   f"   fp8 {f['tok_s']:>9.1f} ({f['fraction']:4.0%} of {f['roofline_tok_s']:.0f})"
                   f"   fp8 / {dtype_name} {f['tok_s'] / r['tok_s']:.2f}x", flush=True)
-    print("json", json.dumps({"shape": {**shape, "num_hidden_layers": layers}, "dtype": dtype_name,
+    print("json", json.dumps({"model": args.model, "shape": {**shape, "num_hidden_layers": layers}, "dtype": dtype_name,
                               "copy_GBps": bandwidth / 1e9, "results": results,
                               **({"fp8_results": fp8_results} if fp8_results is not None else {})}))
 
@@ -304,7 +350,7 @@ def run(args, model_dir: Path, dtype_name: str, quantization: str, work: Path, b
         for b in args.batches:
             steps, context, distinct = decode(engine, b, args.prompt_len, args.tokens, mcfg.vocab_size, sync)
             rate = steps["tok_s"]  # the median step's (one slow step would skew a mean)
-            need = step_bytes(mcfg, b, context, distinct, dtype.itemsize, fp8)
+            need = step_bytes(engine.model, b, context, distinct, dtype.itemsize)
             roof = b * bandwidth / need
             results[b] = {"tok_s": rate, "roofline_tok_s": roof, "fraction": rate / roof,
                           "distinct_experts_mean": statistics.fmean(distinct) if distinct else 0.0,
@@ -315,9 +361,9 @@ def run(args, model_dir: Path, dtype_name: str, quantization: str, work: Path, b
                   f"{mcfg.num_experts} experts per layer, {need / 1e9:.2f} GB per step", flush=True)
             # The MoE blocks alone at this batch: how much of the step the experts' kernels take.
             one, chain, hit = blocks_alone(engine.model, b, sync)
-            hit_bytes = hit * expert_bytes(mcfg, fp8)
+            hit_bytes = hit * expert_bytes(engine.model)[0]
             results[b].update(block_alone_us=one * 1e6, all_blocks_alone_ms=chain * 1e3)
-            print(f"            MoE block alone (layer 0, {hit} experts): {one * 1e6:.1f} us = "
+            print(f"            MoE block alone (first MoE layer, {hit} experts): {one * 1e6:.1f} us = "
                   f"{hit_bytes / one / bandwidth:.0%} of the copy bandwidth over its experts' bytes; all "
                   f"{len(mcfg.moe_layers)} layers' blocks in a row: {chain * 1e3:.2f} ms of the median step's "
                   f"{steps['median_ms']:.2f} ms", flush=True)
