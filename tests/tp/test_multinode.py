@@ -246,7 +246,7 @@ def test_up_on_each_node_relaunches_its_part_of_a_standby_group(tmp_path):
         for line in lines[after:]:
             if pred(line):
                 return event_of(line)
-        return event_of(proc.wait_line(pred, timeout=300))
+        return event_of(proc.wait_line(pred, timeout=120))  # under the test's timeout: a miss prints the output
 
     try:
         a.wait_line(logged("node_up"), timeout=300)
@@ -265,6 +265,10 @@ def test_up_on_each_node_relaunches_its_part_of_a_standby_group(tmp_path):
         with httpx.Client(base_url=f"http://127.0.0.1:{port + 1}", timeout=60, headers=admin_headers()) as http:
             assert http.get("/health").json()["state"] == "ACTIVE"
             assert len(tokens_of(ndjson(http.post("/engine/generate", json=body([5, 6, 7], 4))))) == 4
+    except BaseException:  # both nodes' logs, to see which side stalled
+        for name, proc in (("a", a), ("b", b)):
+            print(f"--- node {name} ---", *proc.lines[-80:], *proc.other[-20:], sep="\n")
+        raise
     finally:
         for proc in (a, b):
             if proc.proc.poll() is None:
