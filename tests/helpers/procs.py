@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,10 +54,9 @@ class LineProcess:
     def wait_line(self, predicate, timeout: float = READY_TIMEOUT) -> str:
         """The first new line satisfying predicate (a substring or a callable)."""
         test = predicate if callable(predicate) else (lambda line: predicate in line)
-        deadline = time.monotonic() + timeout  # a deadline for the match, not for each line
         while True:
             try:
-                line = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                line = self._q.get(timeout=timeout)
             except queue.Empty:
                 raise TimeoutError(f"no line matching {predicate!r} from {self.argv} within {timeout}s; "
                                    f"output so far:\n" + "\n".join(self.lines[-30:] + self.other[-30:])) from None
