@@ -35,7 +35,7 @@ import pytest
 from understudy.common.auth import admin_headers
 from understudy.memory import read_status
 
-from tests.helpers.procs import LineProcess, ServerProcess, free_port, gone, serve_process
+from tests.helpers.procs import LineProcess, ServerProcess, free_port, gone, serve_process, two_free_ports
 from tests.helpers.streams import body, event_of, ndjson, streams_across, tokens_of
 from tests.helpers.tiny_model import make_tiny_llama
 
@@ -234,9 +234,10 @@ def test_up_on_each_node_relaunches_its_part_of_a_standby_group(tmp_path):
     each node's `up` restarts its part of the dead group's slot, which parks as the next standby group."""
     root = Path(tempfile.mkdtemp(prefix="us-up-", dir="/tmp"))
     model = make_tiny_llama(root / "model")
-    master, port = free_port(), free_port()
-    if master + 1 in (port, port + 1):  # slot 1 meets at master + 1
-        master = free_port()
+    # slot i meets at master + i and serves on port + i: both pairs free, and apart
+    port = two_free_ports()
+    while (master := two_free_ports()) in range(port - 1, port + 2):
+        pass
     a = up_node(root, "a", model, 0, master, port)
     b = up_node(root, "b", model, 1, master, None)
 
