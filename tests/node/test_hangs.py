@@ -61,8 +61,8 @@ def test_hung_active_engine_is_killed_and_the_shadow_takes_over(node):
     assert hung["misses"] >= 2 and hung["probes"] and hung["probes"][-1]["result"] != "ok", hung
     print(f"SIGSTOP -> engine_unresponsive {hung['ts'] - stopped_at:.3f} s, -> shadow ACTIVE "
           f"{promoted['ts'] - stopped_at:.3f} s; probes: {hung['probes'][-4:]}")
-    node.wait(logged("child_started", child=active, role="shadow"))
-    node.wait(logged("waiting_for_failover_lock", active))
+    restarted = node.wait(logged("child_started", child=active, role="shadow"))
+    node.wait_parked(active, restarted["pid"])
     kids = node.status()
     assert kids[active]["pid"] != pid and kids[active]["starts"] == 2, kids[active]
     assert kids[active]["last_exit"] == "killed by SIGKILL", kids[active]
