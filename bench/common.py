@@ -53,25 +53,12 @@ class Proc:
     def wait_event(self, name: str, timeout: float = 900, **fields) -> dict:
         deadline = time.time() + timeout
         while True:
-            e = self._next_event(deadline, name)
+            e = self.lines.get(timeout=max(0.1, deadline - time.time()))
+            if e is None:
+                raise RuntimeError(f"{self.p.args[:5]} exited ({self.p.wait()}) before {name}:\n"
+                                   + "".join(self.other[-30:]))
             if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()):
                 return e
-
-    def wait_events(self, *names: str, timeout: float = 900) -> dict[str, dict]:
-        """{name: event} once each of these events was logged, in whatever order."""
-        deadline, seen = time.time() + timeout, {}
-        while len(seen) < len(names):
-            e = self._next_event(deadline, names)
-            if e.get("event") in names:
-                seen.setdefault(e["event"], e)
-        return seen
-
-    def _next_event(self, deadline: float, awaited) -> dict:
-        e = self.lines.get(timeout=max(0.1, deadline - time.time()))  # queue.Empty past the deadline
-        if e is None:
-            raise RuntimeError(f"{self.p.args[:5]} exited ({self.p.wait()}) before {awaited}:\n"
-                               + "".join(self.other[-30:]))
-        return e
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group and reap the child."""

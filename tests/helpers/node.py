@@ -48,12 +48,6 @@ class Node:
                 return event_of(line)
         return event_of(self.proc.wait_line(predicate, timeout=timeout))
 
-    def wait_parked(self, child: str, pid: int) -> None:
-        """Child `child`, started as `pid`, waits on the failover lock and its listener is bound (the two
-        lines come in either order; `understudy status` asks it over HTTP)."""
-        for event in ("waiting_for_failover_lock", "serving"):
-            self.wait(logged(event, child, child_pid=pid))
-
     def events(self, predicate) -> list[dict]:
         return [event_of(line) for line in list(self.proc.lines) if predicate(line)]
 

@@ -62,7 +62,7 @@ def test_hung_active_engine_is_killed_and_the_shadow_takes_over(node):
     print(f"SIGSTOP -> engine_unresponsive {hung['ts'] - stopped_at:.3f} s, -> shadow ACTIVE "
           f"{promoted['ts'] - stopped_at:.3f} s; probes: {hung['probes'][-4:]}")
     restarted = node.wait(logged("child_started", child=active, role="shadow"))
-    node.wait_parked(active, restarted["pid"])
+    node.wait(logged("waiting_for_failover_lock", active, child_pid=restarted["pid"]))  # parked, and listening
     kids = node.status()
     assert kids[active]["pid"] != pid and kids[active]["starts"] == 2, kids[active]
     assert kids[active]["last_exit"] == "killed by SIGKILL", kids[active]

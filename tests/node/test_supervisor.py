@@ -56,7 +56,7 @@ def test_killed_active_engine_is_replaced_by_a_parked_shadow(node):
     node.wait(logged("state", "engine-1", new="ACTIVE"))
     node.wait(logged("child_exited", child="engine-0", returncode=-signal.SIGKILL))
     restarted = node.wait(logged("child_started", child="engine-0", role="shadow"))
-    node.wait_parked("engine-0", restarted["pid"])
+    node.wait(logged("waiting_for_failover_lock", "engine-0", child_pid=restarted["pid"]))  # parked, and listening
     kids = node.status()
     assert kids["engine-0"]["pid"] != old_pid and kids["engine-0"]["starts"] == 2
     assert kids["engine-0"]["health"]["state"] == "STANDBY" and kids["engine-0"]["health"]["weights"] == "imported"

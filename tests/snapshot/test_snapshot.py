@@ -68,13 +68,6 @@ def parked(line: str) -> bool:
     return _event(line).get("event") == "waiting_for_failover_lock"
 
 
-def wait_parked_and_listening(shadow) -> None:
-    """A shadow can be imaged once it waits on the lock and its HTTP listener is bound (the checkpoint
-    quiesces it over HTTP); the two lines come in either order."""
-    shadow.wait_for(parked, timeout=300)
-    shadow.wait_serving()
-
-
 def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=30).json()
 
@@ -121,7 +114,7 @@ def node(_tokenizer_future):
         shadow = Engine(d, "--role", "shadow")
         engines.append(shadow)
         reference = generate_all(active.url)
-        wait_parked_and_listening(shadow)
+        shadow.wait_for(parked, timeout=300)
         yield {"dir": d, "mem": mem, "active": active, "shadow": shadow, "reference": reference,
                "start": lambda *a: engines.append(Engine(d, *a)) or engines[-1], "restored": restored}
     finally:
@@ -247,7 +240,7 @@ def test_checkpoint_failing_halfway_leaves_the_shadow_serving_and_it_takes_over(
 
 def test_checkpoint_kill_restore_and_the_restored_shadow_takes_over(node):
     shadow, active, d = node["next"], node["active"], node["dir"]
-    wait_parked_and_listening(shadow)
+    shadow.wait_for(parked, timeout=300)
     image = d / "img"
     out = snapshot("checkpoint", "--engine", shadow.url, "--dir", str(image))
     assert out.returncode == 0, out.stderr

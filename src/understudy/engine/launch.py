@@ -93,8 +93,6 @@ def _serve(config: ServeConfig) -> int:
         built.worker.engine.start()
         for registration in announced:
             await registration.start()
-        if built.worker.state == "STANDBY":
-            threading.Thread(target=park_and_promote, args=(built,), name="promotion", daemon=True).start()
         # Everything built so far (modules, the model's Python objects, tokenizer, FastAPI) lives as long as
         # the process: out of the collector's reach, so that a full collection, which holds the GIL while it
         # walks every tracked object (tens of ms here), does not land in a step or a token's way.
@@ -138,6 +136,11 @@ def _serve(config: ServeConfig) -> int:
             if not self.should_exit:
                 log(logger, "serving", url=f"http://{host}:{port}", model=built.worker.model_name,
                     state=built.worker.state)
+                # A shadow parks on the failover lock only once it listens, so its `waiting_for_failover_lock`
+                # line means both (a snapshot quiesces it over HTTP right after), and one whose port could
+                # not be bound never takes the lock on its way out.
+                if built.worker.state == "STANDBY":
+                    threading.Thread(target=park_and_promote, args=(built,), name="promotion", daemon=True).start()
 
         def handle_exit(self, sig, frame):
             # uvicorn swaps our SIGTERM handler for this one while it serves (ours runs only after the

@@ -247,9 +247,8 @@ class Supervisor:
             tmp.replace(self.state_file)
 
     def _start(self, child: Child, role: str | None = None, wait_for: str | tuple[str, ...] | None = None,
-               image: Path | None = None, wait_all: bool = False) -> None:
-        """Start `child` (as `role`); wait for a log line with `wait_for` (or any of them) in it; wait_all:
-        for a line with each of them."""
+               image: Path | None = None) -> None:
+        """Start `child` (as `role`); wait for a log line with `wait_for` (or any of them) in it."""
         if role is None:
             flags = []
         elif child in self.memories:
@@ -267,8 +266,7 @@ class Supervisor:
         child.pid, child.starts, child.started_at = child.proc.pid, child.starts + 1, time.time()
         child.next_restart_at, child.state, child.serving = None, None, image is not None
         ready = threading.Event()
-        child.pump = threading.Thread(target=self._pump, args=(child, child.proc, wait_for, wait_all, ready),
-                                      daemon=True)
+        child.pump = threading.Thread(target=self._pump, args=(child, child.proc, wait_for, ready), daemon=True)
         child.pump.start()
         threading.Thread(target=self._watch, args=(child, child.proc), daemon=True).start()
         if child in self.engines and self.probing.interval > 0 and child.port is not None:
@@ -280,7 +278,7 @@ class Supervisor:
         if wait_for and not ready.wait(timeout=600):
             raise RuntimeError(f"{child.name} did not become ready")
 
-    def _pump(self, child: Child, proc: subprocess.Popen, wait_for: tuple[str, ...] | None, wait_all: bool,
+    def _pump(self, child: Child, proc: subprocess.Popen, wait_for: tuple[str, ...] | None,
               ready: threading.Event) -> None:
         """Forward a child's log lines, saying which child wrote them; notice when it is ready, when it
         serves HTTP, its lifecycle state and its errors."""
@@ -288,9 +286,7 @@ class Supervisor:
             tagged, record = _tagged(line, child.name, proc.pid)
             sys.stderr.write(tagged)
             if wait_for and any(w in line for w in wait_for):
-                wait_for = tuple(w for w in wait_for if w not in line) if wait_all else ()
-                if not wait_for:
-                    ready.set()
+                ready.set()
             if record is not None:
                 if proc is child.proc:
                     if record.get("event") == "serving":
@@ -316,9 +312,7 @@ class Supervisor:
             # A failed restore exits like a dead child: the next start is cold (the image is not retried).
             self._start(child, role="shadow", wait_for='"restored"', image=image)
         elif self.snapshots:
-            # Imaged once parked *and* listening (the checkpoint quiesces it over HTTP): its promotion thread
-            # may log that it waits on the lock just before or just after the listener is bound.
-            self._start(child, role="shadow", wait_for=('"waiting_for_failover_lock"', '"serving"'), wait_all=True)
+            self._start(child, role="shadow", wait_for='"waiting_for_failover_lock"')
             self.snapshots.after_parked(child.port, child.pid)
         else:
             self._start(child, role="shadow", wait_for='"serving"')
