@@ -110,6 +110,10 @@ def weight_shapes(shape: dict, layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 FP8_SPREAD = 32.0  # FP8 weights are drawn N(0, 32) (e4m3's range is +-448) with scales 0.02 / 32: N(0, 0.02) again
 
 
@@ -152,11 +156,7 @@ def publish_random(socket_path: str, model_dir: Path, dtype: torch.dtype, quanti
     if gen is not None and gen.device.type == "cuda":
         torch.cuda.synchronize()  # every write has landed before the pool is committed (and remapped read-only)
     client.commit()
-    return client, sum(t.numel() * t.dtype.itemsize for t in model.state_dict().values())
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return client, _nbytes(model.state_dict().values())
 
 
 def expert_bytes(model) -> list[int]:
