@@ -21,6 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
+# A bench stopped with SIGTERM (`timeout`, a CI job's end) unwinds like Ctrl-C, so its `finally` blocks stop
+# the children it started: a memory service runs in a session of its own and would otherwise keep the device's
+# memory from the next run.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
 
 class Proc:
     """A child in a process group of its own whose JSON log lines (stderr) are kept: `events` has them
