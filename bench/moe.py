@@ -207,16 +207,16 @@ def count_distinct_experts(engine) -> list[int]:
     return counts
 
 
-def blocks_alone(model, batch: int, sync) -> tuple[float, float, int]:
+def blocks_alone(model, batch: int, dtype: torch.dtype, sync) -> tuple[float, float, int]:
     """(seconds of the first MoE layer's block, seconds of every layer's MoE block one after another, distinct
     experts of that layer) on `batch` random rows, replayed from a CUDA graph on a GPU: the kernels without
     the engine around them. That layer alone reads the same experts over and over; the chain of all layers
-    reads as many bytes as the step does."""
+    reads as many bytes as the step does. The rows are in the serving dtype: a router's weight may be fp32."""
     from understudy.engine.model.experts import SparseMoE
 
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     w = blocks[0].gate.weight
-    x = torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype)
+    x = torch.randn(batch, w.shape[1], device=w.device, dtype=dtype)
     with torch.inference_mode():
         distinct = int(blocks[0].gate.route(x)[1].unique().numel())
         one = _replay_seconds(lambda: blocks[0](x), sync, w.device, reps=len(blocks))
@@ -360,7 +360,7 @@ def run(args, model_dir: Path, dtype_name: str, quantization: str, work: Path, b
                   f"{steps['mean_tok_s'] / roof:.0%};   {results[b]['distinct_experts_mean']:.1f} of "
                   f"{mcfg.num_experts} experts per layer, {need / 1e9:.2f} GB per step", flush=True)
             # The MoE blocks alone at this batch: how much of the step the experts' kernels take.
-            one, chain, hit = blocks_alone(engine.model, b, sync)
+            one, chain, hit = blocks_alone(engine.model, b, dtype, sync)
             hit_bytes = hit * expert_bytes(engine.model)[0]
             results[b].update(block_alone_us=one * 1e6, all_blocks_alone_ms=chain * 1e3)
             print(f"            MoE block alone (first MoE layer, {hit} experts): {one * 1e6:.1f} us = "
