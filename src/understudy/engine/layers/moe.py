@@ -219,11 +219,11 @@ GEMV_CONFIGS = {
     1: GemvConfig(("fma", 8, 512, 8, 1), ("fma", 2, 256, 2, 1)),
     2: GemvConfig(("fma", 2, 1024, 8, 1), ("fma", 16, 128, 8, 1)),
 }
-# FP8 tiles hold 16 weights per thread (one 16-byte load); block scales cut BLOCK_K to the block's 128.
-# Chosen from the compiled form, not swept yet: `bench/moe_block.py --sweep --fp8 channel`.
+# FP8 tiles, from `bench/moe_block.py --sweep --fp8 channel` on an H200 (docs/logs/bench_moe_block_h200_fp8_sweep.log:
+# the block 28.2 -> 20.7 us at T = 1, 38.0 -> 30.6 at T = 2); block scales cut BLOCK_K to the block's 128.
 GEMV_CONFIGS_FP8 = {
-    1: GemvConfig(("fma", 4, 512, 4, 1), ("fma", 16, 256, 4, 1)),
-    2: GemvConfig(("fma", 4, 512, 4, 1), ("fma", 16, 256, 4, 1)),
+    1: GemvConfig(("fma", 16, 128, 4, 1), ("fma", 8, 256, 8, 1)),
+    2: GemvConfig(("fma", 16, 128, 4, 1), ("fma", 16, 128, 8, 1)),
 }
 # the tensor-core tiles: what 1-2 tokens ran before the fma kernels (bench/moe_block.py's "before" line), and
 # path="gemv" above the tables' token counts, where tokens sharing an expert read it once
