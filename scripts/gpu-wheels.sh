@@ -2,27 +2,37 @@
 # Wheels for running the GPU tests and benches on a machine that has PyTorch, Triton and transformers but no
 # network: everything else understudy and its tests import, for that machine's Python, downloaded here.
 #
-#   bash scripts/gpu-wheels.sh [DIR] [PYTHON_VERSION]     # default: .whl, 3.12
+#   bash scripts/gpu-wheels.sh [DIR] [PYTHON_VERSION]     # default: .whl (from the repository root), 3.12
 #   # there:  pip install --no-index --no-deps --target /tmp/site DIR/*.whl
 #   #         PYTHONPATH=/tmp/site:$PWD/src:$PWD python -m pytest tests/engine -p tests.helpers.gpu_only -n 8
 #
-# torch, triton, numpy and the nvidia-* libraries are left out: the machine's own must stay (a wheel on
-# PYTHONPATH would shadow them). About 15 MB.
+# The requirements are pyproject.toml's (the package's and its `test` extra), less what the machine brings
+# and must keep its own of (a wheel on PYTHONPATH would shadow it) and the test extras only CPU suites use;
+# plus pytest-xdist (the -n 8 above) and opentelemetry-api (fastapi imports it there). About 15 MB.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 dir=${1:-.whl}
 py=${2:-3.12}
-pip=${PIP:-python3 -m pip}
+python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+# the machine's own, and what only the CPU suites import (etcd, HTTP fuzzing, manifests)
+keep='torch numpy safetensors tokenizers transformers aetcd schemathesis kubernetes-validate'
+mapfile -t reqs < <("$python" - "$keep" <<'EOF'
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+keep = set(sys.argv[1].split())
+for req in project["dependencies"] + project["optional-dependencies"]["test"]:
+    if re.match(r"[A-Za-z0-9_.-]+", req)[0].lower() not in keep:
+        print(req)
+EOF
+)
 mkdir -p "$dir"
-platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
-           --platform manylinux_2_31_x86_64 --platform any)
-# understudy's own requirements (pyproject.toml) and the test extras the GPU runs use, with what they need
-$pip download -q -d "$dir" --python-version "$py" --only-binary=:all: "${platforms[@]}" \
-    "msgspec>=0.18" "tqdm>=4.66" "prometheus-client>=0.20" "gguf>=0.17.1" "jinja2>=3.1" "fastapi>=0.110" \
-    "uvicorn>=0.29" "httpx>=0.27" "llguidance>=1.9" "openai>=1.40" "pytest>=8" "pytest-timeout>=2.3" \
-    pytest-xdist "hypothesis>=6.100" "jsonschema>=4.0" opentelemetry-api "accelerate>=1.0"
-# what the machine has already, or must keep its own of
+"$python" -m pip download -q -d "$dir" --python-version "$py" --only-binary=:all: \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform any \
+    "${reqs[@]}" pytest-xdist opentelemetry-api
+# what those pulled in that the machine has already (accelerate's torch, numpy, the nvidia libraries, ...)
 for pkg in torch triton numpy nvidia_ sympy mpmath networkx setuptools safetensors hf_xet huggingface_hub fsspec \
            filelock psutil pyyaml requests urllib3 certifi charset_normalizer idna; do
-    rm -f "$dir"/"$pkg"*.whl "$dir"/"$pkg"-*.whl
+    rm -f "$dir/$pkg"*.whl
 done
 du -sh "$dir"
